@@ -1,0 +1,12 @@
+//! latent-tap: stream per-layer latent tensors out of a running llama.cpp model,
+//! aligned with the tokens it samples and the distributions they came from.
+//!
+//! Data flows through the modules in this order:
+//! [`select`] (which graph nodes) → [`capture`] (how bytes leave the graph) →
+//! [`ring`] (lock-free transport off the compute thread) → [`stream`] / [`output`]
+//! (consumers). [`engine`] wraps llama.cpp; [`session`] drives generation.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod ring;
+pub mod synth;
