@@ -8,5 +8,16 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod capture;
+pub mod engine;
+pub mod error;
+pub mod output;
+pub mod record;
 pub mod ring;
+pub mod select;
+pub mod session;
+pub mod stream;
 pub mod synth;
+pub mod tokens;
+
+pub use error::{Error, ErrorKind, Result};

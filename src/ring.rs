@@ -1,0 +1,1148 @@
+//! Lock-free single-producer/single-consumer ring of variable-size records.
+//!
+//! Latent frames (KB..MB each) leave llama.cpp's compute thread through this
+//! ring. The compute thread must never stall on the consumer's behalf, so the
+//! [`Producer`] side never allocates, locks or makes a syscall: the whole arena
+//! is allocated once by [`channel`], and [`Producer::try_write`] hands out a
+//! zero-copy [`WriteGrant`] directly into it (or fails at once).
+//!
+//! # Layout
+//!
+//! The arena is one heap buffer whose size is a multiple of 8. Each record is
+//! an 8-byte header (`u32` payload length, `u32` tag) followed by the payload
+//! padded to a multiple of 8, so every header and every payload starts 8-byte
+//! aligned (payloads may be viewed as `f32`/`u64` slices). A record is always
+//! contiguous: when it does not fit before the end of the arena, the producer
+//! writes a *padding* header, treats the rest of the arena as used, and places
+//! the record at offset 0. The consumer skips padding transparently.
+//!
+//! # Synchronisation
+//!
+//! `head` (bytes ever published, producer-written) and `tail` (bytes ever
+//! released, consumer-written) are free-running counters on separate cache
+//! lines. Each side keeps a cached copy of the other side's counter and only
+//! reloads it (Acquire) when the cache claims the ring is full (producer) or
+//! empty (consumer); publishing is a single Release store. Only the difference
+//! `head - tail` is ever used, so the counters may wrap (relevant on 32-bit
+//! targets); each side tracks its own arena offset instead of deriving it from
+//! the counter, which keeps this correct for any capacity, not just powers of
+//! two.
+//!
+//! The drop-vs-block policy lives in the caller; this module only offers
+//! non-blocking [`Producer::try_write`] and, for lossless mode, the waiting
+//! helper [`Producer::write_blocking`].
+
+use std::alloc::{self, Layout};
+use std::cell::Cell;
+use std::fmt;
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::slice;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+
+/// Size of a record header, and the alignment of every header and payload.
+const HEADER: usize = 8;
+/// Smallest arena: one zero-length record must fit in half of it
+/// (see [`Producer::max_record_len`]).
+const MIN_CAPACITY: usize = 2 * HEADER;
+/// Arena alignment: a cache line, so the first record shares no line with
+/// unrelated heap data.
+const ARENA_ALIGN: usize = 64;
+/// Largest accepted capacity; keeps all index arithmetic far from overflow.
+const MAX_CAPACITY: usize = (isize::MAX as usize) / 2;
+
+/// Header tag of a data record.
+const TAG_DATA: u32 = 0xDA7A_0001;
+/// Header tag of wrap padding: the rest of the arena is skipped.
+const TAG_PAD: u32 = 0xDA7A_0002;
+
+/// Rounds `n` up to a multiple of 8. Callers keep `n` far below `usize::MAX`.
+#[inline]
+const fn pad8(n: usize) -> usize {
+    (n + (HEADER - 1)) & !(HEADER - 1)
+}
+
+/// Why [`channel`] could not create a ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingError {
+    /// A capacity of 0 bytes was requested.
+    ZeroCapacity,
+    /// The requested capacity exceeds `isize::MAX / 2` bytes.
+    CapacityTooLarge {
+        /// The capacity that was asked for.
+        requested: usize,
+    },
+    /// The allocator could not provide the arena.
+    AllocFailed {
+        /// The arena size (after rounding) that failed to allocate.
+        bytes: usize,
+    },
+}
+
+impl fmt::Display for RingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ZeroCapacity => f.write_str("ring capacity must be non-zero"),
+            Self::CapacityTooLarge { requested } => {
+                write!(f, "ring capacity of {requested} bytes is too large")
+            }
+            Self::AllocFailed { bytes } => {
+                write!(f, "could not allocate a {bytes}-byte ring arena")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RingError {}
+
+/// Why a write could not be granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteError {
+    /// The payload exceeds [`Producer::max_record_len`]; it can never be written,
+    /// no matter how long the caller waits.
+    TooLarge {
+        /// Requested payload length.
+        len: usize,
+        /// The ring's [`Producer::max_record_len`].
+        max: usize,
+    },
+    /// Not enough free space right now; retry later or drop the record.
+    Full,
+    /// [`Producer::write_blocking`] reached its deadline without space.
+    Timeout,
+    /// [`Producer::write_blocking`] found the ring full and the consumer gone,
+    /// so waiting could never succeed.
+    Abandoned,
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge { len, max } => write!(
+                f,
+                "record of {len} bytes exceeds the ring's maximum record size of {max} bytes"
+            ),
+            Self::Full => f.write_str("ring is full"),
+            Self::Timeout => f.write_str("timed out waiting for ring space"),
+            Self::Abandoned => f.write_str("ring is full and its consumer is gone"),
+        }
+    }
+}
+
+impl std::error::Error for WriteError {}
+
+/// Snapshot of a ring's producer-side counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingStats {
+    /// Records committed by the producer.
+    pub records: u64,
+    /// Payload bytes committed (headers and padding excluded).
+    pub bytes: u64,
+    /// Records the caller reported as dropped via [`Producer::note_drop`].
+    pub drops: u64,
+}
+
+/// Producer-written counters. Single writer, so plain load+store suffices
+/// (no locked read-modify-write on the hot path).
+#[derive(Default)]
+struct Counters {
+    records: AtomicU64,
+    bytes: AtomicU64,
+    drops: AtomicU64,
+}
+
+impl Counters {
+    /// Single-writer increment: only the producer calls this.
+    #[inline]
+    fn bump(counter: &AtomicU64, by: u64) {
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(by),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// State shared by both halves; freed (with the arena) when the last half drops.
+struct Shared {
+    /// Bytes ever published by the producer (wrapping).
+    head: CachePadded<AtomicUsize>,
+    /// Bytes ever released by the consumer (wrapping).
+    tail: CachePadded<AtomicUsize>,
+    counters: CachePadded<Counters>,
+    /// Set (Release) when the respective half is dropped. A dedicated flag
+    /// rather than `Arc::strong_count`, whose Relaxed load would not order the
+    /// final `head` store before the consumer's "producer is gone" check.
+    producer_gone: AtomicBool,
+    consumer_gone: AtomicBool,
+    /// Start of the arena: `capacity` bytes, zero-initialised, `ARENA_ALIGN`-aligned.
+    buf: NonNull<u8>,
+    capacity: usize,
+}
+
+// SAFETY: `buf` is an owned heap allocation. Its bytes are accessed through
+// raw pointers by the two halves only in disjoint regions whose ownership is
+// handed over via Release/Acquire on `head`/`tail`; everything else is atomic.
+unsafe impl Send for Shared {}
+// SAFETY: see `Send` above; `&Shared` exposes only atomics and the (immutable)
+// pointer and capacity.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    #[inline]
+    fn layout(capacity: usize) -> Layout {
+        // Cannot fail: `capacity <= MAX_CAPACITY` was checked when allocating.
+        Layout::from_size_align(capacity, ARENA_ALIGN).expect("arena layout was validated")
+    }
+
+    fn stats(&self) -> RingStats {
+        RingStats {
+            records: self.counters.records.load(Ordering::Relaxed),
+            bytes: self.counters.bytes.load(Ordering::Relaxed),
+            drops: self.counters.drops.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Writes a record header at arena offset `off`.
+    ///
+    /// # Safety
+    ///
+    /// `off` must be a multiple of 8 with `off + 8 <= capacity`, and the caller
+    /// must own those bytes (producer, unpublished space).
+    #[inline]
+    unsafe fn write_header(&self, off: usize, len: u32, tag: u32) {
+        let word = u64::from(len) | (u64::from(tag) << 32);
+        // SAFETY: in bounds, 8-aligned (arena is 64-aligned, `off % 8 == 0`)
+        // and exclusively owned by the caller, per this function's contract.
+        unsafe { self.buf.as_ptr().add(off).cast::<u64>().write(word) }
+    }
+
+    /// Reads the record header at arena offset `off` as `(len, tag)`.
+    ///
+    /// # Safety
+    ///
+    /// `off` must be a multiple of 8 with `off + 8 <= capacity`, and the header
+    /// must have been published to the caller (consumer, below an
+    /// Acquire-loaded `head`).
+    #[inline]
+    unsafe fn read_header(&self, off: usize) -> (u32, u32) {
+        // SAFETY: in bounds, 8-aligned, initialised (zeroed arena) and not
+        // concurrently written, per this function's contract.
+        let word = unsafe { self.buf.as_ptr().add(off).cast::<u64>().read() };
+        (word as u32, (word >> 32) as u32)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: `buf` came from `alloc_zeroed` with exactly this layout and
+        // is freed only here, once, when the last half is gone.
+        unsafe { alloc::dealloc(self.buf.as_ptr(), Self::layout(self.capacity)) }
+    }
+}
+
+/// Creates a ring with an arena of `capacity_bytes`, rounded up to a multiple
+/// of 8 (and to at least 16).
+///
+/// This is the only allocation the ring ever makes. Allocation failure is
+/// reported, never aborts, so a caller can fall back to a smaller ring.
+///
+/// # Errors
+///
+/// [`RingError::ZeroCapacity`] for 0, [`RingError::CapacityTooLarge`] above
+/// `isize::MAX / 2`, [`RingError::AllocFailed`] if the allocator refuses.
+pub fn channel(capacity_bytes: usize) -> Result<(Producer, Consumer), RingError> {
+    if capacity_bytes == 0 {
+        return Err(RingError::ZeroCapacity);
+    }
+    if capacity_bytes > MAX_CAPACITY {
+        return Err(RingError::CapacityTooLarge {
+            requested: capacity_bytes,
+        });
+    }
+    // No overflow: `capacity_bytes <= isize::MAX / 2`.
+    let capacity = pad8(capacity_bytes.max(MIN_CAPACITY));
+    let layout = Layout::from_size_align(capacity, ARENA_ALIGN).map_err(|_| {
+        RingError::CapacityTooLarge {
+            requested: capacity_bytes,
+        }
+    })?;
+    // Zeroed, not merely allocated: grants hand out `&mut [u8]`/`&[u8]`, which
+    // must never point at uninitialised memory. It is a one-time cost.
+    // SAFETY: `layout` has non-zero size (`capacity >= 16`).
+    let ptr = unsafe { alloc::alloc_zeroed(layout) };
+    let buf = NonNull::new(ptr).ok_or(RingError::AllocFailed { bytes: capacity })?;
+
+    let shared = Arc::new(Shared {
+        head: CachePadded::new(AtomicUsize::new(0)),
+        tail: CachePadded::new(AtomicUsize::new(0)),
+        counters: CachePadded::new(Counters::default()),
+        producer_gone: AtomicBool::new(false),
+        consumer_gone: AtomicBool::new(false),
+        buf,
+        capacity,
+    });
+    let max_record_len = (capacity / 2 / HEADER * HEADER - HEADER).min(u32::MAX as usize);
+    let producer = Producer {
+        shared: Arc::clone(&shared),
+        head: 0,
+        cached_tail: 0,
+        pos: 0,
+        max_record_len,
+        _not_sync: PhantomData,
+    };
+    let consumer = Consumer {
+        shared,
+        tail: 0,
+        cached_head: 0,
+        pos: 0,
+        _not_sync: PhantomData,
+    };
+    Ok((producer, consumer))
+}
+
+/// A reserved, not yet published record: where it goes and what it costs.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// Arena offset of the record header (0 if the record wraps).
+    rec_off: usize,
+    /// Payload length.
+    len: usize,
+    /// Bytes `head` advances by on commit: padding (if wrapping) + header +
+    /// padded payload.
+    advance: usize,
+}
+
+/// The writing half of a ring. Owned by the compute thread.
+///
+/// `Send` but neither `Sync` nor `Clone`: exactly one thread produces, and
+/// keeping it `!Sync` leaves `&self` methods free to touch its unsynchronised
+/// caches in the future.
+pub struct Producer {
+    shared: Arc<Shared>,
+    /// Local copy of `shared.head` (only this half writes it).
+    head: usize,
+    /// Last observed `shared.tail`; reloaded only when it says "full".
+    cached_tail: usize,
+    /// Arena offset of the next record header, always `< capacity`.
+    pos: usize,
+    max_record_len: usize,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+impl Producer {
+    /// Arena size in bytes (after rounding).
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+
+    /// Largest payload [`Producer::try_write`] accepts:
+    /// `floor8(capacity / 2) - 8` (and at most `u32::MAX`).
+    ///
+    /// Why half: a record must be contiguous, and in the worst case the write
+    /// position sits just before the end of the arena, so the record needs the
+    /// leftover tail *plus* its own size. A record no larger than half the
+    /// arena (header included) therefore always fits once the consumer has
+    /// drained the ring; anything larger could wait forever and is rejected
+    /// with [`WriteError::TooLarge`] instead. Size the ring at least
+    /// `2 * (largest frame + 8)` bytes, more to absorb consumer jitter.
+    pub fn max_record_len(&self) -> usize {
+        self.max_record_len
+    }
+
+    /// Bytes not currently occupied by unreleased records (headers and
+    /// padding count as occupied). Because records must be contiguous, a
+    /// record of this size is not guaranteed to fit.
+    pub fn free_bytes(&self) -> usize {
+        let tail = self.shared.tail.load(Ordering::Acquire);
+        self.shared.capacity - self.head.wrapping_sub(tail)
+    }
+
+    /// Whether the [`Consumer`] has been dropped; nothing written will be read.
+    pub fn is_abandoned(&self) -> bool {
+        self.shared.consumer_gone.load(Ordering::Acquire)
+    }
+
+    /// Counters shared with the consumer.
+    pub fn stats(&self) -> RingStats {
+        self.shared.stats()
+    }
+
+    /// Records that the caller's policy dropped a record (e.g. drop-newest on
+    /// [`WriteError::Full`]), so consumers can see losses in [`RingStats::drops`].
+    pub fn note_drop(&mut self) {
+        Counters::bump(&self.shared.counters.drops, 1);
+    }
+
+    /// Reserves room for a record with a `len`-byte payload, without blocking.
+    ///
+    /// The grant derefs to exactly `len` writable bytes inside the arena
+    /// (8-byte aligned, contents unspecified); [`WriteGrant::commit`] publishes
+    /// it, dropping the grant discards it. Never allocates, locks or makes a
+    /// syscall.
+    ///
+    /// # Errors
+    ///
+    /// [`WriteError::TooLarge`] if `len > max_record_len()` (permanent),
+    /// [`WriteError::Full`] if there is no room right now.
+    #[inline]
+    pub fn try_write(&mut self, len: usize) -> Result<WriteGrant<'_>, WriteError> {
+        let slot = self.reserve(len)?;
+        Ok(self.grant(slot))
+    }
+
+    /// Like [`Producer::try_write`], but waits up to `timeout` for space:
+    /// spinning briefly, then yielding, then sleeping in short steps. For
+    /// lossless mode only, where stalling the producer is acceptable.
+    ///
+    /// # Errors
+    ///
+    /// [`WriteError::TooLarge`] at once if the record can never fit,
+    /// [`WriteError::Abandoned`] if the ring is full and the consumer is gone,
+    /// [`WriteError::Timeout`] if no space appeared before the deadline.
+    pub fn write_blocking(
+        &mut self,
+        len: usize,
+        timeout: Duration,
+    ) -> Result<WriteGrant<'_>, WriteError> {
+        const SPINS: u32 = 64;
+        const YIELDS: u32 = 16;
+        const MAX_SLEEP: Duration = Duration::from_millis(1);
+
+        // Reserve first and build the grant afterwards: returning a borrow
+        // from inside the retry loop is rejected by the borrow checker.
+        let mut deadline = None;
+        let mut attempt: u32 = 0;
+        let mut sleep = Duration::from_micros(10);
+        let slot = loop {
+            match self.reserve(len) {
+                Ok(slot) => break slot,
+                Err(WriteError::Full) => {}
+                Err(e) => return Err(e),
+            }
+            if self.is_abandoned() {
+                return Err(WriteError::Abandoned);
+            }
+            // Only read the clock once the fast path has failed.
+            let until = *deadline.get_or_insert_with(|| Instant::now().checked_add(timeout));
+            if attempt >= SPINS && until.is_some_and(|d| Instant::now() >= d) {
+                return Err(WriteError::Timeout);
+            }
+            if attempt < SPINS {
+                std::hint::spin_loop();
+            } else if attempt < SPINS + YIELDS {
+                thread::yield_now();
+            } else {
+                let left = until.map_or(sleep, |d| d.saturating_duration_since(Instant::now()));
+                thread::sleep(sleep.min(left));
+                sleep = (sleep * 2).min(MAX_SLEEP);
+            }
+            attempt = attempt.saturating_add(1);
+        };
+        Ok(self.grant(slot))
+    }
+
+    /// Finds room for a `len`-byte payload; touches nothing but the tail cache.
+    #[inline]
+    fn reserve(&mut self, len: usize) -> Result<Slot, WriteError> {
+        if len > self.max_record_len {
+            return Err(WriteError::TooLarge {
+                len,
+                max: self.max_record_len,
+            });
+        }
+        let capacity = self.shared.capacity;
+        let need = HEADER + pad8(len);
+        let to_end = capacity - self.pos;
+        let (rec_off, advance) = if need <= to_end {
+            (self.pos, need)
+        } else {
+            // Pad out the arena's end and start over at 0. `to_end >= 8`
+            // always, so the padding header itself fits.
+            (0, to_end + need)
+        };
+        if capacity - self.head.wrapping_sub(self.cached_tail) < advance {
+            self.cached_tail = self.shared.tail.load(Ordering::Acquire);
+            if capacity - self.head.wrapping_sub(self.cached_tail) < advance {
+                return Err(WriteError::Full);
+            }
+        }
+        Ok(Slot {
+            rec_off,
+            len,
+            advance,
+        })
+    }
+
+    /// Writes the headers for a reserved slot and wraps it in a grant.
+    #[inline]
+    fn grant(&mut self, slot: Slot) -> WriteGrant<'_> {
+        // The header `len` fits in u32: `len <= max_record_len <= u32::MAX`.
+        if slot.rec_off != self.pos {
+            // SAFETY: `pos` is 8-aligned with at least 8 bytes to the end, and
+            // `reserve` established that `[pos, capacity)` is free (unpublished)
+            // space owned by this producer.
+            unsafe { self.shared.write_header(self.pos, 0, TAG_PAD) };
+        }
+        // SAFETY: `reserve` established that `[rec_off, rec_off + need)` lies
+        // inside the arena, is 8-aligned and is free space owned by this producer.
+        unsafe {
+            self.shared
+                .write_header(slot.rec_off, slot.len as u32, TAG_DATA)
+        };
+        WriteGrant {
+            producer: self,
+            slot,
+        }
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        // Release: everything this half published happens-before a consumer
+        // that observes the flag, so "abandoned and empty" really means done.
+        self.shared.producer_gone.store(true, Ordering::Release);
+    }
+}
+
+impl fmt::Debug for Producer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Producer")
+            .field("capacity", &self.shared.capacity)
+            .field("head", &self.head)
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Exclusive, zero-copy access to an unpublished record's payload.
+///
+/// Derefs to exactly the requested number of bytes. Call
+/// [`WriteGrant::commit`] to publish; dropping the grant discards the record.
+#[must_use = "dropping a WriteGrant discards the record; call commit() to publish it"]
+pub struct WriteGrant<'a> {
+    producer: &'a mut Producer,
+    slot: Slot,
+}
+
+impl WriteGrant<'_> {
+    /// Publishes the record to the consumer (one Release store).
+    #[inline]
+    pub fn commit(self) {
+        let p = self.producer;
+        let counters = &p.shared.counters;
+        // Counters first, so a consumer that sees the record also sees it counted.
+        Counters::bump(&counters.records, 1);
+        Counters::bump(&counters.bytes, self.slot.len as u64);
+        p.head = p.head.wrapping_add(self.slot.advance);
+        p.shared.head.store(p.head, Ordering::Release);
+        let end = self.slot.rec_off + HEADER + pad8(self.slot.len);
+        p.pos = if end == p.shared.capacity { 0 } else { end };
+    }
+
+    /// Payload length in bytes.
+    pub fn len(&self) -> usize {
+        self.slot.len
+    }
+
+    /// Whether the payload is empty (zero-length records are allowed).
+    pub fn is_empty(&self) -> bool {
+        self.slot.len == 0
+    }
+}
+
+impl Deref for WriteGrant<'_> {
+    type Target = [u8];
+
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the payload range is inside the (zero-initialised) arena and
+        // owned by the producer until commit; `&self` borrows the producer, so
+        // no other access to it can happen meanwhile.
+        unsafe {
+            slice::from_raw_parts(
+                self.producer
+                    .shared
+                    .buf
+                    .as_ptr()
+                    .add(self.slot.rec_off + HEADER),
+                self.slot.len,
+            )
+        }
+    }
+}
+
+impl DerefMut for WriteGrant<'_> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`; `&mut self` makes this the only live view of
+        // the range, and the consumer never reads unpublished space.
+        unsafe {
+            slice::from_raw_parts_mut(
+                self.producer
+                    .shared
+                    .buf
+                    .as_ptr()
+                    .add(self.slot.rec_off + HEADER),
+                self.slot.len,
+            )
+        }
+    }
+}
+
+impl fmt::Debug for WriteGrant<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteGrant")
+            .field("offset", &(self.slot.rec_off + HEADER))
+            .field("len", &self.slot.len)
+            .finish()
+    }
+}
+
+/// The reading half of a ring. Owned by the consumer thread.
+///
+/// `Send` but neither `Sync` nor `Clone`, mirroring [`Producer`].
+pub struct Consumer {
+    shared: Arc<Shared>,
+    /// Local copy of `shared.tail` (only this half writes it).
+    tail: usize,
+    /// Last observed `shared.head`; reloaded only when it says "empty".
+    cached_head: usize,
+    /// Arena offset of the next header to read, always `< capacity`.
+    pos: usize,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+/// A published record located by [`Consumer::peek`].
+#[derive(Clone, Copy)]
+struct Record {
+    /// Arena offset of the data header (0 if padding was skipped).
+    rec_off: usize,
+    len: usize,
+    /// Bytes `tail` advances by on release: skipped padding + record.
+    advance: usize,
+}
+
+impl Consumer {
+    /// Arena size in bytes (after rounding).
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+
+    /// Bytes occupied by published, unreleased records (headers and padding
+    /// included). Zero means nothing to read right now.
+    pub fn used_bytes(&self) -> usize {
+        self.shared
+            .head
+            .load(Ordering::Acquire)
+            .wrapping_sub(self.tail)
+    }
+
+    /// Whether the [`Producer`] has been dropped. Records it published before
+    /// dropping remain readable, so drain with [`Consumer::try_read`] until it
+    /// returns `None` *after* this returned `true`.
+    pub fn is_abandoned(&self) -> bool {
+        self.shared.producer_gone.load(Ordering::Acquire)
+    }
+
+    /// Counters shared with the producer. Exact once [`Consumer::is_abandoned`]
+    /// has returned `true`.
+    pub fn stats(&self) -> RingStats {
+        self.shared.stats()
+    }
+
+    /// Returns the oldest published record, or `None` if there is none.
+    ///
+    /// The grant derefs to the payload inside the arena (zero-copy, 8-byte
+    /// aligned). Its space is handed back to the producer on
+    /// [`ReadGrant::release`] or drop.
+    #[inline]
+    pub fn try_read(&mut self) -> Option<ReadGrant<'_>> {
+        let record = self.peek()?;
+        Some(ReadGrant {
+            consumer: self,
+            record,
+        })
+    }
+
+    /// Locates the next data record, skipping wrap padding.
+    #[inline]
+    fn peek(&mut self) -> Option<Record> {
+        if self.cached_head == self.tail {
+            self.cached_head = self.shared.head.load(Ordering::Acquire);
+            if self.cached_head == self.tail {
+                return None;
+            }
+        }
+        let capacity = self.shared.capacity;
+        let mut rec_off = self.pos;
+        let mut skipped = 0;
+        // SAFETY: `pos` is 8-aligned, `< capacity` and `capacity % 8 == 0`; the
+        // ring is non-empty, so the producer published a header at `pos`
+        // (before its Release store of `head`, which we Acquire-loaded).
+        let (mut len, mut tag) = unsafe { self.shared.read_header(rec_off) };
+        if tag == TAG_PAD {
+            // Padding is only ever published together with the record after it.
+            skipped = capacity - rec_off;
+            rec_off = 0;
+            // SAFETY: as above, for the record the producer placed at offset 0.
+            (len, tag) = unsafe { self.shared.read_header(0) };
+        }
+        let len = len as usize;
+        let advance = skipped + HEADER + pad8(len);
+        assert!(
+            tag == TAG_DATA
+                && rec_off + HEADER + pad8(len) <= capacity
+                && advance <= self.cached_head.wrapping_sub(self.tail),
+            "ring corrupted: bad record header at offset {rec_off}"
+        );
+        Some(Record {
+            rec_off,
+            len,
+            advance,
+        })
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.shared.consumer_gone.store(true, Ordering::Release);
+    }
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("capacity", &self.shared.capacity)
+            .field("tail", &self.tail)
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Zero-copy view of one published record's payload.
+///
+/// The record's space returns to the producer on [`ReadGrant::release`] or
+/// when the grant is dropped.
+pub struct ReadGrant<'a> {
+    consumer: &'a mut Consumer,
+    record: Record,
+}
+
+impl ReadGrant<'_> {
+    /// Frees the record's space for the producer (same as dropping the grant).
+    #[inline]
+    pub fn release(self) {
+        // Drop does the work.
+    }
+}
+
+impl Drop for ReadGrant<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        let c = &mut *self.consumer;
+        c.tail = c.tail.wrapping_add(self.record.advance);
+        // Release: our reads of the payload happen-before the producer reuses it.
+        c.shared.tail.store(c.tail, Ordering::Release);
+        let end = self.record.rec_off + HEADER + pad8(self.record.len);
+        c.pos = if end == c.shared.capacity { 0 } else { end };
+    }
+}
+
+impl Deref for ReadGrant<'_> {
+    type Target = [u8];
+
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `peek` verified the record (header + payload) lies within the
+        // published range, which is inside the initialised arena; the producer
+        // will not touch it until our release moves `tail` past it.
+        unsafe {
+            slice::from_raw_parts(
+                self.consumer
+                    .shared
+                    .buf
+                    .as_ptr()
+                    .add(self.record.rec_off + HEADER),
+                self.record.len,
+            )
+        }
+    }
+}
+
+impl fmt::Debug for ReadGrant<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadGrant")
+            .field("offset", &(self.record.rec_off + HEADER))
+            .field("len", &self.record.len)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fills `buf` with a pattern derived from `seed`.
+    fn fill(buf: &mut [u8], seed: u64) {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8;
+        }
+    }
+
+    fn check(buf: &[u8], seed: u64) {
+        for (i, &b) in buf.iter().enumerate() {
+            assert_eq!(
+                b,
+                (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8,
+                "byte {i} of record {seed}"
+            );
+        }
+    }
+
+    fn write(p: &mut Producer, len: usize, seed: u64) {
+        let mut g = p.try_write(len).expect("room for record");
+        assert_eq!(g.len(), len);
+        fill(&mut g, seed);
+        g.commit();
+    }
+
+    fn read(c: &mut Consumer, len: usize, seed: u64) {
+        let g = c.try_read().expect("a record");
+        assert_eq!(g.len(), len);
+        check(&g, seed);
+        g.release();
+    }
+
+    #[test]
+    fn basic_write_read() {
+        let (mut p, mut c) = channel(100).unwrap();
+        assert_eq!(p.capacity(), 104);
+        assert_eq!(c.capacity(), 104);
+        assert_eq!(p.max_record_len(), 48 - 8);
+        assert!(c.try_read().is_none());
+
+        write(&mut p, 5, 1);
+        write(&mut p, 0, 2);
+        assert_eq!(c.used_bytes(), 16 + 8);
+        assert_eq!(p.free_bytes(), 104 - 24);
+        read(&mut c, 5, 1);
+        read(&mut c, 0, 2);
+        assert!(c.try_read().is_none());
+        assert_eq!(p.free_bytes(), 104);
+        assert_eq!(
+            p.stats(),
+            RingStats {
+                records: 2,
+                bytes: 5,
+                drops: 0
+            }
+        );
+        assert_eq!(c.stats(), p.stats());
+    }
+
+    #[test]
+    fn payload_is_aligned() {
+        let (mut p, mut c) = channel(256).unwrap();
+        for len in [1, 3, 8, 13] {
+            let g = p.try_write(len).unwrap();
+            assert_eq!(g.as_ptr() as usize % 8, 0);
+            g.commit();
+            let g = c.try_read().unwrap();
+            assert_eq!(g.as_ptr() as usize % 8, 0);
+        }
+    }
+
+    #[test]
+    fn capacity_validation() {
+        assert_eq!(channel(0).unwrap_err(), RingError::ZeroCapacity);
+        assert!(matches!(
+            channel(usize::MAX).unwrap_err(),
+            RingError::CapacityTooLarge { .. }
+        ));
+        assert!(matches!(
+            channel(isize::MAX as usize / 2 + 1).unwrap_err(),
+            RingError::CapacityTooLarge { .. }
+        ));
+        let (p, _c) = channel(1).unwrap();
+        assert_eq!(p.capacity(), 16);
+        assert_eq!(p.max_record_len(), 0);
+        let (p, _c) = channel(17).unwrap();
+        assert_eq!(p.capacity(), 24);
+        assert_eq!(p.max_record_len(), 0);
+        let (p, _c) = channel(32).unwrap();
+        assert_eq!(p.max_record_len(), 8);
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "Miri aborts instead of failing huge allocations")]
+    fn allocation_failure_is_an_error() {
+        // Passes the size check but no machine can provide it.
+        let bytes = isize::MAX as usize / 2 - 7;
+        assert!(matches!(
+            channel(bytes).unwrap_err(),
+            RingError::AllocFailed { .. }
+        ));
+    }
+
+    #[test]
+    fn zero_capacity_edge_ring_works() {
+        // Smallest ring: only zero-length records, repeatedly.
+        let (mut p, mut c) = channel(1).unwrap();
+        for i in 0..10 {
+            write(&mut p, 0, i);
+            write(&mut p, 0, i);
+            assert_eq!(p.try_write(0).unwrap_err(), WriteError::Full);
+            read(&mut c, 0, i);
+            read(&mut c, 0, i);
+        }
+    }
+
+    #[test]
+    fn too_large_is_distinct_from_full() {
+        let (mut p, mut c) = channel(64).unwrap();
+        let max = p.max_record_len();
+        assert_eq!(max, 24);
+        assert_eq!(
+            p.try_write(max + 1).unwrap_err(),
+            WriteError::TooLarge { len: 25, max: 24 }
+        );
+        assert_eq!(
+            p.write_blocking(max + 1, Duration::from_secs(10))
+                .unwrap_err(),
+            WriteError::TooLarge { len: 25, max: 24 }
+        );
+        write(&mut p, max, 1);
+        write(&mut p, max, 2);
+        assert_eq!(p.try_write(1).unwrap_err(), WriteError::Full);
+        read(&mut c, max, 1);
+        read(&mut c, max, 2);
+    }
+
+    #[test]
+    fn full_and_empty_detection() {
+        let (mut p, mut c) = channel(64).unwrap();
+        // Four 16-byte records exactly fill the arena.
+        for i in 0..4 {
+            write(&mut p, 8, i);
+        }
+        assert_eq!(p.free_bytes(), 0);
+        assert_eq!(p.try_write(0).unwrap_err(), WriteError::Full);
+        read(&mut c, 8, 0);
+        // One slot free again; the cached tail must be refreshed to see it.
+        write(&mut p, 1, 10);
+        assert_eq!(p.try_write(0).unwrap_err(), WriteError::Full);
+        for i in 1..4 {
+            read(&mut c, 8, i);
+        }
+        read(&mut c, 1, 10);
+        assert!(c.try_read().is_none());
+        assert_eq!(c.used_bytes(), 0);
+    }
+
+    #[test]
+    fn discarded_grants_publish_nothing() {
+        let (mut p, mut c) = channel(64).unwrap();
+        write(&mut p, 8, 0);
+        {
+            let mut g = p.try_write(20).unwrap();
+            g.fill(0xFF);
+            // Dropped without commit.
+        }
+        assert_eq!(p.stats().records, 1);
+        read(&mut c, 8, 0);
+        assert!(c.try_read().is_none());
+        // A wrapping record discarded after its padding header was written
+        // must not disturb anything either.
+        move_to(&mut p, &mut c, 48);
+        drop(p.try_write(24).unwrap());
+        write(&mut p, 0, 1); // fits at 48, overwriting the stale padding header
+        write(&mut p, 16, 2); // wraps for real
+        read(&mut c, 0, 1);
+        read(&mut c, 16, 2);
+        assert!(c.try_read().is_none());
+    }
+
+    #[test]
+    fn dropping_a_read_grant_releases_it() {
+        let (mut p, mut c) = channel(64).unwrap();
+        write(&mut p, 3, 0);
+        write(&mut p, 4, 1);
+        drop(c.try_read().unwrap());
+        read(&mut c, 4, 1);
+        assert_eq!(p.free_bytes(), 64);
+    }
+
+    /// Writes and reads zero-length records until the write position is `off`.
+    fn move_to(p: &mut Producer, c: &mut Consumer, off: usize) {
+        while p.pos != off {
+            write(p, 0, 0);
+            read(c, 0, 0);
+        }
+        assert_eq!(c.pos, off);
+    }
+
+    #[test]
+    fn wrap_around_with_padding() {
+        // Every record size at every starting offset of several arenas: a
+        // record that does not fit before the end must reappear intact at 0,
+        // followed by further records.
+        let caps: &[usize] = if cfg!(miri) {
+            &[48, 72]
+        } else {
+            &[48, 72, 96, 200]
+        };
+        let mut seed = 0;
+        for &cap in caps {
+            let (mut p, mut c) = channel(cap).unwrap();
+            let max = p.max_record_len();
+            for off in (0..cap).step_by(8) {
+                for len in 0..=max {
+                    move_to(&mut p, &mut c, off);
+                    let need = HEADER + pad8(len);
+                    write(&mut p, len, seed);
+                    let wrapped = need > cap - off;
+                    assert_eq!(c.used_bytes(), need + if wrapped { cap - off } else { 0 });
+                    write(&mut p, 0, seed + 1);
+                    read(&mut c, len, seed);
+                    read(&mut c, 0, seed + 1);
+                    assert!(c.try_read().is_none());
+                    assert_eq!(p.free_bytes(), cap);
+                    assert_eq!(p.pos, c.pos);
+                    seed += 2;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn max_record_always_fits_in_drained_ring() {
+        // The documented guarantee: after a drain, a max-size record fits
+        // whatever the write offset.
+        for cap in [16, 24, 40, 56, 64, 80] {
+            let (mut p, mut c) = channel(cap).unwrap();
+            let max = p.max_record_len();
+            for off in (0..cap).step_by(8) {
+                move_to(&mut p, &mut c, off);
+                write(&mut p, max, 99);
+                read(&mut c, max, 99);
+            }
+        }
+    }
+
+    #[test]
+    fn record_ending_exactly_at_arena_end() {
+        let (mut p, mut c) = channel(48).unwrap();
+        write(&mut p, 16, 0); // [0, 24)
+        write(&mut p, 16, 1); // [24, 48) ends at the arena's end
+        assert_eq!(p.pos, 0);
+        read(&mut c, 16, 0);
+        read(&mut c, 16, 1);
+        assert_eq!(c.pos, 0);
+        write(&mut p, 16, 2);
+        read(&mut c, 16, 2);
+    }
+
+    #[test]
+    fn abandoned_producer_leaves_records_readable() {
+        let (mut p, mut c) = channel(128).unwrap();
+        write(&mut p, 10, 0);
+        write(&mut p, 20, 1);
+        p.note_drop();
+        assert!(!c.is_abandoned());
+        drop(p);
+        assert!(c.is_abandoned());
+        read(&mut c, 10, 0);
+        read(&mut c, 20, 1);
+        assert!(c.try_read().is_none());
+        assert_eq!(
+            c.stats(),
+            RingStats {
+                records: 2,
+                bytes: 30,
+                drops: 1
+            }
+        );
+    }
+
+    #[test]
+    fn abandoned_consumer() {
+        let (mut p, c) = channel(32).unwrap();
+        assert!(!p.is_abandoned());
+        drop(c);
+        assert!(p.is_abandoned());
+        // Writes still succeed while there is room; they go nowhere.
+        write(&mut p, 8, 0);
+        write(&mut p, 8, 1);
+        assert_eq!(p.try_write(0).unwrap_err(), WriteError::Full);
+        assert_eq!(
+            p.write_blocking(0, Duration::from_secs(10)).unwrap_err(),
+            WriteError::Abandoned
+        );
+    }
+
+    #[test]
+    fn write_blocking_times_out() {
+        let (mut p, _c) = channel(16).unwrap();
+        write(&mut p, 0, 0);
+        write(&mut p, 0, 0);
+        let t = Instant::now();
+        assert_eq!(
+            p.write_blocking(0, Duration::from_millis(5)).unwrap_err(),
+            WriteError::Timeout
+        );
+        assert!(t.elapsed() >= Duration::from_millis(5));
+        assert_eq!(
+            p.write_blocking(0, Duration::ZERO).unwrap_err(),
+            WriteError::Timeout
+        );
+    }
+
+    #[test]
+    fn halves_are_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Producer>();
+        assert_send::<Consumer>();
+    }
+
+    /// Two threads, randomly sized records, every byte checked.
+    #[test]
+    fn two_threads() {
+        let count: u64 = if cfg!(miri) { 200 } else { 100_000 };
+        let (mut p, mut c) = channel(if cfg!(miri) { 96 } else { 1024 }).unwrap();
+        let max = p.max_record_len() as u64;
+        // Deterministic sizes covering 0..=max, wrapping at varied offsets.
+        let len_of = move |i: u64| (i.wrapping_mul(0x9E37_79B9) >> 7) % (max + 1);
+        let writer = thread::spawn(move || {
+            for i in 0..count {
+                let len = len_of(i) as usize;
+                let mut g = p
+                    .write_blocking(len, Duration::from_secs(60))
+                    .expect("consumer keeps up eventually");
+                fill(&mut g, i);
+                g.commit();
+            }
+        });
+        let mut next = 0;
+        loop {
+            let abandoned = c.is_abandoned();
+            match c.try_read() {
+                Some(g) => {
+                    assert_eq!(g.len() as u64, len_of(next));
+                    check(&g, next);
+                    next += 1;
+                }
+                None if abandoned => break,
+                None => thread::yield_now(),
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(next, count);
+        assert_eq!(c.stats().records, count);
+    }
+}

@@ -1,0 +1,505 @@
+//! A tiny, deterministic, synthetic llama model written as GGUF.
+//!
+//! Tests need a real model that llama.cpp loads and runs, but checking in (or
+//! downloading) weights is slow and opaque. [`SynthModel::random`] builds a
+//! few-kilobyte llama-architecture model from a seed, keeps every weight in
+//! memory so an independent reference implementation can recompute the forward
+//! pass, and [`SynthModel::write_gguf`] serialises it in the exact layout
+//! llama.cpp's loader expects. Nothing here depends on llama.cpp itself.
+//!
+//! Matrices use ggml's layout: a weight with ggml shape `ne = [n_in, n_out]` is
+//! stored row-major as `n_out` rows of `n_in` floats, so `y = W·x` means
+//! `y[o] = Σ_i W[o * n_in + i] · x[i]`.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+/// Hyperparameters of a synthetic llama model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynthConfig {
+    /// Number of transformer blocks.
+    pub n_layer: usize,
+    /// Width of the residual stream.
+    pub n_embd: usize,
+    /// Number of query heads; must divide `n_embd`.
+    pub n_head: usize,
+    /// Number of key/value heads; must divide `n_head` (GQA when smaller).
+    pub n_head_kv: usize,
+    /// Hidden width of the SwiGLU feed-forward block.
+    pub n_ff: usize,
+    /// Training context length advertised in the metadata.
+    pub n_ctx_train: usize,
+    /// RoPE frequency base.
+    pub rope_freq_base: f32,
+    /// Epsilon of every RMS norm.
+    pub rms_eps: f32,
+    /// PRNG seed; equal seeds give bit-identical weights.
+    pub seed: u64,
+}
+
+impl Default for SynthConfig {
+    /// Small enough to run in milliseconds, with GQA so head mapping is exercised.
+    fn default() -> Self {
+        Self {
+            n_layer: 3,
+            n_embd: 64,
+            n_head: 4,
+            n_head_kv: 2,
+            n_ff: 128,
+            n_ctx_train: 512,
+            rope_freq_base: 10000.0,
+            rms_eps: 1e-5,
+            seed: 42,
+        }
+    }
+}
+
+impl SynthConfig {
+    /// Per-head dimension (`n_embd / n_head`), also the RoPE dimension count.
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+}
+
+/// Weights of one transformer block, in ggml layout (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynthLayer {
+    /// RMS-norm gain before attention, `[n_embd]`.
+    pub attn_norm: Vec<f32>,
+    /// Query projection, ne `[n_embd, n_head * head_dim]`.
+    pub wq: Vec<f32>,
+    /// Key projection, ne `[n_embd, n_head_kv * head_dim]`.
+    pub wk: Vec<f32>,
+    /// Value projection, ne `[n_embd, n_head_kv * head_dim]`.
+    pub wv: Vec<f32>,
+    /// Attention output projection, ne `[n_head * head_dim, n_embd]`.
+    pub wo: Vec<f32>,
+    /// RMS-norm gain before the feed-forward block, `[n_embd]`.
+    pub ffn_norm: Vec<f32>,
+    /// SwiGLU gate projection, ne `[n_embd, n_ff]`.
+    pub ffn_gate: Vec<f32>,
+    /// SwiGLU up projection, ne `[n_embd, n_ff]`.
+    pub ffn_up: Vec<f32>,
+    /// Down projection, ne `[n_ff, n_embd]`.
+    pub ffn_down: Vec<f32>,
+}
+
+/// A complete synthetic llama model: config, vocabulary and all weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynthModel {
+    /// Hyperparameters the weights were generated for.
+    pub cfg: SynthConfig,
+    /// Vocabulary: `<unk>`, `<s>`, `</s>`, `<0x00>`..`<0xFF>`, then `▁` (space).
+    pub tokens: Vec<String>,
+    /// Token embeddings, ne `[n_embd, n_vocab]` (one row per token).
+    pub tok_embd: Vec<f32>,
+    /// Final RMS-norm gain, `[n_embd]`.
+    pub output_norm: Vec<f32>,
+    /// LM head, ne `[n_embd, n_vocab]`.
+    pub output: Vec<f32>,
+    /// Transformer blocks, in order.
+    pub layers: Vec<SynthLayer>,
+}
+
+/// Id of `<unk>`.
+pub const TOKEN_UNK: i32 = 0;
+/// Id of `<s>` (BOS), which llama.cpp prepends when `add_special` is set.
+pub const TOKEN_BOS: i32 = 1;
+/// Id of `</s>` (EOS).
+pub const TOKEN_EOS: i32 = 2;
+/// Id of the first byte token `<0x00>`; byte `b` is `TOKEN_BYTE0 + b`.
+pub const TOKEN_BYTE0: i32 = 3;
+/// Id of `▁` (U+2581), which SentencePiece substitutes for every space.
+pub const TOKEN_SPACE: i32 = TOKEN_BYTE0 + 256;
+
+/// The token ids llama.cpp produces for `text` with this vocabulary and
+/// `add_special = true`: BOS, then one token per UTF-8 byte, with spaces
+/// mapped to [`TOKEN_SPACE`]. Lets tests and callers predict tokenisation.
+pub fn expected_tokens(text: &str) -> Vec<i32> {
+    std::iter::once(TOKEN_BOS)
+        .chain(text.bytes().map(|b| {
+            if b == b' ' {
+                TOKEN_SPACE
+            } else {
+                TOKEN_BYTE0 + i32::from(b)
+            }
+        }))
+        .collect()
+}
+
+/// splitmix64: tiny, seedable and good enough for test weights; avoids a
+/// `rand` dependency in the library.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`, from the top 24 bits so it is exact in f32.
+    fn uniform(&mut self) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        2.0 * u - 1.0
+    }
+
+    /// `n` values uniform in `[-scale, scale)`.
+    fn fill(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+
+    /// A weight matrix with `fan_in` inputs, scaled to unit variance
+    /// (`U(-1,1)` has variance 1/3) so activations stay O(1) through depth.
+    fn matrix(&mut self, fan_in: usize, fan_out: usize) -> Vec<f32> {
+        let scale = (3.0 / fan_in as f32).sqrt();
+        self.fill(fan_in * fan_out, scale)
+    }
+
+    /// A norm gain near 1, so norms are not a no-op but stay well conditioned.
+    fn norm(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| 1.0 + 0.1 * self.uniform()).collect()
+    }
+}
+
+fn vocabulary() -> Vec<String> {
+    let mut tokens = vec!["<unk>".to_owned(), "<s>".to_owned(), "</s>".to_owned()];
+    tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    tokens.push("\u{2581}".to_owned());
+    tokens
+}
+
+impl SynthModel {
+    /// Generates a model deterministically from `cfg.seed`.
+    ///
+    /// # Panics
+    /// If the head counts do not divide `n_embd` / `n_head`, or `head_dim` is odd
+    /// (RoPE rotates pairs).
+    pub fn random(cfg: SynthConfig) -> Self {
+        assert!(
+            cfg.n_head > 0 && cfg.n_embd % cfg.n_head == 0,
+            "n_head must divide n_embd"
+        );
+        assert!(
+            cfg.n_head_kv > 0 && cfg.n_head % cfg.n_head_kv == 0,
+            "n_head_kv must divide n_head"
+        );
+        assert!(cfg.head_dim() % 2 == 0, "head_dim must be even for RoPE");
+
+        let tokens = vocabulary();
+        let n_vocab = tokens.len();
+        let (e, hd) = (cfg.n_embd, cfg.head_dim());
+        let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.n_head_kv * hd);
+        let mut rng = SplitMix64(cfg.seed);
+
+        let tok_embd = rng.fill(n_vocab * e, 1.0);
+        let layers = (0..cfg.n_layer)
+            .map(|_| SynthLayer {
+                attn_norm: rng.norm(e),
+                wq: rng.matrix(e, q_dim),
+                wk: rng.matrix(e, kv_dim),
+                wv: rng.matrix(e, kv_dim),
+                wo: rng.matrix(q_dim, e),
+                ffn_norm: rng.norm(e),
+                ffn_gate: rng.matrix(e, cfg.n_ff),
+                ffn_up: rng.matrix(e, cfg.n_ff),
+                ffn_down: rng.matrix(cfg.n_ff, e),
+            })
+            .collect();
+        let output_norm = rng.norm(e);
+        let output = rng.matrix(e, n_vocab);
+
+        Self {
+            cfg,
+            tokens,
+            tok_embd,
+            output_norm,
+            output,
+            layers,
+        }
+    }
+
+    /// Vocabulary size (260: 3 specials, 256 bytes, `▁`).
+    pub fn n_vocab(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Writes the model as a GGUF v3 file that llama.cpp loads as `llama`.
+    ///
+    /// The vocabulary is a byte-fallback SentencePiece one with
+    /// `add_space_prefix = false`, so any UTF-8 text tokenises to BOS plus one
+    /// token per byte (see [`expected_tokens`]).
+    pub fn write_gguf(&self, path: &Path) -> io::Result<()> {
+        let mut w = BufWriter::new(File::create(path)?);
+        self.write_gguf_to(&mut w)?;
+        w.flush()
+    }
+
+    fn tensors(&self) -> Vec<(String, [usize; 2], &[f32])> {
+        let c = &self.cfg;
+        let (e, hd, v) = (c.n_embd, c.head_dim(), self.n_vocab());
+        let (q_dim, kv_dim) = (c.n_head * hd, c.n_head_kv * hd);
+        let mut t: Vec<(String, [usize; 2], &[f32])> = vec![
+            ("token_embd.weight".into(), [e, v], &self.tok_embd),
+            ("output_norm.weight".into(), [e, 1], &self.output_norm),
+            ("output.weight".into(), [e, v], &self.output),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            t.push((n("attn_norm"), [e, 1], &l.attn_norm));
+            t.push((n("attn_q"), [e, q_dim], &l.wq));
+            t.push((n("attn_k"), [e, kv_dim], &l.wk));
+            t.push((n("attn_v"), [e, kv_dim], &l.wv));
+            t.push((n("attn_output"), [q_dim, e], &l.wo));
+            t.push((n("ffn_norm"), [e, 1], &l.ffn_norm));
+            t.push((n("ffn_gate"), [e, c.n_ff], &l.ffn_gate));
+            t.push((n("ffn_up"), [e, c.n_ff], &l.ffn_up));
+            t.push((n("ffn_down"), [c.n_ff, e], &l.ffn_down));
+        }
+        t
+    }
+
+    fn write_gguf_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let c = &self.cfg;
+        let u32_of = |x: usize| {
+            u32::try_from(x).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too large"))
+        };
+        let n_vocab = self.n_vocab();
+        let scores = vec![0.0f32; n_vocab];
+        let token_types: Vec<i32> = (0..n_vocab)
+            .map(|i| match i {
+                0 => TOKTYPE_UNKNOWN,
+                1 | 2 => TOKTYPE_CONTROL,
+                i if i < 259 => TOKTYPE_BYTE,
+                _ => TOKTYPE_NORMAL,
+            })
+            .collect();
+
+        let kvs: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::Str("llama")),
+            ("general.name", Value::Str("latent-tap synthetic")),
+            ("general.alignment", Value::U32(ALIGNMENT as u32)),
+            ("llama.context_length", Value::U32(u32_of(c.n_ctx_train)?)),
+            ("llama.embedding_length", Value::U32(u32_of(c.n_embd)?)),
+            ("llama.block_count", Value::U32(u32_of(c.n_layer)?)),
+            ("llama.feed_forward_length", Value::U32(u32_of(c.n_ff)?)),
+            ("llama.attention.head_count", Value::U32(u32_of(c.n_head)?)),
+            (
+                "llama.attention.head_count_kv",
+                Value::U32(u32_of(c.n_head_kv)?),
+            ),
+            ("llama.rope.freq_base", Value::F32(c.rope_freq_base)),
+            (
+                "llama.attention.layer_norm_rms_epsilon",
+                Value::F32(c.rms_eps),
+            ),
+            (
+                "llama.rope.dimension_count",
+                Value::U32(u32_of(c.head_dim())?),
+            ),
+            ("llama.vocab_size", Value::U32(u32_of(n_vocab)?)),
+            ("tokenizer.ggml.model", Value::Str("llama")),
+            ("tokenizer.ggml.tokens", Value::StrArr(&self.tokens)),
+            ("tokenizer.ggml.scores", Value::F32Arr(&scores)),
+            ("tokenizer.ggml.token_type", Value::I32Arr(&token_types)),
+            (
+                "tokenizer.ggml.unknown_token_id",
+                Value::U32(TOKEN_UNK as u32),
+            ),
+            ("tokenizer.ggml.bos_token_id", Value::U32(TOKEN_BOS as u32)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(TOKEN_EOS as u32)),
+            ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+            ("tokenizer.ggml.add_eos_token", Value::Bool(false)),
+            // SPM defaults to prepending a space; off so token counts equal byte counts.
+            ("tokenizer.ggml.add_space_prefix", Value::Bool(false)),
+        ];
+        let tensors = self.tensors();
+
+        w.write_all(b"GGUF")?;
+        w.write_all(&3u32.to_le_bytes())?;
+        w.write_all(&(tensors.len() as u64).to_le_bytes())?;
+        w.write_all(&(kvs.len() as u64).to_le_bytes())?;
+        let mut pos = 4 + 4 + 8 + 8;
+        for (key, value) in &kvs {
+            pos += write_str(w, key)?;
+            pos += value.write(w)?;
+        }
+
+        let mut offset = 0usize;
+        for (name, ne, data) in &tensors {
+            assert_eq!(ne[0] * ne[1], data.len(), "{name}: shape/data mismatch");
+            let dims: &[usize] = if ne[1] == 1 { &ne[..1] } else { &ne[..] };
+            pos += write_str(w, name)?;
+            w.write_all(&(dims.len() as u32).to_le_bytes())?;
+            for &d in dims {
+                w.write_all(&(d as u64).to_le_bytes())?;
+            }
+            w.write_all(&GGML_TYPE_F32.to_le_bytes())?;
+            w.write_all(&(offset as u64).to_le_bytes())?;
+            pos += 4 + 8 * dims.len() + 4 + 8;
+            offset += padded(data.len() * 4);
+        }
+
+        write_zeros(w, padded(pos) - pos)?;
+        for (_, _, data) in &tensors {
+            for x in data.iter() {
+                w.write_all(&x.to_le_bytes())?;
+            }
+            write_zeros(w, padded(data.len() * 4) - data.len() * 4)?;
+        }
+        Ok(())
+    }
+}
+
+const ALIGNMENT: usize = 32;
+const GGML_TYPE_F32: u32 = 0;
+
+// llama.cpp's `llama_token_type` values, stored in `tokenizer.ggml.token_type`.
+const TOKTYPE_NORMAL: i32 = 1;
+const TOKTYPE_UNKNOWN: i32 = 2;
+const TOKTYPE_CONTROL: i32 = 3;
+const TOKTYPE_BYTE: i32 = 6;
+
+// GGUF value type tags.
+const GGUF_U32: u32 = 4;
+const GGUF_I32: u32 = 5;
+const GGUF_F32: u32 = 6;
+const GGUF_BOOL: u32 = 7;
+const GGUF_STRING: u32 = 8;
+const GGUF_ARRAY: u32 = 9;
+
+fn padded(n: usize) -> usize {
+    n.div_ceil(ALIGNMENT) * ALIGNMENT
+}
+
+fn write_zeros(w: &mut impl Write, n: usize) -> io::Result<()> {
+    w.write_all(&[0u8; ALIGNMENT][..n])
+}
+
+/// Writes a GGUF string (u64 length + bytes); returns bytes written.
+fn write_str(w: &mut impl Write, s: &str) -> io::Result<usize> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())?;
+    Ok(8 + s.len())
+}
+
+/// The subset of GGUF metadata value types this writer needs.
+enum Value<'a> {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+    Str(&'a str),
+    StrArr(&'a [String]),
+    F32Arr(&'a [f32]),
+    I32Arr(&'a [i32]),
+}
+
+impl Value<'_> {
+    /// Writes type tag and payload; returns bytes written.
+    fn write(&self, w: &mut impl Write) -> io::Result<usize> {
+        let tag = |w: &mut dyn Write, t: u32| w.write_all(&t.to_le_bytes());
+        let arr_head = |w: &mut dyn Write, t: u32, n: usize| -> io::Result<()> {
+            w.write_all(&GGUF_ARRAY.to_le_bytes())?;
+            w.write_all(&t.to_le_bytes())?;
+            w.write_all(&(n as u64).to_le_bytes())
+        };
+        Ok(match self {
+            Value::U32(x) => {
+                tag(w, GGUF_U32)?;
+                w.write_all(&x.to_le_bytes())?;
+                8
+            }
+            Value::F32(x) => {
+                tag(w, GGUF_F32)?;
+                w.write_all(&x.to_le_bytes())?;
+                8
+            }
+            Value::Bool(b) => {
+                tag(w, GGUF_BOOL)?;
+                w.write_all(&[u8::from(*b)])?;
+                5
+            }
+            Value::Str(s) => {
+                tag(w, GGUF_STRING)?;
+                4 + write_str(w, s)?
+            }
+            Value::StrArr(v) => {
+                arr_head(w, GGUF_STRING, v.len())?;
+                let mut n = 16;
+                for s in v.iter() {
+                    n += write_str(w, s)?;
+                }
+                n
+            }
+            Value::F32Arr(v) => {
+                arr_head(w, GGUF_F32, v.len())?;
+                for x in v.iter() {
+                    w.write_all(&x.to_le_bytes())?;
+                }
+                16 + 4 * v.len()
+            }
+            Value::I32Arr(v) => {
+                arr_head(w, GGUF_I32, v.len())?;
+                for x in v.iter() {
+                    w.write_all(&x.to_le_bytes())?;
+                }
+                16 + 4 * v.len()
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_and_seed_sensitive() {
+        let a = SynthModel::random(SynthConfig::default());
+        let b = SynthModel::random(SynthConfig::default());
+        assert_eq!(a, b);
+        let c = SynthModel::random(SynthConfig {
+            seed: 7,
+            ..SynthConfig::default()
+        });
+        assert_ne!(a.tok_embd, c.tok_embd);
+        assert_eq!(a.n_vocab(), 260);
+        assert_eq!(a.tokens[TOKEN_SPACE as usize], "\u{2581}");
+        assert_eq!(a.tokens[(TOKEN_BYTE0 + 0x41) as usize], "<0x41>");
+    }
+
+    #[test]
+    fn gguf_layout_is_aligned_and_sized() {
+        let m = SynthModel::random(SynthConfig::default());
+        let mut buf = Vec::new();
+        m.write_gguf_to(&mut buf).unwrap();
+        assert_eq!(&buf[..4], b"GGUF");
+        assert_eq!(u32::from_le_bytes(buf[4..8].try_into().unwrap()), 3);
+        let n_tensors = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+        assert_eq!(n_tensors as usize, 3 + 9 * m.cfg.n_layer);
+        let data: usize = m.tensors().iter().map(|t| padded(t.2.len() * 4)).sum();
+        assert_eq!(buf.len() % ALIGNMENT, 0);
+        // The last tensor's bytes end the file.
+        let last = m
+            .layers
+            .last()
+            .unwrap()
+            .ffn_down
+            .last()
+            .unwrap()
+            .to_le_bytes();
+        let end =
+            buf.len() - (padded(m.cfg.n_ff * m.cfg.n_embd * 4) - m.cfg.n_ff * m.cfg.n_embd * 4);
+        assert_eq!(&buf[end - 4..end], &last);
+        assert!(buf.len() > data);
+    }
+
+    #[test]
+    fn expected_tokens_maps_bytes_and_spaces() {
+        assert_eq!(expected_tokens("A b"), vec![1, 3 + 65, TOKEN_SPACE, 3 + 98]);
+        assert_eq!(expected_tokens("é").len(), 3);
+    }
+}

@@ -1,0 +1,150 @@
+//! Copy rows out of a ggml tensor (any strides; F32/F16/BF16) into a frame
+//! payload, converting to the requested dtype. No allocation.
+
+use half::{bf16, f16};
+
+use crate::record::Dtype;
+
+/// ggml type ids this module reads.
+pub(crate) const GGML_F32: u32 = 0;
+pub(crate) const GGML_F16: u32 = 1;
+pub(crate) const GGML_BF16: u32 = 30;
+
+/// Bytes per element of a supported ggml type.
+pub(crate) fn ggml_type_size(ty: u32) -> Option<usize> {
+    match ty {
+        GGML_F32 => Some(4),
+        GGML_F16 | GGML_BF16 => Some(2),
+        _ => None,
+    }
+}
+
+/// A host-readable view of a tensor's bytes.
+pub(crate) struct SrcTensor {
+    pub base: *const u8,
+    pub ty: u32,
+    pub ne: [i64; 4],
+    pub nb: [usize; 4],
+}
+
+impl SrcTensor {
+    /// Copy row `row` along `axis` (all elements of the axes below it, in ggml
+    /// order) into `dst`, which holds exactly `width * out.size()` bytes.
+    ///
+    /// # Safety
+    /// `base` must point to host memory covering every element addressed by
+    /// `ne`/`nb`, readable for the duration of the call; `row < ne[axis]`.
+    pub unsafe fn copy_row(&self, axis: usize, row: usize, out: Dtype, dst: &mut [u8]) {
+        let ts = ggml_type_size(self.ty).unwrap_or(4);
+        let width: usize = self.ne[..axis].iter().product::<i64>() as usize;
+        let contiguous = self.nb[0] == ts
+            && (1..axis).all(|k| self.nb[k] == self.nb[k - 1] * self.ne[k - 1] as usize);
+        let row_base = row * self.nb[axis];
+        if contiguous {
+            // SAFETY: the caller guarantees the row's `width` contiguous elements are readable.
+            let src = unsafe { std::slice::from_raw_parts(self.base.add(row_base), width * ts) };
+            convert_run(src, self.ty, dst, out);
+            return;
+        }
+        // Strided: walk the inner axes element by element.
+        let os = out.size();
+        let mut idx = [0usize; 3];
+        for e in 0..width {
+            let mut off = row_base;
+            for (k, &i) in idx.iter().enumerate().take(axis) {
+                off += i * self.nb[k];
+            }
+            // SAFETY: (idx, row) is within ne, so the element at `off` is readable.
+            let src = unsafe { std::slice::from_raw_parts(self.base.add(off), ts) };
+            convert_run(src, self.ty, &mut dst[e * os..(e + 1) * os], out);
+            for (k, i) in idx.iter_mut().enumerate().take(axis) {
+                *i += 1;
+                if *i < self.ne[k] as usize {
+                    break;
+                }
+                *i = 0;
+            }
+        }
+    }
+}
+
+/// Convert a contiguous run of `src_ty` elements into `out` elements.
+pub(crate) fn convert_run(src: &[u8], src_ty: u32, dst: &mut [u8], out: Dtype) {
+    let same = matches!(
+        (src_ty, out),
+        (GGML_F32, Dtype::F32) | (GGML_F16, Dtype::F16) | (GGML_BF16, Dtype::BF16)
+    );
+    if same {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let ts = ggml_type_size(src_ty).unwrap_or(4);
+    let os = out.size();
+    for (s, d) in src.chunks_exact(ts).zip(dst.chunks_exact_mut(os)) {
+        let v = match src_ty {
+            GGML_F16 => f16::from_bits(u16::from_ne_bytes([s[0], s[1]])).to_f32(),
+            GGML_BF16 => bf16::from_bits(u16::from_ne_bytes([s[0], s[1]])).to_f32(),
+            _ => f32::from_ne_bytes([s[0], s[1], s[2], s[3]]),
+        };
+        match out {
+            Dtype::F32 => d.copy_from_slice(&v.to_ne_bytes()),
+            Dtype::F16 => d.copy_from_slice(&f16::from_f32(v).to_bits().to_ne_bytes()),
+            Dtype::BF16 => d.copy_from_slice(&bf16::from_f32(v).to_bits().to_ne_bytes()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32s(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_ne_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn contiguous_and_strided_rows_match() {
+        // A [3, 2] f32 tensor stored transposed (column-major): element (i0, i1) at i0*8 + i1*4.
+        let vals: [f32; 6] = [0.0, 3.0, 1.0, 4.0, 2.0, 5.0];
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let t = SrcTensor {
+            base: bytes.as_ptr(),
+            ty: GGML_F32,
+            ne: [3, 2, 1, 1],
+            nb: [8, 4, 24, 24],
+        };
+        let mut dst = [0u8; 12];
+        // SAFETY: the strides stay within `bytes`.
+        unsafe { t.copy_row(1, 1, Dtype::F32, &mut dst) };
+        assert_eq!(f32s(&dst), [3.0, 4.0, 5.0]);
+        let c = SrcTensor {
+            base: bytes.as_ptr(),
+            ty: GGML_F32,
+            ne: [2, 3, 1, 1],
+            nb: [4, 8, 24, 24],
+        };
+        let mut dst = [0u8; 8];
+        // SAFETY: within `bytes`.
+        unsafe { c.copy_row(1, 2, Dtype::F32, &mut dst) };
+        assert_eq!(f32s(&dst), [2.0, 5.0]);
+    }
+
+    #[test]
+    fn converts_between_float_types() {
+        let src: Vec<u8> = [1.5f32, -2.25]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let mut h = [0u8; 4];
+        convert_run(&src, GGML_F32, &mut h, Dtype::F16);
+        let mut back = [0u8; 8];
+        convert_run(&h, GGML_F16, &mut back, Dtype::F32);
+        assert_eq!(f32s(&back), [1.5, -2.25]);
+        let mut b = [0u8; 4];
+        convert_run(&src, GGML_F32, &mut b, Dtype::BF16);
+        convert_run(&b, GGML_BF16, &mut back, Dtype::F32);
+        assert_eq!(f32s(&back), [1.5, -2.25]);
+    }
+}

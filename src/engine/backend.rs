@@ -1,0 +1,59 @@
+//! Process-wide llama.cpp set-up: backend initialisation (once) and logging.
+//!
+//! llama.cpp logs a lot to stderr; we keep it quiet unless `LATENT_TAP_LOG=1`,
+//! but remember the last error line so our own errors can quote it.
+
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::{Mutex, Once};
+
+use llama_cpp_sys_2 as sys;
+
+static INIT: Once = Once::new();
+static LAST_LLAMA_ERROR: Mutex<String> = Mutex::new(String::new());
+
+/// Initialise llama.cpp's backends once per process (idempotent, thread-safe).
+pub fn init() {
+    INIT.call_once(|| {
+        let verbose = std::env::var_os("LATENT_TAP_LOG").is_some_and(|v| v != "0");
+        // SAFETY: `log_callback` is a valid `extern "C"` fn for the process lifetime and
+        // ignores its user-data pointer; llama_backend_init has no preconditions.
+        unsafe {
+            let data = if verbose {
+                1usize as *mut c_void
+            } else {
+                std::ptr::null_mut()
+            };
+            sys::llama_log_set(Some(log_callback), data);
+            sys::llama_backend_init();
+        }
+    });
+}
+
+/// Take (and clear) the last error-level line llama.cpp logged, if any.
+pub fn take_last_llama_error() -> Option<String> {
+    let mut g = LAST_LLAMA_ERROR.lock().unwrap_or_else(|e| e.into_inner());
+    let s = std::mem::take(&mut *g);
+    (!s.is_empty()).then_some(s)
+}
+
+unsafe extern "C" fn log_callback(
+    level: sys::ggml_log_level,
+    text: *const c_char,
+    data: *mut c_void,
+) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: llama.cpp passes a NUL-terminated string valid for this call.
+    let line = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    if level == sys::GGML_LOG_LEVEL_ERROR {
+        let _ = std::panic::catch_unwind(|| {
+            let mut g = LAST_LLAMA_ERROR.lock().unwrap_or_else(|e| e.into_inner());
+            g.clear();
+            g.push_str(line.trim_end());
+        });
+    }
+    if !data.is_null() {
+        eprint!("{line}");
+    }
+}

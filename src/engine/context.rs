@@ -1,0 +1,263 @@
+//! RAII wrapper over `llama_context`, with an optional tap installed through
+//! `llama_context_params.cb_eval`. The context holds an `Arc<Model>`, so it can
+//! never outlive its model.
+
+use std::ffi::c_void;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use llama_cpp_sys_2 as sys;
+
+use super::batch::Batch;
+use super::model::{Model, Token};
+use crate::capture::Tap;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Context settings. Defaults suit a 2-core laptop as well as a GPU box.
+#[derive(Debug, Clone)]
+pub struct ContextOptions {
+    /// Context length in tokens (all sequences together).
+    pub n_ctx: u32,
+    /// Largest batch handed to one `llama_decode`.
+    pub n_batch: u32,
+    /// Largest batch one graph compute handles; a longer batch is split.
+    pub n_ubatch: u32,
+    /// Parallel sequences (distinct seq ids) the context must hold.
+    pub n_seq_max: u32,
+    /// Compute threads; `None` uses every core. (llama.cpp's default of 4 made
+    /// decoding 140× slower on a 2-core machine: its thread pool spins.)
+    pub n_threads: Option<i32>,
+    /// Also compute embeddings (`result_norm`) for every token.
+    pub embeddings: bool,
+    /// Keep the KV cache in f32 instead of f16 (exact comparisons in tests).
+    pub f32_kv: bool,
+    /// Flash attention: `None` lets llama.cpp decide.
+    pub flash_attn: Option<bool>,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        Self {
+            n_ctx: 4096,
+            n_batch: 512,
+            n_ubatch: 512,
+            n_seq_max: 1,
+            n_threads: None,
+            embeddings: false,
+            f32_kv: false,
+            flash_attn: None,
+        }
+    }
+}
+
+/// Number of cores, the default thread count.
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism().map_or(4, |n| n.get() as i32)
+}
+
+/// A llama.cpp context, optionally tapped.
+pub struct Context {
+    ptr: NonNull<sys::llama_context>,
+    // Boxed so its address, handed to llama.cpp as callback user data, is stable.
+    tap: Option<Box<Tap>>,
+    model: Arc<Model>,
+    n_batch: u32,
+}
+
+// SAFETY: a llama_context may move between threads; it is used by one thread at a time
+// (&mut self for every mutating call), and the tap it points to moves with it.
+unsafe impl Send for Context {}
+
+impl Context {
+    /// Create a context on `model`, with `tap` receiving the eval callbacks.
+    pub(crate) fn new(
+        model: Arc<Model>,
+        opts: &ContextOptions,
+        tap: Option<Box<Tap>>,
+    ) -> Result<Self> {
+        if opts.n_batch == 0 || opts.n_ubatch == 0 || opts.n_ctx == 0 || opts.n_seq_max == 0 {
+            return Err(Error::invalid(
+                "n_ctx, n_batch, n_ubatch and n_seq_max must be positive",
+            ));
+        }
+        if opts.n_ubatch > opts.n_batch {
+            return Err(Error::invalid(format!(
+                "n_ubatch ({}) must not exceed n_batch ({})",
+                opts.n_ubatch, opts.n_batch
+            )));
+        }
+        let mut tap = tap;
+        // SAFETY: plain value returned by llama.cpp.
+        let mut p = unsafe { sys::llama_context_default_params() };
+        p.n_ctx = opts.n_ctx;
+        p.n_batch = opts.n_batch;
+        p.n_ubatch = opts.n_ubatch;
+        p.n_seq_max = opts.n_seq_max;
+        let threads = opts.n_threads.unwrap_or_else(default_threads).max(1);
+        p.n_threads = threads;
+        p.n_threads_batch = threads;
+        p.embeddings = opts.embeddings;
+        p.pooling_type = sys::LLAMA_POOLING_TYPE_NONE;
+        // One KV stream keeps llama.cpp's ubatch split sequential (split_simple),
+        // which the tap relies on to map rows to tokens.
+        p.kv_unified = true;
+        if opts.f32_kv {
+            p.type_k = sys::GGML_TYPE_F32;
+            p.type_v = sys::GGML_TYPE_F32;
+        }
+        p.flash_attn_type = match opts.flash_attn {
+            None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        };
+        if let Some(t) = tap.as_deref_mut() {
+            p.abort_callback = Some(crate::capture::abort_callback);
+            p.abort_callback_data = crate::capture::abort_flag_ptr(t);
+            p.cb_eval = Some(crate::capture::eval_callback);
+            p.cb_eval_user_data = t as *mut Tap as *mut c_void;
+        }
+        // SAFETY: the model pointer is valid (we hold an Arc); the tap box outlives the
+        // context because the context field drops first (see Drop).
+        let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), p) };
+        let ptr = NonNull::new(raw).ok_or_else(|| {
+            let why = super::backend::take_last_llama_error()
+                .unwrap_or_else(|| "llama_init_from_model failed".into());
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("cannot create context: {why}"),
+            )
+        })?;
+        // SAFETY: valid context pointer.
+        let n_batch = unsafe { sys::llama_n_batch(ptr.as_ptr()) };
+        Ok(Self {
+            ptr,
+            tap,
+            model,
+            n_batch,
+        })
+    }
+
+    /// The model this context runs.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut sys::llama_context {
+        self.ptr.as_ptr()
+    }
+
+    /// Context length.
+    pub fn n_ctx(&self) -> u32 {
+        // SAFETY: valid context pointer.
+        unsafe { sys::llama_n_ctx(self.as_ptr()) }
+    }
+
+    /// Largest batch per `llama_decode`.
+    pub fn n_batch(&self) -> u32 {
+        self.n_batch
+    }
+
+    /// Physical batch size.
+    pub fn n_ubatch(&self) -> u32 {
+        // SAFETY: valid context pointer.
+        unsafe { sys::llama_n_ubatch(self.as_ptr()) }
+    }
+
+    pub(crate) fn tap_mut(&mut self) -> Option<&mut Tap> {
+        self.tap.as_deref_mut()
+    }
+
+    pub(crate) fn tap(&self) -> Option<&Tap> {
+        self.tap.as_deref()
+    }
+
+    /// Run one `llama_decode`. The batch must not exceed `n_batch` (llama.cpp
+    /// asserts on that, so we check first).
+    pub fn decode(&mut self, batch: &Batch) -> Result<()> {
+        if batch.len() == 0 {
+            return Err(Error::invalid("cannot decode an empty batch"));
+        }
+        if batch.len() > self.n_batch as usize {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!(
+                    "batch of {} tokens exceeds n_batch {}",
+                    batch.len(),
+                    self.n_batch
+                ),
+            ));
+        }
+        // SAFETY: the context is valid, the batch's arrays are valid for its n_tokens,
+        // and no Rust reference into the tap is alive while llama.cpp calls back into it.
+        let rc = unsafe { sys::llama_decode(self.as_ptr(), batch.raw()) };
+        if let Some(err) = self.tap_mut().and_then(|t| t.take_failure()) {
+            return Err(err);
+        }
+        match rc {
+            0 => Ok(()),
+            1 => Err(Error::new(
+                ErrorKind::PromptTooLong,
+                "no room left in the KV cache: raise --ctx-size",
+            )),
+            _ => {
+                let why = super::backend::take_last_llama_error().unwrap_or_default();
+                Err(Error::new(
+                    ErrorKind::Decode,
+                    format!(
+                        "llama_decode failed with code {rc}{}{why}",
+                        if why.is_empty() { "" } else { ": " }
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Logits of output row `i` of the last decode (`n_vocab` floats).
+    pub fn logits_ith(&mut self, i: i32) -> Result<&[f32]> {
+        // SAFETY: valid context; llama.cpp returns NULL for an invalid index.
+        let p = unsafe { sys::llama_get_logits_ith(self.as_ptr(), i) };
+        if p.is_null() {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("no logits for output {i}"),
+            ));
+        }
+        // SAFETY: llama.cpp's logits row has n_vocab floats and lives until the next decode,
+        // which needs &mut self.
+        Ok(unsafe { std::slice::from_raw_parts(p, self.model.n_vocab()) })
+    }
+
+    /// Embeddings (`result_norm`) of output row `i`; needs `embeddings: true`.
+    pub fn embeddings_ith(&mut self, i: i32) -> Result<&[f32]> {
+        // SAFETY: valid context; NULL when embeddings are off or i is invalid.
+        let p = unsafe { sys::llama_get_embeddings_ith(self.as_ptr(), i) };
+        if p.is_null() {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("no embeddings for output {i}"),
+            ));
+        }
+        // SAFETY: the row has n_embd floats and lives until the next decode (&mut self).
+        Ok(unsafe { std::slice::from_raw_parts(p, self.model.n_embd()) })
+    }
+
+    /// Forget all sequences (clears the KV cache).
+    pub fn clear(&mut self) {
+        // SAFETY: valid context; the memory handle belongs to it.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.as_ptr()), true) }
+    }
+
+    /// Sample the next token for output row `i` with `sampler`.
+    pub fn sample(&mut self, sampler: &mut super::Sampler, i: i32) -> Token {
+        // SAFETY: both pointers valid; llama.cpp checks the index.
+        unsafe { sys::llama_sampler_sample(sampler.as_ptr(), self.as_ptr(), i) }
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: we own the context; freeing it first means llama.cpp never calls the
+        // tap after the box below is dropped.
+        unsafe { sys::llama_free(self.as_ptr()) }
+    }
+}

@@ -1,0 +1,12 @@
+//! Safe RAII wrappers over the raw llama.cpp pointers.
+
+pub mod backend;
+mod batch;
+mod context;
+mod model;
+mod sampler;
+
+pub use batch::Batch;
+pub use context::{default_threads, Context, ContextOptions};
+pub use model::{Model, ModelOptions, Token};
+pub use sampler::{Sampler, SamplingOptions};

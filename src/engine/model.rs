@@ -1,0 +1,220 @@
+//! RAII wrapper over `llama_model` plus its vocabulary helpers.
+
+use std::ffi::{c_char, CString};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use llama_cpp_sys_2 as sys;
+
+use super::backend;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Token id as llama.cpp uses it.
+pub type Token = i32;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// Layers to offload to a GPU backend (negative: all). Ignored on CPU-only builds.
+    pub n_gpu_layers: i32,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self { n_gpu_layers: -1 }
+    }
+}
+
+/// A loaded GGUF model. Shared through `Arc` so that no context outlives it.
+pub struct Model {
+    ptr: NonNull<sys::llama_model>,
+    path: PathBuf,
+}
+
+// SAFETY: llama_model is immutable after loading and llama.cpp allows using one model
+// from several contexts on several threads.
+unsafe impl Send for Model {}
+// SAFETY: see above; all methods take &self and only read the model.
+unsafe impl Sync for Model {}
+
+impl Model {
+    /// Load a GGUF model. Missing, unreadable, truncated or non-GGUF files give
+    /// an [`ErrorKind::ModelLoad`] error with a one-line reason.
+    pub fn load(path: impl AsRef<Path>, opts: &ModelOptions) -> Result<Arc<Self>> {
+        let path = path.as_ref();
+        check_gguf_magic(path)?;
+        backend::init();
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::new(ErrorKind::ModelLoad, "model path contains a NUL byte"))?;
+        // SAFETY: plain value returned by llama.cpp.
+        let mut params = unsafe { sys::llama_model_default_params() };
+        params.n_gpu_layers = opts.n_gpu_layers;
+        // SAFETY: c_path is a valid NUL-terminated string; params is a valid struct.
+        let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), params) };
+        let ptr = NonNull::new(raw).ok_or_else(|| {
+            let why = backend::take_last_llama_error()
+                .unwrap_or_else(|| "llama.cpp could not load it".into());
+            Error::new(
+                ErrorKind::ModelLoad,
+                format!("cannot load model {}: {why}", path.display()),
+            )
+        })?;
+        Ok(Arc::new(Self {
+            ptr,
+            path: path.to_path_buf(),
+        }))
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut sys::llama_model {
+        self.ptr.as_ptr()
+    }
+
+    fn vocab(&self) -> *const sys::llama_vocab {
+        // SAFETY: the model pointer is valid for self's lifetime.
+        unsafe { sys::llama_model_get_vocab(self.as_ptr()) }
+    }
+
+    /// Path the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of transformer layers.
+    pub fn n_layer(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_layer(self.as_ptr()) as usize }
+    }
+
+    /// Width of the residual stream.
+    pub fn n_embd(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_embd(self.as_ptr()) as usize }
+    }
+
+    /// Vocabulary size.
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: valid vocab pointer owned by the model.
+        unsafe { sys::llama_vocab_n_tokens(self.vocab()) as usize }
+    }
+
+    /// A metadata string, e.g. `general.architecture`.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        let key = CString::new(key).ok()?;
+        let mut buf = vec![0u8; 256];
+        loop {
+            // SAFETY: buf is writable for buf.len() bytes; key is NUL-terminated.
+            let n = unsafe {
+                sys::llama_model_meta_val_str(
+                    self.as_ptr(),
+                    key.as_ptr(),
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return None;
+            }
+            if (n as usize) < buf.len() {
+                buf.truncate(n as usize);
+                return Some(String::from_utf8_lossy(&buf).into_owned());
+            }
+            buf.resize(n as usize + 1, 0);
+        }
+    }
+
+    /// Architecture name from the GGUF metadata.
+    pub fn arch(&self) -> String {
+        self.meta("general.architecture").unwrap_or_default()
+    }
+
+    /// Tokenize `text`, adding BOS when the model asks for it.
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>> {
+        let len = i32::try_from(text.len()).map_err(|_| Error::invalid("prompt is too long"))?;
+        let mut out = vec![0; text.len() + 8];
+        for _ in 0..2 {
+            // SAFETY: text is valid for len bytes; out is writable for out.len() tokens.
+            let n = unsafe {
+                sys::llama_tokenize(
+                    self.vocab(),
+                    text.as_ptr() as *const c_char,
+                    len,
+                    out.as_mut_ptr(),
+                    out.len() as i32,
+                    add_special,
+                    false,
+                )
+            };
+            if n >= 0 {
+                out.truncate(n as usize);
+                return Ok(out);
+            }
+            out.resize((-n) as usize, 0);
+        }
+        Err(Error::new(
+            ErrorKind::Internal,
+            "tokenizer did not converge",
+        ))
+    }
+
+    /// The text of one token (raw bytes; may be a partial UTF-8 sequence).
+    pub fn token_bytes(&self, token: Token) -> Vec<u8> {
+        let mut buf = vec![0u8; 32];
+        loop {
+            // SAFETY: buf is writable for buf.len() bytes.
+            let n = unsafe {
+                sys::llama_token_to_piece(
+                    self.vocab(),
+                    token,
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len() as i32,
+                    0,
+                    false,
+                )
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return buf;
+            }
+            buf.resize((-n) as usize, 0);
+        }
+    }
+
+    /// The token's text, lossily decoded as UTF-8.
+    pub fn token_piece(&self, token: Token) -> String {
+        String::from_utf8_lossy(&self.token_bytes(token)).into_owned()
+    }
+
+    /// True when `token` ends generation (EOS, EOT, ...).
+    pub fn is_eog(&self, token: Token) -> bool {
+        // SAFETY: valid vocab pointer.
+        unsafe { sys::llama_vocab_is_eog(self.vocab(), token) }
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: we own the pointer; every Context holds an Arc<Model>, so none is alive.
+        unsafe { sys::llama_model_free(self.as_ptr()) }
+    }
+}
+
+/// Reject files that are not GGUF before llama.cpp sees them: its own message
+/// for a missing or foreign file is a log line, not an error value.
+fn check_gguf_magic(path: &Path) -> Result<()> {
+    let fail = |why: String| {
+        Error::new(
+            ErrorKind::ModelLoad,
+            format!("cannot load model {}: {why}", path.display()),
+        )
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut magic = [0u8; 4];
+    f.read_exact(&mut magic)
+        .map_err(|_| fail("file is too short to be GGUF".into()))?;
+    if &magic != b"GGUF" {
+        return Err(fail("not a GGUF file (bad magic)".into()));
+    }
+    Ok(())
+}

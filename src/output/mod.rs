@@ -1,0 +1,8 @@
+//! Consumers that turn a stream into files: an in-memory [`Collector`] and the
+//! writers for a capture directory (`tokens.jsonl`, `latents.safetensors`).
+
+mod collect;
+mod safetensors;
+
+pub use collect::{collect, Collected, Collector, TensorRows, TokenEvent};
+pub use safetensors::write_safetensors;

@@ -1,0 +1,387 @@
+//! Drives generation on a tapped context: probe the graph, compile the
+//! selection, decode the prompt (chunked by `n_batch`), sample, and emit token
+//! events into the same ring as the frames, so one ordered stream results.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::capture::{Policy, Rows, Tap, TapCounters};
+use crate::engine::{Batch, Context, ContextOptions, Model, Sampler, SamplingOptions, Token};
+use crate::error::{Error, ErrorKind, Result};
+use crate::record::{Dtype, RowMeta, TokenHeader, ROW_PROMPT};
+use crate::select::{GraphNode, LayerFilter, SelectedTensor, Selection};
+use crate::stream::Stream;
+use crate::tokens::token_stats;
+
+/// What to capture and how to transport it.
+#[derive(Debug, Clone)]
+pub struct CaptureSpec {
+    /// Glob patterns over graph node names (comma lists allowed).
+    pub patterns: Vec<String>,
+    /// Optional layer filter applied after the patterns.
+    pub layers: Option<LayerFilter>,
+    /// All rows or each sequence's last row.
+    pub rows: Rows,
+    /// Output element type.
+    pub dtype: Dtype,
+    /// Ring capacity in bytes.
+    pub ring_bytes: usize,
+    /// Full-ring policy.
+    pub policy: Policy,
+}
+
+impl Default for CaptureSpec {
+    fn default() -> Self {
+        Self {
+            patterns: vec!["l_out-*".into()],
+            layers: None,
+            rows: Rows::All,
+            dtype: Dtype::F32,
+            ring_bytes: 64 << 20,
+            policy: Policy::Block {
+                timeout: Duration::from_secs(10),
+            },
+        }
+    }
+}
+
+/// Generation settings.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Tokens to sample per sequence (at least 1).
+    pub n_predict: usize,
+    /// Sampler settings.
+    pub sampling: SamplingOptions,
+    /// Alternatives reported per generated token.
+    pub top_k: usize,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            n_predict: 16,
+            sampling: SamplingOptions::default(),
+            top_k: 10,
+        }
+    }
+}
+
+/// Timings and counts of one run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunStats {
+    /// Prompt tokens decoded (all sequences).
+    pub prompt_tokens: usize,
+    /// Tokens sampled (all sequences).
+    pub generated_tokens: usize,
+    /// Wall time of the prompt decode, ms.
+    pub prompt_ms: f64,
+    /// Mean wall time per generation decode step, ms.
+    pub ms_per_token: f64,
+    /// Tap counters at the end.
+    pub counters: TapCounters,
+}
+
+/// List every node the model's graph computes (one-token probe).
+pub fn probe_graph(model: &Arc<Model>, opts: &ContextOptions) -> Result<Vec<GraphNode>> {
+    let mut ctx = Context::new(model.clone(), opts, Some(Box::new(Tap::probe())))?;
+    probe(&mut ctx)
+}
+
+fn probe(ctx: &mut Context) -> Result<Vec<GraphNode>> {
+    let bos = ctx
+        .model()
+        .tokenize("", true)?
+        .first()
+        .copied()
+        .unwrap_or(0);
+    let mut batch = Batch::new(1);
+    batch.push(bos, 0, 0, true);
+    ctx.decode(&batch)?;
+    let nodes = GraphNode::list_from_raw(ctx.tap().map(Tap::probed_nodes).unwrap_or(&[]));
+    ctx.clear();
+    Ok(nodes)
+}
+
+/// A tapped context ready to generate; frames and tokens arrive on the
+/// [`Stream`] returned by [`Generator::new`].
+pub struct Generator {
+    ctx: Context,
+    selection: Vec<SelectedTensor>,
+    graph: Vec<GraphNode>,
+    batch: Batch,
+    rows: Vec<RowMeta>,
+    outputs: Vec<bool>,
+}
+
+/// Progress of a run, reported after every sampled token.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Tokens sampled so far (all sequences).
+    pub done: usize,
+    /// Upper bound on tokens to sample.
+    pub total: usize,
+}
+
+impl Generator {
+    /// Probe the graph, compile `spec` against it and arm the tap.
+    pub fn new(
+        model: Arc<Model>,
+        opts: &ContextOptions,
+        spec: &CaptureSpec,
+    ) -> Result<(Self, Stream)> {
+        let mut ctx = Context::new(model, opts, Some(Box::new(Tap::probe())))?;
+        let graph = probe(&mut ctx)?;
+        let sel = Selection::compile(&spec.patterns, spec.layers.as_ref(), &graph)?;
+        let selection = sel.tensors().to_vec();
+        let (producer, consumer) = crate::ring::channel(spec.ring_bytes)
+            .map_err(|e| Error::invalid(format!("ring capacity {}: {e}", spec.ring_bytes)))?;
+        let n_ubatch = ctx.n_ubatch() as usize;
+        ctx.tap_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "context has no tap"))?
+            .arm(sel, producer, spec.rows, spec.dtype, spec.policy, n_ubatch)?;
+        let n_batch = ctx.n_batch() as usize;
+        Ok((
+            Self {
+                ctx,
+                selection,
+                graph,
+                batch: Batch::new(n_batch),
+                rows: Vec::with_capacity(n_batch),
+                outputs: Vec::with_capacity(n_batch),
+            },
+            Stream::new(consumer),
+        ))
+    }
+
+    /// The tensors being captured, in graph order.
+    pub fn selection(&self) -> &[SelectedTensor] {
+        &self.selection
+    }
+
+    /// Every node of the graph (from the probe).
+    pub fn graph(&self) -> &[GraphNode] {
+        &self.graph
+    }
+
+    /// The underlying context (e.g. to read logits after a run).
+    pub fn context_mut(&mut self) -> &mut Context {
+        &mut self.ctx
+    }
+
+    /// Tap counters so far.
+    pub fn counters(&self) -> TapCounters {
+        self.ctx.tap().map(Tap::counters).unwrap_or_default()
+    }
+
+    fn tap(&mut self) -> Result<&mut Tap> {
+        self.ctx
+            .tap_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "context has no tap"))
+    }
+
+    /// Generate from one or more tokenized prompts (one sequence each), then
+    /// close the stream with an end record. Each prompt must be non-empty.
+    pub fn run(
+        &mut self,
+        prompts: &[Vec<Token>],
+        opts: &GenerateOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<RunStats> {
+        let result = self.run_inner(prompts, opts, progress);
+        // Always close the stream so a consumer never waits forever.
+        let end = self.tap().and_then(|t| t.push_end());
+        let stats = result?;
+        end?;
+        Ok(RunStats {
+            counters: self.counters(),
+            ..stats
+        })
+    }
+
+    fn run_inner(
+        &mut self,
+        prompts: &[Vec<Token>],
+        opts: &GenerateOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<RunStats> {
+        if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+            return Err(Error::invalid("empty prompt"));
+        }
+        if opts.n_predict == 0 {
+            return Err(Error::invalid("n_predict must be at least 1"));
+        }
+        let n_seq = prompts.len();
+        let n_prompt: usize = prompts.iter().map(Vec::len).sum();
+        let need = n_prompt + n_seq * (opts.n_predict - 1);
+        let n_ctx = self.ctx.n_ctx() as usize;
+        if need > n_ctx {
+            return Err(Error::new(
+                ErrorKind::PromptTooLong,
+                format!("prompt ({n_prompt} tokens) plus generation needs {need} positions but the context holds {n_ctx}: raise --ctx-size or shorten the prompt"),
+            ));
+        }
+        self.ctx.clear();
+        let model = self.ctx.model().clone();
+        let total = n_seq * opts.n_predict;
+        let mut samplers: Vec<Sampler> = (0..n_seq).map(|_| Sampler::new(&opts.sampling)).collect();
+        let nan = f32::NAN;
+        for (s, p) in prompts.iter().enumerate() {
+            for (i, &tok) in p.iter().enumerate() {
+                let h = token_header(0, s as i32, i as i32, tok, ROW_PROMPT, nan, nan);
+                let piece = model.token_bytes(tok);
+                self.tap()?.push_token(h, &[], &piece)?;
+            }
+        }
+        let mut stats = RunStats {
+            prompt_tokens: n_prompt,
+            ..RunStats::default()
+        };
+        // Prompt: all sequences, chunked by n_batch; sample each sequence right after
+        // the chunk holding its last token (a later decode overwrites the logits).
+        let t0 = Instant::now();
+        let flat: Vec<(usize, usize, Token)> = prompts
+            .iter()
+            .enumerate()
+            .flat_map(|(s, p)| p.iter().enumerate().map(move |(i, &t)| (s, i, t)))
+            .collect();
+        let mut next: Vec<Option<Token>> = vec![None; n_seq];
+        let mut ubatch_base = 0;
+        let mut done = 0usize;
+        for chunk in flat.chunks(self.ctx.n_batch() as usize) {
+            self.batch.clear();
+            self.rows.clear();
+            self.outputs.clear();
+            for &(s, i, t) in chunk {
+                let last = i + 1 == prompts[s].len();
+                self.batch.push(t, i as i32, s as i32, last);
+                self.rows.push(RowMeta {
+                    seq_id: s as i32,
+                    pos: i as i32,
+                    token: t,
+                    flags: ROW_PROMPT,
+                });
+                self.outputs.push(last);
+            }
+            ubatch_base += self.decode(0, ubatch_base)?;
+            for (bi, &(s, i, _)) in chunk.iter().enumerate() {
+                if i + 1 == prompts[s].len() {
+                    next[s] = Some(self.sample(
+                        &mut samplers[s],
+                        bi as i32,
+                        0,
+                        s,
+                        i as i32 + 1,
+                        opts.top_k,
+                    )?);
+                    done += 1;
+                    progress(Progress { done, total });
+                }
+            }
+        }
+        stats.prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
+        // Generation: one token per live sequence per step.
+        let t1 = Instant::now();
+        let mut steps = 0usize;
+        let mut pos: Vec<i32> = prompts.iter().map(|p| p.len() as i32).collect();
+        let mut produced = vec![1usize; n_seq];
+        for step in 1..opts.n_predict as u32 {
+            self.batch.clear();
+            self.rows.clear();
+            self.outputs.clear();
+            let mut live = Vec::new();
+            for s in 0..n_seq {
+                let Some(tok) = next[s] else { continue };
+                if model.is_eog(tok) || produced[s] >= opts.n_predict {
+                    next[s] = None;
+                    continue;
+                }
+                self.batch.push(tok, pos[s], s as i32, true);
+                self.rows.push(RowMeta {
+                    seq_id: s as i32,
+                    pos: pos[s],
+                    token: tok,
+                    flags: 0,
+                });
+                self.outputs.push(true);
+                live.push(s);
+            }
+            if live.is_empty() {
+                break;
+            }
+            self.decode(step, 0)?;
+            steps += 1;
+            for (bi, &s) in live.iter().enumerate() {
+                pos[s] += 1;
+                next[s] =
+                    Some(self.sample(&mut samplers[s], bi as i32, step, s, pos[s], opts.top_k)?);
+                produced[s] += 1;
+                done += 1;
+                progress(Progress { done, total });
+            }
+        }
+        stats.generated_tokens = done;
+        stats.ms_per_token = if steps > 0 {
+            t1.elapsed().as_secs_f64() * 1e3 / steps as f64
+        } else {
+            0.0
+        };
+        Ok(stats)
+    }
+
+    /// Decode the current batch; returns the number of ubatches computed.
+    fn decode(&mut self, step: u32, ubatch_base: u32) -> Result<u32> {
+        let n_ubatch = self.ctx.n_ubatch() as usize;
+        let (rows, outputs) = (
+            std::mem::take(&mut self.rows),
+            std::mem::take(&mut self.outputs),
+        );
+        self.tap()?
+            .begin_decode(step, ubatch_base, n_ubatch, &rows, &outputs);
+        (self.rows, self.outputs) = (rows, outputs);
+        self.ctx.decode(&self.batch)?;
+        Ok(self.tap()?.ubatches_seen())
+    }
+
+    /// Sample from output row `i`, emit the token event, return the token.
+    fn sample(
+        &mut self,
+        sampler: &mut Sampler,
+        i: i32,
+        step: u32,
+        seq: usize,
+        pos: i32,
+        top_k: usize,
+    ) -> Result<Token> {
+        let tok = self.ctx.sample(sampler, i);
+        let st = token_stats(self.ctx.logits_ith(i)?, tok, top_k);
+        let piece = self.ctx.model().token_bytes(tok);
+        let h = token_header(step, seq as i32, pos, tok, 0, st.logprob, st.entropy);
+        self.tap()?.push_token(h, &st.top, &piece)?;
+        Ok(tok)
+    }
+}
+
+fn token_header(
+    step: u32,
+    seq_id: i32,
+    pos: i32,
+    token: Token,
+    flags: u32,
+    logprob: f32,
+    entropy: f32,
+) -> TokenHeader {
+    TokenHeader {
+        kind: 0,
+        header_size: 0,
+        step,
+        seq_id,
+        pos,
+        token,
+        flags,
+        n_top: 0,
+        logprob,
+        entropy,
+        piece_len: 0,
+        reserved: 0,
+    }
+}

@@ -1,0 +1,71 @@
+//! Consumer side: an ordered stream of token events and latent frames read
+//! zero-copy out of the ring.
+
+use std::time::{Duration, Instant};
+
+use crate::error::Result;
+use crate::record::Record;
+use crate::ring::{Consumer, ReadGrant};
+
+/// The reading end of a capture: records in decode order.
+pub struct Stream {
+    consumer: Consumer,
+    ended: bool,
+}
+
+/// One record, borrowed from the ring until dropped.
+pub struct Item<'a> {
+    grant: ReadGrant<'a>,
+}
+
+impl Item<'_> {
+    /// Parse the record (zero-copy; cheap, may be called repeatedly).
+    pub fn record(&self) -> Result<Record<'_>> {
+        Record::parse(&self.grant)
+    }
+}
+
+impl Stream {
+    pub(crate) fn new(consumer: Consumer) -> Self {
+        Self {
+            consumer,
+            ended: false,
+        }
+    }
+
+    /// True once the end record was read, or the producer is gone and the ring is empty.
+    pub fn is_finished(&self) -> bool {
+        self.ended || (self.consumer.is_abandoned() && self.consumer.used_bytes() == 0)
+    }
+
+    /// Next record, waiting up to `timeout`. `Ok(None)` on timeout or end of stream
+    /// (tell them apart with [`Stream::is_finished`]).
+    pub fn next(&mut self, timeout: Duration) -> Result<Option<Item<'_>>> {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            if self.consumer.used_bytes() > 0 {
+                break;
+            }
+            if self.is_finished() || Instant::now() >= deadline {
+                return Ok(None);
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else if spins < 128 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        let Some(grant) = self.consumer.try_read() else {
+            return Ok(None);
+        };
+        let item = Item { grant };
+        if matches!(item.record()?, Record::End(_)) {
+            self.ended = true;
+        }
+        Ok(Some(item))
+    }
+}
