@@ -29,13 +29,18 @@ impl GraphNode {
     /// disambiguating repeated names.
     pub fn list_from_raw(raw: &[(String, u32, [i64; 4])]) -> Vec<GraphNode> {
         let mut seen: HashMap<&str, u16> = HashMap::new();
+        // With embeddings on (pooling none) llama.cpp renames the `result_norm` tensor
+        // to `result_embd_pooled`; keep the name users know.
+        let has_norm = raw.iter().any(|(n, _, _)| n == "result_norm");
         raw.iter()
             .filter(|(name, _, _)| !name.is_empty())
             .map(|(name, ty, ne)| {
                 let occ = seen.entry(name.as_str()).or_insert(0);
                 let occurrence = *occ;
                 *occ += 1;
-                let display = if occurrence == 0 {
+                let display = if occurrence == 0 && name == "result_embd_pooled" && !has_norm {
+                    "result_norm".to_string()
+                } else if occurrence == 0 {
                     name.clone()
                 } else {
                     format!("{name}#{}", occurrence + 1)

@@ -2,7 +2,7 @@
 //!
 //! Tests need a real model that llama.cpp loads and runs, but checking in (or
 //! downloading) weights is slow and opaque. [`SynthModel::random`] builds a
-//! few-kilobyte llama-architecture model from a seed, keeps every weight in
+//! sub-megabyte llama-architecture model from a seed, keeps every weight in
 //! memory so an independent reference implementation can recompute the forward
 //! pass, and [`SynthModel::write_gguf`] serialises it in the exact layout
 //! llama.cpp's loader expects. Nothing here depends on llama.cpp itself.
