@@ -245,6 +245,15 @@ impl Selection {
         Ok(sel)
     }
 
+    /// A selection of nothing (token events only).
+    pub fn empty() -> Self {
+        Self {
+            tensors: Vec::new(),
+            slots: HashMap::new(),
+            by_occurrence: Vec::new(),
+        }
+    }
+
     /// Selected tensors, in graph order.
     pub fn tensors(&self) -> &[SelectedTensor] {
         &self.tensors

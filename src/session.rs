@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::capture::{Policy, Rows, Tap, TapCounters};
+use crate::capture::{Policy, Rows, Tap, TapCounters, TapSettings};
 use crate::engine::{Batch, Context, ContextOptions, Model, Sampler, SamplingOptions, Token};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Dtype, RowMeta, TokenHeader, ROW_PROMPT};
@@ -129,16 +129,32 @@ impl Generator {
         opts: &ContextOptions,
         spec: &CaptureSpec,
     ) -> Result<(Self, Stream)> {
-        let mut ctx = Context::new(model, opts, Some(Box::new(Tap::probe())))?;
-        let graph = probe(&mut ctx)?;
-        let sel = Selection::compile(&spec.patterns, spec.layers.as_ref(), &graph)?;
-        let selection = sel.tensors().to_vec();
         let (producer, consumer) = crate::ring::channel(spec.ring_bytes)
             .map_err(|e| Error::invalid(format!("ring capacity {}: {e}", spec.ring_bytes)))?;
-        let n_ubatch = ctx.n_ubatch() as usize;
-        ctx.tap_mut()
-            .ok_or_else(|| Error::new(ErrorKind::Internal, "context has no tap"))?
-            .arm(sel, producer, spec.rows, spec.dtype, spec.policy, n_ubatch)?;
+        let tokens_only = spec
+            .patterns
+            .iter()
+            .all(|p| p.split(',').all(|q| q.trim().is_empty()));
+        let (ctx, selection, graph) = if tokens_only {
+            // Nothing to capture: no eval callback, so the graph runs untouched.
+            let n_ubatch = opts.n_ubatch.min(opts.n_batch) as usize;
+            let tap = Tap::armed("", Selection::empty(), producer, settings(spec, n_ubatch))?;
+            (
+                Context::new(model, opts, Some(Box::new(tap)))?,
+                Vec::new(),
+                Vec::new(),
+            )
+        } else {
+            let mut ctx = Context::new(model, opts, Some(Box::new(Tap::probe())))?;
+            let graph = probe(&mut ctx)?;
+            let sel = Selection::compile(&spec.patterns, spec.layers.as_ref(), &graph)?;
+            let selection = sel.tensors().to_vec();
+            let n_ubatch = ctx.n_ubatch() as usize;
+            ctx.tap_mut()
+                .ok_or_else(|| Error::new(ErrorKind::Internal, "context has no tap"))?
+                .arm(sel, producer, settings(spec, n_ubatch))?;
+            (ctx, selection, graph)
+        };
         let n_batch = ctx.n_batch() as usize;
         Ok((
             Self {
@@ -358,6 +374,15 @@ impl Generator {
         let h = token_header(step, seq as i32, pos, tok, 0, st.logprob, st.entropy);
         self.tap()?.push_token(h, &st.top, &piece)?;
         Ok(tok)
+    }
+}
+
+fn settings(spec: &CaptureSpec, n_ubatch: usize) -> TapSettings {
+    TapSettings {
+        rows: spec.rows,
+        dtype: spec.dtype,
+        policy: spec.policy,
+        n_ubatch,
     }
 }
 

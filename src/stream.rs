@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::record::Record;
-use crate::ring::{Consumer, ReadGrant};
+use crate::ring::{Consumer, ReadGrant, RingStats};
 
 /// The reading end of a capture: records in decode order.
 pub struct Stream {
@@ -31,6 +31,11 @@ impl Stream {
             consumer,
             ended: false,
         }
+    }
+
+    /// The ring's producer-side counters (records, bytes, drops) as of now.
+    pub fn ring_stats(&self) -> RingStats {
+        self.consumer.stats()
     }
 
     /// True once the end record was read, or the producer is gone and the ring is empty.

@@ -184,3 +184,80 @@ fn two_sequences_in_one_batch() {
     }
     check(&f, &c, 2);
 }
+
+#[test]
+fn tokens_only_stream_has_no_frames() {
+    let f = fixture();
+    let spec = CaptureSpec {
+        patterns: vec![],
+        ..Default::default()
+    };
+    let (mut gen, stream) = Generator::new(f.model.clone(), &exact_ctx(64, 64, 1), &spec).unwrap();
+    assert!(gen.selection().is_empty());
+    let toks = vec![f.model.tokenize("abc", true).unwrap()];
+    let opts = GenerateOptions {
+        n_predict: 3,
+        ..Default::default()
+    };
+    let stats = gen.run(&toks, &opts, &mut |_| {}).unwrap();
+    let c = collect(stream, &[], spec.dtype).unwrap();
+    assert_eq!(stats.counters.frames, 0);
+    assert_eq!(c.tokens.len(), 4 + 3);
+    assert_eq!(c.end.unwrap().frames, 0);
+}
+
+#[test]
+fn drop_newest_counts_what_it_drops() {
+    use latent_tap::capture::Policy;
+    let f = fixture();
+    // A ring that holds a few frames; nobody reads until the run is over.
+    let spec = CaptureSpec {
+        patterns: vec!["l_out-*".into()],
+        ring_bytes: 16 << 10,
+        policy: Policy::DropNewest,
+        ..Default::default()
+    };
+    let (mut gen, stream) = Generator::new(f.model.clone(), &exact_ctx(8, 8, 1), &spec).unwrap();
+    let sel = gen.selection().to_vec();
+    let toks = vec![f.model.tokenize("drop some frames please", true).unwrap()];
+    let opts = GenerateOptions {
+        n_predict: 30,
+        top_k: 0,
+        ..Default::default()
+    };
+    let consumer = std::thread::spawn(move || {
+        // Start reading only once the producer has had to drop (it then waits to
+        // write the next token event, which is never dropped).
+        let t0 = std::time::Instant::now();
+        while stream.ring_stats().drops == 0 && t0.elapsed().as_secs() < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        collect(stream, &sel, latent_tap::record::Dtype::F32)
+    });
+    let stats = gen.run(&toks, &opts, &mut |_| {}).unwrap();
+    let c = consumer.join().unwrap().unwrap();
+    let got: u64 = c.tensors.iter().map(|t| t.frames).sum();
+    assert!(stats.counters.drops > 0, "the small ring must have dropped frames: {stats:?}");
+    assert_eq!(got + stats.counters.drops, stats.counters.frames);
+    assert_eq!(c.seq_gaps, stats.counters.drops, "sequence gaps show exactly the drops");
+    assert_eq!(c.tokens.iter().filter(|t| !t.prompt).count(), 30, "token events are never dropped");
+}
+
+#[test]
+fn blocked_ring_cancels_decode_with_clear_error() {
+    use latent_tap::capture::Policy;
+    let f = fixture();
+    let spec = CaptureSpec {
+        patterns: vec!["l_out-*".into()],
+        ring_bytes: 32 << 10,
+        policy: Policy::Block {
+            timeout: std::time::Duration::from_millis(100),
+        },
+        ..Default::default()
+    };
+    let (mut gen, _stream) = Generator::new(f.model.clone(), &exact_ctx(8, 8, 1), &spec).unwrap();
+    let toks = vec![f.model.tokenize("nobody reads this stream at all", true).unwrap()];
+    let e = gen.run(&toks, &GenerateOptions::default(), &mut |_| {}).unwrap_err();
+    assert_eq!(e.kind(), latent_tap::ErrorKind::RingTimeout, "{e}");
+    assert!(e.message().contains("consumer is too slow"), "{e}");
+}

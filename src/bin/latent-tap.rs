@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate from a prompt and write latents, tokens and a manifest to --out.
-    Capture(CaptureArgs),
+    Capture(Box<CaptureArgs>),
     /// List every capturable graph tensor, grouped by layer.
     Tensors(ModelArgs),
     /// Write a tiny random-weight llama GGUF (for tests and benchmarks).
@@ -128,7 +128,7 @@ struct CaptureArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Capture(a) => capture(a),
+        Cmd::Capture(a) => capture(*a),
         Cmd::Tensors(a) => tensors(a),
         Cmd::SynthModel {
             out,

@@ -56,6 +56,19 @@ const PLAN_OUTPUT: u8 = 1;
 /// Row flag in the batch plan: last token of its sequence in this batch.
 const PLAN_LAST: u8 = 2;
 
+/// How a capturing tap cuts and ships frames.
+#[derive(Debug, Clone, Copy)]
+pub struct TapSettings {
+    /// Rows to keep.
+    pub rows: Rows,
+    /// Output element type.
+    pub dtype: Dtype,
+    /// Full-ring policy.
+    pub policy: Policy,
+    /// The context's physical batch size (rows per graph compute).
+    pub n_ubatch: usize,
+}
+
 /// Raw node record of a probe: (ggml name, ggml type, shape).
 pub type ProbeNode = (String, u32, [i64; 4]);
 
@@ -143,17 +156,38 @@ impl Tap {
         &mut self,
         sel: Selection,
         producer: Producer,
-        rows: Rows,
-        dtype: Dtype,
-        policy: Policy,
-        n_ubatch: usize,
+        settings: TapSettings,
     ) -> Result<()> {
-        let nodes = self.probed_nodes();
-        let sentinel = nodes
+        let sentinel = self
+            .probed_nodes()
             .iter()
             .find(|n| !n.0.is_empty())
-            .map(|n| n.0.clone().into_bytes())
+            .map(|n| n.0.clone())
             .ok_or_else(|| Error::new(ErrorKind::Internal, "the probe saw no named graph node"))?;
+        // Keep `self.abort`: the context already holds a pointer to it.
+        let armed = Self::armed(&sentinel, sel, producer, settings)?;
+        self.mode = armed.mode;
+        self.plan = armed.plan;
+        Ok(())
+    }
+
+    /// A capturing tap for a graph whose every compute starts with the node named
+    /// `sentinel` (the first node a probe sees).
+    pub fn armed(
+        sentinel: &str,
+        sel: Selection,
+        producer: Producer,
+        settings: TapSettings,
+    ) -> Result<Self> {
+        let TapSettings {
+            rows,
+            dtype,
+            policy,
+            n_ubatch,
+        } = settings;
+        if n_ubatch == 0 || n_ubatch > u16::MAX as usize {
+            return Err(Error::invalid("n_ubatch must be between 1 and 65535"));
+        }
         // Every frame must fit in the ring, or a lossless capture could never finish.
         for t in sel.tensors() {
             let per_row: usize = t.ne.iter().product::<i64>().max(1) as usize;
@@ -163,18 +197,19 @@ impl Tap {
                     ErrorKind::FrameTooLarge,
                     format!(
                         "a frame of '{}' can take {} bytes ({} rows), more than the ring's largest record ({} bytes): raise the ring capacity or lower n_ubatch",
-                        t.name, need, n_ubatch, producer.max_record_len()
+                        t.name,
+                        need,
+                        n_ubatch,
+                        producer.max_record_len()
                     ),
                 ));
             }
         }
-        if n_ubatch > u16::MAX as usize {
-            return Err(Error::invalid("n_ubatch must be at most 65535"));
-        }
         let n_slots = sel.n_slots();
-        self.mode = Mode::Capture(Box::new(Armed {
+        let mut tap = Self::probe();
+        tap.mode = Mode::Capture(Box::new(Armed {
             sel,
-            sentinel,
+            sentinel: sentinel.as_bytes().to_vec(),
             producer,
             rows,
             dtype,
@@ -184,10 +219,19 @@ impl Tap {
             pick: Vec::with_capacity(n_ubatch),
             staging: Vec::new(),
         }));
-        self.plan.n_ubatch = n_ubatch;
-        self.plan.rows.reserve(n_ubatch);
-        self.plan.flags.reserve(n_ubatch);
-        Ok(())
+        tap.plan.n_ubatch = n_ubatch;
+        tap.plan.rows.reserve(n_ubatch);
+        tap.plan.flags.reserve(n_ubatch);
+        Ok(tap)
+    }
+
+    /// True when llama.cpp must call this tap's eval callback (it selects tensors,
+    /// or it is probing). A tokens-only tap leaves the graph untouched.
+    pub(crate) fn wants_eval(&self) -> bool {
+        match &self.mode {
+            Mode::Probe(_) => true,
+            Mode::Capture(a) => !a.sel.tensors().is_empty(),
+        }
     }
 
     /// Describe the batch about to be decoded: `rows[i]` and whether llama.cpp
@@ -210,7 +254,7 @@ impl Tap {
             let last = !rows[i + 1..].iter().any(|q| q.seq_id == r.seq_id);
             self.plan
                 .flags
-                .push(u8::from(o) * PLAN_OUTPUT | u8::from(last) * PLAN_LAST);
+                .push((u8::from(o) * PLAN_OUTPUT) | (u8::from(last) * PLAN_LAST));
         }
         self.ubatch = -1;
     }
@@ -479,7 +523,7 @@ fn tensor_name(t: &sys::ggml_tensor) -> &[u8] {
 /// # Safety
 /// `user` must be the `Tap` registered with this context and `t` a valid tensor,
 /// as llama.cpp guarantees; it calls from the decoding thread only.
-pub(crate) unsafe extern "C" fn eval_callback(
+pub unsafe extern "C" fn eval_callback(
     t: *mut sys::ggml_tensor,
     ask: bool,
     user: *mut c_void,

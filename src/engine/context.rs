@@ -110,7 +110,7 @@ impl Context {
             Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
             Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
         };
-        if let Some(t) = tap.as_deref_mut() {
+        if let Some(t) = tap.as_deref_mut().filter(|t| t.wants_eval()) {
             p.abort_callback = Some(crate::capture::abort_callback);
             p.abort_callback_data = crate::capture::abort_flag_ptr(t);
             p.cb_eval = Some(crate::capture::eval_callback);
@@ -174,7 +174,7 @@ impl Context {
     /// Run one `llama_decode`. The batch must not exceed `n_batch` (llama.cpp
     /// asserts on that, so we check first).
     pub fn decode(&mut self, batch: &Batch) -> Result<()> {
-        if batch.len() == 0 {
+        if batch.is_empty() {
             return Err(Error::invalid("cannot decode an empty batch"));
         }
         if batch.len() > self.n_batch as usize {

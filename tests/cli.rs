@@ -1,0 +1,167 @@
+//! The `latent-tap` binary end to end on a synthetic model: outputs on disk,
+//! and bad input giving one clear line, a non-zero exit and no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use latent_tap::synth::{SynthConfig, SynthModel};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_latent-tap"))
+}
+
+fn synth_model(dir: &Path) -> PathBuf {
+    let p = dir.join("synth.gguf");
+    SynthModel::random(SynthConfig::default())
+        .write_gguf(&p)
+        .unwrap();
+    p
+}
+
+fn capture(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["capture", "--quiet", "-m"])
+        .arg(model)
+        .arg("-o")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// A failed run: non-zero exit, exactly one stderr line starting with "error:", no panic.
+fn assert_clean_error(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "want one line, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(needle), "'{needle}' not in: {err}");
+}
+
+#[test]
+fn capture_writes_tokens_latents_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let out = dir.path().join("run");
+    let o = capture(
+        &m,
+        &out,
+        &[
+            "-p",
+            "hi there",
+            "-n",
+            "4",
+            "--tensors",
+            "l_out-*",
+            "--layers",
+            "1..3",
+            "--top-k",
+            "3",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tokens = std::fs::read_to_string(out.join("tokens.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = tokens
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 9 + 4, "BOS + 8 prompt bytes, then 4 generated");
+    assert_eq!(lines[0]["prompt"], true);
+    assert!(lines[0].get("logprob").is_none());
+    let g = &lines[9];
+    assert_eq!(g["prompt"], false);
+    assert_eq!(g["pos"], 9);
+    assert_eq!(g["top"].as_array().unwrap().len(), 3);
+    assert!(g["logprob"].as_f64().unwrap() <= 0.0);
+    assert!(g["entropy"].as_f64().unwrap() >= 0.0);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["index"], i);
+    }
+    // safetensors: header names every tensor with [rows, width] and .pos/.seq.
+    let st = std::fs::read(out.join("latents.safetensors")).unwrap();
+    let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
+    assert_eq!(h["l_out-1"]["shape"], serde_json::json!([12, 64]));
+    assert_eq!(
+        h["l_out-2"]["shape"],
+        serde_json::json!([4, 64]),
+        "last layer: output rows only"
+    );
+    assert_eq!(h["l_out-2.pos"]["dtype"], "I32");
+    assert!(
+        h.get("l_out-0").is_none(),
+        "layer filter 1..3 excludes layer 0"
+    );
+    let (a, b) = (
+        h["l_out-2.pos"]["data_offsets"][0].as_u64().unwrap() as usize,
+        h["l_out-2.pos"]["data_offsets"][1].as_u64().unwrap() as usize,
+    );
+    let pos: Vec<i32> = st[8 + n + a..8 + n + b]
+        .chunks(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(pos, [8, 9, 10, 11]);
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(man["model"]["n_layer"], 3);
+    assert_eq!(man["model"]["n_embd"], 64);
+    assert_eq!(man["counters"]["drops"], 0);
+    assert_eq!(man["counters"]["frames"], 2 * 4);
+    assert_eq!(man["tensors"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn tensors_lists_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let o = bin().args(["tensors", "-m"]).arg(&m).output().unwrap();
+    assert!(o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("layer 2:"));
+    assert!(s.contains("l_out-2"));
+    assert!(s.contains("result_output"));
+}
+
+#[test]
+fn missing_truncated_and_foreign_model_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    let o = capture(&dir.path().join("nope.gguf"), &out, &["-p", "x"]);
+    assert_clean_error(&o, "cannot load model");
+    let foreign = dir.path().join("foreign.gguf");
+    std::fs::write(&foreign, b"PK\x03\x04 definitely a zip file").unwrap();
+    assert_clean_error(&capture(&foreign, &out, &["-p", "x"]), "not a GGUF file");
+    let good = std::fs::read(synth_model(dir.path())).unwrap();
+    let trunc = dir.path().join("trunc.gguf");
+    std::fs::write(&trunc, &good[..good.len() / 2]).unwrap();
+    assert_clean_error(&capture(&trunc, &out, &["-p", "x"]), "cannot load model");
+    let tiny = dir.path().join("tiny.gguf");
+    std::fs::write(&tiny, b"GG").unwrap();
+    assert_clean_error(&capture(&tiny, &out, &["-p", "x"]), "too short");
+}
+
+#[test]
+fn bad_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let out = dir.path().join("o");
+    assert_clean_error(
+        &capture(&m, &out, &["-p", "x", "--tensors", "l_outt-*"]),
+        "matches no tensor",
+    );
+    assert_clean_error(&capture(&m, &out, &["-p", ""]), "empty prompt");
+    assert_clean_error(&capture(&m, &out, &["-p", "x", "-n", "0"]), "n-predict");
+    let long = "y".repeat(300);
+    assert_clean_error(&capture(&m, &out, &["-p", &long, "-c", "128"]), "context");
+    assert_clean_error(
+        &capture(&m, &out, &["-p", "x", "--layers", "9..2"]),
+        "layer filter",
+    );
+    assert_clean_error(&capture(&m, &out, &["-p", "x", "--dtype", "f8"]), "dtype");
+    assert!(!out.exists(), "failed runs write nothing");
+}
