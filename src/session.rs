@@ -2,6 +2,7 @@
 //! selection, decode the prompt (chunked by `n_batch`), sample, and emit token
 //! events into the same ring as the frames, so one ordered stream results.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,10 +85,11 @@ pub struct RunStats {
 /// List every node the model's graph computes (one-token probe).
 pub fn probe_graph(model: &Arc<Model>, opts: &ContextOptions) -> Result<Vec<GraphNode>> {
     let mut ctx = Context::new(model.clone(), opts, Some(Box::new(Tap::probe())))?;
-    probe(&mut ctx)
+    probe_graph_on(&mut ctx)
 }
 
-fn probe(ctx: &mut Context) -> Result<Vec<GraphNode>> {
+/// Probe on a context created with [`Tap::probe`].
+pub(crate) fn probe_graph_on(ctx: &mut Context) -> Result<Vec<GraphNode>> {
     let bos = ctx
         .model()
         .tokenize("", true)?
@@ -111,6 +113,7 @@ pub struct Generator {
     batch: Batch,
     rows: Vec<RowMeta>,
     outputs: Vec<bool>,
+    cancel: Arc<AtomicBool>,
 }
 
 /// Progress of a run, reported after every sampled token.
@@ -146,7 +149,7 @@ impl Generator {
             )
         } else {
             let mut ctx = Context::new(model, opts, Some(Box::new(Tap::probe())))?;
-            let graph = probe(&mut ctx)?;
+            let graph = probe_graph_on(&mut ctx)?;
             let sel = Selection::compile(&spec.patterns, spec.layers.as_ref(), &graph)?;
             let selection = sel.tensors().to_vec();
             let n_ubatch = ctx.n_ubatch() as usize;
@@ -164,6 +167,7 @@ impl Generator {
                 batch: Batch::new(n_batch),
                 rows: Vec::with_capacity(n_batch),
                 outputs: Vec::with_capacity(n_batch),
+                cancel: Arc::new(AtomicBool::new(false)),
             },
             Stream::new(consumer),
         ))
@@ -182,6 +186,12 @@ impl Generator {
     /// The underlying context (e.g. to read logits after a run).
     pub fn context_mut(&mut self) -> &mut Context {
         &mut self.ctx
+    }
+
+    /// A flag that, once set, stops a running [`Generator::run`] after its current
+    /// step (the stream still gets its end record). Cleared when a run starts.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
     }
 
     /// Tap counters so far.
@@ -237,6 +247,7 @@ impl Generator {
             ));
         }
         self.ctx.clear();
+        self.cancel.store(false, Ordering::Relaxed);
         let model = self.ctx.model().clone();
         let total = n_seq * opts.n_predict;
         let mut samplers: Vec<Sampler> = (0..n_seq).map(|_| Sampler::new(&opts.sampling)).collect();
@@ -321,7 +332,7 @@ impl Generator {
                 self.outputs.push(true);
                 live.push(s);
             }
-            if live.is_empty() {
+            if live.is_empty() || self.cancel.load(Ordering::Relaxed) {
                 break;
             }
             self.decode(step, 0)?;

@@ -33,6 +33,11 @@ impl Stream {
         }
     }
 
+    /// Expect another generation on this stream after an end record.
+    pub(crate) fn rearm(&mut self) {
+        self.ended = false;
+    }
+
     /// The ring's producer-side counters (records, bytes, drops) as of now.
     pub fn ring_stats(&self) -> RingStats {
         self.consumer.stats()

@@ -237,10 +237,20 @@ fn drop_newest_counts_what_it_drops() {
     let stats = gen.run(&toks, &opts, &mut |_| {}).unwrap();
     let c = consumer.join().unwrap().unwrap();
     let got: u64 = c.tensors.iter().map(|t| t.frames).sum();
-    assert!(stats.counters.drops > 0, "the small ring must have dropped frames: {stats:?}");
+    assert!(
+        stats.counters.drops > 0,
+        "the small ring must have dropped frames: {stats:?}"
+    );
     assert_eq!(got + stats.counters.drops, stats.counters.frames);
-    assert_eq!(c.seq_gaps, stats.counters.drops, "sequence gaps show exactly the drops");
-    assert_eq!(c.tokens.iter().filter(|t| !t.prompt).count(), 30, "token events are never dropped");
+    assert_eq!(
+        c.seq_gaps, stats.counters.drops,
+        "sequence gaps show exactly the drops"
+    );
+    assert_eq!(
+        c.tokens.iter().filter(|t| !t.prompt).count(),
+        30,
+        "token events are never dropped"
+    );
 }
 
 #[test]
@@ -256,8 +266,13 @@ fn blocked_ring_cancels_decode_with_clear_error() {
         ..Default::default()
     };
     let (mut gen, _stream) = Generator::new(f.model.clone(), &exact_ctx(8, 8, 1), &spec).unwrap();
-    let toks = vec![f.model.tokenize("nobody reads this stream at all", true).unwrap()];
-    let e = gen.run(&toks, &GenerateOptions::default(), &mut |_| {}).unwrap_err();
+    let toks = vec![f
+        .model
+        .tokenize("nobody reads this stream at all", true)
+        .unwrap()];
+    let e = gen
+        .run(&toks, &GenerateOptions::default(), &mut |_| {})
+        .unwrap_err();
     assert_eq!(e.kind(), latent_tap::ErrorKind::RingTimeout, "{e}");
     assert!(e.message().contains("consumer is too slow"), "{e}");
 }

@@ -31,6 +31,8 @@ impl Default for ModelOptions {
 pub struct Model {
     ptr: NonNull<sys::llama_model>,
     path: PathBuf,
+    // False for a model borrowed from an app (C plugin mode): not ours to free.
+    owned: bool,
 }
 
 // SAFETY: llama_model is immutable after loading and llama.cpp allows using one model
@@ -64,7 +66,20 @@ impl Model {
         Ok(Arc::new(Self {
             ptr,
             path: path.to_path_buf(),
+            owned: true,
         }))
+    }
+
+    /// Wrap a model that an application loaded itself; it is never freed here.
+    ///
+    /// # Safety
+    /// `ptr` must be a valid `llama_model` that outlives every use of the result.
+    pub(crate) unsafe fn borrow_raw(ptr: *mut sys::llama_model) -> Arc<Self> {
+        Arc::new(Self {
+            ptr: NonNull::new(ptr).expect("borrow_raw: NULL model"),
+            path: PathBuf::from("<app model>"),
+            owned: false,
+        })
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::llama_model {
@@ -195,8 +210,10 @@ impl Model {
 
 impl Drop for Model {
     fn drop(&mut self) {
-        // SAFETY: we own the pointer; every Context holds an Arc<Model>, so none is alive.
-        unsafe { sys::llama_model_free(self.as_ptr()) }
+        if self.owned {
+            // SAFETY: we own the pointer; every Context holds an Arc<Model>, so none is alive.
+            unsafe { sys::llama_model_free(self.as_ptr()) }
+        }
     }
 }
 

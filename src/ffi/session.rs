@@ -1,0 +1,403 @@
+//! Mode 1: the library runs the model. A session owns a tapped context and a
+//! generation thread; the caller's thread only reads the ordered stream.
+
+use std::ffi::c_char;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::event::{lt_event, Next, Reader, LT_EVENT_END};
+use super::params::{
+    capture_spec, context_options, generate_options, lt_capture_params, lt_context_params,
+    lt_sampling_params,
+};
+use super::{c_str, guard, lt_status, nonnull, FfiError};
+use crate::engine::{Model, ModelOptions};
+use crate::error::Error;
+use crate::session::{Generator, RunStats};
+
+/// A loaded model (opaque). Shareable by several sessions and threads.
+pub struct lt_model {
+    pub(crate) model: Arc<Model>,
+}
+
+/// A generation session (opaque): one tapped context plus its stream.
+pub struct lt_session {
+    busy: AtomicBool,
+    cancel: Arc<AtomicBool>,
+    state: std::cell::UnsafeCell<SessionState>,
+}
+
+struct SessionState {
+    model: Arc<Model>,
+    generator: Option<Generator>,
+    worker: Option<JoinHandle<(Generator, Result<RunStats, Error>)>>,
+    reader: Reader,
+    last: Option<Result<RunStats, Error>>,
+}
+
+// SAFETY: `state` is only touched by the thread that won `busy` (see `with_session`).
+unsafe impl Sync for lt_session {}
+
+/// Enter `s` exclusively, or fail with LT_BUSY when another thread is inside.
+fn with_session<R>(
+    s: *mut lt_session,
+    f: impl FnOnce(&mut SessionState) -> Result<R, FfiError>,
+) -> Result<R, FfiError> {
+    let s = nonnull(s, "session")?;
+    if s.busy.swap(true, Ordering::Acquire) {
+        return Err(FfiError::new(
+            lt_status::LT_BUSY,
+            "the session is in use by another thread",
+        ));
+    }
+    struct Release<'a>(&'a AtomicBool);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let _release = Release(&s.busy);
+    // SAFETY: we hold `busy`, so no other thread has a reference into `state`.
+    f(unsafe { &mut *s.state.get() })
+}
+
+/// Load a GGUF model. Only `params->n_gpu_layers` is used; `params` may be NULL
+/// for defaults. On success `*out` owns the model; free it with `lt_model_free`
+/// after every session using it.
+///
+/// Thread-safe.
+#[no_mangle]
+pub extern "C" fn lt_model_new(
+    path: *const c_char,
+    params: *const lt_context_params,
+    out: *mut *mut lt_model,
+) -> lt_status {
+    guard(|| {
+        let path = c_str(path, "path")?;
+        nonnull(out, "out")?;
+        let gpu = if params.is_null() {
+            -1
+        } else {
+            let p = nonnull(params, "params")?;
+            context_options(p)?;
+            p.n_gpu_layers
+        };
+        let model = Model::load(path, &ModelOptions { n_gpu_layers: gpu })?;
+        // SAFETY: out is non-NULL and writable.
+        unsafe { out.write(Box::into_raw(Box::new(lt_model { model }))) };
+        Ok(())
+    })
+}
+
+/// Free a model. NULL is a no-op. Sessions keep their own reference, so a
+/// model may be freed while its sessions live on.
+///
+/// Not thread-safe with other calls on the same `lt_model`.
+#[no_mangle]
+pub extern "C" fn lt_model_free(model: *mut lt_model) {
+    guard(|| {
+        if !model.is_null() {
+            // SAFETY: the pointer came from lt_model_new and is freed once.
+            drop(unsafe { Box::from_raw(model) });
+        }
+        Ok(())
+    });
+}
+
+/// Number of layers, residual width and vocabulary size of `model`.
+/// Out-params may individually be NULL.
+///
+/// Thread-safe.
+#[no_mangle]
+pub extern "C" fn lt_model_dims(
+    model: *const lt_model,
+    n_layer: *mut u32,
+    n_embd: *mut u32,
+    n_vocab: *mut u32,
+) -> lt_status {
+    guard(|| {
+        let m = &nonnull(model, "model")?.model;
+        for (p, v) in [
+            (n_layer, m.n_layer()),
+            (n_embd, m.n_embd()),
+            (n_vocab, m.n_vocab()),
+        ] {
+            if !p.is_null() {
+                // SAFETY: non-NULL out-param, writable per the contract.
+                unsafe { p.write(v as u32) };
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Open a session on `model` capturing what `capture` selects. Probes the graph,
+/// so a pattern that matches nothing fails here (LT_NO_MATCH, with close names
+/// in `lt_last_error`). `ctx` and `capture` may be NULL for defaults.
+///
+/// Thread-safe. The session holds its own reference to the model.
+#[no_mangle]
+pub extern "C" fn lt_session_new(
+    model: *const lt_model,
+    ctx: *const lt_context_params,
+    capture: *const lt_capture_params,
+    out: *mut *mut lt_session,
+) -> lt_status {
+    guard(|| {
+        let model = nonnull(model, "model")?.model.clone();
+        nonnull(out, "out")?;
+        let ctx_opts = if ctx.is_null() {
+            Default::default()
+        } else {
+            context_options(nonnull(ctx, "ctx")?)?
+        };
+        let spec = if capture.is_null() {
+            Default::default()
+        } else {
+            capture_spec(nonnull(capture, "capture")?)?
+        };
+        let (generator, stream) = Generator::new(model.clone(), &ctx_opts, &spec)?;
+        let s = lt_session {
+            busy: AtomicBool::new(false),
+            cancel: generator.cancel_flag(),
+            state: std::cell::UnsafeCell::new(SessionState {
+                model,
+                generator: Some(generator),
+                worker: None,
+                reader: Reader::new(stream),
+                last: None,
+            }),
+        };
+        // SAFETY: out is non-NULL and writable.
+        unsafe { out.write(Box::into_raw(Box::new(s))) };
+        Ok(())
+    })
+}
+
+/// Free a session: cancels a running generation, waits for its thread, frees
+/// the context and the ring. NULL is a no-op. Every event pointer obtained from
+/// the session dangles afterwards.
+///
+/// Must not race with other calls on the same session.
+#[no_mangle]
+pub extern "C" fn lt_session_free(session: *mut lt_session) {
+    guard(|| {
+        if session.is_null() {
+            return Ok(());
+        }
+        // SAFETY: the pointer came from lt_session_new and is freed once.
+        let s = unsafe { Box::from_raw(session) };
+        s.cancel.store(true, Ordering::Relaxed);
+        let mut st = s.state.into_inner();
+        if let Some(w) = st.worker.take() {
+            // The worker may wait on a full ring: drain until it finishes.
+            while !w.is_finished() {
+                st.reader.release();
+                let _ = st.reader.next(Duration::from_millis(10));
+            }
+            let _ = w.join();
+        }
+        Ok(())
+    });
+}
+
+impl SessionState {
+    /// Collect a finished worker, restoring the generator.
+    fn reap(&mut self, wait: bool) -> Result<(), FfiError> {
+        if let Some(w) = self.worker.take() {
+            if !wait && !w.is_finished() {
+                self.worker = Some(w);
+                return Ok(());
+            }
+            let (g, r) = w.join().map_err(|_| {
+                FfiError::new(lt_status::LT_INTERNAL, "the generation thread panicked")
+            })?;
+            self.generator = Some(g);
+            self.last = Some(r);
+        }
+        Ok(())
+    }
+}
+
+/// Start generating from `prompt` (UTF-8, non-empty) on a library-owned thread
+/// and return at once; read the results with `lt_session_next`. `sampling`
+/// may be NULL for defaults. LT_BUSY while a previous generation still runs.
+///
+/// Call from one thread at a time (else LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_session_submit(
+    session: *mut lt_session,
+    prompt: *const c_char,
+    sampling: *const lt_sampling_params,
+) -> lt_status {
+    guard(|| {
+        let prompt = c_str(prompt, "prompt")?;
+        let opts = if sampling.is_null() {
+            Default::default()
+        } else {
+            generate_options(nonnull(sampling, "sampling")?)?
+        };
+        with_session(session, |st| {
+            st.reap(false)?;
+            if st.worker.is_some() {
+                return Err(FfiError::new(
+                    lt_status::LT_BUSY,
+                    "a generation is still running on this session",
+                ));
+            }
+            if prompt.is_empty() {
+                return Err(FfiError::new(
+                    lt_status::LT_INVALID_ARGUMENT,
+                    "empty prompt",
+                ));
+            }
+            if opts.n_predict == 0 {
+                return Err(FfiError::new(
+                    lt_status::LT_INVALID_ARGUMENT,
+                    "n_predict must be at least 1",
+                ));
+            }
+            let tokens = st.model.tokenize(prompt, true)?;
+            let mut g = st.generator.take().ok_or_else(|| {
+                FfiError::new(lt_status::LT_INTERNAL, "session lost its generator")
+            })?;
+            st.reader.stream_mut().rearm();
+            st.last = None;
+            let worker = std::thread::Builder::new()
+                .name("latent-tap-gen".into())
+                .spawn(move || {
+                    let r = g.run(&[tokens], &opts, &mut |_| {});
+                    (g, r)
+                })
+                .map_err(|e| {
+                    FfiError::new(
+                        lt_status::LT_INTERNAL,
+                        format!("cannot spawn the generation thread: {e}"),
+                    )
+                })?;
+            st.worker = Some(worker);
+            Ok(())
+        })
+    })
+}
+
+/// Wait up to `timeout_ms` for the next event of the stream and write it to
+/// `*event`. The previous event is released first. Returns LT_TIMEOUT when
+/// nothing arrived, LT_END when no generation runs and nothing is left. An
+/// END event's `end_status` tells how the generation ended.
+///
+/// Call from one thread at a time (else LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_session_next(
+    session: *mut lt_session,
+    timeout_ms: u32,
+    event: *mut lt_event,
+) -> lt_status {
+    guard(|| {
+        nonnull(event, "event")?;
+        with_session(session, |st| {
+            let running = st.worker.is_some();
+            match st.reader.next(Duration::from_millis(timeout_ms as u64))? {
+                Next::Event(mut ev) => {
+                    if ev.kind == LT_EVENT_END {
+                        st.reap(true)?;
+                        if let Some(Err(e)) = &st.last {
+                            ev.end_status = e.kind().into();
+                            super::set_last_error(e.message());
+                        }
+                    }
+                    // SAFETY: event is non-NULL and writable.
+                    unsafe { event.write(ev) };
+                    Ok(())
+                }
+                Next::Timeout if running => Err(FfiError::new(
+                    lt_status::LT_TIMEOUT,
+                    "no event within the timeout",
+                )),
+                Next::Timeout => Err(FfiError::new(lt_status::LT_END, "no generation is running")),
+            }
+        })
+    })
+}
+
+/// Release the current event (its pointers become invalid) so the ring can
+/// reuse its space. Optional: `lt_session_next` releases it too.
+///
+/// Call from one thread at a time (else LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_session_release(session: *mut lt_session) -> lt_status {
+    guard(|| {
+        with_session(session, |st| {
+            st.reader.release();
+            Ok(())
+        })
+    })
+}
+
+/// Ask a running generation to stop after the current step. Its END event
+/// still arrives. Safe to call from any thread.
+#[no_mangle]
+pub extern "C" fn lt_session_cancel(session: *mut lt_session) -> lt_status {
+    guard(|| {
+        let s = nonnull(session, "session")?;
+        s.cancel.store(true, Ordering::Relaxed);
+        Ok(())
+    })
+}
+
+/// Called for each event by `lt_session_generate`; return 0 to stop early.
+pub type lt_event_callback =
+    Option<unsafe extern "C" fn(user_data: *mut std::ffi::c_void, event: *const lt_event) -> i32>;
+
+/// Callback API: submit `prompt` and call `callback` on this thread for every
+/// event, in order, until the END event (included). Returns the generation's
+/// status. The event is valid only during the callback.
+///
+/// Call from one thread at a time (else LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_session_generate(
+    session: *mut lt_session,
+    prompt: *const c_char,
+    sampling: *const lt_sampling_params,
+    callback: lt_event_callback,
+    user_data: *mut std::ffi::c_void,
+) -> lt_status {
+    let Some(cb) = callback else {
+        return guard(|| {
+            Err(FfiError::new(
+                lt_status::LT_NULL_POINTER,
+                "callback is NULL",
+            ))
+        });
+    };
+    let st = lt_session_submit(session, prompt, sampling);
+    if st != lt_status::LT_OK {
+        return st;
+    }
+    let mut stopped = false;
+    loop {
+        let mut ev = std::mem::MaybeUninit::<lt_event>::uninit();
+        match lt_session_next(session, 100, ev.as_mut_ptr()) {
+            lt_status::LT_OK => {
+                // SAFETY: LT_OK means the event was written.
+                let ev = unsafe { ev.assume_init() };
+                if !stopped {
+                    // SAFETY: calling the user's callback with a valid event pointer.
+                    let keep = unsafe { cb(user_data, &ev) };
+                    if keep == 0 {
+                        stopped = true;
+                        lt_session_cancel(session);
+                    }
+                }
+                if ev.kind == LT_EVENT_END {
+                    lt_session_release(session);
+                    return ev.end_status;
+                }
+            }
+            lt_status::LT_TIMEOUT => continue,
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! Mode 2: plug a tap into an app that drives llama.cpp itself.
+//!
+//! ```c
+//! lt_tap *tap; lt_tap_new(model, &cap, n_ubatch, &tap);   // 1. from a spec
+//! lt_tap_attach(tap, &ctx_params);                         // 2. before llama_init_from_model
+//! lt_tap_begin_batch(tap, ctx, &batch, step);              // 3. before each llama_decode
+//! ```
+//! The app must use the llama.cpp inside this library (link the static
+//! `liblatent_tap.a`, which carries and exports it), so both share one build.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use llama_cpp_sys_2 as sys;
+
+use super::event::{lt_event, Next, Reader};
+use super::params::{capture_spec, lt_capture_params};
+use super::{guard, lt_status, nonnull, FfiError};
+use crate::capture::{abort_callback, abort_flag_ptr, eval_callback, Tap};
+use crate::engine::{Context, ContextOptions, Model};
+use crate::record::{RowMeta, TokenHeader, ROW_PROMPT};
+use crate::tokens::token_stats;
+
+/// A tap for an app-owned llama.cpp context (opaque).
+pub struct lt_tap {
+    // Raw so that the decode thread (through llama.cpp's callback) and a reader
+    // thread never hold Rust references to the same allocation.
+    tap: *mut Tap,
+    producing: AtomicBool,
+    reader: Mutex<Reader>,
+    model: Arc<Model>,
+    last_step: std::cell::Cell<Option<u32>>,
+    ubatch_base: std::cell::Cell<u32>,
+    rows: std::cell::RefCell<Vec<RowMeta>>,
+    outputs: std::cell::RefCell<Vec<bool>>,
+}
+
+// SAFETY: producer-side state (tap, last_step, ubatch_base, rows, outputs) is only
+// touched under the `producing` flag; the reader is behind a Mutex.
+unsafe impl Sync for lt_tap {}
+// SAFETY: the tap owns its data; the raw Tap pointer is uniquely owned.
+unsafe impl Send for lt_tap {}
+
+/// Enter the producer side exclusively, or LT_BUSY.
+fn producing<R>(
+    t: &lt_tap,
+    f: impl FnOnce(&mut Tap) -> Result<R, FfiError>,
+) -> Result<R, FfiError> {
+    if t.producing.swap(true, Ordering::Acquire) {
+        return Err(FfiError::new(
+            lt_status::LT_BUSY,
+            "another thread is feeding this tap",
+        ));
+    }
+    // SAFETY: `producing` gives this thread exclusive access to the Tap outside llama_decode.
+    let r = f(unsafe { &mut *t.tap });
+    t.producing.store(false, Ordering::Release);
+    r
+}
+
+/// Create a tap for `model` (the app's `struct llama_model *`) capturing what
+/// `capture` selects (NULL: defaults). `n_ubatch` is the app context's
+/// `n_ubatch`, used to check that frames fit the ring. The tap probes the
+/// graph with a small private context, so patterns are checked here.
+///
+/// Thread-safe. The model must outlive the tap.
+#[no_mangle]
+pub extern "C" fn lt_tap_new(
+    model: *const sys::llama_model,
+    capture: *const lt_capture_params,
+    n_ubatch: u32,
+    out: *mut *mut lt_tap,
+) -> lt_status {
+    guard(|| {
+        nonnull(model, "model")?;
+        nonnull(out, "out")?;
+        let spec = if capture.is_null() {
+            Default::default()
+        } else {
+            capture_spec(nonnull(capture, "capture")?)?
+        };
+        if spec.patterns.iter().all(|p| p.trim().is_empty()) {
+            return Err(FfiError::new(
+                lt_status::LT_INVALID_ARGUMENT,
+                "a tap needs at least one pattern",
+            ));
+        }
+        if n_ubatch == 0 {
+            return Err(FfiError::new(
+                lt_status::LT_INVALID_ARGUMENT,
+                "n_ubatch must be positive",
+            ));
+        }
+        // SAFETY: non-NULL model pointer owned by the app, which keeps it alive.
+        let model = unsafe { Model::borrow_raw(model as *mut sys::llama_model) };
+        let opts = ContextOptions {
+            n_ctx: 64,
+            n_batch: 8,
+            n_ubatch: 8,
+            ..ContextOptions::default()
+        };
+        let mut ctx = Context::new(model.clone(), &opts, Some(Box::new(Tap::probe())))?;
+        let graph = crate::session::probe_graph_on(&mut ctx)?;
+        let sel = crate::select::Selection::compile(&spec.patterns, spec.layers.as_ref(), &graph)?;
+        let (producer, consumer) = crate::ring::channel(spec.ring_bytes).map_err(|e| {
+            FfiError::new(
+                lt_status::LT_INVALID_ARGUMENT,
+                format!("ring capacity {}: {e}", spec.ring_bytes),
+            )
+        })?;
+        let settings = crate::capture::TapSettings {
+            rows: spec.rows,
+            dtype: spec.dtype,
+            policy: spec.policy,
+            n_ubatch: n_ubatch as usize,
+        };
+        let tap = Tap::armed(&graph[0].ggml_name, sel, producer, settings)?;
+        drop(ctx);
+        let t = lt_tap {
+            tap: Box::into_raw(Box::new(tap)),
+            producing: AtomicBool::new(false),
+            reader: Mutex::new(Reader::new(crate::stream::Stream::new(consumer))),
+            model,
+            last_step: Default::default(),
+            ubatch_base: Default::default(),
+            rows: Default::default(),
+            outputs: Default::default(),
+        };
+        // SAFETY: out is non-NULL and writable.
+        unsafe { out.write(Box::into_raw(Box::new(t))) };
+        Ok(())
+    })
+}
+
+/// Free a tap. NULL is a no-op. Call it only after `llama_free` of every
+/// context it is attached to (the context calls into the tap while it lives).
+///
+/// Must not race with other calls on the same tap.
+#[no_mangle]
+pub extern "C" fn lt_tap_free(tap: *mut lt_tap) {
+    guard(|| {
+        if !tap.is_null() {
+            // SAFETY: from lt_tap_new, freed once; `tap.tap` came from Box::into_raw.
+            let t = unsafe { Box::from_raw(tap) };
+            // SAFETY: as above; no context calls into it any more (documented contract).
+            drop(unsafe { Box::from_raw(t.tap) });
+        }
+        Ok(())
+    });
+}
+
+/// Install the tap into `params` before `llama_init_from_model`: sets
+/// `cb_eval`, `cb_eval_user_data`, `abort_callback(_data)` (used to cancel a
+/// decode when a lossless ring times out) and `kv_unified = true` (keeps
+/// llama.cpp's ubatch split sequential, which row alignment relies on).
+///
+/// Not thread-safe with other producer-side calls on the same tap.
+#[no_mangle]
+pub extern "C" fn lt_tap_attach(
+    tap: *mut lt_tap,
+    params: *mut sys::llama_context_params,
+) -> lt_status {
+    guard(|| {
+        let t = nonnull(tap, "tap")?;
+        nonnull(params, "params")?;
+        producing(t, |tap| {
+            // SAFETY: params is non-NULL and points to the app's writable struct.
+            let p = unsafe { &mut *params };
+            p.cb_eval = Some(eval_callback);
+            p.cb_eval_user_data = tap as *mut Tap as *mut c_void;
+            p.abort_callback = Some(abort_callback);
+            p.abort_callback_data = abort_flag_ptr(tap);
+            p.kv_unified = true;
+            Ok(())
+        })
+    })
+}
+
+/// Tell the tap which batch the next `llama_decode(ctx, *batch)` computes, so
+/// frame rows map to `(seq_id, pos, token)`. `step` is the app's generation step
+/// (0 for the prompt; rows of step 0 are flagged as prompt). `batch->pos` must
+/// be set; a NULL `batch->logits` means "last token only", as in llama.cpp.
+///
+/// Call on the decoding thread, before each llama_decode (else LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_tap_begin_batch(
+    tap: *mut lt_tap,
+    ctx: *const sys::llama_context,
+    batch: *const sys::llama_batch,
+    step: u32,
+) -> lt_status {
+    guard(|| {
+        let t = nonnull(tap, "tap")?;
+        nonnull(ctx, "ctx")?;
+        let b = nonnull(batch, "batch")?;
+        if b.n_tokens <= 0 || b.pos.is_null() {
+            return Err(FfiError::new(
+                lt_status::LT_INVALID_ARGUMENT,
+                "batch must have n_tokens > 0 and pos set",
+            ));
+        }
+        let n = b.n_tokens as usize;
+        producing(t, |tap| {
+            let mut rows = t.rows.borrow_mut();
+            let mut outputs = t.outputs.borrow_mut();
+            rows.clear();
+            outputs.clear();
+            for i in 0..n {
+                // SAFETY: llama_batch arrays hold n_tokens entries when non-NULL.
+                unsafe {
+                    let token = if b.token.is_null() {
+                        -1
+                    } else {
+                        *b.token.add(i)
+                    };
+                    let seq =
+                        if b.seq_id.is_null() || b.n_seq_id.is_null() || *b.n_seq_id.add(i) < 1 {
+                            0
+                        } else {
+                            **b.seq_id.add(i)
+                        };
+                    let out = if b.logits.is_null() {
+                        i + 1 == n
+                    } else {
+                        *b.logits.add(i) != 0
+                    };
+                    rows.push(RowMeta {
+                        seq_id: seq,
+                        pos: *b.pos.add(i),
+                        token,
+                        flags: if step == 0 { ROW_PROMPT } else { 0 },
+                    });
+                    outputs.push(out);
+                }
+            }
+            // Consecutive batches of one step (a prompt over n_batch) continue the ubatch count.
+            let base = if t.last_step.get() == Some(step) {
+                t.ubatch_base.get() + tap.ubatches_seen()
+            } else {
+                0
+            };
+            t.last_step.set(Some(step));
+            t.ubatch_base.set(base);
+            // SAFETY: valid context pointer from the app.
+            let n_ubatch = unsafe { sys::llama_n_ubatch(ctx) } as usize;
+            tap.begin_decode(step, base, n_ubatch, &rows, &outputs);
+            Ok(())
+        })
+    })
+}
+
+/// Optional: after a decode, add the token the app sampled from output row
+/// `output_index` to the stream, with its logprob, entropy and `top_k`
+/// alternatives computed from `llama_get_logits_ith(ctx, output_index)`.
+///
+/// Call on the decoding thread (else LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_tap_push_token(
+    tap: *mut lt_tap,
+    ctx: *mut sys::llama_context,
+    output_index: i32,
+    token: i32,
+    seq_id: i32,
+    pos: i32,
+    step: u32,
+    top_k: u32,
+) -> lt_status {
+    guard(|| {
+        let t = nonnull(tap, "tap")?;
+        nonnull(ctx, "ctx")?;
+        let n_vocab = t.model.n_vocab();
+        if token < 0 || token as usize >= n_vocab {
+            return Err(FfiError::new(
+                lt_status::LT_INVALID_ARGUMENT,
+                format!("token {token} is outside the vocabulary"),
+            ));
+        }
+        // SAFETY: valid context; llama.cpp returns NULL for a bad index.
+        let p = unsafe { sys::llama_get_logits_ith(ctx, output_index) };
+        if p.is_null() {
+            return Err(FfiError::new(
+                lt_status::LT_INVALID_ARGUMENT,
+                format!("no logits for output {output_index}"),
+            ));
+        }
+        // SAFETY: a logits row has n_vocab floats, valid until the next decode.
+        let logits = unsafe { std::slice::from_raw_parts(p, n_vocab) };
+        let st = token_stats(logits, token, top_k as usize);
+        let piece = t.model.token_bytes(token);
+        producing(t, |tap| {
+            let h = TokenHeader {
+                kind: 0,
+                header_size: 0,
+                step,
+                seq_id,
+                pos,
+                token,
+                flags: 0,
+                n_top: 0,
+                logprob: st.logprob,
+                entropy: st.entropy,
+                piece_len: 0,
+                reserved: 0,
+            };
+            Ok(tap.push_token(h, &st.top, &piece)?)
+        })
+    })
+}
+
+/// Read the next event (frames, and tokens pushed with `lt_tap_push_token`),
+/// waiting up to `timeout_ms`; LT_TIMEOUT if none. Releases the previous event.
+/// A reader thread may call this while another thread decodes.
+///
+/// One reader thread at a time (else LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_tap_next(
+    tap: *mut lt_tap,
+    timeout_ms: u32,
+    event: *mut lt_event,
+) -> lt_status {
+    guard(|| {
+        let t = nonnull(tap, "tap")?;
+        nonnull(event, "event")?;
+        let mut r = t
+            .reader
+            .try_lock()
+            .map_err(|_| FfiError::new(lt_status::LT_BUSY, "another thread is reading this tap"))?;
+        match r.next(Duration::from_millis(timeout_ms as u64))? {
+            Next::Event(ev) => {
+                // SAFETY: event is non-NULL and writable.
+                unsafe { event.write(ev) };
+                Ok(())
+            }
+            Next::Timeout => Err(FfiError::new(
+                lt_status::LT_TIMEOUT,
+                "no event within the timeout",
+            )),
+        }
+    })
+}
+
+/// Release the current event so the ring can reuse its space.
+///
+/// One reader thread at a time (else LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_tap_release(tap: *mut lt_tap) -> lt_status {
+    guard(|| {
+        let t = nonnull(tap, "tap")?;
+        let mut r = t
+            .reader
+            .try_lock()
+            .map_err(|_| FfiError::new(lt_status::LT_BUSY, "another thread is reading this tap"))?;
+        r.release();
+        Ok(())
+    })
+}
+
+/// Records committed to the ring so far (frames and token events) and frames
+/// dropped by a drop-newest ring (out-params may be NULL).
+///
+/// Thread-safe.
+#[no_mangle]
+pub extern "C" fn lt_tap_counters(
+    tap: *const lt_tap,
+    records: *mut u64,
+    drops: *mut u64,
+) -> lt_status {
+    guard(|| {
+        let t = nonnull(tap, "tap")?;
+        let r = t
+            .reader
+            .try_lock()
+            .map_err(|_| FfiError::new(lt_status::LT_BUSY, "another thread is reading this tap"))?;
+        let s = r.stream().ring_stats();
+        for (p, v) in [(records, s.records), (drops, s.drops)] {
+            if !p.is_null() {
+                // SAFETY: non-NULL out-param.
+                unsafe { p.write(v) };
+            }
+        }
+        Ok(())
+    })
+}
