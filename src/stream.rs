@@ -33,11 +33,6 @@ impl Stream {
         }
     }
 
-    /// Expect another generation on this stream after an end record.
-    pub(crate) fn rearm(&mut self) {
-        self.ended = false;
-    }
-
     /// The ring's producer-side counters (records, bytes, drops) as of now.
     pub fn ring_stats(&self) -> RingStats {
         self.consumer.stats()
@@ -57,7 +52,8 @@ impl Stream {
             if self.consumer.used_bytes() > 0 {
                 break;
             }
-            if self.is_finished() || Instant::now() >= deadline {
+            // An end record does not stop reading: a session may run again on this stream.
+            if self.consumer.is_abandoned() || Instant::now() >= deadline {
                 return Ok(None);
             }
             spins += 1;

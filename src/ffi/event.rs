@@ -135,8 +135,4 @@ impl Reader {
     pub(crate) fn stream(&self) -> &Stream {
         &self.stream
     }
-
-    pub(crate) fn stream_mut(&mut self) -> &mut Stream {
-        &mut self.stream
-    }
 }

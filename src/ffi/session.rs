@@ -263,7 +263,6 @@ pub extern "C" fn lt_session_submit(
             let mut g = st.generator.take().ok_or_else(|| {
                 FfiError::new(lt_status::LT_INTERNAL, "session lost its generator")
             })?;
-            st.reader.stream_mut().rearm();
             st.last = None;
             let worker = std::thread::Builder::new()
                 .name("latent-tap-gen".into())
