@@ -93,7 +93,11 @@ struct llama_batch;
 /**
  * Result of every C API call. Values are fixed forever.
  */
-typedef enum {
+enum lt_status
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
   /**
    * Success.
    */
@@ -154,7 +158,18 @@ typedef enum {
    * A bug in latent-tap (a panic was caught at the boundary).
    */
   LT_INTERNAL = 14,
-} lt_status;
+  /**
+   * The generation was stopped early (`lt_session_cancel`, or a callback returned 0).
+   */
+  LT_CANCELLED = 15,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum lt_status lt_status;
+#else
+typedef int32_t lt_status;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
 
 /**
  * A loaded model (opaque). Shareable by several sessions and threads.
@@ -340,7 +355,7 @@ typedef struct {
    */
   int64_t ne[4];
   /**
-   * Tensor display name, NUL-padded.
+   * Tensor display name, NUL-terminated (at most 63 bytes) and NUL-padded.
    */
   uint8_t name[64];
 } lt_frame_header;
@@ -486,13 +501,18 @@ typedef struct {
    */
   uint64_t end_drops;
   /**
-   * End events: how the generation ended (`LT_OK` or its error; see `lt_last_error`).
+   * End events: how the generation ended (`LT_OK`, `LT_CANCELLED` or its error).
    */
   lt_status end_status;
   /**
    * Reserved, zero.
    */
   uint32_t reserved;
+  /**
+   * End events: NUL-terminated detail of `end_status` ("" when OK), valid like
+   * the other pointers. Else NULL.
+   */
+  const char *end_message;
 } lt_event;
 
 /**
@@ -530,21 +550,21 @@ uint32_t lt_version(void);
 /**
  * Fill `out` with defaults: all rows of `l_out-*`, f32, block for 10 s, 64 MiB ring.
  *
- * Thread-safe. `out` must not be NULL.
+ * Set `out->struct_size = sizeof(*out)` first. Thread-safe.
  */
 lt_status lt_capture_params_default(lt_capture_params *out);
 
 /**
  * Fill `out` with defaults: n_ctx 4096, n_batch = n_ubatch = 512, all cores, all GPU layers.
  *
- * Thread-safe. `out` must not be NULL.
+ * Set `out->struct_size = sizeof(*out)` first. Thread-safe.
  */
 lt_status lt_context_params_default(lt_context_params *out);
 
 /**
  * Fill `out` with defaults: 16 tokens, greedy, top-10 logprobs.
  *
- * Thread-safe. `out` must not be NULL.
+ * Set `out->struct_size = sizeof(*out)` first. Thread-safe.
  */
 lt_status lt_sampling_params_default(lt_sampling_params *out);
 
@@ -610,13 +630,15 @@ lt_status lt_session_submit(lt_session *session,
 
 /**
  * Wait up to `timeout_ms` for the next event of the stream and write it to
- * `*event`. The previous event is released first. Returns LT_TIMEOUT when
+ * `*event` (set `event->struct_size = sizeof(lt_event)` first). The previous event is released first. Returns LT_TIMEOUT when
  * nothing arrived, LT_END when no generation runs and nothing is left. An
  * END event's `end_status` tells how the generation ended.
  *
  * Call from one thread at a time (else LT_BUSY).
  */
-lt_status lt_session_next(lt_session *session, uint32_t timeout_ms, lt_event *event);
+lt_status lt_session_next(lt_session *session,
+                          uint32_t timeout_ms,
+                          lt_event *event);
 
 /**
  * Release the current event (its pointers become invalid) so the ring can
@@ -635,7 +657,8 @@ lt_status lt_session_cancel(lt_session *session);
 /**
  * Callback API: submit `prompt` and call `callback` on this thread for every
  * event, in order, until the END event (included). Returns the generation's
- * status. The event is valid only during the callback.
+ * status (`LT_CANCELLED` if the callback stopped it). The event is valid only
+ * during the callback.
  *
  * Call from one thread at a time (else LT_BUSY).
  */
@@ -708,6 +731,7 @@ lt_status lt_tap_push_token(lt_tap *tap,
 /**
  * Read the next event (frames, and tokens pushed with `lt_tap_push_token`),
  * waiting up to `timeout_ms`; LT_TIMEOUT if none. Releases the previous event.
+ * Set `event->struct_size = sizeof(lt_event)` first.
  * A reader thread may call this while another thread decodes.
  *
  * One reader thread at a time (else LT_BUSY).

@@ -111,7 +111,7 @@ pub struct FrameHeader {
     pub width: u64,
     /// Source tensor shape in ggml order (ne0 fastest).
     pub ne: [i64; 4],
-    /// Tensor display name, NUL-padded.
+    /// Tensor display name, NUL-terminated (at most 63 bytes) and NUL-padded.
     pub name: [u8; 64],
 }
 
@@ -144,6 +144,34 @@ pub struct TokenHeader {
     pub piece_len: u32,
     /// Reserved, zero.
     pub reserved: u32,
+}
+
+impl TokenHeader {
+    /// A token event header; `kind`, sizes and counts are filled in when it is written.
+    pub fn event(
+        step: u32,
+        seq_id: i32,
+        pos: i32,
+        token: i32,
+        flags: u32,
+        logprob: f32,
+        entropy: f32,
+    ) -> Self {
+        Self {
+            kind: kind::TOKEN,
+            header_size: std::mem::size_of::<Self>() as u32,
+            step,
+            seq_id,
+            pos,
+            token,
+            flags,
+            n_top: 0,
+            logprob,
+            entropy,
+            piece_len: 0,
+            reserved: 0,
+        }
+    }
 }
 
 /// One `(token id, logprob)` of a top-k list.

@@ -132,6 +132,31 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     go(pattern.as_bytes(), name.as_bytes())
 }
 
+/// FNV-1a: node names are short, and SipHash's DoS resistance buys nothing for
+/// names that come from the model's own graph; this keeps the ask phase cheap.
+#[derive(Default, Clone, Copy)]
+pub struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type NameMap = HashMap<Box<[u8]>, usize, std::hash::BuildHasherDefault<NameHasher>>;
+
 /// A tensor chosen for capture.
 #[derive(Debug, Clone)]
 pub struct SelectedTensor {
@@ -151,7 +176,7 @@ pub struct SelectedTensor {
 pub struct Selection {
     tensors: Vec<SelectedTensor>,
     // ggml name -> slot; slot -> tensor index per occurrence (u32::MAX: not selected).
-    slots: HashMap<Box<[u8]>, usize>,
+    slots: NameMap,
     by_occurrence: Vec<Vec<u32>>,
 }
 
@@ -211,7 +236,7 @@ impl Selection {
         }
         let mut sel = Selection {
             tensors: Vec::new(),
-            slots: HashMap::new(),
+            slots: NameMap::default(),
             by_occurrence: Vec::new(),
         };
         for (n, _) in nodes.iter().zip(&chosen).filter(|(_, &c)| c) {
@@ -249,7 +274,7 @@ impl Selection {
     pub fn empty() -> Self {
         Self {
             tensors: Vec::new(),
-            slots: HashMap::new(),
+            slots: NameMap::default(),
             by_occurrence: Vec::new(),
         }
     }

@@ -254,7 +254,7 @@ impl Generator {
         let nan = f32::NAN;
         for (s, p) in prompts.iter().enumerate() {
             for (i, &tok) in p.iter().enumerate() {
-                let h = token_header(0, s as i32, i as i32, tok, ROW_PROMPT, nan, nan);
+                let h = TokenHeader::event(0, s as i32, i as i32, tok, ROW_PROMPT, nan, nan);
                 let piece = model.token_bytes(tok);
                 self.tap()?.push_token(h, &[], &piece)?;
             }
@@ -382,7 +382,7 @@ impl Generator {
         let tok = self.ctx.sample(sampler, i);
         let st = token_stats(self.ctx.logits_ith(i)?, tok, top_k);
         let piece = self.ctx.model().token_bytes(tok);
-        let h = token_header(step, seq as i32, pos, tok, 0, st.logprob, st.entropy);
+        let h = TokenHeader::event(step, seq as i32, pos, tok, 0, st.logprob, st.entropy);
         self.tap()?.push_token(h, &st.top, &piece)?;
         Ok(tok)
     }
@@ -394,30 +394,5 @@ fn settings(spec: &CaptureSpec, n_ubatch: usize) -> TapSettings {
         dtype: spec.dtype,
         policy: spec.policy,
         n_ubatch,
-    }
-}
-
-fn token_header(
-    step: u32,
-    seq_id: i32,
-    pos: i32,
-    token: Token,
-    flags: u32,
-    logprob: f32,
-    entropy: f32,
-) -> TokenHeader {
-    TokenHeader {
-        kind: 0,
-        header_size: 0,
-        step,
-        seq_id,
-        pos,
-        token,
-        flags,
-        n_top: 0,
-        logprob,
-        entropy,
-        piece_len: 0,
-        reserved: 0,
     }
 }

@@ -15,15 +15,25 @@ fn last_error() -> String {
         .into_owned()
 }
 
+/// A zeroed struct of the API with its `struct_size` set, as a C caller does.
+fn sized<T>() -> T {
+    // SAFETY: the API's structs are POD; zero is a valid bit pattern for all fields.
+    let mut v: T = unsafe { std::mem::zeroed() };
+    // SAFETY: every sized struct starts with a u32 struct_size.
+    unsafe { (&mut v as *mut T as *mut u32).write(std::mem::size_of::<T>() as u32) };
+    v
+}
+
 fn defaults() -> (lt_context_params, lt_capture_params, lt_sampling_params) {
-    let mut c = std::mem::MaybeUninit::uninit();
-    let mut k = std::mem::MaybeUninit::uninit();
-    let mut s = std::mem::MaybeUninit::uninit();
-    assert_eq!(lt_context_params_default(c.as_mut_ptr()), lt_status::LT_OK);
-    assert_eq!(lt_capture_params_default(k.as_mut_ptr()), lt_status::LT_OK);
-    assert_eq!(lt_sampling_params_default(s.as_mut_ptr()), lt_status::LT_OK);
-    // SAFETY: written on LT_OK.
-    unsafe { (c.assume_init(), k.assume_init(), s.assume_init()) }
+    let (mut c, mut k, mut s) = (
+        sized::<lt_context_params>(),
+        sized::<lt_capture_params>(),
+        sized::<lt_sampling_params>(),
+    );
+    assert_eq!(lt_context_params_default(&mut c), lt_status::LT_OK);
+    assert_eq!(lt_capture_params_default(&mut k), lt_status::LT_OK);
+    assert_eq!(lt_sampling_params_default(&mut s), lt_status::LT_OK);
+    (c, k, s)
 }
 
 fn cpath(p: &Path) -> CString {
@@ -106,7 +116,7 @@ fn null_pointers_are_rejected() {
         lt_session_submit(s, null(), &sp),
         lt_status::LT_NULL_POINTER
     );
-    let mut ev = std::mem::MaybeUninit::<lt_event>::uninit();
+    let mut ev = std::mem::MaybeUninit::new(sized::<lt_event>());
     assert_eq!(
         lt_session_next(null_mut(), 0, ev.as_mut_ptr()),
         lt_status::LT_NULL_POINTER
@@ -238,6 +248,14 @@ fn bad_capture_specs() {
     c.struct_size = 4;
     assert_eq!(try_spec(&c, &mut s), lt_status::LT_INVALID_ARGUMENT);
     assert!(last_error().contains("struct_size"));
+    // A struct whose caller did not set struct_size is refused, and nothing is written.
+    let mut unset: lt_capture_params = sized();
+    unset.struct_size = 0;
+    assert_eq!(
+        lt_capture_params_default(&mut unset),
+        lt_status::LT_INVALID_ARGUMENT
+    );
+    assert!(unset.patterns.is_null());
     assert!(s.is_null(), "out-param untouched on failure");
     lt_model_free(model);
 }
@@ -273,7 +291,7 @@ fn bad_prompts_and_threads() {
     // Too long for n_ctx 64: the generation fails; its END event carries the status.
     let long = CString::new("z".repeat(2000)).unwrap(); // llama.cpp pads n_ctx up, so go far past it
     assert_eq!(lt_session_submit(s, long.as_ptr(), &sp), lt_status::LT_OK);
-    let mut ev = std::mem::MaybeUninit::<lt_event>::uninit();
+    let mut ev = std::mem::MaybeUninit::new(sized::<lt_event>());
     let end = loop {
         match lt_session_next(s, 5000, ev.as_mut_ptr()) {
             lt_status::LT_OK => {
@@ -287,7 +305,11 @@ fn bad_prompts_and_threads() {
         }
     };
     assert_eq!(end.end_status, lt_status::LT_PROMPT_TOO_LONG);
-    assert!(last_error().contains("context"), "{}", last_error());
+    // SAFETY: END events carry a NUL-terminated message valid until the next call.
+    let msg = unsafe { CStr::from_ptr(end.end_message) }
+        .to_string_lossy()
+        .into_owned();
+    assert!(msg.contains("context"), "{msg}");
     assert_eq!(lt_session_next(s, 10, ev.as_mut_ptr()), lt_status::LT_END);
 
     // A second submit while one runs is refused, and concurrent use of one session
@@ -303,7 +325,7 @@ fn bad_prompts_and_threads() {
         let h = scope.spawn(move || {
             let mut n = 0;
             for _ in 0..2000 {
-                let mut ev = std::mem::MaybeUninit::<lt_event>::uninit();
+                let mut ev = std::mem::MaybeUninit::new(sized::<lt_event>());
                 if lt_session_next(addr as *mut lt_session, 1, ev.as_mut_ptr())
                     == lt_status::LT_BUSY
                 {
@@ -314,7 +336,7 @@ fn bad_prompts_and_threads() {
         });
         let mut n = 0;
         for _ in 0..2000 {
-            let mut ev = std::mem::MaybeUninit::<lt_event>::uninit();
+            let mut ev = std::mem::MaybeUninit::new(sized::<lt_event>());
             if lt_session_next(s, 1, ev.as_mut_ptr()) == lt_status::LT_BUSY {
                 n += 1;
             }
@@ -324,5 +346,58 @@ fn bad_prompts_and_threads() {
     assert!(again == lt_status::LT_BUSY || again == lt_status::LT_OK);
     assert!(busy_seen > 0, "two threads on one session must see LT_BUSY");
     lt_session_free(s); // cancels and joins the running generation
+    lt_model_free(model);
+}
+
+unsafe extern "C" fn stop_after_three(user: *mut std::ffi::c_void, ev: *const lt_event) -> i32 {
+    // SAFETY: user points to the test's counter; ev is valid during the call.
+    let (n, ev) = unsafe { (&mut *(user as *mut u32), &*ev) };
+    *n += 1;
+    assert!(ev.kind == LT_EVENT_FRAME || ev.kind == LT_EVENT_TOKEN || ev.kind == LT_EVENT_END);
+    i32::from(*n < 3)
+}
+
+#[test]
+fn callback_api_runs_and_stops_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&synth(dir.path()));
+    let (cp, cap, mut sp) = defaults();
+    let mut s = null_mut();
+    assert_eq!(
+        lt_session_new(model, &cp, &cap, &mut s),
+        lt_status::LT_OK,
+        "{}",
+        last_error()
+    );
+    sp.n_predict = 50;
+    let mut n = 0u32;
+    let st = lt_session_generate(
+        s,
+        c"stop me".as_ptr(),
+        &sp,
+        Some(stop_after_three),
+        &mut n as *mut u32 as *mut _,
+    );
+    assert_eq!(st, lt_status::LT_CANCELLED);
+    assert_eq!(n, 3, "no callback after it returned 0");
+    // The session is usable again and a full run ends with LT_OK.
+    sp.n_predict = 2;
+    let mut n = 0u32;
+    unsafe extern "C" fn count(user: *mut std::ffi::c_void, _: *const lt_event) -> i32 {
+        // SAFETY: user points to the counter.
+        unsafe { *(user as *mut u32) += 1 };
+        1
+    }
+    let st = lt_session_generate(
+        s,
+        c"ab".as_ptr(),
+        &sp,
+        Some(count),
+        &mut n as *mut u32 as *mut _,
+    );
+    assert_eq!(st, lt_status::LT_OK, "{}", last_error());
+    // 3 prompt tokens + 2 generated, frames: 3 layers x 2 steps, and the END event.
+    assert_eq!(n, 3 + 2 + 6 + 1);
+    lt_session_free(s);
     lt_model_free(model);
 }

@@ -199,7 +199,10 @@ fn binary(name: &str) -> Option<PathBuf> {
         "{} is missing: scripts/test-examples did not build it",
         p.display()
     );
-    println!("SKIPPED: run scripts/test-examples ({} is missing)", p.display());
+    println!(
+        "SKIPPED: run scripts/test-examples ({} is missing)",
+        p.display()
+    );
     None
 }
 
@@ -244,15 +247,7 @@ fn expected_from_rust(model_path: &Path) -> Expected {
         .tokens
         .iter()
         .filter(|t| !t.prompt)
-        .map(|t| {
-            (
-                t.step,
-                t.seq,
-                t.pos,
-                t.token,
-                f64::from(t.logprob.unwrap()),
-            )
-        })
+        .map(|t| (t.step, t.seq, t.pos, t.token, f64::from(t.logprob.unwrap())))
         .collect();
     let end = c.end.expect("the Rust stream has an end record");
     // Not vacuous: one last row per layer per decode (3 layers, N_PREDICT decodes
@@ -318,7 +313,7 @@ fn example_cmd(bin: &Path, model: &Path) -> Command {
 /// Fixture shared by the tests: None when the examples were not built.
 fn fixture() -> Option<&'static Fixture> {
     static F: OnceLock<Option<Fixture>> = OnceLock::new();
-    F.get_or_init(|| {
+    let f = F.get_or_init(|| {
         let generate = binary("generate")?;
         let dir = tempfile::tempdir().unwrap();
         let model_path = dir.path().join("synth.gguf");
@@ -333,8 +328,11 @@ fn fixture() -> Option<&'static Fixture> {
             expected,
             generate: out,
         })
-    })
-    .as_ref()
+    });
+    if f.is_none() {
+        println!("SKIPPED: run scripts/test-examples");
+    }
+    f.as_ref()
 }
 
 /// Check an example's lines against the Rust API. `needs_end`: the output
@@ -373,7 +371,10 @@ fn check_against_rust(what: &str, lines: &[Line], exp: &Expected, needs_end: boo
     }
     let got_keys: Vec<_> = frames.keys().collect();
     let want_keys: Vec<_> = exp.frames.keys().collect();
-    assert_eq!(got_keys, want_keys, "{what}: set of (step, name, seq, pos) frames");
+    assert_eq!(
+        got_keys, want_keys,
+        "{what}: set of (step, name, seq, pos) frames"
+    );
     for (k, &want) in &exp.frames {
         let got = frames[k];
         assert!(
@@ -411,9 +412,7 @@ fn check_against_rust(what: &str, lines: &[Line], exp: &Expected, needs_end: boo
 /// `needs_end` false lets the example leave out generate.c's final `end` line.
 fn check_against_generate(what: &str, lines: &[Line], generate: &[Line], needs_end: bool) {
     let reference = match (needs_end, lines.last(), generate.split_last()) {
-        (false, Some(l), Some((Line::End { .. }, head))) if !matches!(l, Line::End { .. }) => {
-            head
-        }
+        (false, Some(l), Some((Line::End { .. }, head))) if !matches!(l, Line::End { .. }) => head,
         _ => generate,
     };
     assert_eq!(

@@ -26,9 +26,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s MODEL.gguf PROMPT N_PREDICT\n", argv[0]);
         return 2;
     }
-    lt_context_params cp;
-    lt_capture_params cap;
-    lt_sampling_params sp;
+    /* Every struct carries its size, so the library and the header can grow apart. */
+    lt_context_params cp = {.struct_size = sizeof cp};
+    lt_capture_params cap = {.struct_size = sizeof cap};
+    lt_sampling_params sp = {.struct_size = sizeof sp};
     lt_context_params_default(&cp);
     lt_capture_params_default(&cap);
     lt_sampling_params_default(&sp);
@@ -55,7 +56,7 @@ int main(int argc, char **argv) {
     }
     int rc = 0;
     for (;;) {
-        lt_event ev;
+        lt_event ev = {.struct_size = sizeof ev};
         st = lt_session_next(session, 1000, &ev);
         if (st == LT_TIMEOUT) continue;
         if (st != LT_OK) {
@@ -76,7 +77,10 @@ int main(int argc, char **argv) {
         } else if (ev.kind == LT_EVENT_END) {
             printf("end frames=%llu drops=%llu\n", (unsigned long long)ev.end_frames,
                    (unsigned long long)ev.end_drops);
-            if (ev.end_status != LT_OK) rc = fail("generation", ev.end_status);
+            if (ev.end_status != LT_OK) {
+                fprintf(stderr, "error: generation: %s: %s\n", lt_status_str(ev.end_status), ev.end_message);
+                rc = 1;
+            }
             break;
         }
     }

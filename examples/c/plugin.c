@@ -28,7 +28,7 @@ static double l2(const float *v, uint64_t n) {
 
 /* Print every event the tap has so far (frames of the last decode, tokens pushed). */
 static int drain(lt_tap *tap) {
-    lt_event ev;
+    lt_event ev = {.struct_size = sizeof ev};
     lt_status st;
     while ((st = lt_tap_next(tap, 0, &ev)) == LT_OK) {
         if (ev.kind == LT_EVENT_FRAME) {
@@ -64,7 +64,7 @@ int main(int argc, char **argv) {
     cparams.n_threads = cparams.n_threads_batch = 2;
 
     /* 1. a tap from a capture spec */
-    lt_capture_params cap;
+    lt_capture_params cap = {.struct_size = sizeof cap};
     lt_capture_params_default(&cap);
     cap.patterns = "l_out-*";
     cap.rows = LT_ROWS_LAST;

@@ -42,11 +42,18 @@ pub struct lt_event {
     pub end_frames: u64,
     /// End events: frames dropped by a drop-newest ring.
     pub end_drops: u64,
-    /// End events: how the generation ended (`LT_OK` or its error; see `lt_last_error`).
+    /// End events: how the generation ended (`LT_OK`, `LT_CANCELLED` or its error).
     pub end_status: lt_status,
     /// Reserved, zero.
     pub reserved: u32,
+    /// End events: NUL-terminated detail of `end_status` ("" when OK), valid like
+    /// the other pointers. Else NULL.
+    pub end_message: *const c_char,
 }
+
+/// Smallest `struct_size` accepted for `lt_event`: its size in version 0.1.
+pub(crate) const EVENT_MIN: usize = 96;
+const _: () = assert!(std::mem::size_of::<lt_event>() == EVENT_MIN);
 
 impl lt_event {
     fn empty(kind: u32) -> Self {
@@ -64,6 +71,7 @@ impl lt_event {
             end_drops: 0,
             end_status: lt_status::LT_OK,
             reserved: 0,
+            end_message: std::ptr::null(),
         }
     }
 }
@@ -123,6 +131,7 @@ impl Reader {
             Record::End(e) => lt_event {
                 end_frames: e.frames,
                 end_drops: e.drops,
+                end_message: c"".as_ptr(),
                 ..lt_event::empty(LT_EVENT_END)
             },
         };

@@ -34,7 +34,7 @@ pub const LT_VERSION_MINOR: u32 = 1;
 pub const LT_VERSION_PATCH: u32 = 0;
 
 /// Result of every C API call. Values are fixed forever.
-#[repr(C)]
+#[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum lt_status {
     /// Success.
@@ -67,6 +67,8 @@ pub enum lt_status {
     LT_IO = 13,
     /// A bug in latent-tap (a panic was caught at the boundary).
     LT_INTERNAL = 14,
+    /// The generation was stopped early (`lt_session_cancel`, or a callback returned 0).
+    LT_CANCELLED = 15,
 }
 
 impl From<ErrorKind> for lt_status {
@@ -104,7 +106,7 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
-fn set_last_error(msg: &str) {
+pub(crate) fn set_last_error(msg: &str) {
     let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
@@ -143,6 +145,55 @@ pub(crate) fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, FfiErro
     })
 }
 
+/// The `struct_size` a caller put in the struct at `p`, checked against the
+/// smallest size this library accepts for it (its first published size).
+fn caller_size<T>(p: *const T, min: usize, what: &str) -> Result<usize, FfiError> {
+    nonnull(p, what)?;
+    // SAFETY: every sized struct of the API starts with a u32 `struct_size`.
+    let size = unsafe { (p as *const u32).read() } as usize;
+    if size < min {
+        return Err(FfiError::new(
+            lt_status::LT_INVALID_ARGUMENT,
+            format!("{what}->struct_size is {size}, expected at least {min}: set it to sizeof(*{what}) first"),
+        ));
+    }
+    Ok(size)
+}
+
+/// Read a caller's struct of `struct_size` bytes: fields it does not have
+/// (an older header) keep the values of `default`.
+pub(crate) fn read_sized<T: Copy>(
+    p: *const T,
+    min: usize,
+    default: T,
+    what: &str,
+) -> Result<T, FfiError> {
+    let n = caller_size(p, min, what)?.min(std::mem::size_of::<T>());
+    let mut v = default;
+    // SAFETY: p is valid for the caller's struct_size bytes, and T is a POD repr(C)
+    // struct whose first n bytes are whole fields of the caller's version.
+    unsafe { std::ptr::copy_nonoverlapping(p as *const u8, &mut v as *mut T as *mut u8, n) };
+    Ok(v)
+}
+
+/// Write `v` into the caller's struct, at most its `struct_size` bytes (an
+/// older caller gets the fields it knows); `struct_size` becomes the bytes written.
+pub(crate) fn write_sized<T: Copy>(
+    out: *mut T,
+    v: T,
+    min: usize,
+    what: &str,
+) -> Result<(), FfiError> {
+    let n = caller_size(out, min, what)?.min(std::mem::size_of::<T>());
+    // SAFETY: out is valid for the caller's struct_size bytes; we write n of them,
+    // then the leading u32 struct_size.
+    unsafe {
+        std::ptr::copy_nonoverlapping(&v as *const T as *const u8, out as *mut u8, n);
+        (out as *mut u32).write(n as u32);
+    }
+    Ok(())
+}
+
 /// A static, NUL-terminated description of `status`. Never NULL.
 ///
 /// Thread-safe; the string lives for the whole program.
@@ -164,6 +215,7 @@ pub extern "C" fn lt_status_str(status: lt_status) -> *const c_char {
         lt_status::LT_BUSY => c"handle busy",
         lt_status::LT_IO => c"I/O error",
         lt_status::LT_INTERNAL => c"internal error",
+        lt_status::LT_CANCELLED => c"cancelled",
     };
     s.as_ptr()
 }

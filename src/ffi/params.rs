@@ -4,7 +4,7 @@
 use std::ffi::c_char;
 use std::time::Duration;
 
-use super::{c_str, guard, lt_status, nonnull, FfiError};
+use super::{c_str, guard, lt_status, read_sized, write_sized, FfiError};
 use crate::capture::{Policy, Rows};
 use crate::engine::{ContextOptions, SamplingOptions};
 use crate::record::Dtype;
@@ -98,93 +98,40 @@ pub struct lt_sampling_params {
     pub reserved: u32,
 }
 
-fn check_size(got: u32, want: usize, what: &str) -> Result<(), FfiError> {
-    if (got as usize) < want {
-        return Err(FfiError::new(
-            lt_status::LT_INVALID_ARGUMENT,
-            format!("{what}.struct_size is {got}, expected at least {want}: initialise it with {what}_default()"),
-        ));
-    }
-    Ok(())
-}
+/// Smallest `struct_size` accepted for each struct: its size in version 0.1.
+const CAPTURE_PARAMS_MIN: usize = 48;
+const CONTEXT_PARAMS_MIN: usize = 32;
+const SAMPLING_PARAMS_MIN: usize = 32;
+const _: () = assert!(std::mem::size_of::<lt_capture_params>() == CAPTURE_PARAMS_MIN);
+const _: () = assert!(std::mem::size_of::<lt_context_params>() == CONTEXT_PARAMS_MIN);
+const _: () = assert!(std::mem::size_of::<lt_sampling_params>() == SAMPLING_PARAMS_MIN);
 
 /// Fill `out` with defaults: all rows of `l_out-*`, f32, block for 10 s, 64 MiB ring.
 ///
-/// Thread-safe. `out` must not be NULL.
+/// Set `out->struct_size = sizeof(*out)` first. Thread-safe.
 #[no_mangle]
 pub extern "C" fn lt_capture_params_default(out: *mut lt_capture_params) -> lt_status {
-    guard(|| {
-        nonnull(out, "out")?;
-        let v = lt_capture_params {
-            struct_size: std::mem::size_of::<lt_capture_params>() as u32,
-            rows: 0,
-            patterns: c"l_out-*".as_ptr(),
-            layers: std::ptr::null(),
-            dtype: 0,
-            policy: 0,
-            ring_bytes: 64 << 20,
-            block_timeout_ms: 10_000,
-            reserved: 0,
-        };
-        // SAFETY: out is non-NULL and points to writable storage for the struct.
-        unsafe { out.write(v) };
-        Ok(())
-    })
+    guard(|| write_sized(out, default_capture(), CAPTURE_PARAMS_MIN, "out"))
 }
 
 /// Fill `out` with defaults: n_ctx 4096, n_batch = n_ubatch = 512, all cores, all GPU layers.
 ///
-/// Thread-safe. `out` must not be NULL.
+/// Set `out->struct_size = sizeof(*out)` first. Thread-safe.
 #[no_mangle]
 pub extern "C" fn lt_context_params_default(out: *mut lt_context_params) -> lt_status {
-    guard(|| {
-        nonnull(out, "out")?;
-        let d = ContextOptions::default();
-        let v = lt_context_params {
-            struct_size: std::mem::size_of::<lt_context_params>() as u32,
-            n_ctx: d.n_ctx,
-            n_batch: d.n_batch,
-            n_ubatch: d.n_ubatch,
-            n_threads: 0,
-            n_gpu_layers: -1,
-            f32_kv: 0,
-            reserved: 0,
-        };
-        // SAFETY: out is non-NULL and writable.
-        unsafe { out.write(v) };
-        Ok(())
-    })
+    guard(|| write_sized(out, default_context(), CONTEXT_PARAMS_MIN, "out"))
 }
 
 /// Fill `out` with defaults: 16 tokens, greedy, top-10 logprobs.
 ///
-/// Thread-safe. `out` must not be NULL.
+/// Set `out->struct_size = sizeof(*out)` first. Thread-safe.
 #[no_mangle]
 pub extern "C" fn lt_sampling_params_default(out: *mut lt_sampling_params) -> lt_status {
-    guard(|| {
-        nonnull(out, "out")?;
-        let v = lt_sampling_params {
-            struct_size: std::mem::size_of::<lt_sampling_params>() as u32,
-            n_predict: 16,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            report_top_k: 10,
-            reserved: 0,
-        };
-        // SAFETY: out is non-NULL and writable.
-        unsafe { out.write(v) };
-        Ok(())
-    })
+    guard(|| write_sized(out, default_sampling(), SAMPLING_PARAMS_MIN, "out"))
 }
 
-pub(crate) fn capture_spec(p: &lt_capture_params) -> Result<CaptureSpec, FfiError> {
-    check_size(
-        p.struct_size,
-        std::mem::size_of::<lt_capture_params>(),
-        "lt_capture_params",
-    )?;
+pub(crate) fn capture_spec(p: *const lt_capture_params) -> Result<CaptureSpec, FfiError> {
+    let p = &read_sized(p, CAPTURE_PARAMS_MIN, default_capture(), "capture")?;
     let patterns = if p.patterns.is_null() {
         Vec::new()
     } else {
@@ -247,12 +194,13 @@ pub(crate) fn capture_spec(p: &lt_capture_params) -> Result<CaptureSpec, FfiErro
     })
 }
 
-pub(crate) fn context_options(p: &lt_context_params) -> Result<ContextOptions, FfiError> {
-    check_size(
-        p.struct_size,
-        std::mem::size_of::<lt_context_params>(),
-        "lt_context_params",
-    )?;
+/// Read a caller's context parameters.
+pub(crate) fn context_params(p: *const lt_context_params) -> Result<lt_context_params, FfiError> {
+    read_sized(p, CONTEXT_PARAMS_MIN, default_context(), "ctx")
+}
+
+pub(crate) fn context_options(p: *const lt_context_params) -> Result<ContextOptions, FfiError> {
+    let p = &context_params(p)?;
     Ok(ContextOptions {
         n_ctx: p.n_ctx,
         n_batch: p.n_batch,
@@ -263,12 +211,8 @@ pub(crate) fn context_options(p: &lt_context_params) -> Result<ContextOptions, F
     })
 }
 
-pub(crate) fn generate_options(p: &lt_sampling_params) -> Result<GenerateOptions, FfiError> {
-    check_size(
-        p.struct_size,
-        std::mem::size_of::<lt_sampling_params>(),
-        "lt_sampling_params",
-    )?;
+pub(crate) fn generate_options(p: *const lt_sampling_params) -> Result<GenerateOptions, FfiError> {
+    let p = &read_sized(p, SAMPLING_PARAMS_MIN, default_sampling(), "sampling")?;
     Ok(GenerateOptions {
         n_predict: p.n_predict as usize,
         sampling: SamplingOptions {
@@ -279,4 +223,45 @@ pub(crate) fn generate_options(p: &lt_sampling_params) -> Result<GenerateOptions
         },
         top_k: p.report_top_k as usize,
     })
+}
+
+fn default_capture() -> lt_capture_params {
+    lt_capture_params {
+        struct_size: std::mem::size_of::<lt_capture_params>() as u32,
+        rows: 0,
+        patterns: c"l_out-*".as_ptr(),
+        layers: std::ptr::null(),
+        dtype: 0,
+        policy: 0,
+        ring_bytes: 64 << 20,
+        block_timeout_ms: 10_000,
+        reserved: 0,
+    }
+}
+
+fn default_context() -> lt_context_params {
+    let d = ContextOptions::default();
+    lt_context_params {
+        struct_size: std::mem::size_of::<lt_context_params>() as u32,
+        n_ctx: d.n_ctx,
+        n_batch: d.n_batch,
+        n_ubatch: d.n_ubatch,
+        n_threads: 0,
+        n_gpu_layers: -1,
+        f32_kv: 0,
+        reserved: 0,
+    }
+}
+
+fn default_sampling() -> lt_sampling_params {
+    lt_sampling_params {
+        struct_size: std::mem::size_of::<lt_sampling_params>() as u32,
+        n_predict: 16,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        report_top_k: 10,
+        reserved: 0,
+    }
 }

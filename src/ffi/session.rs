@@ -1,18 +1,18 @@
 //! Mode 1: the library runs the model. A session owns a tapped context and a
 //! generation thread; the caller's thread only reads the ordered stream.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::event::{lt_event, Next, Reader, LT_EVENT_END};
+use super::event::{lt_event, Next, Reader, EVENT_MIN, LT_EVENT_END};
 use super::params::{
-    capture_spec, context_options, generate_options, lt_capture_params, lt_context_params,
-    lt_sampling_params,
+    capture_spec, context_options, context_params, generate_options, lt_capture_params,
+    lt_context_params, lt_sampling_params,
 };
-use super::{c_str, guard, lt_status, nonnull, FfiError};
+use super::{c_str, guard, lt_status, nonnull, write_sized, FfiError};
 use crate::engine::{Model, ModelOptions};
 use crate::error::Error;
 use crate::session::{Generator, RunStats};
@@ -35,6 +35,9 @@ struct SessionState {
     worker: Option<JoinHandle<(Generator, Result<RunStats, Error>)>>,
     reader: Reader,
     last: Option<Result<RunStats, Error>>,
+    // Whether the last run was asked to stop early, and the message of its END event.
+    cancelled: bool,
+    end_message: CString,
 }
 
 // SAFETY: `state` is only touched by the thread that won `busy` (see `with_session`).
@@ -80,9 +83,7 @@ pub extern "C" fn lt_model_new(
         let gpu = if params.is_null() {
             -1
         } else {
-            let p = nonnull(params, "params")?;
-            context_options(p)?;
-            p.n_gpu_layers
+            context_params(params)?.n_gpu_layers
         };
         let model = Model::load(path, &ModelOptions { n_gpu_layers: gpu })?;
         // SAFETY: out is non-NULL and writable.
@@ -151,12 +152,12 @@ pub extern "C" fn lt_session_new(
         let ctx_opts = if ctx.is_null() {
             Default::default()
         } else {
-            context_options(nonnull(ctx, "ctx")?)?
+            context_options(ctx)?
         };
         let spec = if capture.is_null() {
             Default::default()
         } else {
-            capture_spec(nonnull(capture, "capture")?)?
+            capture_spec(capture)?
         };
         let (generator, stream) = Generator::new(model.clone(), &ctx_opts, &spec)?;
         let s = lt_session {
@@ -168,6 +169,8 @@ pub extern "C" fn lt_session_new(
                 worker: None,
                 reader: Reader::new(stream),
                 last: None,
+                cancelled: false,
+                end_message: CString::default(),
             }),
         };
         // SAFETY: out is non-NULL and writable.
@@ -214,6 +217,7 @@ impl SessionState {
             let (g, r) = w.join().map_err(|_| {
                 FfiError::new(lt_status::LT_INTERNAL, "the generation thread panicked")
             })?;
+            self.cancelled = g.cancel_flag().load(Ordering::Relaxed);
             self.generator = Some(g);
             self.last = Some(r);
         }
@@ -237,7 +241,7 @@ pub extern "C" fn lt_session_submit(
         let opts = if sampling.is_null() {
             Default::default()
         } else {
-            generate_options(nonnull(sampling, "sampling")?)?
+            generate_options(sampling)?
         };
         with_session(session, |st| {
             st.reap(false)?;
@@ -283,7 +287,7 @@ pub extern "C" fn lt_session_submit(
 }
 
 /// Wait up to `timeout_ms` for the next event of the stream and write it to
-/// `*event`. The previous event is released first. Returns LT_TIMEOUT when
+/// `*event` (set `event->struct_size = sizeof(lt_event)` first). The previous event is released first. Returns LT_TIMEOUT when
 /// nothing arrived, LT_END when no generation runs and nothing is left. An
 /// END event's `end_status` tells how the generation ended.
 ///
@@ -302,14 +306,16 @@ pub extern "C" fn lt_session_next(
                 Next::Event(mut ev) => {
                     if ev.kind == LT_EVENT_END {
                         st.reap(true)?;
-                        if let Some(Err(e)) = &st.last {
-                            ev.end_status = e.kind().into();
-                            super::set_last_error(e.message());
-                        }
+                        let (status, msg) = match &st.last {
+                            Some(Err(e)) => (e.kind().into(), e.message().to_string()),
+                            _ if st.cancelled => (lt_status::LT_CANCELLED, "cancelled".to_string()),
+                            _ => (lt_status::LT_OK, String::new()),
+                        };
+                        ev.end_status = status;
+                        st.end_message = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+                        ev.end_message = st.end_message.as_ptr();
                     }
-                    // SAFETY: event is non-NULL and writable.
-                    unsafe { event.write(ev) };
-                    Ok(())
+                    write_sized(event, ev, EVENT_MIN, "event")
                 }
                 Next::Timeout if running => Err(FfiError::new(
                     lt_status::LT_TIMEOUT,
@@ -352,7 +358,8 @@ pub type lt_event_callback =
 
 /// Callback API: submit `prompt` and call `callback` on this thread for every
 /// event, in order, until the END event (included). Returns the generation's
-/// status. The event is valid only during the callback.
+/// status (`LT_CANCELLED` if the callback stopped it). The event is valid only
+/// during the callback.
 ///
 /// Call from one thread at a time (else LT_BUSY).
 #[no_mangle]
@@ -377,10 +384,12 @@ pub extern "C" fn lt_session_generate(
     }
     let mut stopped = false;
     loop {
-        let mut ev = std::mem::MaybeUninit::<lt_event>::uninit();
+        let mut ev = std::mem::MaybeUninit::<lt_event>::zeroed();
+        // SAFETY: the first field of lt_event is its u32 struct_size.
+        unsafe { (ev.as_mut_ptr() as *mut u32).write(std::mem::size_of::<lt_event>() as u32) };
         match lt_session_next(session, 100, ev.as_mut_ptr()) {
             lt_status::LT_OK => {
-                // SAFETY: LT_OK means the event was written.
+                // SAFETY: zero-initialised, and LT_OK means the event was written in full.
                 let ev = unsafe { ev.assume_init() };
                 if !stopped {
                     // SAFETY: calling the user's callback with a valid event pointer.
@@ -392,7 +401,11 @@ pub extern "C" fn lt_session_generate(
                 }
                 if ev.kind == LT_EVENT_END {
                     lt_session_release(session);
-                    return ev.end_status;
+                    return if stopped {
+                        lt_status::LT_CANCELLED
+                    } else {
+                        ev.end_status
+                    };
                 }
             }
             lt_status::LT_TIMEOUT => continue,

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use llama_cpp_sys_2 as sys;
 
-use super::event::{lt_event, Next, Reader};
+use super::event::{lt_event, Next, Reader, EVENT_MIN};
 use super::params::{capture_spec, lt_capture_params};
-use super::{guard, lt_status, nonnull, FfiError};
+use super::{guard, lt_status, nonnull, write_sized, FfiError};
 use crate::capture::{abort_callback, abort_flag_ptr, eval_callback, Tap};
 use crate::engine::{Context, ContextOptions, Model};
 use crate::record::{RowMeta, TokenHeader, ROW_PROMPT};
@@ -79,7 +79,7 @@ pub extern "C" fn lt_tap_new(
         let spec = if capture.is_null() {
             Default::default()
         } else {
-            capture_spec(nonnull(capture, "capture")?)?
+            capture_spec(capture)?
         };
         if spec.patterns.iter().all(|p| p.trim().is_empty()) {
             return Err(FfiError::new(
@@ -290,20 +290,7 @@ pub extern "C" fn lt_tap_push_token(
         let st = token_stats(logits, token, top_k as usize);
         let piece = t.model.token_bytes(token);
         producing(t, |tap| {
-            let h = TokenHeader {
-                kind: 0,
-                header_size: 0,
-                step,
-                seq_id,
-                pos,
-                token,
-                flags: 0,
-                n_top: 0,
-                logprob: st.logprob,
-                entropy: st.entropy,
-                piece_len: 0,
-                reserved: 0,
-            };
+            let h = TokenHeader::event(step, seq_id, pos, token, 0, st.logprob, st.entropy);
             Ok(tap.push_token(h, &st.top, &piece)?)
         })
     })
@@ -311,6 +298,7 @@ pub extern "C" fn lt_tap_push_token(
 
 /// Read the next event (frames, and tokens pushed with `lt_tap_push_token`),
 /// waiting up to `timeout_ms`; LT_TIMEOUT if none. Releases the previous event.
+/// Set `event->struct_size = sizeof(lt_event)` first.
 /// A reader thread may call this while another thread decodes.
 ///
 /// One reader thread at a time (else LT_BUSY).
@@ -328,11 +316,7 @@ pub extern "C" fn lt_tap_next(
             .try_lock()
             .map_err(|_| FfiError::new(lt_status::LT_BUSY, "another thread is reading this tap"))?;
         match r.next(Duration::from_millis(timeout_ms as u64))? {
-            Next::Event(ev) => {
-                // SAFETY: event is non-NULL and writable.
-                unsafe { event.write(ev) };
-                Ok(())
-            }
+            Next::Event(ev) => write_sized(event, ev, EVENT_MIN, "event"),
             Next::Timeout => Err(FfiError::new(
                 lt_status::LT_TIMEOUT,
                 "no event within the timeout",
