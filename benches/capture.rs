@@ -138,7 +138,7 @@ impl Bench {
         }
     }
 
-    /// ms per generated token (decode + sample) over `n` tokens.
+    /// llama_decode ms per generated token over `n` tokens.
     fn ms_per_token(&mut self, n: usize) -> f64 {
         let opts = GenerateOptions {
             n_predict: n,

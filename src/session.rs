@@ -78,6 +78,9 @@ pub struct RunStats {
     pub prompt_ms: f64,
     /// Mean wall time per generation decode step, ms.
     pub ms_per_token: f64,
+    /// Mean time of `llama_decode` alone per generation step, ms (no sampling or
+    /// top-k statistics): the number to compare tap against no tap.
+    pub decode_ms_per_token: f64,
     /// Tap counters at the end.
     pub counters: TapCounters,
 }
@@ -309,6 +312,7 @@ impl Generator {
         // Generation: one token per live sequence per step.
         let t1 = Instant::now();
         let mut steps = 0usize;
+        let mut decode_s = 0f64;
         let mut pos: Vec<i32> = prompts.iter().map(|p| p.len() as i32).collect();
         let mut produced = vec![1usize; n_seq];
         for step in 1..opts.n_predict as u32 {
@@ -335,7 +339,9 @@ impl Generator {
             if live.is_empty() || self.cancel.load(Ordering::Relaxed) {
                 break;
             }
+            let td = Instant::now();
             self.decode(step, 0)?;
+            decode_s += td.elapsed().as_secs_f64();
             steps += 1;
             for (bi, &s) in live.iter().enumerate() {
                 pos[s] += 1;
@@ -347,6 +353,11 @@ impl Generator {
             }
         }
         stats.generated_tokens = done;
+        stats.decode_ms_per_token = if steps > 0 {
+            decode_s * 1e3 / steps as f64
+        } else {
+            0.0
+        };
         stats.ms_per_token = if steps > 0 {
             t1.elapsed().as_secs_f64() * 1e3 / steps as f64
         } else {

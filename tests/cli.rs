@@ -113,6 +113,10 @@ fn capture_writes_tokens_latents_manifest() {
     assert_eq!(man["counters"]["drops"], 0);
     assert_eq!(man["counters"]["frames"], 2 * 4);
     assert_eq!(man["tensors"].as_array().unwrap().len(), 2);
+    let t = &man["timings"];
+    assert_eq!(t["generated_tokens"], 4);
+    assert!(t["decode_ms_per_token"].as_f64().unwrap() > 0.0);
+    assert!(t["ms_per_token"].as_f64().unwrap() >= t["decode_ms_per_token"].as_f64().unwrap());
 }
 
 #[test]

@@ -327,7 +327,7 @@ fn capture(a: CaptureArgs) -> Result<()> {
                     "n_ctx": ctx_opts.n_ctx, "n_batch": ctx_opts.n_batch, "n_ubatch": ctx_opts.n_ubatch, "threads": ctx_opts.n_threads.unwrap_or_else(default_threads)},
         "tensors": tensors,
         "counters": {"frames": stats.counters.frames, "bytes": stats.counters.bytes, "drops": stats.counters.drops, "unaligned": stats.counters.unaligned, "seq_gaps": collected.seq_gaps},
-        "timings": {"prompt_ms": stats.prompt_ms, "ms_per_token": stats.ms_per_token, "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens},
+        "timings": {"prompt_ms": stats.prompt_ms, "ms_per_token": stats.ms_per_token, "decode_ms_per_token": stats.decode_ms_per_token, "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens},
     });
     std::fs::write(
         a.out.join("manifest.json"),
@@ -354,12 +354,13 @@ fn capture(a: CaptureArgs) -> Result<()> {
         println!("{:<16} {:>6} {:>6} {:>12.3}", t.name, n, t.width, mean);
     }
     println!(
-        "frames {} bytes {} drops {} | prompt {:.1} ms, {:.2} ms/token | wrote {}",
+        "frames {} bytes {} drops {} | prompt {:.1} ms, {:.2} ms/token ({:.2} in llama_decode) | wrote {}",
         stats.counters.frames,
         stats.counters.bytes,
         stats.counters.drops,
         stats.prompt_ms,
         stats.ms_per_token,
+        stats.decode_ms_per_token,
         a.out.display()
     );
     Ok(())
