@@ -38,6 +38,11 @@ impl Stream {
         self.consumer.stats()
     }
 
+    /// True when nothing is waiting to be read right now.
+    pub fn is_empty(&self) -> bool {
+        self.consumer.used_bytes() == 0
+    }
+
     /// True once the end record was read, or the producer is gone and the ring is empty.
     pub fn is_finished(&self) -> bool {
         self.ended || (self.consumer.is_abandoned() && self.consumer.used_bytes() == 0)

@@ -302,6 +302,13 @@ pub extern "C" fn lt_session_next(
         nonnull(event, "event")?;
         with_session(session, |st| {
             let running = st.worker.is_some();
+            if !running {
+                // Nothing can arrive any more: answer at once instead of waiting out the timeout.
+                st.reader.release();
+                if st.reader.stream().is_empty() {
+                    return Err(FfiError::new(lt_status::LT_END, "no generation is running"));
+                }
+            }
             match st.reader.next(Duration::from_millis(timeout_ms as u64))? {
                 Next::Event(mut ev) => {
                     if ev.kind == LT_EVENT_END {
