@@ -111,8 +111,14 @@ fn capture_writes_tokens_latents_manifest() {
     let l1 = parsed.tensor("l_out-1").unwrap();
     assert_eq!(l1.dtype(), safetensors::Dtype::F32);
     assert_eq!(l1.shape(), [12, 64]);
-    assert_eq!(parsed.tensor("l_out-1.seq").unwrap().data(), vec![0u8; 12 * 4].as_slice());
-    assert!(l1.data().chunks(4).any(|c| c != [0, 0, 0, 0]), "latents are not all zero");
+    assert_eq!(
+        parsed.tensor("l_out-1.seq").unwrap().data(),
+        vec![0u8; 12 * 4].as_slice()
+    );
+    assert!(
+        l1.data().chunks(4).any(|c| c != [0, 0, 0, 0]),
+        "latents are not all zero"
+    );
     let man: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(man["model"]["n_layer"], 3);
