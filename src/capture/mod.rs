@@ -571,3 +571,177 @@ pub fn convert_to_f32(src: &[u8], dtype: Dtype, dst: &mut [u8]) {
     };
     convert::convert_run(src, ty, dst, Dtype::F32);
 }
+
+#[cfg(test)]
+mod tests {
+    //! The compute thread's side of the tap, driven with hand-made tensors: rows
+    //! land with the right `(seq, pos, token)`, and in drop-newest mode the
+    //! callback makes no Rust heap allocation at all.
+
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::record::{Record, ROW_PROMPT};
+    use crate::select::GraphNode;
+
+    /// Counts allocations made by the current thread.
+    struct Counting;
+
+    thread_local! {
+        static ALLOCS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    // SAFETY: forwards to System; the counter is a thread-local Cell that never allocates.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+            // SAFETY: same contract as the caller's.
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            // SAFETY: same contract as the caller's.
+            unsafe { System.dealloc(p, l) }
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+            let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+            // SAFETY: same contract as the caller's.
+            unsafe { System.realloc(p, l, n) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    fn allocs() -> u64 {
+        ALLOCS.with(Cell::get)
+    }
+
+    fn tensor(name: &str, data: &mut [f32], ne: [i64; 4]) -> sys::ggml_tensor {
+        // SAFETY: ggml_tensor is plain C data; all-zero is a valid empty tensor.
+        let mut t: sys::ggml_tensor = unsafe { std::mem::zeroed() };
+        for (d, s) in t.name.iter_mut().zip(name.bytes()) {
+            *d = s as _;
+        }
+        t.type_ = convert::GGML_F32;
+        t.ne = ne;
+        t.nb = [
+            4,
+            4 * ne[0] as usize,
+            4 * (ne[0] * ne[1]) as usize,
+            4 * (ne[0] * ne[1] * ne[2]) as usize,
+        ];
+        t.data = data.as_mut_ptr() as *mut c_void;
+        t
+    }
+
+    /// One graph compute: every node asked, the selected ones delivered.
+    fn compute(tap: &mut Tap, nodes: &mut [sys::ggml_tensor]) {
+        let user = tap as *mut Tap as *mut c_void;
+        for t in nodes.iter_mut() {
+            // SAFETY: valid tensors and the tap they were built for, one thread.
+            unsafe {
+                if eval_callback(t, true, user) {
+                    assert!(eval_callback(t, false, user));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frames_carry_rows_and_the_callback_never_allocates() {
+        let raw: Vec<ProbeNode> = [
+            "inp_embd",
+            "attn_norm-0",
+            "l_out-0",
+            "l_out-1",
+            "result_norm",
+        ]
+        .iter()
+        .map(|n| (n.to_string(), 0, [8, 1, 1, 1]))
+        .collect();
+        let graph = GraphNode::list_from_raw(&raw);
+        let sel = Selection::compile(&["l_out-*".into()], None, &graph).unwrap();
+        // Room for a few frames only, so the loop below also exercises drops.
+        let (producer, mut consumer) = crate::ring::channel(4096).unwrap();
+        let settings = TapSettings {
+            rows: Rows::All,
+            dtype: Dtype::F32,
+            policy: Policy::DropNewest,
+            n_ubatch: 4,
+        };
+        let mut tap = Tap::armed("inp_embd", sel, producer, settings).unwrap();
+        let rows: Vec<RowMeta> = (0..6)
+            .map(|i| RowMeta {
+                seq_id: 0,
+                pos: i,
+                token: 100 + i,
+                flags: ROW_PROMPT,
+            })
+            .collect();
+        let outputs = [false, false, false, false, false, true];
+        let mut emb = vec![0f32; 32];
+        let mut l0: Vec<f32> = (0..32).map(|i| i as f32).collect();
+        let mut l1: Vec<f32> = (0..32).map(|i| -(i as f32)).collect();
+        let mut l0_tail: Vec<f32> = (0..16).map(|i| 1000.0 + i as f32).collect();
+        let mut l1_tail: Vec<f32> = (0..8).map(|i| 2000.0 + i as f32).collect();
+
+        let mut in_callbacks = 0;
+        for _ in 0..50 {
+            tap.begin_decode(0, 0, 4, &rows, &outputs);
+            let before = allocs();
+            // ubatch 0: 4 prompt rows, no output row
+            let mut g0 = [
+                tensor("inp_embd", &mut emb, [8, 4, 1, 1]),
+                tensor("l_out-0", &mut l0, [8, 4, 1, 1]),
+                tensor("l_out-1", &mut l1, [8, 4, 1, 1]),
+            ];
+            compute(&mut tap, &mut g0);
+            // ubatch 1: 2 rows; the last layer is pruned to the one output row
+            let mut g1 = [
+                tensor("inp_embd", &mut emb, [8, 2, 1, 1]),
+                tensor("l_out-0", &mut l0_tail, [8, 2, 1, 1]),
+                tensor("l_out-1", &mut l1_tail[..8], [8, 1, 1, 1]),
+            ];
+            compute(&mut tap, &mut g1);
+            in_callbacks += allocs() - before;
+        }
+        assert_eq!(
+            in_callbacks, 0,
+            "Rust heap allocations inside the eval callback"
+        );
+        let c = tap.counters();
+        assert_eq!(c.frames, 200);
+        assert!(c.drops > 0, "the small ring dropped frames: {c:?}");
+
+        // The first frames in the ring are from the first decode, in graph order.
+        let mut seen = Vec::new();
+        while let Some(g) = consumer.try_read() {
+            if let Record::Frame(f) = Record::parse(&g).unwrap() {
+                seen.push((
+                    f.name().to_string(),
+                    f.header.seq,
+                    f.header.ubatch,
+                    f.rows.to_vec(),
+                    f.as_f32().unwrap().to_vec(),
+                ));
+            }
+        }
+        let (name, seq, ub, r, v) = &seen[0];
+        assert_eq!((name.as_str(), *seq, *ub), ("l_out-0", 0, 0));
+        assert_eq!(
+            r.iter().map(|r| (r.pos, r.token)).collect::<Vec<_>>(),
+            [(0, 100), (1, 101), (2, 102), (3, 103)]
+        );
+        assert_eq!(v, &l0);
+        let (name, _, ub, r, v) = &seen[3];
+        assert_eq!((name.as_str(), *ub), ("l_out-1", 1));
+        assert_eq!(
+            r.iter().map(|r| r.pos).collect::<Vec<_>>(),
+            [5],
+            "pruned layer maps to the output row"
+        );
+        assert_eq!(v, &l1_tail[..8]);
+        assert_eq!(seen.len() as u64 + c.drops, c.frames);
+    }
+}
