@@ -525,11 +525,13 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * A static, NUL-terminated description of `status`. Never NULL.
+ * A static, NUL-terminated description of a status value; "unknown status"
+ * for values this library does not define. Never NULL.
  *
+ * Takes a plain `int32_t` so that any value a C caller holds is safe to pass.
  * Thread-safe; the string lives for the whole program.
  */
-const char *lt_status_str(lt_status status);
+const char *lt_status_str(int32_t status);
 
 /**
  * Detail of the last failed call on the calling thread ("" if none). Never NULL.

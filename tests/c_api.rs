@@ -164,12 +164,21 @@ fn null_pointers_are_rejected() {
     lt_session_free(s);
     lt_model_free(model);
     // Every status has a message.
-    for st in [lt_status::LT_OK, lt_status::LT_BUSY, lt_status::LT_INTERNAL] {
-        // SAFETY: lt_status_str returns a static C string.
-        assert!(!unsafe { CStr::from_ptr(lt_status_str(st)) }
-            .to_bytes()
-            .is_empty());
-    }
+    let name = |v: i32| {
+        // SAFETY: lt_status_str returns a static C string for any value.
+        unsafe { CStr::from_ptr(lt_status_str(v)) }
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let names: Vec<String> = (0..=15).map(name).collect();
+    assert!(
+        names.iter().all(|n| !n.is_empty() && n != "unknown status"),
+        "{names:?}"
+    );
+    assert_eq!(name(lt_status::LT_BUSY as i32), "handle busy");
+    assert_eq!(name(99), "unknown status");
+    assert_eq!(name(-1), "unknown status");
     assert_eq!(
         lt_version(),
         (LT_VERSION_MAJOR << 16) | (LT_VERSION_MINOR << 8) | LT_VERSION_PATCH

@@ -179,7 +179,7 @@ def load_library():
         path = str(root / "target" / "c-install" / "lib" / "liblatent_tap.so")
     lib = ctypes.CDLL(path)
     proto = [
-        ("lt_status_str", c_char_p, [lt_status]),
+        ("lt_status_str", c_char_p, [ctypes.c_int32]),
         ("lt_last_error", c_char_p, []),
         ("lt_version", c_uint32, []),
         ("lt_capture_params_default", lt_status, [POINTER(lt_capture_params)]),

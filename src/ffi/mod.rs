@@ -194,28 +194,52 @@ pub(crate) fn write_sized<T: Copy>(
     Ok(())
 }
 
-/// A static, NUL-terminated description of `status`. Never NULL.
+/// A static, NUL-terminated description of a status value; "unknown status"
+/// for values this library does not define. Never NULL.
 ///
+/// Takes a plain `int32_t` so that any value a C caller holds is safe to pass.
 /// Thread-safe; the string lives for the whole program.
 #[no_mangle]
-pub extern "C" fn lt_status_str(status: lt_status) -> *const c_char {
-    let s: &'static CStr = match status {
-        lt_status::LT_OK => c"ok",
-        lt_status::LT_INVALID_ARGUMENT => c"invalid argument",
-        lt_status::LT_NULL_POINTER => c"NULL pointer argument",
-        lt_status::LT_INVALID_UTF8 => c"string is not valid UTF-8",
-        lt_status::LT_MODEL_LOAD => c"cannot load model",
-        lt_status::LT_NO_MATCH => c"pattern matches no tensor",
-        lt_status::LT_PROMPT_TOO_LONG => c"prompt does not fit in the context",
-        lt_status::LT_DECODE => c"llama_decode failed",
-        lt_status::LT_RING_TIMEOUT => c"ring full past its timeout",
-        lt_status::LT_FRAME_TOO_LARGE => c"frame larger than the ring",
-        lt_status::LT_TIMEOUT => c"timed out",
-        lt_status::LT_END => c"end of stream",
-        lt_status::LT_BUSY => c"handle busy",
-        lt_status::LT_IO => c"I/O error",
-        lt_status::LT_INTERNAL => c"internal error",
-        lt_status::LT_CANCELLED => c"cancelled",
+pub extern "C" fn lt_status_str(status: i32) -> *const c_char {
+    use lt_status::*;
+    const ALL: [lt_status; 16] = [
+        LT_OK,
+        LT_INVALID_ARGUMENT,
+        LT_NULL_POINTER,
+        LT_INVALID_UTF8,
+        LT_MODEL_LOAD,
+        LT_NO_MATCH,
+        LT_PROMPT_TOO_LONG,
+        LT_DECODE,
+        LT_RING_TIMEOUT,
+        LT_FRAME_TOO_LARGE,
+        LT_TIMEOUT,
+        LT_END,
+        LT_BUSY,
+        LT_IO,
+        LT_INTERNAL,
+        LT_CANCELLED,
+    ];
+    let Some(&known) = ALL.iter().find(|s| **s as i32 == status) else {
+        return c"unknown status".as_ptr();
+    };
+    let s: &'static CStr = match known {
+        LT_OK => c"ok",
+        LT_INVALID_ARGUMENT => c"invalid argument",
+        LT_NULL_POINTER => c"NULL pointer argument",
+        LT_INVALID_UTF8 => c"string is not valid UTF-8",
+        LT_MODEL_LOAD => c"cannot load model",
+        LT_NO_MATCH => c"pattern matches no tensor",
+        LT_PROMPT_TOO_LONG => c"prompt does not fit in the context",
+        LT_DECODE => c"llama_decode failed",
+        LT_RING_TIMEOUT => c"ring full past its timeout",
+        LT_FRAME_TOO_LARGE => c"frame larger than the ring",
+        LT_TIMEOUT => c"timed out",
+        LT_END => c"end of stream",
+        LT_BUSY => c"handle busy",
+        LT_IO => c"I/O error",
+        LT_INTERNAL => c"internal error",
+        LT_CANCELLED => c"cancelled",
     };
     s.as_ptr()
 }
