@@ -1,7 +1,7 @@
 //! Proves that the synthetic GGUF writer and the ndarray reference forward pass
 //! agree with what llama.cpp actually computes, so other tests can trust both.
 //!
-//! Set `LATENT_TAP_LLAMA_LOG=1` to see llama.cpp's own logging.
+//! Set `LATENT_TAP_LOG=1` to see llama.cpp's own logging.
 
 mod common;
 
@@ -25,7 +25,7 @@ unsafe extern "C" fn quiet_log(_: sys::ggml_log_level, _: *const c_char, _: *mut
 fn init_backend() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
-        if std::env::var_os("LATENT_TAP_LLAMA_LOG").is_none() {
+        if std::env::var_os("LATENT_TAP_LOG").is_none() {
             // SAFETY: the callback is a valid `extern "C"` fn that ignores its
             // arguments and needs no user data.
             unsafe { sys::llama_log_set(Some(quiet_log), std::ptr::null_mut()) };
