@@ -46,6 +46,38 @@ impl Default for CaptureSpec {
     }
 }
 
+impl CaptureSpec {
+    /// True when no pattern is given: a tokens-only stream, no eval callback.
+    pub fn captures_nothing(&self) -> bool {
+        self.patterns
+            .iter()
+            .all(|p| p.split(',').all(|q| q.trim().is_empty()))
+    }
+}
+
+/// Compile `spec` against `graph` and arm a tap that writes into a new ring.
+/// Shared by sessions and by C plugin taps.
+pub(crate) fn build_tap(
+    graph: &[GraphNode],
+    spec: &CaptureSpec,
+    n_ubatch: usize,
+) -> Result<(Tap, Stream)> {
+    let (producer, consumer) = crate::ring::channel(spec.ring_bytes)
+        .map_err(|e| Error::invalid(format!("ring capacity {}: {e}", spec.ring_bytes)))?;
+    let (sel, sentinel) = if spec.captures_nothing() {
+        (Selection::empty(), "")
+    } else {
+        let sel = Selection::compile(&spec.patterns, spec.layers.as_ref(), graph)?;
+        // The first node of every graph compute marks a new ubatch.
+        let first = graph
+            .first()
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "the probe saw no named graph node"))?;
+        (sel, first.ggml_name.as_str())
+    };
+    let tap = Tap::armed(sentinel, sel, producer, settings(spec, n_ubatch))?;
+    Ok((tap, Stream::new(consumer)))
+}
+
 /// Generation settings.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -135,32 +167,25 @@ impl Generator {
         opts: &ContextOptions,
         spec: &CaptureSpec,
     ) -> Result<(Self, Stream)> {
-        let (producer, consumer) = crate::ring::channel(spec.ring_bytes)
-            .map_err(|e| Error::invalid(format!("ring capacity {}: {e}", spec.ring_bytes)))?;
-        let tokens_only = spec
-            .patterns
-            .iter()
-            .all(|p| p.split(',').all(|q| q.trim().is_empty()));
-        let (ctx, selection, graph) = if tokens_only {
+        let (ctx, stream, graph) = if spec.captures_nothing() {
             // Nothing to capture: no eval callback, so the graph runs untouched.
-            let n_ubatch = opts.n_ubatch.min(opts.n_batch) as usize;
-            let tap = Tap::armed("", Selection::empty(), producer, settings(spec, n_ubatch))?;
+            let (tap, stream) = build_tap(&[], spec, opts.n_ubatch.min(opts.n_batch) as usize)?;
             (
                 Context::new(model, opts, Some(Box::new(tap)))?,
-                Vec::new(),
+                stream,
                 Vec::new(),
             )
         } else {
             let mut ctx = Context::new(model, opts, Some(Box::new(Tap::probe())))?;
             let graph = probe_graph_on(&mut ctx)?;
-            let sel = Selection::compile(&spec.patterns, spec.layers.as_ref(), &graph)?;
-            let selection = sel.tensors().to_vec();
-            let n_ubatch = ctx.n_ubatch() as usize;
-            ctx.tap_mut()
-                .ok_or_else(|| Error::new(ErrorKind::Internal, "context has no tap"))?
-                .arm(sel, producer, settings(spec, n_ubatch))?;
-            (ctx, selection, graph)
+            let (tap, stream) = build_tap(&graph, spec, ctx.n_ubatch() as usize)?;
+            ctx.replace_tap(tap)?;
+            (ctx, stream, graph)
         };
+        let selection = ctx
+            .tap()
+            .map(|t| t.selection().to_vec())
+            .unwrap_or_default();
         let n_batch = ctx.n_batch() as usize;
         Ok((
             Self {
@@ -172,7 +197,7 @@ impl Generator {
                 outputs: Vec::with_capacity(n_batch),
                 cancel: Arc::new(AtomicBool::new(false)),
             },
-            Stream::new(consumer),
+            stream,
         ))
     }
 

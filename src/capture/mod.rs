@@ -101,6 +101,8 @@ struct Plan {
     n_ubatch: usize,
     rows: Vec<RowMeta>,
     flags: Vec<u8>,
+    // Scratch: sequences already seen while scanning the batch backwards.
+    seqs: Vec<i32>,
 }
 
 /// Counters the tap keeps beside the ring's own.
@@ -149,26 +151,6 @@ impl Tap {
             Mode::Probe(v) => v,
             Mode::Capture(_) => &[],
         }
-    }
-
-    /// Switch from probing to capturing `sel` into `producer`.
-    pub(crate) fn arm(
-        &mut self,
-        sel: Selection,
-        producer: Producer,
-        settings: TapSettings,
-    ) -> Result<()> {
-        let sentinel = self
-            .probed_nodes()
-            .iter()
-            .find(|n| !n.0.is_empty())
-            .map(|n| n.0.clone())
-            .ok_or_else(|| Error::new(ErrorKind::Internal, "the probe saw no named graph node"))?;
-        // Keep `self.abort`: the context already holds a pointer to it.
-        let armed = Self::armed(&sentinel, sel, producer, settings)?;
-        self.mode = armed.mode;
-        self.plan = armed.plan;
-        Ok(())
     }
 
     /// A capturing tap for a graph whose every compute starts with the node named
@@ -225,6 +207,14 @@ impl Tap {
         Ok(tap)
     }
 
+    /// The tensors this tap captures, in graph order (none while probing).
+    pub fn selection(&self) -> &[crate::select::SelectedTensor] {
+        match &self.mode {
+            Mode::Probe(_) => &[],
+            Mode::Capture(a) => a.sel.tensors(),
+        }
+    }
+
     /// True when llama.cpp must call this tap's eval callback (it selects tensors,
     /// or it is probing). A tokens-only tap leaves the graph untouched.
     pub(crate) fn wants_eval(&self) -> bool {
@@ -249,12 +239,17 @@ impl Tap {
         self.plan.n_ubatch = n_ubatch;
         self.plan.rows.clear();
         self.plan.rows.extend_from_slice(rows);
-        self.plan.flags.clear();
-        for (i, (r, &o)) in rows.iter().zip(outputs).enumerate() {
-            let last = !rows[i + 1..].iter().any(|q| q.seq_id == r.seq_id);
-            self.plan
-                .flags
-                .push((u8::from(o) * PLAN_OUTPUT) | (u8::from(last) * PLAN_LAST));
+        // One backward pass: a row is its sequence's last when no later row has its seq id.
+        let plan = &mut self.plan;
+        plan.flags.clear();
+        plan.flags.resize(rows.len(), 0);
+        plan.seqs.clear();
+        for (i, (r, &o)) in rows.iter().zip(outputs).enumerate().rev() {
+            let last = !plan.seqs.contains(&r.seq_id);
+            if last {
+                plan.seqs.push(r.seq_id);
+            }
+            plan.flags[i] = (u8::from(o) * PLAN_OUTPUT) | (u8::from(last) * PLAN_LAST);
         }
         self.ubatch = -1;
     }

@@ -167,6 +167,33 @@ impl Context {
         self.tap.as_deref_mut()
     }
 
+    /// Swap the probe tap for a capturing one. The tap box stays put, so the
+    /// eval callback's user data stays valid; the abort flag lives in the new
+    /// tap, so llama.cpp is pointed at it here, in the one place that knows.
+    pub(crate) fn replace_tap(&mut self, tap: Tap) -> Result<()> {
+        let ctx = self.as_ptr();
+        let slot = self
+            .tap
+            .as_deref_mut()
+            .filter(|t| t.wants_eval())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Internal,
+                    "context was created without an eval callback",
+                )
+            })?;
+        *slot = tap;
+        // SAFETY: valid context; the flag lives in the boxed tap, which outlives the context.
+        unsafe {
+            sys::llama_set_abort_callback(
+                ctx,
+                Some(crate::capture::abort_callback),
+                crate::capture::abort_flag_ptr(slot),
+            )
+        };
+        Ok(())
+    }
+
     pub(crate) fn tap(&self) -> Option<&Tap> {
         self.tap.as_deref()
     }
@@ -214,31 +241,34 @@ impl Context {
 
     /// Logits of output row `i` of the last decode (`n_vocab` floats).
     pub fn logits_ith(&mut self, i: i32) -> Result<&[f32]> {
-        // SAFETY: valid context; llama.cpp returns NULL for an invalid index.
-        let p = unsafe { sys::llama_get_logits_ith(self.as_ptr(), i) };
-        if p.is_null() {
-            return Err(Error::new(
-                ErrorKind::Internal,
-                format!("no logits for output {i}"),
-            ));
-        }
-        // SAFETY: llama.cpp's logits row has n_vocab floats and lives until the next decode,
-        // which needs &mut self.
-        Ok(unsafe { std::slice::from_raw_parts(p, self.model.n_vocab()) })
+        let n = self.model.n_vocab();
+        self.output_row(sys::llama_get_logits_ith, i, n, "logits")
     }
 
     /// Embeddings (`result_norm`) of output row `i`; needs `embeddings: true`.
     pub fn embeddings_ith(&mut self, i: i32) -> Result<&[f32]> {
-        // SAFETY: valid context; NULL when embeddings are off or i is invalid.
-        let p = unsafe { sys::llama_get_embeddings_ith(self.as_ptr(), i) };
+        let n = self.model.n_embd();
+        self.output_row(sys::llama_get_embeddings_ith, i, n, "embeddings")
+    }
+
+    /// One row of llama.cpp's output buffers, borrowed until the next decode (&mut self).
+    fn output_row(
+        &mut self,
+        get: unsafe extern "C" fn(*mut sys::llama_context, i32) -> *mut f32,
+        i: i32,
+        len: usize,
+        what: &str,
+    ) -> Result<&[f32]> {
+        // SAFETY: valid context; llama.cpp returns NULL for an invalid index or a disabled output.
+        let p = unsafe { get(self.as_ptr(), i) };
         if p.is_null() {
             return Err(Error::new(
                 ErrorKind::Internal,
-                format!("no embeddings for output {i}"),
+                format!("no {what} for output {i}"),
             ));
         }
-        // SAFETY: the row has n_embd floats and lives until the next decode (&mut self).
-        Ok(unsafe { std::slice::from_raw_parts(p, self.model.n_embd()) })
+        // SAFETY: the row has `len` floats and lives until the next decode, which needs &mut self.
+        Ok(unsafe { std::slice::from_raw_parts(p, len) })
     }
 
     /// Forget all sequences (clears the KV cache).

@@ -81,7 +81,7 @@ pub extern "C" fn lt_tap_new(
         } else {
             capture_spec(capture)?
         };
-        if spec.patterns.iter().all(|p| p.trim().is_empty()) {
+        if spec.captures_nothing() {
             return Err(FfiError::new(
                 lt_status::LT_INVALID_ARGUMENT,
                 "a tap needs at least one pattern",
@@ -103,25 +103,12 @@ pub extern "C" fn lt_tap_new(
         };
         let mut ctx = Context::new(model.clone(), &opts, Some(Box::new(Tap::probe())))?;
         let graph = crate::session::probe_graph_on(&mut ctx)?;
-        let sel = crate::select::Selection::compile(&spec.patterns, spec.layers.as_ref(), &graph)?;
-        let (producer, consumer) = crate::ring::channel(spec.ring_bytes).map_err(|e| {
-            FfiError::new(
-                lt_status::LT_INVALID_ARGUMENT,
-                format!("ring capacity {}: {e}", spec.ring_bytes),
-            )
-        })?;
-        let settings = crate::capture::TapSettings {
-            rows: spec.rows,
-            dtype: spec.dtype,
-            policy: spec.policy,
-            n_ubatch: n_ubatch as usize,
-        };
-        let tap = Tap::armed(&graph[0].ggml_name, sel, producer, settings)?;
+        let (tap, stream) = crate::session::build_tap(&graph, &spec, n_ubatch as usize)?;
         drop(ctx);
         let t = lt_tap {
             tap: Box::into_raw(Box::new(tap)),
             producing: AtomicBool::new(false),
-            reader: Mutex::new(Reader::new(crate::stream::Stream::new(consumer))),
+            reader: Mutex::new(Reader::new(stream)),
             model,
             last_step: Default::default(),
             ubatch_base: Default::default(),
