@@ -15,7 +15,10 @@ pub mod ffi;
 pub mod output;
 pub mod record;
 pub mod ring;
+pub mod sched;
 pub mod select;
+#[cfg(feature = "serve")]
+pub mod server;
 pub mod session;
 pub mod stream;
 pub mod synth;

@@ -33,6 +33,9 @@ enum Cmd {
     Capture(Box<CaptureArgs>),
     /// List every capturable graph tensor, grouped by layer.
     Tensors(ModelArgs),
+    /// Serve a llama-server-compatible HTTP API that streams latents with the tokens.
+    #[cfg(feature = "serve")]
+    Serve(Box<ServeArgs>),
     /// Write a tiny random-weight llama GGUF (for tests and benchmarks).
     SynthModel {
         /// Output path.
@@ -125,9 +128,224 @@ struct CaptureArgs {
     quiet: bool,
 }
 
+/// `serve` options: llama-server's spellings and meanings for this subset.
+/// (Multi-letter short forms such as `-np` are rewritten to their long form
+/// before parsing; see [`llama_server_args`].)
+#[cfg(feature = "serve")]
+#[derive(Args)]
+struct ServeArgs {
+    /// GGUF model file.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Address to listen on (a non-loopback address needs --api-key).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed at startup).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Context size in tokens, shared by all slots.
+    #[arg(long, short = 'c', default_value_t = 4096)]
+    ctx_size: u32,
+    /// Parallel slots (-np). Default: 4 slots sharing the whole context (llama-server's
+    /// "auto"); an explicit N gives each slot ctx-size/N positions.
+    #[arg(long)]
+    parallel: Option<u32>,
+    /// Compute threads (default: all cores).
+    #[arg(long, short = 't')]
+    threads: Option<i32>,
+    /// Logical batch size per llama_decode.
+    #[arg(long, short = 'b', default_value_t = 2048)]
+    batch_size: u32,
+    /// Physical batch size per graph compute (-ub).
+    #[arg(long, default_value_t = 512)]
+    ubatch_size: u32,
+    /// Layers to offload to the GPU (-ngl; -1: all).
+    #[arg(long, alias = "gpu-layers", default_value_t = -1, allow_hyphen_values = true)]
+    n_gpu_layers: i32,
+    /// Default token limit per request (-1: until end of generation or the slot is full).
+    #[arg(long, short = 'n', alias = "predict", default_value_t = -1, allow_hyphen_values = true)]
+    n_predict: i64,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Model name reported to clients.
+    #[arg(long, short = 'a')]
+    alias: Option<String>,
+    /// Serve Prometheus metrics at /metrics.
+    #[arg(long)]
+    metrics: bool,
+    /// Header read / idle timeout in seconds (-to).
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Thread polling level 0..=100 while waiting for work (llama-server's --poll);
+    /// 0 sleeps, which degrades gracefully when other processes share the cores.
+    #[arg(long, default_value_t = 0)]
+    poll: u32,
+    /// Largest request body in KiB.
+    #[arg(long, default_value_t = 8192)]
+    max_body_kb: usize,
+    /// Requests that may wait for a slot before new ones get 503.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Ring capacity in MiB between the inference thread and the router.
+    #[arg(long, default_value_t = 256)]
+    ring_mb: usize,
+    /// Frame bytes (MiB) a subscriber may have queued before its frames are dropped.
+    #[arg(long, default_value_t = 64)]
+    subscriber_queue_mb: usize,
+    /// Seconds in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace: u64,
+}
+
+/// llama-server flags that `serve` does not implement: named in the error.
+#[cfg(feature = "serve")]
+const UNSUPPORTED_LLAMA_SERVER_FLAGS: &[&str] = &[
+    "--jinja",
+    "--no-jinja",
+    "--chat-template",
+    "--chat-template-file",
+    "--lora",
+    "--lora-scaled",
+    "--mmproj",
+    "--embedding",
+    "--embeddings",
+    "--reranking",
+    "--rerank",
+    "--grammar",
+    "--json-schema",
+    "-fa",
+    "--flash-attn",
+    "--slot-save-path",
+    "--cache-reuse",
+    "--context-shift",
+    "--spm-infill",
+    "-md",
+    "--model-draft",
+    "-hf",
+    "--hf-repo",
+    "-mu",
+    "--model-url",
+    "--api-key-file",
+    "--ssl-key-file",
+    "--ssl-cert-file",
+    "--props",
+    "--no-slots",
+    "-cb",
+    "--cont-batching",
+    "-nocb",
+    "--no-cont-batching",
+    "-kvu",
+    "--kv-unified",
+    "-sp",
+    "--special",
+    "--threads-http",
+    "-tb",
+    "--threads-batch",
+    "--path",
+    "--no-webui",
+    "--webui",
+    "-s",
+    "--seed",
+    "--temp",
+    "--top-k",
+    "--top-p",
+    "--min-p",
+    "-r",
+    "--reverse-prompt",
+    "--cache-prompt",
+    "--no-cache-prompt",
+    "-ctk",
+    "--cache-type-k",
+    "-ctv",
+    "--cache-type-v",
+    "--mlock",
+    "--no-mmap",
+    "-ts",
+    "--tensor-split",
+    "-sm",
+    "--split-mode",
+    "-mg",
+    "--main-gpu",
+    "--rope-scaling",
+    "--rope-freq-base",
+    "--yarn-orig-ctx",
+    "-dt",
+    "--defrag-thold",
+    "--n-cpu-moe",
+    "-cmoe",
+];
+
+/// Rewrite llama-server's multi-letter short flags to long ones and reject the
+/// llama-server flags `serve` does not support, naming them.
+#[cfg(feature = "serve")]
+fn llama_server_args(args: Vec<String>) -> std::result::Result<Vec<String>, String> {
+    let is_serve = args.get(1).map(String::as_str) == Some("serve");
+    if !is_serve {
+        return Ok(args);
+    }
+    let mut out = Vec::with_capacity(args.len());
+    for a in args {
+        let (flag, value) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with('-') => (f.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        let long = match flag.as_str() {
+            "-np" => "--parallel",
+            "-ub" => "--ubatch-size",
+            "-ngl" => "--n-gpu-layers",
+            "-to" => "--timeout",
+            "--ctx-size" | "--parallel" | "--threads" | "--batch-size" | "--ubatch-size" => flag.as_str(),
+            f if UNSUPPORTED_LLAMA_SERVER_FLAGS.contains(&f) => {
+                return Err(format!(
+                    "llama-server option '{f}' is not supported by latent-tap serve (see latent-tap serve --help)"
+                ))
+            }
+            _ => {
+                out.push(a);
+                continue;
+            }
+        };
+        match value {
+            Some(v) => out.push(format!("{long}={v}")),
+            None => out.push(long.to_string()),
+        }
+    }
+    Ok(out)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<String> = std::env::args().collect();
+    #[cfg(feature = "serve")]
+    let args = match llama_server_args(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let serving = args.get(1).map(String::as_str) == Some("serve");
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) if serving && e.use_stderr() => {
+            // One line for serve, like llama-server's "error: invalid argument".
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "{}",
+                if first.starts_with("error:") {
+                    first.to_string()
+                } else {
+                    format!("error: {first}")
+                }
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => e.exit(),
+    };
     let r = match cli.cmd {
+        #[cfg(feature = "serve")]
+        Cmd::Serve(a) => serve(*a),
         Cmd::Capture(a) => capture(*a),
         Cmd::Tensors(a) => tensors(a),
         Cmd::SynthModel {
@@ -144,6 +362,74 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "serve")]
+fn serve(a: ServeArgs) -> Result<()> {
+    use latent_tap::sched::EngineOptions;
+    let n_parallel = a.parallel.unwrap_or(4);
+    if n_parallel == 0 {
+        return Err(Error::invalid("--parallel must be at least 1"));
+    }
+    if a.poll > 100 {
+        return Err(Error::invalid(format!(
+            "--poll must be between 0 and 100, not {}",
+            a.poll
+        )));
+    }
+    if a.max_body_kb == 0 || a.ring_mb == 0 || a.subscriber_queue_mb == 0 || a.timeout == 0 {
+        return Err(Error::invalid(
+            "--max-body-kb, --ring-mb, --subscriber-queue-mb and --timeout must be positive",
+        ));
+    }
+    let mb = |v: usize, flag: &str| {
+        v.checked_mul(1 << 20)
+            .ok_or_else(|| Error::invalid(format!("{flag} is too large")))
+    };
+    let cfg = latent_tap::server::ServeConfig {
+        model: a.model,
+        host: a.host,
+        port: a.port,
+        engine: EngineOptions {
+            ctx: ContextOptions {
+                n_ctx: a.ctx_size,
+                n_batch: a.batch_size,
+                n_ubatch: a.ubatch_size,
+                n_threads: a.threads,
+                poll: Some(a.poll),
+                ..ContextOptions::default()
+            },
+            n_parallel: n_parallel as usize,
+            queue: a.queue,
+            ring_bytes: mb(a.ring_mb, "--ring-mb")?,
+            slot_ctx: a.parallel.map(|n| a.ctx_size / n),
+        },
+        n_gpu_layers: a.n_gpu_layers,
+        n_predict: a.n_predict,
+        api_key: a.api_key,
+        alias: a.alias,
+        metrics: a.metrics,
+        timeout: Duration::from_secs(a.timeout),
+        max_body: a
+            .max_body_kb
+            .checked_mul(1024)
+            .ok_or_else(|| Error::invalid("--max-body-kb is too large"))?,
+        shutdown_grace: Duration::from_secs(a.shutdown_grace),
+        subscriber_queue: mb(a.subscriber_queue_mb, "--subscriber-queue-mb")?,
+        on_listen: None,
+    };
+    if a.n_predict < -1 {
+        return Err(Error::invalid(
+            "--n-predict must be -1 (no limit) or a non-negative number",
+        ));
+    }
+    latent_tap::server::check_exposure(&cfg.host, cfg.api_key.as_deref()).map_err(|e| {
+        Error::invalid(format!(
+            "{}: pass --api-key KEY, or bind 127.0.0.1",
+            e.message()
+        ))
+    })?;
+    latent_tap::server::run(cfg)
 }
 
 fn load(a: &ModelArgs) -> Result<std::sync::Arc<Model>> {
@@ -255,6 +541,7 @@ fn capture(a: CaptureArgs) -> Result<()> {
         temperature: a.temp,
         top_k: a.sample_top_k,
         top_p: a.top_p,
+        min_p: 0.0,
         seed: a.seed,
     };
     let gen_opts = GenerateOptions {

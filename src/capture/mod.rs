@@ -170,23 +170,7 @@ impl Tap {
         if n_ubatch == 0 || n_ubatch > u16::MAX as usize {
             return Err(Error::invalid("n_ubatch must be between 1 and 65535"));
         }
-        // Every frame must fit in the ring, or a lossless capture could never finish.
-        for t in sel.tensors() {
-            let per_row: usize = t.ne.iter().product::<i64>().max(1) as usize;
-            let need = record::frame_len(n_ubatch, per_row, dtype);
-            if need > producer.max_record_len() {
-                return Err(Error::new(
-                    ErrorKind::FrameTooLarge,
-                    format!(
-                        "a frame of '{}' can take {} bytes ({} rows), more than the ring's largest record ({} bytes): raise the ring capacity or lower n_ubatch",
-                        t.name,
-                        need,
-                        n_ubatch,
-                        producer.max_record_len()
-                    ),
-                ));
-            }
-        }
+        check_fits(&sel, n_ubatch, dtype, producer.max_record_len())?;
         let n_slots = sel.n_slots();
         let mut tap = Self::probe();
         tap.mode = Mode::Capture(Box::new(Armed {
@@ -205,6 +189,21 @@ impl Tap {
         tap.plan.rows.reserve(n_ubatch);
         tap.plan.flags.reserve(n_ubatch);
         Ok(tap)
+    }
+
+    /// Swap an armed tap's selection between decodes, keeping its ring and
+    /// counters (a server changes what it captures as requests come and go).
+    /// The context must have been created with an eval callback.
+    pub(crate) fn reselect(&mut self, sel: Selection) -> Result<()> {
+        let n_ubatch = self.plan.n_ubatch;
+        let Mode::Capture(a) = &mut self.mode else {
+            return Err(Error::new(ErrorKind::Internal, "tap is not armed"));
+        };
+        check_fits(&sel, n_ubatch, a.dtype, a.producer.max_record_len())?;
+        a.occ = vec![0; sel.n_slots()];
+        a.sel = sel;
+        a.pending = None;
+        Ok(())
     }
 
     /// The tensors this tap captures, in graph order (none while probing).
@@ -491,6 +490,24 @@ impl Tap {
     }
 }
 
+/// Every frame must fit in the ring, or a lossless capture could never finish.
+fn check_fits(sel: &Selection, n_ubatch: usize, dtype: Dtype, max_len: usize) -> Result<()> {
+    for t in sel.tensors() {
+        let per_row: usize = t.ne.iter().product::<i64>().max(1) as usize;
+        let need = record::frame_len(n_ubatch, per_row, dtype);
+        if need > max_len {
+            return Err(Error::new(
+                ErrorKind::FrameTooLarge,
+                format!(
+                    "a frame of '{}' can take {} bytes ({} rows), more than the ring's largest record ({} bytes): raise the ring capacity or lower n_ubatch",
+                    t.name, need, n_ubatch, max_len
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn ring_error(e: WriteError) -> Error {
     match e {
         WriteError::TooLarge { .. } => Error::new(
@@ -565,6 +582,11 @@ pub fn convert_to_f32(src: &[u8], dtype: Dtype, dst: &mut [u8]) {
         Dtype::BF16 => convert::GGML_BF16,
     };
     convert::convert_run(src, ty, dst, Dtype::F32);
+}
+
+/// Convert f32 bytes in `src` to `dtype` elements in `dst` (`dtype.size()` bytes each).
+pub fn convert_from_f32(src: &[u8], dtype: Dtype, dst: &mut [u8]) {
+    convert::convert_run(src, convert::GGML_F32, dst, dtype);
 }
 
 #[cfg(test)]

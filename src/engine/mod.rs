@@ -2,11 +2,13 @@
 
 pub mod backend;
 mod batch;
+mod chat;
 mod context;
 mod model;
 mod sampler;
 
 pub use batch::Batch;
+pub use chat::apply_chat_template;
 pub use context::{default_threads, Context, ContextOptions};
 pub use model::{Model, ModelOptions, Token};
 pub use sampler::{Sampler, SamplingOptions};

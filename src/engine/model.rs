@@ -146,6 +146,17 @@ impl Model {
 
     /// Tokenize `text`, adding BOS when the model asks for it.
     pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>> {
+        self.tokenize_ext(text, add_special, false)
+    }
+
+    /// Tokenize `text`; `parse_special` turns control-token text (`<bos>`,
+    /// `<start_of_turn>`…) into those tokens, as llama-server does for prompts.
+    pub fn tokenize_ext(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<Token>> {
         let len = i32::try_from(text.len()).map_err(|_| Error::invalid("prompt is too long"))?;
         let mut out = vec![0; text.len() + 8];
         for _ in 0..2 {
@@ -158,7 +169,7 @@ impl Model {
                     out.as_mut_ptr(),
                     out.len() as i32,
                     add_special,
-                    false,
+                    parse_special,
                 )
             };
             if n >= 0 {
@@ -199,6 +210,42 @@ impl Model {
     /// The token's text, lossily decoded as UTF-8.
     pub fn token_piece(&self, token: Token) -> String {
         String::from_utf8_lossy(&self.token_bytes(token)).into_owned()
+    }
+
+    /// The token's text with control tokens rendered (`<bos>`, `<end_of_turn>`…).
+    pub fn token_bytes_special(&self, token: Token) -> Vec<u8> {
+        let mut buf = vec![0u8; 32];
+        loop {
+            // SAFETY: buf is writable for buf.len() bytes.
+            let n = unsafe {
+                sys::llama_token_to_piece(
+                    self.vocab(),
+                    token,
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len() as i32,
+                    0,
+                    true,
+                )
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return buf;
+            }
+            buf.resize((-n) as usize, 0);
+        }
+    }
+
+    /// The chat template stored in the GGUF, if any.
+    pub fn chat_template(&self) -> Option<String> {
+        // SAFETY: valid model; NULL name asks for the default template; the returned
+        // string (if any) lives as long as the model.
+        let p = unsafe { sys::llama_model_chat_template(self.as_ptr(), std::ptr::null()) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: llama.cpp returns a NUL-terminated string owned by the model.
+        let s = unsafe { std::ffi::CStr::from_ptr(p) };
+        Some(s.to_string_lossy().into_owned())
     }
 
     /// True when `token` ends generation (EOS, EOT, ...).

@@ -13,6 +13,8 @@ pub struct SamplingOptions {
     pub top_k: i32,
     /// Nucleus sampling threshold (1.0: off).
     pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one (0: off).
+    pub min_p: f32,
     /// Random seed for the final draw.
     pub seed: u32,
 }
@@ -23,6 +25,7 @@ impl Default for SamplingOptions {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
             seed: 0,
         }
     }
@@ -53,6 +56,12 @@ impl Sampler {
                     sys::llama_sampler_chain_add(
                         chain,
                         sys::llama_sampler_init_top_p(opts.top_p, 1),
+                    );
+                }
+                if opts.min_p > 0.0 {
+                    sys::llama_sampler_chain_add(
+                        chain,
+                        sys::llama_sampler_init_min_p(opts.min_p, 1),
                     );
                 }
                 sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_temp(opts.temperature));

@@ -219,6 +219,7 @@ pub(crate) fn generate_options(p: *const lt_sampling_params) -> Result<GenerateO
             temperature: p.temperature,
             top_k: p.top_k,
             top_p: p.top_p,
+            min_p: 0.0,
             seed: p.seed,
         },
         top_k: p.report_top_k as usize,

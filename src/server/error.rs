@@ -1,0 +1,96 @@
+//! llama-server's error shape: `{"error": {"code", "message", "type"}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::error::{Error, ErrorKind};
+
+/// An HTTP error answered in llama-server's JSON shape.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// llama-server's `type` string.
+    pub kind: &'static str,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl ApiError {
+    /// 400 `invalid_request_error`.
+    pub fn bad(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+        }
+    }
+
+    /// 501 `not_supported_error`.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_IMPLEMENTED,
+            kind: "not_supported_error",
+            message: message.into(),
+        }
+    }
+
+    /// 404 `not_found_error`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            kind: "not_found_error",
+            message: message.into(),
+        }
+    }
+
+    /// 503 `unavailable_error`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "unavailable_error",
+            message: message.into(),
+        }
+    }
+
+    /// 401 `authentication_error`.
+    pub fn unauthorized() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "authentication_error",
+            message: "Invalid API Key".into(),
+        }
+    }
+
+    /// 500 `server_error`.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "server_error",
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"code": self.status.as_u16(), "message": self.message, "type": self.kind}})
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e.kind() {
+            ErrorKind::InvalidArgument | ErrorKind::NoMatch | ErrorKind::PromptTooLong => {
+                Self::bad(e.message())
+            }
+            _ => Self::internal(e.message()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,335 @@
+//! `latent-tap serve`: a llama-server-compatible HTTP server that streams the
+//! latents of every layer next to the tokens, to the requester (JSON, SSE or
+//! binary records) and to subscribers of every request.
+//!
+//! Layers: HTTP (axum on hyper, tokio) → [`crate::sched::Engine`] (slots,
+//! continuous batching, one inference thread, frames through the ring, a
+//! router thread). Nothing here runs on the inference thread.
+
+mod api;
+mod error;
+mod request;
+mod text;
+mod wire;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use error::ApiError;
+pub use wire::{FRAMES_MEDIA_TYPE, KIND_JSON};
+
+use crate::engine::{Model, ModelOptions};
+use crate::error::{Error, ErrorKind, Result};
+use crate::sched::{Engine, EngineOptions};
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// GGUF model.
+    pub model: PathBuf,
+    /// Address to bind.
+    pub host: String,
+    /// Port (0: any free port; the chosen one is printed).
+    pub port: u16,
+    /// Engine (context, slots, queue, ring).
+    pub engine: EngineOptions,
+    /// Layers offloaded to a GPU.
+    pub n_gpu_layers: i32,
+    /// Default token limit of a request (-1: none).
+    pub n_predict: i64,
+    /// Bearer key required on every endpoint but `/health`.
+    pub api_key: Option<String>,
+    /// Model name reported to clients (default: the file's path).
+    pub alias: Option<String>,
+    /// Serve `/metrics`.
+    pub metrics: bool,
+    /// Header read / idle timeout.
+    pub timeout: Duration,
+    /// Largest request body.
+    pub max_body: usize,
+    /// How long in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
+    pub shutdown_grace: Duration,
+    /// Bytes of frames a subscriber may have queued before its frames are dropped.
+    pub subscriber_queue: usize,
+    /// Called once with the bound address (tests use port 0).
+    pub on_listen: Option<fn(SocketAddr)>,
+}
+
+/// Refuse a non-loopback bind without an API key.
+pub fn check_exposure(host: &str, api_key: Option<&str>) -> Result<()> {
+    let loopback = match host.parse::<IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host == "localhost",
+    };
+    if !loopback && api_key.is_none_or(str::is_empty) {
+        return Err(Error::invalid(format!(
+            "refusing to listen on non-loopback address {host} without an API key"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) struct App {
+    pub(crate) cfg: ServeConfig,
+    pub(crate) engine: OnceLock<Engine>,
+    pub(crate) model_name: String,
+    pub(crate) shutting_down: AtomicBool,
+}
+
+impl App {
+    pub(crate) fn engine(&self) -> std::result::Result<&Engine, ApiError> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
+        self.engine
+            .get()
+            .ok_or_else(|| ApiError::unavailable("Loading model"))
+    }
+
+    pub(crate) fn model(&self) -> std::result::Result<&Arc<Model>, ApiError> {
+        self.engine().map(Engine::model)
+    }
+}
+
+/// Run the server until SIGINT/SIGTERM; returns after a graceful shutdown.
+pub fn run(cfg: ServeConfig) -> Result<()> {
+    check_exposure(&cfg.host, cfg.api_key.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("latent-tap-http")
+        .build()
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("tokio runtime: {e}")))?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: ServeConfig) -> Result<()> {
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("cannot listen on {addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::new(ErrorKind::Io, format!("{addr}: {e}")))?;
+    let model_name = cfg
+        .alias
+        .clone()
+        .unwrap_or_else(|| cfg.model.display().to_string());
+    let app = Arc::new(App {
+        cfg: cfg.clone(),
+        engine: OnceLock::new(),
+        model_name,
+        shutting_down: AtomicBool::new(false),
+    });
+    println!(
+        "latent-tap serve: listening on http://{local} (loading model {})",
+        cfg.model.display()
+    );
+    if let Some(f) = cfg.on_listen {
+        f(local);
+    }
+    // Load in the background so /health can answer 503 meanwhile.
+    let loader = {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let model = Model::load(
+                &app.cfg.model,
+                &ModelOptions {
+                    n_gpu_layers: app.cfg.n_gpu_layers,
+                },
+            )?;
+            let engine = Engine::start(model, &app.cfg.engine)?;
+            println!(
+                "latent-tap serve: model ready ({} slots, context {} tokens, {} per slot)",
+                engine.n_parallel(),
+                engine.n_ctx(),
+                engine.n_ctx_slot()
+            );
+            let _ = app.engine.set(engine);
+            Ok(())
+        })
+    };
+    let router = routes(app.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut loader = Some(loader);
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            r = async { loader.as_mut().expect("polled only while Some").await }, if loader.is_some() => {
+                loader = None;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => return Err(Error::new(ErrorKind::Internal, format!("model loader: {e}"))),
+                }
+            }
+            conn = listener.accept() => {
+                let Ok((stream, _)) = conn else { continue };
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let svc = hyper_util::service::TowerToHyperService::new(router.clone());
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(cfg.timeout)
+                    .keep_alive(true);
+                let conn = b.serve_connection(io, svc);
+                let fut = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = fut.await;
+                });
+            }
+            _ = &mut signal => break,
+        }
+    }
+    // Stop accepting; let in-flight requests finish, then cancel what is left.
+    drop(listener);
+    eprintln!(
+        "latent-tap serve: shutting down (in-flight requests get {:?})",
+        cfg.shutdown_grace
+    );
+    app.shutting_down.store(true, Ordering::Relaxed);
+    if let Some(e) = app.engine.get() {
+        e.begin_shutdown(false);
+    }
+    let grace = cfg.shutdown_grace;
+    let done = tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_ok();
+    if let Some(e) = app.engine.get() {
+        if !done {
+            e.begin_shutdown(true);
+        }
+        let app2 = app.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(e) = app2.engine.get() {
+                e.join();
+            }
+        })
+        .await;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn routes(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/health", get(api::health))
+        .route("/v1/health", get(api::health))
+        .route("/completion", post(api::completion))
+        .route("/completions", post(api::completion))
+        .route("/v1/completions", post(api::oai_completions))
+        .route("/v1/chat/completions", post(api::oai_chat))
+        .route("/chat/completions", post(api::oai_chat))
+        .route("/tokenize", post(api::tokenize))
+        .route("/detokenize", post(api::detokenize))
+        .route("/apply-template", post(api::apply_template))
+        .route("/props", get(api::props))
+        .route("/models", get(api::models))
+        .route("/v1/models", get(api::models))
+        .route("/slots", get(api::slots))
+        .route("/metrics", get(api::metrics))
+        .route("/latents/tensors", get(api::latent_tensors))
+        .route("/latents/subscribe", get(api::subscribe))
+        .route("/embedding", post(api::out_of_scope))
+        .route("/embeddings", post(api::out_of_scope))
+        .route("/v1/embeddings", post(api::out_of_scope))
+        .route("/rerank", post(api::out_of_scope))
+        .route("/reranking", post(api::out_of_scope))
+        .route("/v1/rerank", post(api::out_of_scope))
+        .route("/v1/reranking", post(api::out_of_scope))
+        .route("/infill", post(api::out_of_scope))
+        .route(
+            "/lora-adapters",
+            get(api::out_of_scope).post(api::out_of_scope),
+        )
+        .route("/slots/{id}", post(api::out_of_scope))
+        .fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+/// Constant-time comparison (the time taken does not depend on where the keys differ).
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= (x ^ y) as usize;
+    }
+    diff == 0
+}
+
+async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let Some(key) = app.cfg.api_key.as_deref().filter(|k| !k.is_empty()) else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    if path == "/health" || path == "/v1/health" {
+        return next.run(req).await;
+    }
+    if bearer(req.headers()).is_some_and(|got| same_key(got.as_bytes(), key.as_bytes())) {
+        return next.run(req).await;
+    }
+    ApiError::unauthorized().into_response()
+}
+
+fn bearer(h: &HeaderMap) -> Option<&str> {
+    if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return v.strip_prefix("Bearer ").map(str::trim);
+    }
+    h.get("x-api-key").and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_comparison() {
+        assert!(same_key(b"secret", b"secret"));
+        assert!(!same_key(b"secret", b"secreT"));
+        assert!(!same_key(b"secret", b"secret2"));
+        assert!(!same_key(b"", b"x"));
+    }
+
+    #[test]
+    fn exposure_needs_a_key() {
+        assert!(check_exposure("127.0.0.1", None).is_ok());
+        assert!(check_exposure("::1", None).is_ok());
+        assert!(check_exposure("localhost", None).is_ok());
+        assert!(check_exposure("0.0.0.0", None).is_err());
+        assert!(check_exposure("0.0.0.0", Some("")).is_err());
+        assert!(check_exposure("0.0.0.0", Some("k")).is_ok());
+    }
+}

@@ -1,0 +1,309 @@
+//! Request bodies: typed reads from JSON with llama-server's defaults, every
+//! wrong type or out-of-range value answered with a 400 naming the field.
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::capture::Rows;
+use crate::engine::{Model, SamplingOptions, Token};
+use crate::record::Dtype;
+use crate::sched::LatentRequest;
+use crate::select::LayerFilter;
+
+/// Most alternatives a request may ask for per token.
+pub const MAX_N_PROBS: usize = 100;
+
+/// The body as a JSON object.
+pub fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::bad(format!("request body is not valid UTF-8: {e}")))?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad("request body must be a JSON object")),
+        Err(e) => Err(ApiError::bad(format!("invalid JSON in request body: {e}"))),
+    }
+}
+
+fn num(m: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .filter(|v| v.is_finite())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(format!("'{key}' must be a finite number"))),
+        Some(_) => Err(ApiError::bad(format!("'{key}' must be a number"))),
+    }
+}
+
+/// An integer field (JSON numbers with a fraction are refused).
+pub fn int(m: &Map<String, Value>, key: &str) -> Result<Option<i64>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
+            ApiError::bad(format!("'{key}' must be an integer in the 64-bit range"))
+        }),
+        Some(_) => Err(ApiError::bad(format!("'{key}' must be an integer"))),
+    }
+}
+
+/// A boolean field.
+pub fn boolean(m: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::bad(format!("'{key}' must be a boolean"))),
+    }
+}
+
+/// A string field.
+pub fn string<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad(format!("'{key}' must be a string"))),
+    }
+}
+
+fn ranged(
+    m: &Map<String, Value>,
+    key: &str,
+    lo: f64,
+    hi: f64,
+    default: f64,
+) -> Result<f64, ApiError> {
+    let v = num(m, key)?.unwrap_or(default);
+    if !(lo..=hi).contains(&v) {
+        return Err(ApiError::bad(format!(
+            "'{key}' must be between {lo} and {hi}, not {v}"
+        )));
+    }
+    Ok(v)
+}
+
+/// Generation settings of one request.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    /// Tokens to generate; `None`: until end of generation or the slot is full.
+    pub n_predict: Option<usize>,
+    /// Sampler.
+    pub sampling: SamplingOptions,
+    /// The seed as requested (-1: random).
+    pub seed_requested: i64,
+    /// Top alternatives per token.
+    pub n_probs: usize,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Generate past end-of-generation tokens.
+    pub ignore_eos: bool,
+    /// SSE streaming.
+    pub stream: bool,
+    /// Accepted; prefixes are never reused (every row is computed).
+    pub cache_prompt: bool,
+    /// Latents to deliver.
+    pub latents: Option<LatentRequest>,
+}
+
+/// Read the fields shared by `/completion` and the OpenAI endpoints.
+/// `n_predict_keys` lists the accepted spellings of the token limit.
+pub fn gen_params(
+    m: &Map<String, Value>,
+    n_predict_keys: &[&str],
+    default_n_predict: i64,
+) -> Result<GenParams, ApiError> {
+    let mut n_predict = default_n_predict;
+    for k in n_predict_keys {
+        if let Some(v) = int(m, k)? {
+            n_predict = v;
+        }
+    }
+    let n_predict = match n_predict {
+        -1 => None,
+        n if n >= 0 => {
+            Some(usize::try_from(n).map_err(|_| ApiError::bad("'n_predict' is too large"))?)
+        }
+        n => {
+            return Err(ApiError::bad(format!(
+                "'{}' must be -1 (no limit) or a non-negative integer, not {n}",
+                n_predict_keys[0]
+            )))
+        }
+    };
+    let temperature = ranged(m, "temperature", -1e9, 1e9, 0.8)? as f32;
+    let top_k = int(m, "top_k")?.unwrap_or(40);
+    if !(-1..=i32::MAX as i64).contains(&top_k) {
+        return Err(ApiError::bad(format!(
+            "'top_k' must be between 0 and {}, not {top_k}",
+            i32::MAX
+        )));
+    }
+    let top_p = ranged(m, "top_p", 0.0, 1.0, 0.95)? as f32;
+    let min_p = ranged(m, "min_p", 0.0, 1.0, 0.05)? as f32;
+    let seed = int(m, "seed")?.unwrap_or(-1);
+    if !(-1..=u32::MAX as i64).contains(&seed) {
+        return Err(ApiError::bad(format!(
+            "'seed' must be -1 or between 0 and {}, not {seed}",
+            u32::MAX
+        )));
+    }
+    let seed_u32 = if seed < 0 {
+        // llama-server: LLAMA_DEFAULT_SEED draws a random seed.
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0);
+        h.finish() as u32
+    } else {
+        seed as u32
+    };
+    let n_probs = int(m, "n_probs")?.unwrap_or(0);
+    if !(0..=MAX_N_PROBS as i64).contains(&n_probs) {
+        return Err(ApiError::bad(format!(
+            "'n_probs' must be between 0 and {MAX_N_PROBS}, not {n_probs}"
+        )));
+    }
+    let stop = match m.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ApiError::bad("'stop' must be a string or an array of strings"))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "'stop' must be a string or an array of strings",
+            ))
+        }
+    };
+    let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
+    Ok(GenParams {
+        n_predict,
+        sampling: SamplingOptions {
+            temperature,
+            top_k: top_k.max(0) as i32,
+            top_p,
+            min_p,
+            seed: seed_u32,
+        },
+        seed_requested: seed,
+        n_probs: n_probs as usize,
+        stop,
+        ignore_eos: boolean(m, "ignore_eos")?.unwrap_or(false),
+        stream: boolean(m, "stream")?.unwrap_or(false),
+        cache_prompt: boolean(m, "cache_prompt")?.unwrap_or(true),
+        latents: latents(m.get("latents"))?,
+    })
+}
+
+/// The `latents` request field: `{"tensors", "layers", "rows", "dtype"}`, or a
+/// bare pattern string.
+pub fn latents(v: Option<&Value>) -> Result<Option<LatentRequest>, ApiError> {
+    let m =
+        match v {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => return Ok(None),
+            Some(Value::String(s)) => {
+                let mut m = Map::new();
+                m.insert("tensors".into(), Value::String(s.clone()));
+                m
+            }
+            Some(Value::Object(m)) => m.clone(),
+            Some(_) => return Err(ApiError::bad(
+                "'latents' must be an object like {\"tensors\": \"l_out-*\"} or a pattern string",
+            )),
+        };
+    latent_request(
+        string(&m, "tensors")?,
+        string(&m, "layers")?,
+        string(&m, "rows")?,
+        string(&m, "dtype")?,
+    )
+    .map(Some)
+}
+
+/// Build a latent request from its four textual settings (JSON or query string).
+pub fn latent_request(
+    tensors: Option<&str>,
+    layers: Option<&str>,
+    rows: Option<&str>,
+    dtype: Option<&str>,
+) -> Result<LatentRequest, ApiError> {
+    let tensors = tensors.unwrap_or("l_out-*");
+    if tensors.split(',').any(|p| p.trim().is_empty()) {
+        return Err(ApiError::bad(format!(
+            "latents 'tensors' has an empty pattern: '{tensors}'"
+        )));
+    }
+    let layers = layers
+        .map(LayerFilter::parse)
+        .transpose()
+        .map_err(|e| ApiError::bad(format!("latents 'layers': {e}")))?;
+    let rows = match rows.unwrap_or("all") {
+        "all" => Rows::All,
+        "last" => Rows::Last,
+        r => {
+            return Err(ApiError::bad(format!(
+                "latents 'rows' must be \"all\" or \"last\", not '{r}'"
+            )))
+        }
+    };
+    let dtype = Dtype::parse(dtype.unwrap_or("f32"))
+        .map_err(|e| ApiError::bad(format!("latents 'dtype': {e}")))?;
+    Ok(LatentRequest {
+        patterns: vec![tensors.to_string()],
+        layers,
+        rows,
+        dtype,
+    })
+}
+
+/// A prompt: text (tokenized with BOS and special tokens), token ids, or a
+/// mix of both in one array.
+pub fn prompt(model: &Model, v: Option<&Value>) -> Result<Vec<Token>, ApiError> {
+    let n_vocab = model.n_vocab() as i64;
+    let id = |v: &Value| -> Result<Token, ApiError> {
+        let t = v
+            .as_i64()
+            .ok_or_else(|| ApiError::bad("'prompt' entries must be strings or token ids"))?;
+        if !(0..n_vocab).contains(&t) {
+            return Err(ApiError::bad(format!(
+                "token id {t} in 'prompt' is out of range 0..{n_vocab}"
+            )));
+        }
+        Ok(t as Token)
+    };
+    let toks = match v {
+        None | Some(Value::Null) => return Err(ApiError::bad("'prompt' is required")),
+        Some(Value::String(s)) => model.tokenize_ext(s, true, true)?,
+        Some(Value::Array(a)) => {
+            let strings = a.iter().filter(|v| v.is_string()).count();
+            if a.iter().any(|v| v.is_array() || v.is_object())
+                || (strings > 1 && strings == a.len())
+            {
+                return Err(ApiError::unsupported(
+                    "several prompts in one request are not supported; send one request per prompt",
+                ));
+            }
+            let mut out = Vec::new();
+            for (i, v) in a.iter().enumerate() {
+                match v {
+                    Value::String(s) => out.extend(model.tokenize_ext(s, i == 0, true)?),
+                    v => out.push(id(v)?),
+                }
+            }
+            out
+        }
+        Some(Value::Number(_)) => vec![id(v.expect("matched"))?],
+        Some(_) => {
+            return Err(ApiError::bad(
+                "'prompt' must be a string or an array of token ids",
+            ))
+        }
+    };
+    if toks.is_empty() {
+        return Err(ApiError::bad("the prompt is empty"));
+    }
+    Ok(toks)
+}

@@ -1,0 +1,98 @@
+//! Latents on the wire: JSON (base64) and the binary record stream
+//! (`application/vnd.latent-tap.frames`, see `docs/PROTOCOL.md`).
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::record::EndRecord;
+use crate::sched::FrameOut;
+
+/// Media type of the binary record stream.
+pub const FRAMES_MEDIA_TYPE: &str = "application/vnd.latent-tap.frames";
+
+/// Wire record kind of the JSON summary that closes a binary completion.
+pub const KIND_JSON: u32 = 5;
+
+/// One record with its little-endian u32 length prefix.
+pub fn framed(rec: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rec.len() + 4);
+    out.extend_from_slice(&(rec.len() as u32).to_le_bytes());
+    out.extend_from_slice(rec);
+    out
+}
+
+/// An END record (C ABI layout) with a consumer's totals.
+pub fn end_record(frames: u64, drops: u64) -> Vec<u8> {
+    let end = EndRecord {
+        kind: crate::record::kind::END,
+        header_size: std::mem::size_of::<EndRecord>() as u32,
+        frames,
+        drops,
+    };
+    let mut b = vec![0u8; std::mem::size_of::<EndRecord>()];
+    crate::record::put(&mut b, 0, &end);
+    b
+}
+
+/// A JSON record: `{kind=5, header_size=16, len: u64}` then `len` bytes of UTF-8 JSON.
+pub fn json_record(v: &Value) -> Vec<u8> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut b = Vec::with_capacity(16 + body.len());
+    b.extend_from_slice(&KIND_JSON.to_le_bytes());
+    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    b.extend_from_slice(&body);
+    b
+}
+
+/// Rows of one tensor gathered from frames, for JSON.
+#[derive(Debug, Default)]
+struct Gathered {
+    width: u64,
+    dtype: &'static str,
+    pos: Vec<i32>,
+    step: Vec<u32>,
+    data: Vec<u8>,
+}
+
+/// Frames → `{name: {shape, dtype, pos, step, data}}`, rows in arrival order.
+pub fn latents_json(frames: &[FrameOut]) -> Value {
+    let mut by: BTreeMap<(u32, String), Gathered> = BTreeMap::new();
+    for f in frames {
+        let g = by
+            .entry((f.header.tensor_index, f.name().to_string()))
+            .or_default();
+        g.width = f.header.width;
+        g.dtype = dtype_name(f.dtype());
+        for r in &f.rows {
+            g.pos.push(r.pos);
+            g.step.push(f.header.step);
+        }
+        g.data.extend_from_slice(&f.data);
+    }
+    let mut out = serde_json::Map::new();
+    for ((_, name), g) in by {
+        out.insert(
+            name,
+            json!({
+                "shape": [g.pos.len(), g.width],
+                "dtype": g.dtype,
+                "pos": g.pos,
+                "step": g.step,
+                "data": base64::engine::general_purpose::STANDARD.encode(&g.data),
+            }),
+        );
+    }
+    Value::Object(out)
+}
+
+/// The request-side name of a dtype.
+pub fn dtype_name(d: crate::record::Dtype) -> &'static str {
+    match d {
+        crate::record::Dtype::F32 => "f32",
+        crate::record::Dtype::F16 => "f16",
+        crate::record::Dtype::BF16 => "bf16",
+    }
+}
