@@ -390,6 +390,8 @@ enum Ctrl {
         slot: usize,
         done: JobDone,
     },
+    /// A new subscriber: it sees everything after this point of the stream.
+    Subscribe(Box<SubEntry>),
 }
 
 /// A submitted job: its id and a way to cancel it.
@@ -489,13 +491,12 @@ impl Engine {
         });
         let (tx, rx) = mpsc::channel::<Msg>();
         let (ctrl_tx, ctrl_rx) = mpsc::channel::<Ctrl>();
-        let (sub_tx, sub_rx) = mpsc::channel::<SubEntry>();
         let stream = crate::stream::Stream::new(consumer);
         let router = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("latent-tap-router".into())
-                .spawn(move || Router::new(shared, ctrl_rx, sub_rx).run(stream))
+                .spawn(move || Router::new(shared, ctrl_rx).run(stream))
                 .map_err(|e| Error::new(ErrorKind::Internal, format!("spawn router: {e}")))?
         };
         let worker = {
@@ -505,8 +506,7 @@ impl Engine {
             std::thread::Builder::new()
                 .name("latent-tap-engine".into())
                 .spawn(move || {
-                    let mut w =
-                        Worker::new(ctx, graph, shared, ctrl_tx, sub_tx, n_parallel, n_ctx_slot);
+                    let mut w = Worker::new(ctx, graph, shared, ctrl_tx, n_parallel, n_ctx_slot);
                     w.run(rx);
                 })
                 .map_err(|e| Error::new(ErrorKind::Internal, format!("spawn engine: {e}")))?
@@ -707,7 +707,6 @@ struct Worker {
     graph: Vec<GraphNode>,
     shared: Arc<Shared>,
     ctrl: Sender<Ctrl>,
-    subs: Sender<SubEntry>,
     slots: Vec<Option<Active>>,
     pending: VecDeque<Box<Queued>>,
     sub_filters: Vec<(Arc<SubscriberStats>, LatentFilter)>,
@@ -726,7 +725,6 @@ impl Worker {
         graph: Vec<GraphNode>,
         shared: Arc<Shared>,
         ctrl: Sender<Ctrl>,
-        subs: Sender<SubEntry>,
         n_parallel: usize,
         n_ctx_slot: u32,
     ) -> Self {
@@ -736,7 +734,6 @@ impl Worker {
             graph,
             shared,
             ctrl,
-            subs,
             slots: (0..n_parallel).map(|_| None).collect(),
             pending: VecDeque::new(),
             sub_filters: Vec::new(),
@@ -817,7 +814,7 @@ impl Worker {
                     v.push(s.stats.clone());
                 }
                 self.sub_filters.push((s.stats.clone(), s.filter.clone()));
-                let _ = self.subs.send(*s);
+                let _ = self.announce(Ctrl::Subscribe(s), 0);
             }
             Msg::Shutdown { cancel } => {
                 self.stopping = true;
@@ -1250,18 +1247,16 @@ impl RequestRecord {
 struct Router {
     shared: Arc<Shared>,
     ctrl: Receiver<Ctrl>,
-    new_subs: Receiver<SubEntry>,
     routes: Vec<Option<Route>>,
     subs: Vec<Sub>,
 }
 
 impl Router {
-    fn new(shared: Arc<Shared>, ctrl: Receiver<Ctrl>, new_subs: Receiver<SubEntry>) -> Self {
+    fn new(shared: Arc<Shared>, ctrl: Receiver<Ctrl>) -> Self {
         let n = shared.slots.lock().map(|s| s.len()).unwrap_or(0);
         Self {
             shared,
             ctrl,
-            new_subs,
             routes: (0..n).map(|_| None).collect(),
             subs: Vec::new(),
         }
@@ -1269,15 +1264,6 @@ impl Router {
 
     fn run(mut self, mut stream: Stream) {
         loop {
-            while let Ok(s) = self.new_subs.try_recv() {
-                self.subs.push(Sub {
-                    filter: s.filter,
-                    sink: s.sink,
-                    stats: s.stats,
-                    frames: 0,
-                    alive: true,
-                });
-            }
             if stream.is_finished() {
                 break;
             }
@@ -1365,6 +1351,13 @@ impl Router {
                     alive,
                 });
             }
+            Ctrl::Subscribe(s) => self.subs.push(Sub {
+                filter: s.filter,
+                sink: s.sink,
+                stats: s.stats,
+                frames: 0,
+                alive: true,
+            }),
             Ctrl::Finish { slot, mut done } => {
                 if let Some(mut r) = self.routes[slot].take() {
                     done.frames = r.frames;

@@ -924,7 +924,7 @@ fn render_chat(app: &App, m: &Map<String, Value>) -> Result<String, ApiError> {
     let model = app.model()?;
     let msgs = messages(m)?;
     let add_gen = request::boolean(m, "add_generation_prompt")?.unwrap_or(true)
-        && msgs.last().is_none_or(|(r, _)| r != "assistant");
+        && msgs.last().map_or(true, |(r, _)| r != "assistant");
     let tmpl = model
         .chat_template()
         .unwrap_or_else(|| "chatml".to_string());
@@ -1252,7 +1252,11 @@ pub(crate) async fn latent_tensors(State(app): AppState) -> Response {
         let mut global = Vec::new();
         let mut layers: std::collections::BTreeMap<i32, Vec<Value>> = Default::default();
         for n in engine.graph() {
-            let ne: Vec<i64> = n.ne.iter().copied().take_while(|&d| d > 0).collect();
+            // One token's shape, trailing unit axes dropped ([640, 1, 1, 1] → [640]).
+            let mut ne: Vec<i64> = n.ne.iter().copied().take_while(|&d| d > 0).collect();
+            while ne.len() > 1 && ne.last() == Some(&1) {
+                ne.pop();
+            }
             let e = json!({"name": n.name, "shape": ne, "ggml_type": n.ggml_type});
             match n.layer {
                 Some(l) => layers.entry(l).or_default().push(e),

@@ -71,7 +71,7 @@ pub fn check_exposure(host: &str, api_key: Option<&str>) -> Result<()> {
         Ok(ip) => ip.is_loopback(),
         Err(_) => host == "localhost",
     };
-    if !loopback && api_key.is_none_or(str::is_empty) {
+    if !loopback && api_key.map_or(true, str::is_empty) {
         return Err(Error::invalid(format!(
             "refusing to listen on non-loopback address {host} without an API key"
         )));
