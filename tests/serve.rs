@@ -1025,3 +1025,47 @@ fn api_key_cli_errors_and_graceful_shutdown() {
     assert!(status.success(), "exit status {status}");
     assert_eq!(h.join().unwrap(), 41, "40 token chunks and the final one");
 }
+
+#[test]
+fn real_model_latents_equal_cli_capture() {
+    let m = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
+    assert!(m.exists(), "run scripts/fetch-model first");
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "The capital of France is";
+    let (cli, cli_tokens) = cli_capture(
+        &m,
+        dir.path(),
+        prompt,
+        4,
+        &["--tensors", "l_out-*", "--top-k", "2"],
+    );
+    let s = Server::start(&m, &["-b", "512"]);
+    let (st, b) = post(
+        &s.url("/completion"),
+        &json!({"prompt": prompt, "n_predict": 4, "temperature": 0, "n_probs": 2, "latents": "l_out-*"}),
+        &[],
+    );
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    let c = json_of(&b);
+    let mut js = Rows::new();
+    rows_from_json(&c["latents"], &mut js);
+    assert_eq!(js.len(), 18);
+    assert_eq!(js, cli, "latents differ from the CLI capture");
+    let gen: Vec<i64> = cli_tokens
+        .iter()
+        .filter(|t| t["prompt"] == false)
+        .map(|t| t["token"].as_i64().unwrap())
+        .collect();
+    let ids: Vec<i64> = c["completion_probabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, gen);
+    assert_eq!(c["prompt"], "<bos>The capital of France is");
+    // No template in this GGUF: ChatML, as llama-server falls back to.
+    let props = json_of(&get(&s.url("/props"), &[]).1);
+    assert_eq!(props["chat_template"], "chatml");
+    assert_eq!(props["bos_token"], "<bos>");
+}
