@@ -438,6 +438,12 @@ impl Acc {
     }
 }
 
+/// Which positions' latents were computed: every one (no prefix is ever reused,
+/// whatever `cache_prompt` says), so `cache_n` is 0.
+fn latents_computed(acc: &Acc) -> Value {
+    json!({"from": 0, "to": acc.n_prompt + acc.n_gen().saturating_sub(1), "cache_n": 0})
+}
+
 fn generation_settings(app: &App, p: &GenParams) -> Value {
     let n_predict = p.n_predict.map_or(-1, |n| n as i64);
     json!({
@@ -594,6 +600,7 @@ async fn run(app: Arc<App>, p: Prepared) -> Result<Response, ApiError> {
     };
     if p.filter.is_some() {
         v["latents"] = wire::latents_json(&acc.all_frames);
+        v["latents_computed"] = latents_computed(&acc);
     }
     Ok(json_response(StatusCode::OK, &v))
 }
