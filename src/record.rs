@@ -57,7 +57,7 @@ impl Dtype {
         }
     }
 
-    fn from_u32(v: u32) -> Option<Self> {
+    pub(crate) fn from_u32(v: u32) -> Option<Self> {
         match v {
             0 => Some(Dtype::F32),
             1 => Some(Dtype::F16),

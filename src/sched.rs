@@ -168,11 +168,7 @@ impl FrameOut {
 
     /// Payload dtype.
     pub fn dtype(&self) -> Dtype {
-        match self.header.dtype {
-            1 => Dtype::F16,
-            2 => Dtype::BF16,
-            _ => Dtype::F32,
-        }
+        Dtype::from_u32(self.header.dtype).unwrap_or(Dtype::F32)
     }
 }
 
@@ -960,8 +956,8 @@ impl Worker {
         let sel = if union.is_empty() {
             Selection::empty()
         } else {
-            let pats: Vec<String> = union.iter().map(|n| glob_escape(n)).collect();
-            Selection::compile(&pats, None, &self.graph)?
+            // Display names contain no glob characters, so each matches only itself.
+            Selection::compile(&union, None, &self.graph)?
         };
         self.tap()?.reselect(sel)?;
         self.union = union;
@@ -1180,14 +1176,6 @@ impl Worker {
         }
         self.shared.stats.kv_tokens.store(kv, Ordering::Relaxed);
     }
-}
-
-/// Escape glob metacharacters so a display name matches only itself.
-fn glob_escape(name: &str) -> String {
-    // Display names of graph nodes never contain '*' or '?'; the glob matcher has
-    // no escape syntax, so such a name (none exists in llama.cpp graphs) would
-    // only widen the selection, which the router's filter corrects.
-    name.to_string()
 }
 
 // ---------------------------------------------------------------- router thread

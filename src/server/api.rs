@@ -591,8 +591,7 @@ async fn run(app: Arc<App>, p: Prepared) -> Result<Response, ApiError> {
     if let Some(e) = acc.error() {
         return Err(e);
     }
-    let tail = acc.text.finish();
-    let _ = tail;
+    acc.text.finish();
     let content = acc.text.content().to_string();
     let mut v = match p.flavor {
         Flavor::Native => native_final(&app, &p, &acc, &content, true),
