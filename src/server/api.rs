@@ -795,10 +795,12 @@ fn binary_response(
                 JobEvent::Started { slot } => {
                     Some(request_record(id, *slot as i64, 1, p.tokens.len() as u64))
                 }
-                JobEvent::Frame(f) => {
+                // After a stop string, later steps are not part of the answer (as in JSON/SSE).
+                JobEvent::Frame(f) if acc.text.stopped.is_none() => {
                     frames += 1;
                     Some(f.to_record())
                 }
+                JobEvent::Frame(_) => None,
                 JobEvent::Token(t) if acc.text.stopped.is_none() => Some(t.to_record()),
                 JobEvent::Token(_) => None,
                 JobEvent::Done(_) => None,

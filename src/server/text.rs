@@ -29,22 +29,28 @@ impl TextState {
             return String::new();
         }
         self.pending.extend_from_slice(piece);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(s) => s.len(),
-            Err(e) if e.error_len().is_some() => {
-                // Invalid (not merely incomplete) bytes: show them replaced, like llama-server.
-                let s = String::from_utf8_lossy(&self.pending).into_owned();
-                self.pending.clear();
-                self.full.push_str(&s);
-                return self.release();
+        // Replace each invalid sequence as it is found; keep an incomplete tail for later.
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(text) => {
+                    self.full.push_str(text);
+                    self.pending.clear();
+                    break;
+                }
+                Err(e) => {
+                    let good = e.valid_up_to();
+                    let Some(bad) = e.error_len() else {
+                        let text = std::str::from_utf8(&self.pending[..good]).unwrap_or_default();
+                        self.full.push_str(text);
+                        self.pending.drain(..good);
+                        break;
+                    };
+                    let text = String::from_utf8_lossy(&self.pending[..good + bad]).into_owned();
+                    self.full.push_str(&text);
+                    self.pending.drain(..good + bad);
+                }
             }
-            Err(e) => e.valid_up_to(),
-        };
-        let s = std::str::from_utf8(&self.pending[..valid])
-            .unwrap_or("")
-            .to_owned();
-        self.pending.drain(..valid);
-        self.full.push_str(&s);
+        }
         self.release()
     }
 
@@ -124,6 +130,15 @@ mod tests {
         assert_eq!(t.push(&e[1..]), "é");
         assert_eq!(t.finish(), "");
         assert_eq!(t.content(), "é");
+    }
+
+    #[test]
+    fn invalid_bytes_are_replaced_one_by_one() {
+        let mut t = TextState::new(vec![]);
+        // An invalid byte, then a lead byte whose continuation comes next token.
+        assert_eq!(t.push(&[0xff, 0xc2]), "\u{fffd}");
+        assert_eq!(t.push(&[0xac]), "¬");
+        assert_eq!(t.content(), "\u{fffd}¬");
     }
 
     #[test]
