@@ -17,6 +17,7 @@ pub mod record;
 pub mod ring;
 pub mod select;
 pub mod session;
+pub mod settings;
 pub mod stream;
 pub mod synth;
 pub mod tokens;
