@@ -17,6 +17,9 @@ pub const MAX_THREADS: i32 = 1024;
 /// Threads allowed per available core: more only makes llama.cpp's spinning
 /// thread pool slower (and tens of thousands abort inside llama.cpp).
 pub const THREADS_PER_CORE: i32 = 4;
+/// Largest context, in tokens (2^24). Beyond it llama.cpp spends minutes trying
+/// to allocate the KV cache instead of failing.
+pub const MAX_CTX: u32 = 1 << 24;
 /// Most parallel sequences a context holds (llama.cpp's `LLAMA_MAX_SEQ`).
 pub const MAX_SEQ: u32 = 256;
 /// Largest physical batch (the tap numbers rows of a ubatch in 16 bits).
@@ -51,7 +54,7 @@ impl ModelOptions {
 }
 
 impl ContextOptions {
-    /// Check the bounds: positive sizes, `n_ubatch <= n_batch`,
+    /// Check the bounds: positive sizes, `n_ctx <= MAX_CTX`, `n_ubatch <= n_batch`,
     /// `n_ubatch <= MAX_UBATCH`, `n_seq_max <= MAX_SEQ`, threads `1..=max_threads()`.
     pub fn validate(&self) -> Result<()> {
         for (name, v) in [
@@ -63,6 +66,12 @@ impl ContextOptions {
             if v == 0 {
                 return Err(Error::invalid(format!("{name} must be at least 1")));
             }
+        }
+        if self.n_ctx > MAX_CTX {
+            return Err(Error::invalid(format!(
+                "context size {} is out of range 1..={MAX_CTX}",
+                self.n_ctx
+            )));
         }
         if self.n_ubatch > self.n_batch {
             return Err(Error::invalid(format!(

@@ -493,6 +493,18 @@ fn star_captures_every_row_aligned_node() {
     let name = s["name"].as_str().unwrap();
     let o = capture(&m, &dir.path().join("o2"), &["-p", "x", "--tensors", name]);
     assert_clean_error(&o, &format!("tensor '{name}'"));
+    // `tensors` marks such nodes with '-'.
+    let o = bin().args(["tensors", "-m"]).arg(&m).output().unwrap();
+    assert_ok(&o);
+    let list = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        list.lines()
+            .any(|l| l.trim_start().starts_with(name) && l.ends_with("  -")),
+        "{list}"
+    );
+    assert!(list
+        .lines()
+        .any(|l| l.trim_start().starts_with("l_out-0 ") && !l.ends_with("-")));
 
     let Some(real) = real_model() else { return };
     let out = dir.path().join("real");
@@ -614,6 +626,17 @@ fn other_flags() {
     let out = dir.path().join("o");
     for (args, needle) in [
         (&["-c", "0"][..], "context size must be at least 1"),
+        (
+            &["-c", "4000000000"],
+            "context size 4000000000 is out of range",
+        ),
+        // Argument parsing errors are one line and exit 1 too.
+        (
+            &["--seed", "4294967296"],
+            "invalid value '4294967296' for '--seed",
+        ),
+        (&["-n", "-1"], "'-1'"),
+        (&["--bogus"], "unexpected argument '--bogus'"),
         (&["-b", "0"], "batch size must be at least 1"),
         (&["--ubatch-size", "0"], "ubatch size must be at least 1"),
         (

@@ -131,8 +131,20 @@ struct CaptureArgs {
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (m, c)));
+    let (matches, cli) = match parsed {
+        Ok(v) => v,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, exit status 1, like every other error.
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("{}", line.trim_end());
+            return ExitCode::FAILURE;
+        }
+    };
     let r = match cli.cmd {
         Cmd::Capture(a) => {
             let order = matches
