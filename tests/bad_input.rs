@@ -445,7 +445,9 @@ fn messages_name_the_range_and_the_prompt() {
     let o = capture(&m, &out, &["-p", "x", "--layers", "7..9"]);
     assert_clean_error(&o, "this model has layers 0..3");
     let o = capture(&m, &out, &["-p", "x", "-p", ""]);
-    assert_clean_error(&o, "empty prompt for sequence 1 (-p)");
+    assert_clean_error(&o, "empty prompt for sequence 1 (-p #2)");
+    let o = capture(&m, &out, &["-p", "", "-p", "x"]);
+    assert_clean_error(&o, "empty prompt for sequence 0 (-p #1)");
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "\n").unwrap();
     let o = capture(&m, &out, &["-p", "x", "-f", empty.to_str().unwrap()]);
@@ -598,7 +600,10 @@ fn prompt_files() {
         man["prompt"],
         serde_json::json!(["from a file", "an arg", "from stdin"])
     );
-    assert_eq!(man["prompt_source"][0], format!("-f {fs}"));
+    assert_eq!(
+        man["prompt_source"],
+        serde_json::json!([format!("-f {fs}"), "-p #1", "-f -"])
+    );
 
     let bad = dir.path().join("bad.txt");
     std::fs::write(&bad, b"ok\xff\xfe").unwrap();

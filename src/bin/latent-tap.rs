@@ -205,7 +205,7 @@ fn read_prompts(a: &CaptureArgs, order: &[Source]) -> Result<Vec<(String, String
     let mut out = Vec::with_capacity(order.len());
     for (seq, src) in order.iter().enumerate() {
         let (text, label) = match *src {
-            Source::Arg(i) => (a.prompt[i].clone(), "-p".to_string()),
+            Source::Arg(i) => (a.prompt[i].clone(), format!("-p #{}", i + 1)),
             Source::File(i) => {
                 let path = &a.file[i];
                 let label = format!("-f {}", path.display());
