@@ -20,6 +20,7 @@ pub mod select;
 #[cfg(feature = "serve")]
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod stream;
 pub mod synth;
 pub mod tokens;

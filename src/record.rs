@@ -204,14 +204,17 @@ const _: () = assert!(std::mem::size_of::<EndRecord>() % 8 == 0);
 
 /// Bytes a frame record needs.
 pub fn frame_len(n_rows: usize, width: usize, dtype: Dtype) -> usize {
+    // Saturating: a size that does not fit in usize is refused by the ring anyway.
     std::mem::size_of::<FrameHeader>()
-        + n_rows * std::mem::size_of::<RowMeta>()
-        + n_rows * width * dtype.size()
+        .saturating_add(n_rows.saturating_mul(std::mem::size_of::<RowMeta>()))
+        .saturating_add(n_rows.saturating_mul(width).saturating_mul(dtype.size()))
 }
 
 /// Bytes a token record needs.
 pub fn token_len(n_top: usize, piece_len: usize) -> usize {
-    std::mem::size_of::<TokenHeader>() + n_top * std::mem::size_of::<TopEntry>() + piece_len
+    std::mem::size_of::<TokenHeader>()
+        .saturating_add(n_top.saturating_mul(std::mem::size_of::<TopEntry>()))
+        .saturating_add(piece_len)
 }
 
 /// Copy a plain-old-data value into `buf` at `off`.
@@ -328,10 +331,11 @@ impl<'a> Record<'a> {
                 let n = header.n_rows as usize;
                 let rows = view::<RowMeta>(buf, off, n)?;
                 let dt = Dtype::from_u32(header.dtype).ok_or_else(|| corrupt("dtype"))?;
-                let start = off + n * std::mem::size_of::<RowMeta>();
-                let len = n * header.width as usize * dt.size();
-                let data = buf
-                    .get(start..start + len)
+                let start = off + std::mem::size_of_val(rows);
+                let data = usize::try_from(header.width)
+                    .ok()
+                    .and_then(|w| n.checked_mul(w)?.checked_mul(dt.size()))
+                    .and_then(|len| buf.get(start..start.checked_add(len)?))
                     .ok_or_else(|| corrupt("payload"))?;
                 Ok(Record::Frame(FrameView { header, rows, data }))
             }
@@ -340,8 +344,9 @@ impl<'a> Record<'a> {
                 let off = header.header_size as usize;
                 let top = view::<TopEntry>(buf, off, header.n_top as usize)?;
                 let start = off + std::mem::size_of_val(top);
-                let piece = buf
-                    .get(start..start + header.piece_len as usize)
+                let piece = start
+                    .checked_add(header.piece_len as usize)
+                    .and_then(|end| buf.get(start..end))
                     .ok_or_else(|| corrupt("piece"))?;
                 Ok(Record::Token(TokenView { header, top, piece }))
             }

@@ -183,6 +183,9 @@ struct Shared {
     /// Start of the arena: `capacity` bytes, zero-initialised, `ARENA_ALIGN`-aligned.
     buf: NonNull<u8>,
     capacity: usize,
+    /// The allocation holding the arena (`Shared::layout(capacity)`), which
+    /// starts at most `ARENA_ALIGN - 8` bytes before `buf`.
+    alloc: NonNull<u8>,
 }
 
 // SAFETY: `buf` is an owned heap allocation. Its bytes are accessed through
@@ -194,10 +197,19 @@ unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
+    /// The allocation's layout: `ARENA_ALIGN` bytes of slack, so the arena can be
+    /// aligned inside it, with an alignment the system allocator serves through
+    /// `calloc`. (Asking for 64-byte alignment made `alloc_zeroed` allocate and
+    /// then memset the whole arena: 20 GB committed and written up front. Fresh
+    /// `calloc` memory is mapped lazily, so unused ring pages cost nothing.)
     #[inline]
-    fn layout(capacity: usize) -> Layout {
-        // Cannot fail: `capacity <= MAX_CAPACITY` was checked when allocating.
-        Layout::from_size_align(capacity, ARENA_ALIGN).expect("arena layout was validated")
+    fn layout(capacity: usize) -> Result<Layout, RingError> {
+        capacity
+            .checked_add(ARENA_ALIGN)
+            .and_then(|size| Layout::from_size_align(size, HEADER).ok())
+            .ok_or(RingError::CapacityTooLarge {
+                requested: capacity,
+            })
     }
 
     fn stats(&self) -> RingStats {
@@ -240,9 +252,11 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        // SAFETY: `buf` came from `alloc_zeroed` with exactly this layout and
+        // Cannot fail: the same layout was built when allocating.
+        let layout = Self::layout(self.capacity).expect("arena layout was validated");
+        // SAFETY: `alloc` came from `alloc_zeroed` with exactly this layout and
         // is freed only here, once, when the last half is gone.
-        unsafe { alloc::dealloc(self.buf.as_ptr(), Self::layout(self.capacity)) }
+        unsafe { alloc::dealloc(self.alloc.as_ptr(), layout) }
     }
 }
 
@@ -267,16 +281,20 @@ pub fn channel(capacity_bytes: usize) -> Result<(Producer, Consumer), RingError>
     }
     // No overflow: `capacity_bytes <= isize::MAX / 2`.
     let capacity = pad8(capacity_bytes.max(MIN_CAPACITY));
-    let layout = Layout::from_size_align(capacity, ARENA_ALIGN).map_err(|_| {
-        RingError::CapacityTooLarge {
-            requested: capacity_bytes,
-        }
+    let layout = Shared::layout(capacity).map_err(|_| RingError::CapacityTooLarge {
+        requested: capacity_bytes,
     })?;
     // Zeroed, not merely allocated: grants hand out `&mut [u8]`/`&[u8]`, which
-    // must never point at uninitialised memory. It is a one-time cost.
+    // must never point at uninitialised memory. For large arenas the zero pages
+    // come lazily from the OS (see `Shared::layout`).
     // SAFETY: `layout` has non-zero size (`capacity >= 16`).
     let ptr = unsafe { alloc::alloc_zeroed(layout) };
-    let buf = NonNull::new(ptr).ok_or(RingError::AllocFailed { bytes: capacity })?;
+    let alloc = NonNull::new(ptr).ok_or(RingError::AllocFailed { bytes: capacity })?;
+    // `ptr` is 8-aligned, so the offset is a multiple of 8 below ARENA_ALIGN.
+    let skew = (ARENA_ALIGN - (ptr as usize) % ARENA_ALIGN) % ARENA_ALIGN;
+    // SAFETY: `skew + capacity <= ARENA_ALIGN + capacity`, the allocation's size,
+    // so the arena lies inside the allocation; the result is non-null.
+    let buf = unsafe { NonNull::new_unchecked(ptr.add(skew)) };
 
     let shared = Arc::new(Shared {
         head: CachePadded::new(AtomicUsize::new(0)),
@@ -286,6 +304,7 @@ pub fn channel(capacity_bytes: usize) -> Result<(Producer, Consumer), RingError>
         consumer_gone: AtomicBool::new(false),
         buf,
         capacity,
+        alloc,
     });
     let max_record_len = (capacity / 2 / HEADER * HEADER - HEADER).min(u32::MAX as usize);
     let producer = Producer {
@@ -1101,6 +1120,37 @@ mod tests {
             p.write_blocking(0, Duration::ZERO).unwrap_err(),
             WriteError::Timeout
         );
+    }
+
+    /// A large arena is not written up front: its pages stay unmapped until used.
+    #[test]
+    #[cfg(all(target_os = "linux", not(miri)))]
+    fn large_arena_is_not_committed_up_front() {
+        fn rss() -> usize {
+            let s = std::fs::read_to_string("/proc/self/status").unwrap();
+            let kb = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .unwrap()
+                .trim()
+                .trim_end_matches("kB")
+                .trim();
+            kb.parse::<usize>().unwrap() * 1024
+        }
+        let before = rss();
+        let t = Instant::now();
+        let (mut p, mut c) = channel(2 << 30).unwrap();
+        let grown = rss().saturating_sub(before);
+        assert!(
+            grown < 256 << 20,
+            "a 2 GiB ring made RSS grow by {grown} bytes"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // And it still works as a ring.
+        let mut g = p.try_write(3).unwrap();
+        g.copy_from_slice(b"abc");
+        g.commit();
+        assert_eq!(&*c.try_read().unwrap(), b"abc");
     }
 
     #[test]

@@ -22,9 +22,36 @@ pub struct GraphNode {
     pub ggml_type: u32,
     /// Shape seen in the probe (one token).
     pub ne: [i64; 4],
+    /// Elements per token row, when the node has a stable per-token row (its
+    /// outermost axis grows with the tokens and the rest stays the same); `None`
+    /// for nodes such as KV-cache views or attention scores, which are skipped.
+    pub row_width: Option<usize>,
 }
 
 impl GraphNode {
+    /// Classify each node's per-token row from a second probe that decoded two
+    /// tokens (`two`, raw as in [`GraphNode::list_from_raw`]), matching nodes by
+    /// name and occurrence. Without a second probe every node keeps the one-token
+    /// width, and frames whose width differs are skipped at run time.
+    pub fn classify_rows(nodes: &mut [GraphNode], two: &[(String, u32, [i64; 4])]) {
+        let two = GraphNode::list_from_raw(two);
+        for n in nodes.iter_mut() {
+            let Some(m) = two.iter().find(|m| m.name == n.name) else {
+                n.row_width = None;
+                continue;
+            };
+            let (a, b) = (n.ne, m.ne);
+            n.row_width = (1..4usize)
+                .find(|&ax| {
+                    b[ax] == 2
+                        && b[ax + 1..].iter().all(|&x| x == 1)
+                        && a[ax..].iter().all(|&x| x == 1)
+                        && a[..ax] == b[..ax]
+                })
+                .and_then(|ax| row_elems(&a[..ax]));
+        }
+    }
+
     /// Build the node list from raw `(ggml name, type, shape)` in graph order,
     /// disambiguating repeated names.
     pub fn list_from_raw(raw: &[(String, u32, [i64; 4])]) -> Vec<GraphNode> {
@@ -52,10 +79,21 @@ impl GraphNode {
                     occurrence,
                     ggml_type: *ty,
                     ne: *ne,
+                    row_width: row_elems(ne),
                 }
             })
             .collect()
     }
+}
+
+/// Product of positive axis sizes, `None` if one is not positive or it overflows.
+fn row_elems(ne: &[i64]) -> Option<usize> {
+    ne.iter().try_fold(1usize, |acc, &n| {
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n > 0)
+            .and_then(|n| acc.checked_mul(n))
+    })
 }
 
 /// Parse the layer index from a `base-N` node name.
@@ -87,7 +125,10 @@ impl LayerFilter {
                 )
             } else if let Some((a, b)) = part.split_once("..") {
                 let end: i32 = b.trim().parse().map_err(|_| bad())?;
-                (a.trim().parse().map_err(|_| bad())?, end - 1)
+                (
+                    a.trim().parse().map_err(|_| bad())?,
+                    end.checked_sub(1).ok_or_else(bad)?,
+                )
             } else {
                 let n = part.parse().map_err(|_| bad())?;
                 (n, n)
@@ -168,6 +209,18 @@ pub struct SelectedTensor {
     pub ggml_type: u32,
     /// Probe shape (one token).
     pub ne: [i64; 4],
+    /// Elements per row ([`GraphNode::row_width`]); frames of another width are
+    /// skipped and counted as unaligned.
+    pub row_width: usize,
+}
+
+/// A tensor a glob matched but that cannot be captured row by row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SkippedTensor {
+    /// Display name.
+    pub name: String,
+    /// Why: `"type"` (not F32/F16/BF16), `"no per-token row"`, `"frame too large"`.
+    pub reason: &'static str,
 }
 
 /// Patterns compiled against a graph: the ordered list of selected tensors and
@@ -175,6 +228,7 @@ pub struct SelectedTensor {
 #[derive(Debug, Clone)]
 pub struct Selection {
     tensors: Vec<SelectedTensor>,
+    skipped: Vec<SkippedTensor>,
     // ggml name -> slot; slot -> tensor index per occurrence (u32::MAX: not selected).
     slots: NameMap,
     by_occurrence: Vec<Vec<u32>>,
@@ -190,6 +244,20 @@ impl Selection {
         patterns: &[String],
         layers: Option<&LayerFilter>,
         nodes: &[GraphNode],
+    ) -> Result<Self> {
+        Self::compile_fitting(patterns, layers, nodes, &|_| true)
+    }
+
+    /// [`Selection::compile`], skipping (and listing in [`Selection::skipped`]) the
+    /// nodes a glob matched that cannot be captured: a type other than F32/F16/BF16,
+    /// no stable per-token row, or a frame `fits` refuses. A node named exactly
+    /// (no `*`/`?`) that cannot be captured is an error, except for `fits`, which
+    /// is left to the tap (it reports the sizes).
+    pub fn compile_fitting(
+        patterns: &[String],
+        layers: Option<&LayerFilter>,
+        nodes: &[GraphNode],
+        fits: &dyn Fn(&GraphNode) -> bool,
     ) -> Result<Self> {
         let pats: Vec<&str> = patterns
             .iter()
@@ -228,23 +296,47 @@ impl Selection {
                 }
             }
             if !chosen.iter().any(|&c| c) {
+                let n_layer = nodes
+                    .iter()
+                    .filter_map(|n| n.layer)
+                    .max()
+                    .map_or(0, |l| l + 1);
                 return Err(Error::new(
                     ErrorKind::NoMatch,
-                    "the layer filter leaves no tensor selected (this model has layers 0..n_layer)",
+                    format!("the layer filter leaves no tensor selected (this model has layers 0..{n_layer})"),
                 ));
             }
         }
-        let mut sel = Selection {
-            tensors: Vec::new(),
-            slots: NameMap::default(),
-            by_occurrence: Vec::new(),
-        };
+        let mut sel = Selection::empty();
         for (n, _) in nodes.iter().zip(&chosen).filter(|(_, &c)| c) {
-            if !matches!(n.ggml_type, 0 | 1 | 30) {
-                return Err(Error::invalid(format!(
-                    "tensor '{}' has ggml type {}; only F32, F16 and BF16 nodes can be captured",
-                    n.name, n.ggml_type
-                )));
+            let exact = pats.iter().any(|p| *p == n.name);
+            let reason = if !matches!(n.ggml_type, 0 | 1 | 30) {
+                if exact {
+                    return Err(Error::invalid(format!(
+                        "tensor '{}' has ggml type {}; only F32, F16 and BF16 nodes can be captured",
+                        n.name, n.ggml_type
+                    )));
+                }
+                Some("type")
+            } else if n.row_width.is_none() {
+                if exact {
+                    return Err(Error::invalid(format!(
+                        "tensor '{}' (shape {:?}) has no stable per-token row (e.g. a KV-cache view or attention scores), so it cannot be captured",
+                        n.name, n.ne
+                    )));
+                }
+                Some("no per-token row")
+            } else if !exact && !fits(n) {
+                Some("frame too large")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                sel.skipped.push(SkippedTensor {
+                    name: n.name.clone(),
+                    reason,
+                });
+                continue;
             }
             let next = sel.slots.len();
             let slot = *sel
@@ -265,7 +357,28 @@ impl Selection {
                 layer: n.layer,
                 ggml_type: n.ggml_type,
                 ne: n.ne,
+                row_width: n.row_width.unwrap_or(0),
             });
+        }
+        if sel.tensors.is_empty() && sel.skipped.iter().any(|s| s.reason == "frame too large") {
+            // Nothing fits: keep them all, so the tap reports the sizes involved.
+            return Self::compile(patterns, layers, nodes);
+        }
+        if sel.tensors.is_empty() {
+            let names: Vec<String> = sel
+                .skipped
+                .iter()
+                .take(6)
+                .map(|s| format!("{} ({})", s.name, s.reason))
+                .collect();
+            return Err(Error::new(
+                ErrorKind::NoMatch,
+                format!(
+                    "the patterns select only tensors that cannot be captured per token: {}{}",
+                    names.join(", "),
+                    if sel.skipped.len() > 6 { ", …" } else { "" }
+                ),
+            ));
         }
         Ok(sel)
     }
@@ -274,6 +387,7 @@ impl Selection {
     pub fn empty() -> Self {
         Self {
             tensors: Vec::new(),
+            skipped: Vec::new(),
             slots: NameMap::default(),
             by_occurrence: Vec::new(),
         }
@@ -282,6 +396,11 @@ impl Selection {
     /// Selected tensors, in graph order.
     pub fn tensors(&self) -> &[SelectedTensor] {
         &self.tensors
+    }
+
+    /// Nodes the patterns matched that are not captured, with the reason.
+    pub fn skipped(&self) -> &[SkippedTensor] {
+        &self.skipped
     }
 
     /// Number of distinct ggml names involved (size of the per-compute counters).
@@ -395,6 +514,70 @@ mod tests {
         let got: Vec<i32> = (0..12).filter(|&l| f.contains(l)).collect();
         assert_eq!(got, [0, 4, 5, 9, 10]);
         assert!(LayerFilter::parse("5..2").is_err());
+        assert!(LayerFilter::parse("0..-2147483648").is_err());
+        assert!(LayerFilter::parse("..").is_err());
         assert!(LayerFilter::parse("x").is_err());
+    }
+
+    #[test]
+    fn nodes_without_a_token_row_are_skipped_by_globs_and_refused_by_name() {
+        // One-token probe, then two tokens: l_out grows along axis 1; the KV view
+        // keeps its shape; kq's token axis is not outermost; inp_pos is I32.
+        let one: Vec<(String, u32, [i64; 4])> = vec![
+            ("inp_pos".into(), 26, [1, 1, 1, 1]),
+            ("k-0".into(), 0, [16, 256, 2, 1]),
+            ("kq-0".into(), 0, [256, 1, 2, 1]),
+            ("l_out-0".into(), 0, [8, 1, 1, 1]),
+        ];
+        let two: Vec<(String, u32, [i64; 4])> = vec![
+            ("inp_pos".into(), 26, [2, 1, 1, 1]),
+            ("k-0".into(), 0, [16, 256, 2, 1]),
+            ("kq-0".into(), 0, [256, 2, 2, 1]),
+            ("l_out-0".into(), 0, [8, 2, 1, 1]),
+        ];
+        let mut n = GraphNode::list_from_raw(&one);
+        GraphNode::classify_rows(&mut n, &two);
+        let w: Vec<_> = n.iter().map(|n| n.row_width).collect();
+        assert_eq!(w, [None, None, None, Some(8)]);
+        let s = Selection::compile(&["*".into()], None, &n).unwrap();
+        let names: Vec<_> = s.tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["l_out-0"]);
+        assert_eq!(s.tensors()[0].row_width, 8);
+        let skipped: Vec<_> = s
+            .skipped()
+            .iter()
+            .map(|t| (t.name.as_str(), t.reason))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                ("inp_pos", "type"),
+                ("k-0", "no per-token row"),
+                ("kq-0", "no per-token row")
+            ]
+        );
+        let e = Selection::compile(&["kq-0".into()], None, &n).unwrap_err();
+        assert!(e.message().contains("no stable per-token row"), "{e}");
+        let e = Selection::compile(&["k*".into()], None, &n).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoMatch);
+        assert!(e.message().contains("k-0 (no per-token row)"), "{e}");
+        // A glob skips what does not fit; an exact name is left to the tap's check.
+        let s = Selection::compile_fitting(&["l_out-*,inp_pos".into()], None, &n, &|n| {
+            n.name != "l_out-0"
+        });
+        assert!(s.is_err(), "inp_pos named exactly has an unsupported type");
+        let s = Selection::compile_fitting(&["l_out-0".into()], None, &n, &|_| false).unwrap();
+        assert_eq!(s.tensors().len(), 1);
+        // When nothing fits, nothing is skipped: the tap's error names the sizes.
+        let s = Selection::compile_fitting(&["l_out-*".into()], None, &n, &|_| false).unwrap();
+        assert_eq!(s.tensors().len(), 1);
+        assert!(s.skipped().is_empty());
+    }
+
+    #[test]
+    fn layer_filter_error_names_the_real_range() {
+        let f = LayerFilter::parse("7..9").unwrap();
+        let e = Selection::compile(&["l_out-*".into()], Some(&f), &nodes()).unwrap_err();
+        assert!(e.message().contains("layers 0..4"), "{e}");
     }
 }

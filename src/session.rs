@@ -10,7 +10,7 @@ use crate::capture::{Policy, Rows, Tap, TapCounters, TapSettings};
 use crate::engine::{Batch, Context, ContextOptions, Model, Sampler, SamplingOptions, Token};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Dtype, RowMeta, TokenHeader, ROW_PROMPT};
-use crate::select::{GraphNode, LayerFilter, SelectedTensor, Selection};
+use crate::select::{GraphNode, LayerFilter, SelectedTensor, Selection, SkippedTensor};
 use crate::stream::Stream;
 use crate::tokens::token_stats;
 
@@ -47,11 +47,11 @@ impl Default for CaptureSpec {
 }
 
 impl CaptureSpec {
-    /// True when no pattern is given: a tokens-only stream, no eval callback.
+    /// True when no pattern is given (none, or only exactly empty strings): a
+    /// tokens-only stream, no eval callback. Blank entries such as `" "` or `","`
+    /// are not "nothing" but an error ([`CaptureSpec::validate`]).
     pub fn captures_nothing(&self) -> bool {
-        self.patterns
-            .iter()
-            .all(|p| p.split(',').all(|q| q.trim().is_empty()))
+        self.patterns.iter().all(|p| p.is_empty())
     }
 }
 
@@ -62,12 +62,18 @@ pub(crate) fn build_tap(
     spec: &CaptureSpec,
     n_ubatch: usize,
 ) -> Result<(Tap, Stream)> {
+    spec.validate()?;
+    crate::settings::check_ring_memory(spec.ring_bytes)?;
     let (producer, consumer) = crate::ring::channel(spec.ring_bytes)
         .map_err(|e| Error::invalid(format!("ring capacity {}: {e}", spec.ring_bytes)))?;
     let (sel, sentinel) = if spec.captures_nothing() {
         (Selection::empty(), "")
     } else {
-        let sel = Selection::compile(&spec.patterns, spec.layers.as_ref(), graph)?;
+        let max = producer.max_record_len();
+        let fits = |n: &GraphNode| {
+            crate::record::frame_len(n_ubatch, n.row_width.unwrap_or(0), spec.dtype) <= max
+        };
+        let sel = Selection::compile_fitting(&spec.patterns, spec.layers.as_ref(), graph, &fits)?;
         // The first node of every graph compute marks a new ubatch.
         let first = graph
             .first()
@@ -131,11 +137,24 @@ pub(crate) fn probe_graph_on(ctx: &mut Context) -> Result<Vec<GraphNode>> {
         .first()
         .copied()
         .unwrap_or(0);
-    let mut batch = Batch::new(1);
+    let mut batch = Batch::new(2);
     batch.push(bos, 0, 0, true);
     ctx.decode(&batch)?;
-    let nodes = GraphNode::list_from_raw(ctx.tap().map(Tap::probed_nodes).unwrap_or(&[]));
+    let mut nodes = GraphNode::list_from_raw(ctx.tap().map(Tap::probed_nodes).unwrap_or(&[]));
     ctx.clear();
+    // A second probe of two tokens in one ubatch tells which nodes have a stable
+    // per-token row (their token axis grows, the rest stays). With 1-token ubatches
+    // it is impossible; the tap then checks widths at run time.
+    if ctx.n_ubatch() >= 2 {
+        ctx.replace_tap(Tap::probe())?;
+        batch.clear();
+        batch.push(bos, 0, 0, true);
+        batch.push(bos, 1, 0, true);
+        ctx.decode(&batch)?;
+        let two = ctx.tap().map(Tap::probed_nodes).unwrap_or(&[]);
+        GraphNode::classify_rows(&mut nodes, two);
+        ctx.clear();
+    }
     Ok(nodes)
 }
 
@@ -144,6 +163,7 @@ pub(crate) fn probe_graph_on(ctx: &mut Context) -> Result<Vec<GraphNode>> {
 pub struct Generator {
     ctx: Context,
     selection: Vec<SelectedTensor>,
+    skipped: Vec<SkippedTensor>,
     graph: Vec<GraphNode>,
     batch: Batch,
     rows: Vec<RowMeta>,
@@ -186,11 +206,13 @@ impl Generator {
             .tap()
             .map(|t| t.selection().to_vec())
             .unwrap_or_default();
+        let skipped = ctx.tap().map(|t| t.skipped().to_vec()).unwrap_or_default();
         let n_batch = ctx.n_batch() as usize;
         Ok((
             Self {
                 ctx,
                 selection,
+                skipped,
                 graph,
                 batch: Batch::new(n_batch),
                 rows: Vec::with_capacity(n_batch),
@@ -204,6 +226,18 @@ impl Generator {
     /// The tensors being captured, in graph order.
     pub fn selection(&self) -> &[SelectedTensor] {
         &self.selection
+    }
+
+    /// Tensors the patterns matched that are not captured (no per-token row,
+    /// unsupported type, or a frame too large for the ring), with the reason.
+    pub fn skipped(&self) -> &[SkippedTensor] {
+        &self.skipped
+    }
+
+    /// The underlying context (read back the sizes in effect: llama.cpp may round
+    /// `n_ctx` up, and clamps `n_batch` to `n_ctx`).
+    pub fn context(&self) -> &Context {
+        &self.ctx
     }
 
     /// Every node of the graph (from the probe).
@@ -258,26 +292,37 @@ impl Generator {
         opts: &GenerateOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<RunStats> {
-        if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
-            return Err(Error::invalid("empty prompt"));
+        if prompts.is_empty() {
+            return Err(Error::invalid("no prompt given"));
         }
-        if opts.n_predict == 0 {
-            return Err(Error::invalid("n_predict must be at least 1"));
+        if let Some(i) = prompts.iter().position(Vec::is_empty) {
+            return Err(Error::invalid(format!("prompt {i} is empty")));
         }
+        opts.validate()?;
         let n_seq = prompts.len();
+        let n_seq_max = self.ctx.n_seq_max() as usize;
+        if n_seq > n_seq_max {
+            return Err(Error::invalid(format!(
+                "{n_seq} prompts but the context was made for {n_seq_max} sequences"
+            )));
+        }
         let n_prompt: usize = prompts.iter().map(Vec::len).sum();
-        let need = n_prompt + n_seq * (opts.n_predict - 1);
         let n_ctx = self.ctx.n_ctx() as usize;
-        if need > n_ctx {
+        // Checked: n_predict may be anything up to usize::MAX.
+        let need = n_seq
+            .checked_mul(opts.n_predict - 1)
+            .and_then(|g| g.checked_add(n_prompt));
+        if need.map_or(true, |need| need > n_ctx) {
+            let need = need.map_or_else(|| "more than usize::MAX".to_string(), |n| n.to_string());
             return Err(Error::new(
                 ErrorKind::PromptTooLong,
-                format!("prompt ({n_prompt} tokens) plus generation needs {need} positions but the context holds {n_ctx}: raise --ctx-size or shorten the prompt"),
+                format!("prompt ({n_prompt} tokens) plus generation needs {need} positions but the context holds {n_ctx}: raise the context size, lower n_predict or shorten the prompt"),
             ));
         }
         self.ctx.clear();
         self.cancel.store(false, Ordering::Relaxed);
         let model = self.ctx.model().clone();
-        let total = n_seq * opts.n_predict;
+        let total = n_seq.saturating_mul(opts.n_predict);
         let mut samplers: Vec<Sampler> = (0..n_seq).map(|_| Sampler::new(&opts.sampling)).collect();
         let nan = f32::NAN;
         for (s, p) in prompts.iter().enumerate() {

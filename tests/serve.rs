@@ -850,7 +850,7 @@ fn bad_requests_get_json_errors_and_leave_the_server_healthy() {
     check(
         post(&url, &json!({"prompt": "x", "top_p": 2}), &[]),
         400,
-        "top_p",
+        "top-p",
     );
     check(
         post(&url, &json!({"prompt": "x", "n_probs": 100000}), &[]),

@@ -1,20 +1,20 @@
 //! `latent-tap`: capture per-layer latents of a GGUF model next to its tokens.
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::json;
 
 use latent_tap::capture::{Policy, Rows};
-use latent_tap::engine::{default_threads, ContextOptions, Model, ModelOptions, SamplingOptions};
-use latent_tap::output::{collect, write_safetensors};
+use latent_tap::engine::{ContextOptions, Model, ModelOptions, SamplingOptions};
+use latent_tap::output::{collect, write_safetensors, Collected};
 use latent_tap::record::Dtype;
 use latent_tap::select::LayerFilter;
 use latent_tap::session::{probe_graph, CaptureSpec, GenerateOptions, Generator, Progress};
-use latent_tap::{Error, Result};
+use latent_tap::settings;
+use latent_tap::{Error, ErrorKind, Result};
 
 #[derive(Parser)]
 #[command(
@@ -57,11 +57,11 @@ struct ModelArgs {
     /// GGUF model file.
     #[arg(long, short = 'm')]
     model: PathBuf,
-    /// Compute threads (default: all cores).
-    #[arg(long, short = 't')]
+    /// Compute threads, 1 to 4 × the number of cores (at most 1024); default: all cores.
+    #[arg(long, short = 't', allow_negative_numbers = true)]
     threads: Option<i32>,
     /// Layers to offload to the GPU (-1: all).
-    #[arg(long, default_value_t = -1)]
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     gpu_layers: i32,
 }
 
@@ -70,8 +70,13 @@ struct CaptureArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Prompt text; repeat for several sequences decoded in one batch.
-    #[arg(long, short = 'p', required = true)]
+    #[arg(long, short = 'p')]
     prompt: Vec<String>,
+    /// Read a prompt from FILE ('-': standard input), one prompt per -f; may be
+    /// repeated and mixed with -p (sequences follow the command-line order). One
+    /// trailing newline is dropped.
+    #[arg(long, short = 'f', value_name = "FILE")]
+    file: Vec<PathBuf>,
     /// Tokens to generate per sequence.
     #[arg(long, short = 'n', default_value_t = 16)]
     n_predict: usize,
@@ -90,14 +95,14 @@ struct CaptureArgs {
     /// Alternatives reported per generated token.
     #[arg(long, default_value_t = 10)]
     top_k: usize,
-    /// Sampling temperature (0: greedy).
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature: 0 is greedy, otherwise at least 0.001 (finite).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temp: f32,
     /// Top-k sampling cut (0: off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     sample_top_k: i32,
-    /// Top-p sampling cut (1: off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Top-p sampling cut, 0 to 1 (1: off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
@@ -108,8 +113,8 @@ struct CaptureArgs {
     /// Logical batch size per llama_decode.
     #[arg(long, short = 'b', default_value_t = 512)]
     batch_size: u32,
-    /// Physical batch size per graph compute.
-    #[arg(long, default_value_t = 512)]
+    /// Physical batch size per graph compute (at most --batch-size).
+    #[arg(long, visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
     /// Ring capacity in MiB.
     #[arg(long, default_value_t = 64)]
@@ -117,8 +122,8 @@ struct CaptureArgs {
     /// Full-ring policy: block (lossless) or drop-newest.
     #[arg(long, default_value = "block")]
     policy: String,
-    /// Seconds a blocked producer waits before the decode is cancelled.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds a blocked producer waits before the decode is cancelled (0 to 86400).
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
     block_timeout: f64,
     /// Output directory.
     #[arg(long, short = 'o')]
@@ -316,6 +321,7 @@ fn llama_server_args(args: Vec<String>) -> std::result::Result<Vec<String>, Stri
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    // llama-server's multi-letter short flags (-np, -ub, ...) for `serve`.
     #[cfg(feature = "serve")]
     let args = match llama_server_args(args) {
         Ok(a) => a,
@@ -324,29 +330,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let serving = args.get(1).map(String::as_str) == Some("serve");
-    let cli = match Cli::try_parse_from(&args) {
-        Ok(c) => c,
-        Err(e) if serving && e.use_stderr() => {
-            // One line for serve, like llama-server's "error: invalid argument".
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("invalid arguments");
-            eprintln!(
-                "{}",
-                if first.starts_with("error:") {
-                    first.to_string()
-                } else {
-                    format!("error: {first}")
-                }
-            );
+    let parsed = Cli::command()
+        .try_get_matches_from(&args)
+        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (m, c)));
+    let (matches, cli) = match parsed {
+        Ok(v) => v,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, exit status 1, like every other error.
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("{}", line.trim_end());
             return ExitCode::FAILURE;
         }
-        Err(e) => e.exit(),
     };
     let r = match cli.cmd {
         #[cfg(feature = "serve")]
         Cmd::Serve(a) => serve(*a),
-        Cmd::Capture(a) => capture(*a),
+        Cmd::Capture(a) => {
+            let order = matches
+                .subcommand_matches("capture")
+                .map(prompt_order)
+                .unwrap_or_default();
+            capture(*a, &order)
+        }
         Cmd::Tensors(a) => tensors(a),
         Cmd::SynthModel {
             out,
@@ -409,12 +416,12 @@ fn serve(a: ServeArgs) -> Result<()> {
         api_key: a.api_key,
         alias: a.alias,
         metrics: a.metrics,
-        timeout: Duration::from_secs(a.timeout),
+        timeout: std::time::Duration::from_secs(a.timeout),
         max_body: a
             .max_body_kb
             .checked_mul(1024)
             .ok_or_else(|| Error::invalid("--max-body-kb is too large"))?,
-        shutdown_grace: Duration::from_secs(a.shutdown_grace),
+        shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
         subscriber_queue: mb(a.subscriber_queue_mb, "--subscriber-queue-mb")?,
         on_listen: None,
     };
@@ -432,6 +439,96 @@ fn serve(a: ServeArgs) -> Result<()> {
     latent_tap::server::run(cfg)
 }
 
+/// Where each prompt came from, in command-line order.
+#[derive(Debug, Clone)]
+enum Source {
+    /// The i-th `-p`.
+    Arg(usize),
+    /// The i-th `-f`.
+    File(usize),
+}
+
+fn prompt_order(m: &clap::ArgMatches) -> Vec<Source> {
+    let mut v: Vec<(usize, Source)> = Vec::new();
+    if let Some(ix) = m.indices_of("prompt") {
+        v.extend(ix.enumerate().map(|(i, at)| (at, Source::Arg(i))));
+    }
+    if let Some(ix) = m.indices_of("file") {
+        v.extend(ix.enumerate().map(|(i, at)| (at, Source::File(i))));
+    }
+    v.sort_by_key(|(at, _)| *at);
+    v.into_iter().map(|(_, s)| s).collect()
+}
+
+/// Largest prompt file accepted.
+const MAX_PROMPT_FILE: u64 = 64 << 20;
+
+/// Read the prompts in order; name the source of any bad one.
+fn read_prompts(a: &CaptureArgs, order: &[Source]) -> Result<Vec<(String, String)>> {
+    if order.is_empty() {
+        return Err(Error::invalid(
+            "no prompt: give one or more -p TEXT or -f FILE",
+        ));
+    }
+    let mut stdin_used = false;
+    let mut out = Vec::with_capacity(order.len());
+    for (seq, src) in order.iter().enumerate() {
+        let (text, label) = match *src {
+            Source::Arg(i) => (a.prompt[i].clone(), format!("-p #{}", i + 1)),
+            Source::File(i) => {
+                let path = &a.file[i];
+                let label = format!("-f {}", path.display());
+                let mut bytes = Vec::new();
+                let r = if path.as_os_str() == "-" {
+                    if stdin_used {
+                        return Err(Error::invalid("-f - (standard input) given twice"));
+                    }
+                    stdin_used = true;
+                    std::io::stdin()
+                        .lock()
+                        .take(MAX_PROMPT_FILE + 1)
+                        .read_to_end(&mut bytes)
+                } else {
+                    std::fs::File::open(path)
+                        .and_then(|f| f.take(MAX_PROMPT_FILE + 1).read_to_end(&mut bytes))
+                };
+                let what = if path.as_os_str() == "-" {
+                    "standard input".to_string()
+                } else {
+                    format!("prompt file '{}'", path.display())
+                };
+                r.map_err(|e| Error::new(ErrorKind::Io, format!("cannot read {what}: {e}")))?;
+                if bytes.len() as u64 > MAX_PROMPT_FILE {
+                    return Err(Error::invalid(format!(
+                        "{what} is larger than {} MiB",
+                        MAX_PROMPT_FILE >> 20
+                    )));
+                }
+                let mut text = String::from_utf8(bytes).map_err(|e| {
+                    Error::invalid(format!(
+                        "{what} is not valid UTF-8 (at byte {})",
+                        e.utf8_error().valid_up_to()
+                    ))
+                })?;
+                if text.ends_with('\n') {
+                    text.pop();
+                    if text.ends_with('\r') {
+                        text.pop();
+                    }
+                }
+                (text, label)
+            }
+        };
+        if text.is_empty() {
+            return Err(Error::invalid(format!(
+                "empty prompt for sequence {seq} ({label})"
+            )));
+        }
+        out.push((text, label));
+    }
+    Ok(out)
+}
+
 fn load(a: &ModelArgs) -> Result<std::sync::Arc<Model>> {
     Model::load(
         &a.model,
@@ -441,15 +538,26 @@ fn load(a: &ModelArgs) -> Result<std::sync::Arc<Model>> {
     )
 }
 
+/// Run `f` on a locked stdout and flush. A closed pipe (`| head`) ends the
+/// output quietly; any other failure (a full disk) is an error.
+fn to_stdout(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match f(&mut out).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::new(ErrorKind::Io, format!("writing to stdout: {e}"))),
+    }
+}
+
 fn tensors(a: ModelArgs) -> Result<()> {
-    let model = load(&a)?;
     let opts = ContextOptions {
         n_ctx: 256,
         n_threads: a.threads,
         ..ContextOptions::default()
     };
+    opts.validate()?;
+    let model = load(&a)?;
     let nodes = probe_graph(&model, &opts)?;
-    let mut out = std::io::stdout().lock();
     let shape = |ne: &[i64; 4]| {
         ne.iter()
             .take_while(|&&n| n > 0)
@@ -457,35 +565,41 @@ fn tensors(a: ModelArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join("x")
     };
-    let _ = writeln!(
-        out,
-        "# {} ({}, {} layers, n_embd {}); shapes for one token",
-        model.path().display(),
-        model.arch(),
-        model.n_layer(),
-        model.n_embd()
-    );
     let mut layers: Vec<i32> = nodes.iter().filter_map(|n| n.layer).collect();
     layers.sort_unstable();
     layers.dedup();
-    let _ = writeln!(out, "global:");
-    for n in nodes.iter().filter(|n| n.layer.is_none()) {
-        let _ = writeln!(out, "  {:<28} {}", n.name, shape(&n.ne));
-    }
-    for l in layers {
-        let _ = writeln!(out, "layer {l}:");
-        for n in nodes.iter().filter(|n| n.layer == Some(l)) {
-            let _ = writeln!(out, "  {:<28} {}", n.name, shape(&n.ne));
+    to_stdout(|out| {
+        writeln!(
+            out,
+            "# {} ({}, {} layers, n_embd {}); shapes for one token; '-' marks nodes without a per-token row (not captured)",
+            model.path().display(),
+            model.arch(),
+            model.n_layer(),
+            model.n_embd()
+        )?;
+        let line = |out: &mut dyn Write, n: &latent_tap::select::GraphNode| {
+            let mark = if n.row_width.is_some() { "" } else { "  -" };
+            writeln!(out, "  {:<28} {}{mark}", n.name, shape(&n.ne))
+        };
+        writeln!(out, "global:")?;
+        for n in nodes.iter().filter(|n| n.layer.is_none()) {
+            line(&mut *out, n)?;
         }
-    }
-    Ok(())
+        for l in layers {
+            writeln!(out, "layer {l}:")?;
+            for n in nodes.iter().filter(|n| n.layer == Some(l)) {
+                line(&mut *out, n)?;
+            }
+        }
+        Ok(())
+    })
 }
 
 fn synth(out: &Path, layers: usize, embd: usize, seed: u64) -> Result<()> {
-    if layers == 0 || embd == 0 || embd % 8 != 0 {
-        return Err(Error::invalid(
-            "--layers must be positive and --embd a positive multiple of 8",
-        ));
+    if !(1..=64).contains(&layers) || !(8..=4096).contains(&embd) || embd % 8 != 0 {
+        return Err(Error::invalid(format!(
+            "synthetic model with {layers} layers and embd {embd}: --layers must be 1..=64 and --embd a multiple of 8 in 8..=4096"
+        )));
     }
     let cfg = latent_tap::synth::SynthConfig {
         n_layer: layers,
@@ -494,18 +608,147 @@ fn synth(out: &Path, layers: usize, embd: usize, seed: u64) -> Result<()> {
         seed,
         ..Default::default()
     };
-    latent_tap::synth::SynthModel::random(cfg).write_gguf(out)?;
-    println!("wrote {}", out.display());
-    Ok(())
+    latent_tap::synth::SynthModel::random(cfg)
+        .write_gguf(out)
+        .map_err(|e| Error::new(ErrorKind::Io, format!("writing {}: {e}", out.display())))?;
+    to_stdout(|w| writeln!(w, "wrote {}", out.display()))
 }
 
-fn capture(a: CaptureArgs) -> Result<()> {
-    if a.prompt.iter().any(|p| p.is_empty()) {
-        return Err(Error::invalid("empty prompt"));
+/// The output files, in the order they are committed (manifest last).
+const OUTPUTS: [&str; 3] = ["tokens.jsonl", "latents.safetensors", "manifest.json"];
+
+/// The output directory of one run. Made and probed before the model loads;
+/// files are written to `.NAME.tmp-PID` and renamed into place at the end, so a
+/// failed run leaves earlier outputs as they were. Until [`OutDir::commit`],
+/// dropping it removes our temporary files and the directories it created.
+struct OutDir {
+    dir: PathBuf,
+    created: Vec<PathBuf>,
+    temps: Vec<PathBuf>,
+    committed: bool,
+}
+
+impl OutDir {
+    fn prepare(dir: &Path) -> Result<Self> {
+        let show = dir.display();
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::invalid(format!(
+                "output directory '{show}' exists and is not a directory"
+            )));
+        }
+        let mut created = Vec::new();
+        let mut p = Some(dir);
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            created.push(d.to_path_buf());
+            p = d.parent();
+        }
+        created.reverse();
+        let mut me = Self {
+            dir: dir.to_path_buf(),
+            created,
+            temps: Vec::new(),
+            committed: false,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("cannot create output directory '{show}': {e}"),
+            )
+        })?;
+        let probe = dir.join(format!(".latent-tap-probe.tmp-{}", std::process::id()));
+        std::fs::write(&probe, b"probe").map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("cannot write in output directory '{show}': {e}"),
+            )
+        })?;
+        let _ = std::fs::remove_file(&probe);
+        for name in OUTPUTS {
+            let p = dir.join(name);
+            if p.is_dir() {
+                return Err(Error::invalid(format!(
+                    "'{}' is a directory; cannot write the output file there",
+                    p.display()
+                )));
+            }
+        }
+        me.clean_stale();
+        Ok(me)
     }
+
+    /// Remove temporary files left by earlier runs that are no longer alive.
+    fn clean_stale(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((base, pid)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-"))
+            else {
+                continue;
+            };
+            let ours = OUTPUTS.contains(&base) || base == "latent-tap-probe";
+            let alive = pid.parse::<u32>().is_ok_and(|pid| {
+                pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
+            });
+            if ours && !alive {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// A temporary path for output `name`.
+    fn temp(&mut self, name: &str) -> PathBuf {
+        let p = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        self.temps.push(p.clone());
+        p
+    }
+
+    /// Rename every temporary file into place, manifest last.
+    fn commit(mut self) -> Result<()> {
+        for name in OUTPUTS {
+            let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
+            let dst = self.dir.join(name);
+            std::fs::rename(&tmp, &dst).map_err(|e| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!("cannot move {} into place: {e}", dst.display()),
+                )
+            })?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for OutDir {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for t in &self.temps {
+            let _ = std::fs::remove_file(t);
+        }
+        // Only directories this run made, deepest first, and only if still empty.
+        for d in self.created.iter().rev() {
+            if std::fs::remove_dir(d).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
+    // Everything that can be checked without the model is checked first, so a
+    // bad value costs no model load and leaves no trace.
+    let prompts_text = read_prompts(&a, order)?;
     if a.n_predict == 0 {
         return Err(Error::invalid("--n-predict must be at least 1"));
     }
+    ModelOptions {
+        n_gpu_layers: a.model.gpu_layers,
+    }
+    .validate()?;
     let rows = match a.rows.as_str() {
         "all" => Rows::All,
         "last" => Rows::Last,
@@ -517,7 +760,7 @@ fn capture(a: CaptureArgs) -> Result<()> {
     };
     let policy = match a.policy.as_str() {
         "block" => Policy::Block {
-            timeout: Duration::from_secs_f64(a.block_timeout.max(0.0)),
+            timeout: settings::block_timeout_from_secs(a.block_timeout)?,
         },
         "drop-newest" => Policy::DropNewest,
         p => {
@@ -526,6 +769,9 @@ fn capture(a: CaptureArgs) -> Result<()> {
             )))
         }
     };
+    if a.ring_mb == 0 {
+        return Err(Error::invalid("--ring-mb must be at least 1"));
+    }
     let spec = CaptureSpec {
         patterns: vec![a.tensors.clone()],
         layers: a.layers.as_deref().map(LayerFilter::parse).transpose()?,
@@ -534,9 +780,11 @@ fn capture(a: CaptureArgs) -> Result<()> {
         ring_bytes: a
             .ring_mb
             .checked_mul(1 << 20)
-            .ok_or_else(|| Error::invalid("--ring-mb is too large"))?,
+            .ok_or_else(|| Error::invalid(format!("--ring-mb {} is too large", a.ring_mb)))?,
         policy,
     };
+    spec.validate()?;
+    settings::check_ring_memory(spec.ring_bytes)?;
     let sampling = SamplingOptions {
         temperature: a.temp,
         top_k: a.sample_top_k,
@@ -549,22 +797,30 @@ fn capture(a: CaptureArgs) -> Result<()> {
         sampling: sampling.clone(),
         top_k: a.top_k,
     };
+    gen_opts.validate()?;
     let ctx_opts = ContextOptions {
         n_ctx: a.ctx_size,
         n_batch: a.batch_size,
         n_ubatch: a.ubatch_size,
-        n_seq_max: a.prompt.len() as u32,
+        n_seq_max: u32::try_from(prompts_text.len()).unwrap_or(u32::MAX),
         n_threads: a.model.threads,
         ..ContextOptions::default()
     };
+    ctx_opts.validate()?;
+    let mut out_dir = OutDir::prepare(&a.out)?;
+
     let model = load(&a.model)?;
-    let prompts = a
-        .prompt
+    let prompts = prompts_text
         .iter()
-        .map(|p| model.tokenize(p, true))
+        .map(|(p, _)| model.tokenize(p, true))
         .collect::<Result<Vec<_>>>()?;
     let (mut gen, stream) = Generator::new(model.clone(), &ctx_opts, &spec)?;
     let selection = gen.selection().to_vec();
+    let skipped = gen.skipped().to_vec();
+    let (n_ctx, n_batch, n_ubatch) = {
+        let c = gen.context();
+        (c.n_ctx(), c.n_batch(), c.n_ubatch())
+    };
     let dtype = spec.dtype;
     let consumer = std::thread::spawn({
         let selection = selection.clone();
@@ -573,7 +829,7 @@ fn capture(a: CaptureArgs) -> Result<()> {
     let show = !a.quiet && std::io::stderr().is_terminal();
     let mut bar = |p: Progress| {
         if show {
-            let w = 30 * p.done / p.total.max(1);
+            let w = (30 * p.done / p.total.max(1)).min(30);
             eprint!(
                 "\r[{}{}] {}/{} tokens",
                 "#".repeat(w),
@@ -590,57 +846,90 @@ fn capture(a: CaptureArgs) -> Result<()> {
     drop(gen);
     let collected = consumer
         .join()
-        .map_err(|_| Error::new(latent_tap::ErrorKind::Internal, "consumer thread panicked"))??;
+        .map_err(|_| Error::new(ErrorKind::Internal, "consumer thread panicked"))??;
     let stats = run?;
 
-    std::fs::create_dir_all(&a.out)?;
-    collected.write_tokens_jsonl(&a.out.join("tokens.jsonl"))?;
+    let tmp = out_dir.temp(OUTPUTS[0]);
+    collected.write_tokens_jsonl(&tmp)?;
+    let tmp = out_dir.temp(OUTPUTS[1]);
     write_safetensors(
-        &a.out.join("latents.safetensors"),
+        &tmp,
         &collected.tensors,
         &[("model", model.path().display().to_string())],
     )?;
     let tensors: Vec<_> = collected
         .tensors
         .iter()
-        .map(|t| json!({"name": t.name, "rows": t.n_rows(), "width": t.width, "dtype": t.dtype, "frames": t.frames}))
+        .map(|t| json!({"name": t.name, "rows": t.n_rows(), "width": t.width, "dtype": t.dtype, "frames": t.frames, "nonfinite": t.nonfinite}))
         .collect();
     let manifest = json!({
         "model": {"path": model.path(), "arch": model.arch(), "n_layer": model.n_layer(), "n_embd": model.n_embd(), "n_vocab": model.n_vocab()},
-        "prompt": a.prompt,
+        "prompt": prompts_text.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        "prompt_source": prompts_text.iter().map(|(_, s)| s).collect::<Vec<_>>(),
         "prompt_tokens": prompts.iter().map(Vec::len).collect::<Vec<_>>(),
         "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed, "n_predict": a.n_predict, "report_top_k": a.top_k},
         "capture": {"tensors": a.tensors, "layers": a.layers, "rows": rows, "dtype": dtype, "ring_bytes": spec.ring_bytes, "policy": a.policy,
-                    "n_ctx": ctx_opts.n_ctx, "n_batch": ctx_opts.n_batch, "n_ubatch": ctx_opts.n_ubatch, "threads": ctx_opts.n_threads.unwrap_or_else(default_threads)},
+                    "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "threads": ctx_opts.threads()},
         "tensors": tensors,
+        "skipped": skipped,
         "counters": {"frames": stats.counters.frames, "bytes": stats.counters.bytes, "drops": stats.counters.drops, "unaligned": stats.counters.unaligned, "seq_gaps": collected.seq_gaps},
         "timings": {"prompt_ms": stats.prompt_ms, "ms_per_token": stats.ms_per_token, "decode_ms_per_token": stats.decode_ms_per_token, "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens},
     });
-    std::fs::write(
-        a.out.join("manifest.json"),
-        serde_json::to_vec_pretty(&manifest).expect("json"),
-    )?;
+    let tmp = out_dir.temp(OUTPUTS[2]);
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("manifest: {e}")))?;
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&json)?;
+            f.sync_all()
+        })
+        .map_err(|e| Error::new(ErrorKind::Io, format!("writing {}: {e}", tmp.display())))?;
+    out_dir.commit()?;
+    if n_ctx != ctx_opts.n_ctx {
+        eprintln!(
+            "warning: context size {} is {} in effect (llama.cpp rounds it)",
+            ctx_opts.n_ctx, n_ctx
+        );
+    }
 
-    let text: String = collected
-        .tokens
-        .iter()
-        .filter(|t| !t.prompt)
-        .map(|t| t.piece.as_str())
-        .collect();
-    println!("generated: {text:?}");
-    println!(
+    to_stdout(|out| report(out, &collected, prompts.len(), &stats, &a.out))
+}
+
+fn report(
+    out: &mut dyn Write,
+    collected: &Collected,
+    n_seq: usize,
+    stats: &latent_tap::session::RunStats,
+    dir: &Path,
+) -> std::io::Result<()> {
+    for s in 0..n_seq {
+        let text: String = collected
+            .tokens
+            .iter()
+            .filter(|t| !t.prompt && t.seq == s as i32)
+            .map(|t| t.piece.as_str())
+            .collect();
+        if n_seq == 1 {
+            writeln!(out, "generated: {text:?}")?;
+        } else {
+            writeln!(out, "generated[{s}]: {text:?}")?;
+        }
+    }
+    writeln!(
+        out,
         "{:<16} {:>6} {:>6} {:>12}",
         "tensor", "rows", "width", "mean L2"
-    );
+    )?;
     for t in &collected.tensors {
         let n = t.n_rows();
         let mean = (0..n)
             .map(|i| t.row_f32(i).iter().map(|v| v * v).sum::<f32>().sqrt())
             .sum::<f32>()
             / n.max(1) as f32;
-        println!("{:<16} {:>6} {:>6} {:>12.3}", t.name, n, t.width, mean);
+        writeln!(out, "{:<16} {:>6} {:>6} {:>12.3}", t.name, n, t.width, mean)?;
     }
-    println!(
+    writeln!(
+        out,
         "frames {} bytes {} drops {} | prompt {:.1} ms, {:.2} ms/token ({:.2} in llama_decode) | wrote {}",
         stats.counters.frames,
         stats.counters.bytes,
@@ -648,7 +937,6 @@ fn capture(a: CaptureArgs) -> Result<()> {
         stats.prompt_ms,
         stats.ms_per_token,
         stats.decode_ms_per_token,
-        a.out.display()
-    );
-    Ok(())
+        dir.display()
+    )
 }

@@ -30,11 +30,12 @@ pub(crate) struct SrcTensor {
 impl SrcTensor {
     /// Copy row `row` along `axis` (all elements of the axes below it, in ggml
     /// order) into `dst`, which holds exactly `width * out.size()` bytes.
+    /// Returns how many finite values overflowed `out` (became infinite).
     ///
     /// # Safety
     /// `base` must point to host memory covering every element addressed by
     /// `ne`/`nb`, readable for the duration of the call; `row < ne[axis]`.
-    pub unsafe fn copy_row(&self, axis: usize, row: usize, out: Dtype, dst: &mut [u8]) {
+    pub unsafe fn copy_row(&self, axis: usize, row: usize, out: Dtype, dst: &mut [u8]) -> usize {
         let ts = ggml_type_size(self.ty).unwrap_or(4);
         let width: usize = self.ne[..axis].iter().product::<i64>() as usize;
         let contiguous = self.nb[0] == ts
@@ -43,12 +44,12 @@ impl SrcTensor {
         if contiguous {
             // SAFETY: the caller guarantees the row's `width` contiguous elements are readable.
             let src = unsafe { std::slice::from_raw_parts(self.base.add(row_base), width * ts) };
-            convert_run(src, self.ty, dst, out);
-            return;
+            return convert_run(src, self.ty, dst, out);
         }
         // Strided: walk the inner axes element by element.
         let os = out.size();
         let mut idx = [0usize; 3];
+        let mut overflow = 0;
         for e in 0..width {
             let mut off = row_base;
             for (k, &i) in idx.iter().enumerate().take(axis) {
@@ -56,7 +57,7 @@ impl SrcTensor {
             }
             // SAFETY: (idx, row) is within ne, so the element at `off` is readable.
             let src = unsafe { std::slice::from_raw_parts(self.base.add(off), ts) };
-            convert_run(src, self.ty, &mut dst[e * os..(e + 1) * os], out);
+            overflow += convert_run(src, self.ty, &mut dst[e * os..(e + 1) * os], out);
             for (k, i) in idx.iter_mut().enumerate().take(axis) {
                 *i += 1;
                 if *i < self.ne[k] as usize {
@@ -65,21 +66,24 @@ impl SrcTensor {
                 *i = 0;
             }
         }
+        overflow
     }
 }
 
-/// Convert a contiguous run of `src_ty` elements into `out` elements.
-pub(crate) fn convert_run(src: &[u8], src_ty: u32, dst: &mut [u8], out: Dtype) {
+/// Convert a contiguous run of `src_ty` elements into `out` elements. Returns
+/// how many finite values overflowed to infinity (only f16 can: |x| > 65504).
+pub(crate) fn convert_run(src: &[u8], src_ty: u32, dst: &mut [u8], out: Dtype) -> usize {
     let same = matches!(
         (src_ty, out),
         (GGML_F32, Dtype::F32) | (GGML_F16, Dtype::F16) | (GGML_BF16, Dtype::BF16)
     );
     if same {
         dst.copy_from_slice(src);
-        return;
+        return 0;
     }
     let ts = ggml_type_size(src_ty).unwrap_or(4);
     let os = out.size();
+    let mut overflow = 0;
     for (s, d) in src.chunks_exact(ts).zip(dst.chunks_exact_mut(os)) {
         let v = match src_ty {
             GGML_F16 => f16::from_bits(u16::from_ne_bytes([s[0], s[1]])).to_f32(),
@@ -88,10 +92,15 @@ pub(crate) fn convert_run(src: &[u8], src_ty: u32, dst: &mut [u8], out: Dtype) {
         };
         match out {
             Dtype::F32 => d.copy_from_slice(&v.to_ne_bytes()),
-            Dtype::F16 => d.copy_from_slice(&f16::from_f32(v).to_bits().to_ne_bytes()),
+            Dtype::F16 => {
+                let h = f16::from_f32(v);
+                overflow += usize::from(h.is_infinite() && v.is_finite());
+                d.copy_from_slice(&h.to_bits().to_ne_bytes())
+            }
             Dtype::BF16 => d.copy_from_slice(&bf16::from_f32(v).to_bits().to_ne_bytes()),
         }
     }
+    overflow
 }
 
 #[cfg(test)]
@@ -146,5 +155,17 @@ mod tests {
         convert_run(&src, GGML_F32, &mut b, Dtype::BF16);
         convert_run(&b, GGML_BF16, &mut back, Dtype::F32);
         assert_eq!(f32s(&back), [1.5, -2.25]);
+    }
+
+    #[test]
+    fn f16_overflow_is_counted() {
+        let src: Vec<u8> = [1e5f32, -7e4, 65504.0, f32::INFINITY]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let mut h = [0u8; 8];
+        assert_eq!(convert_run(&src, GGML_F32, &mut h, Dtype::F16), 2);
+        let mut b = [0u8; 8];
+        assert_eq!(convert_run(&src, GGML_F32, &mut b, Dtype::BF16), 0);
     }
 }

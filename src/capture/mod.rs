@@ -214,6 +214,14 @@ impl Tap {
         }
     }
 
+    /// Nodes the patterns matched that this tap does not capture.
+    pub fn skipped(&self) -> &[crate::select::SkippedTensor] {
+        match &self.mode {
+            Mode::Probe(_) => &[],
+            Mode::Capture(a) => a.sel.skipped(),
+        }
+    }
+
     /// True when llama.cpp must call this tap's eval callback (it selects tensors,
     /// or it is probing). A tokens-only tap leaves the graph untouched.
     pub(crate) fn wants_eval(&self) -> bool {
@@ -371,6 +379,11 @@ impl Tap {
         let Some(ti) = a.pending.take() else {
             return Ok(());
         };
+        // A tensor with no element (e.g. the last layer pruned to the outputs of a
+        // ubatch that has none) holds no row: no frame.
+        if t.ne.iter().any(|&n| n <= 0) {
+            return Ok(());
+        }
         let plan = &self.plan;
         let start = self.ubatch.max(0) as usize * plan.n_ubatch;
         let end = (start + plan.n_ubatch).min(plan.rows.len());
@@ -409,6 +422,13 @@ impl Tap {
             return Ok(());
         }
         let width = t.ne[..axis].iter().product::<i64>() as usize;
+        let sel = &a.sel.tensors()[ti as usize];
+        if width != sel.row_width {
+            // Not the per-token row the probe saw (e.g. a view whose size follows the
+            // KV cache): skip the frame rather than ship rows of another shape.
+            self.counters.unaligned += 1;
+            return Ok(());
+        }
         let n_rows = a.pick.len();
         let len = record::frame_len(n_rows, width, a.dtype);
         let seq = self.seq;
@@ -450,7 +470,6 @@ impl Tap {
             ne: t.ne,
             nb: t.nb,
         };
-        let sel = &a.sel.tensors()[ti as usize];
         let mut header = FrameHeader {
             kind: record::kind::FRAME,
             header_size: std::mem::size_of::<FrameHeader>() as u32,
@@ -476,16 +495,27 @@ impl Tap {
             off += std::mem::size_of::<RowMeta>();
         }
         let row_bytes = width * a.dtype.size();
+        let mut overflow = 0;
         for &p in &a.pick {
             let row = (p & 0xffff) as usize;
             debug_assert!(ts > 0 && row < t.ne[axis] as usize);
             // SAFETY: base covers the tensor (host data, or the staging copy of all of it)
             // and row < ne[axis].
-            unsafe { src.copy_row(axis, row, a.dtype, &mut g[off..off + row_bytes]) };
+            overflow += unsafe { src.copy_row(axis, row, a.dtype, &mut g[off..off + row_bytes]) };
             off += row_bytes;
         }
         g.commit();
         self.counters.bytes += len as u64;
+        if overflow > 0 {
+            // Cold path: the run fails, so formatting the message may allocate.
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "tensor '{}' holds {overflow} finite values beyond f16's range (|x| > 65504) at step {}: capture it as bf16 or f32",
+                    sel.name, plan.step
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -493,8 +523,7 @@ impl Tap {
 /// Every frame must fit in the ring, or a lossless capture could never finish.
 fn check_fits(sel: &Selection, n_ubatch: usize, dtype: Dtype, max_len: usize) -> Result<()> {
     for t in sel.tensors() {
-        let per_row: usize = t.ne.iter().product::<i64>().max(1) as usize;
-        let need = record::frame_len(n_ubatch, per_row, dtype);
+        let need = record::frame_len(n_ubatch, t.row_width.max(1), dtype);
         if need > max_len {
             return Err(Error::new(
                 ErrorKind::FrameTooLarge,

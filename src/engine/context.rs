@@ -82,17 +82,7 @@ impl Context {
         opts: &ContextOptions,
         tap: Option<Box<Tap>>,
     ) -> Result<Self> {
-        if opts.n_batch == 0 || opts.n_ubatch == 0 || opts.n_ctx == 0 || opts.n_seq_max == 0 {
-            return Err(Error::invalid(
-                "n_ctx, n_batch, n_ubatch and n_seq_max must be positive",
-            ));
-        }
-        if opts.n_ubatch > opts.n_batch {
-            return Err(Error::invalid(format!(
-                "n_ubatch ({}) must not exceed n_batch ({})",
-                opts.n_ubatch, opts.n_batch
-            )));
-        }
+        opts.validate()?;
         let mut tap = tap;
         // SAFETY: plain value returned by llama.cpp.
         let mut p = unsafe { sys::llama_context_default_params() };
@@ -100,7 +90,7 @@ impl Context {
         p.n_batch = opts.n_batch;
         p.n_ubatch = opts.n_ubatch;
         p.n_seq_max = opts.n_seq_max;
-        let threads = opts.n_threads.unwrap_or_else(default_threads).max(1);
+        let threads = opts.threads();
         p.n_threads = threads;
         p.n_threads_batch = threads;
         p.embeddings = opts.embeddings;
@@ -177,6 +167,12 @@ impl Context {
     pub fn n_ctx(&self) -> u32 {
         // SAFETY: valid context pointer.
         unsafe { sys::llama_n_ctx(self.as_ptr()) }
+    }
+
+    /// Parallel sequences the context holds.
+    pub fn n_seq_max(&self) -> u32 {
+        // SAFETY: valid context pointer.
+        unsafe { sys::llama_n_seq_max(self.as_ptr()) }
     }
 
     /// Largest batch per `llama_decode`.

@@ -46,6 +46,7 @@ impl Model {
     /// an [`ErrorKind::ModelLoad`] error with a one-line reason.
     pub fn load(path: impl AsRef<Path>, opts: &ModelOptions) -> Result<Arc<Self>> {
         let path = path.as_ref();
+        opts.validate()?;
         check_gguf_magic(path)?;
         backend::init();
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())

@@ -58,6 +58,8 @@ pub struct TensorRows {
     pub step: Vec<u32>,
     /// Frames received.
     pub frames: u64,
+    /// Elements that are NaN or ±inf.
+    pub nonfinite: u64,
 }
 
 impl TensorRows {
@@ -69,7 +71,11 @@ impl TensorRows {
     /// Row `i` as f32 (converting f16/bf16).
     pub fn row_f32(&self, i: usize) -> Vec<f32> {
         let es = self.dtype.size();
-        let bytes = &self.data[i * self.width * es..(i + 1) * self.width * es];
+        let row = self.width * es;
+        let bytes = self
+            .data
+            .get(i * row..(i + 1) * row)
+            .expect("row index below n_rows");
         let mut out = vec![0u8; self.width * 4];
         crate::capture::convert_to_f32(bytes, self.dtype, &mut out);
         out.chunks_exact(4)
@@ -105,15 +111,20 @@ impl Collected {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// Write `tokens.jsonl`.
+    /// Write `tokens.jsonl` (errors name the path).
     pub fn write_tokens_jsonl(&self, path: &Path) -> Result<()> {
-        let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let io = |e: std::io::Error| {
+            Error::new(ErrorKind::Io, format!("writing {}: {e}", path.display()))
+        };
+        let mut w = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
         for t in &self.tokens {
-            serde_json::to_writer(&mut w, t)
-                .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
-            w.write_all(b"\n")?;
+            serde_json::to_writer(&mut w, t).map_err(|e| io(e.into()))?;
+            w.write_all(b"\n").map_err(io)?;
         }
-        w.flush()?;
+        w.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
         Ok(())
     }
 }
@@ -138,6 +149,7 @@ impl Collector {
                 seq: Vec::new(),
                 step: Vec::new(),
                 frames: 0,
+                nonfinite: 0,
             })
             .collect();
         Self {
@@ -163,9 +175,10 @@ impl Collector {
                     .ok_or_else(|| {
                         Error::new(ErrorKind::Internal, "frame for an unknown tensor")
                     })?;
-                if t.width == 0 {
-                    t.width = h.width as usize;
-                } else if t.width != h.width as usize {
+                let width = usize::try_from(h.width).unwrap_or(usize::MAX);
+                if t.frames == 0 {
+                    t.width = width;
+                } else if t.width != width {
                     return Err(Error::new(
                         ErrorKind::Internal,
                         format!(
@@ -174,6 +187,22 @@ impl Collector {
                         ),
                     ));
                 }
+                if t.dtype as u32 != h.dtype
+                    || Some(f.data.len())
+                        != f.rows
+                            .len()
+                            .checked_mul(width)
+                            .and_then(|n| n.checked_mul(t.dtype.size()))
+                {
+                    return Err(Error::new(
+                        ErrorKind::Internal,
+                        format!(
+                            "frame of tensor '{}' does not match its rows, width and dtype",
+                            t.name
+                        ),
+                    ));
+                }
+                t.nonfinite += count_nonfinite(f.data, t.dtype);
                 t.data.extend_from_slice(f.data);
                 for r in f.rows {
                     t.pos.push(r.pos);
@@ -213,6 +242,25 @@ impl Collector {
     }
 }
 
+/// Elements of `data` (of `dtype`) that are NaN or infinite.
+pub fn count_nonfinite(data: &[u8], dtype: Dtype) -> u64 {
+    let n = match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .filter(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000)
+            .count(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .filter(|c| u16::from_ne_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00)
+            .count(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .filter(|c| u16::from_ne_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80)
+            .count(),
+    };
+    n as u64
+}
+
 /// Drain `stream` to its end into a [`Collected`].
 pub fn collect(
     mut stream: Stream,
@@ -226,4 +274,103 @@ pub fn collect(
         }
     }
     Ok(c.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{kind, FrameHeader, FrameView, RowMeta};
+
+    fn header(width: u64, n_rows: u32, seq: u64) -> FrameHeader {
+        FrameHeader {
+            kind: kind::FRAME,
+            header_size: std::mem::size_of::<FrameHeader>() as u32,
+            seq,
+            step: 0,
+            ubatch: 0,
+            tensor_index: 0,
+            layer: 0,
+            dtype: Dtype::F32 as u32,
+            n_rows,
+            width,
+            ne: [width as i64, n_rows as i64, 1, 1],
+            name: [0; 64],
+        }
+    }
+
+    fn selection() -> Vec<SelectedTensor> {
+        vec![SelectedTensor {
+            name: "l_out-0".into(),
+            layer: Some(0),
+            ggml_type: 0,
+            ne: [2, 1, 1, 1],
+            row_width: 2,
+        }]
+    }
+
+    #[test]
+    fn a_width_change_is_an_error_not_a_panic() {
+        let mut c = Collector::new(&selection(), Dtype::F32);
+        let rows = [RowMeta::default()];
+        // A frame with a row but no elements, then a real one: the collector used to
+        // take the second width as the first and later panic slicing rows.
+        let h0 = header(0, 1, 0);
+        c.push(&Record::Frame(FrameView {
+            header: &h0,
+            rows: &rows,
+            data: &[],
+        }))
+        .unwrap();
+        let h1 = header(2, 1, 1);
+        let data: Vec<u8> = [1f32, f32::NAN]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let e = c
+            .push(&Record::Frame(FrameView {
+                header: &h1,
+                rows: &rows,
+                data: &data,
+            }))
+            .unwrap_err();
+        assert!(e.message().contains("changed width from 0 to 2"), "{e}");
+        // A payload that disagrees with rows × width is refused too.
+        let mut c = Collector::new(&selection(), Dtype::F32);
+        let e = c
+            .push(&Record::Frame(FrameView {
+                header: &h1,
+                rows: &rows,
+                data: &data[..4],
+            }))
+            .unwrap_err();
+        assert!(e.message().contains("does not match"), "{e}");
+        c.push(&Record::Frame(FrameView {
+            header: &h1,
+            rows: &rows,
+            data: &data,
+        }))
+        .unwrap();
+        let out = c.finish();
+        assert_eq!(out.tensors[0].nonfinite, 1);
+        assert_eq!(out.tensors[0].row_f32(0)[0], 1.0);
+    }
+
+    #[test]
+    fn nonfinite_counts_per_dtype() {
+        let f: Vec<u8> = [0.0f32, f32::INFINITY, -f32::INFINITY, f32::NAN, 3.0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        assert_eq!(count_nonfinite(&f, Dtype::F32), 3);
+        let h: Vec<u8> = [half::f16::INFINITY, half::f16::ONE, half::f16::NAN]
+            .iter()
+            .flat_map(|v| v.to_bits().to_ne_bytes())
+            .collect();
+        assert_eq!(count_nonfinite(&h, Dtype::F16), 2);
+        let b: Vec<u8> = [half::bf16::NEG_INFINITY, half::bf16::ONE]
+            .iter()
+            .flat_map(|v| v.to_bits().to_ne_bytes())
+            .collect();
+        assert_eq!(count_nonfinite(&b, Dtype::BF16), 1);
+    }
 }

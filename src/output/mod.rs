@@ -4,5 +4,5 @@
 mod collect;
 mod safetensors;
 
-pub use collect::{collect, Collected, Collector, TensorRows, TokenEvent};
+pub use collect::{collect, count_nonfinite, Collected, Collector, TensorRows, TokenEvent};
 pub use safetensors::write_safetensors;

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use super::TensorRows;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 
 /// Write each tensor as `[n_rows, width]` plus `<name>.pos` and `<name>.seq` (I32).
 pub fn write_safetensors(
@@ -69,12 +69,17 @@ pub fn write_safetensors(
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
-    w.write_all(&(h.len() as u64).to_le_bytes())?;
-    w.write_all(&h)?;
+    let io =
+        |e: std::io::Error| Error::new(ErrorKind::Io, format!("writing {}: {e}", path.display()));
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&h).map_err(io)?;
     for b in blobs {
-        w.write_all(b)?;
+        w.write_all(b).map_err(io)?;
     }
-    w.flush()?;
+    w.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
     Ok(())
 }

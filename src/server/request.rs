@@ -65,22 +65,6 @@ pub fn string<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str
     }
 }
 
-fn ranged(
-    m: &Map<String, Value>,
-    key: &str,
-    lo: f64,
-    hi: f64,
-    default: f64,
-) -> Result<f64, ApiError> {
-    let v = num(m, key)?.unwrap_or(default);
-    if !(lo..=hi).contains(&v) {
-        return Err(ApiError::bad(format!(
-            "'{key}' must be between {lo} and {hi}, not {v}"
-        )));
-    }
-    Ok(v)
-}
-
 /// Generation settings of one request.
 #[derive(Debug, Clone)]
 pub struct GenParams {
@@ -129,7 +113,7 @@ pub fn gen_params(
             )))
         }
     };
-    let temperature = ranged(m, "temperature", -1e9, 1e9, 0.8)? as f32;
+    let temperature = num(m, "temperature")?.unwrap_or(0.8) as f32;
     let top_k = int(m, "top_k")?.unwrap_or(40);
     if !(-1..=i32::MAX as i64).contains(&top_k) {
         return Err(ApiError::bad(format!(
@@ -137,8 +121,8 @@ pub fn gen_params(
             i32::MAX
         )));
     }
-    let top_p = ranged(m, "top_p", 0.0, 1.0, 0.95)? as f32;
-    let min_p = ranged(m, "min_p", 0.0, 1.0, 0.05)? as f32;
+    let top_p = num(m, "top_p")?.unwrap_or(0.95) as f32;
+    let min_p = num(m, "min_p")?.unwrap_or(0.05) as f32;
     let seed = int(m, "seed")?.unwrap_or(-1);
     if !(-1..=u32::MAX as i64).contains(&seed) {
         return Err(ApiError::bad(format!(
@@ -179,15 +163,20 @@ pub fn gen_params(
         }
     };
     let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
+    let sampling = SamplingOptions {
+        temperature,
+        top_k: top_k.max(0) as i32,
+        top_p,
+        min_p,
+        seed: seed_u32,
+    };
+    // The library's one set of sampling bounds (shared with the CLI and C API).
+    sampling
+        .validate()
+        .map_err(|e| ApiError::bad(e.message()))?;
     Ok(GenParams {
         n_predict,
-        sampling: SamplingOptions {
-            temperature,
-            top_k: top_k.max(0) as i32,
-            top_p,
-            min_p,
-            seed: seed_u32,
-        },
+        sampling,
         seed_requested: seed,
         n_probs: n_probs as usize,
         stop,
