@@ -440,10 +440,7 @@ def selftest(srv, out_dir):
     if not ready.wait(60) or "error" in box:
         print(f"selftest: subscribe failed: {box.get('error')}", file=sys.stderr)
         return False
-    # The 200 answer to /latents/subscribe can arrive before the server routes records
-    # to the new subscriber, so a request sent at once may start unseen (its REQUEST
-    # begin notice missing); give the subscription a moment to take effect.
-    time.sleep(0.5)
+    # No pause: a request sent after the subscribe answer's headers must be seen whole.
     got = [complete_json(srv, body), complete_binary(srv, dict(body, prompt="Hello"))]
     th.join(300)
     if th.is_alive() or "error" in box:
