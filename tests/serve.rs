@@ -1069,3 +1069,23 @@ fn real_model_latents_equal_cli_capture() {
     assert_eq!(props["chat_template"], "chatml");
     assert_eq!(props["bos_token"], "<bos>");
 }
+
+#[test]
+fn python_example_client_selftest() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let s = Server::start(&m, &["--api-key", "k"]);
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/client.py");
+    let o = Command::new("python3")
+        .arg(&client)
+        .args(["selftest", "--url", &s.url, "--api-key", "k", "--out"])
+        .arg(dir.path().join("recorded"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "client.py selftest failed (needs numpy):\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
