@@ -175,7 +175,7 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 
 /// FNV-1a: node names are short, and SipHash's DoS resistance buys nothing for
 /// names that come from the model's own graph; this keeps the ask phase cheap.
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone, Copy, Debug)]
 pub struct NameHasher(u64);
 
 impl std::hash::Hasher for NameHasher {

@@ -160,6 +160,7 @@ pub(crate) fn probe_graph_on(ctx: &mut Context) -> Result<Vec<GraphNode>> {
 
 /// A tapped context ready to generate; frames and tokens arrive on the
 /// [`Stream`] returned by [`Generator::new`].
+#[derive(Debug)]
 pub struct Generator {
     ctx: Context,
     selection: Vec<SelectedTensor>,

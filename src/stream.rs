@@ -8,12 +8,14 @@ use crate::record::Record;
 use crate::ring::{Consumer, ReadGrant, RingStats};
 
 /// The reading end of a capture: records in decode order.
+#[derive(Debug)]
 pub struct Stream {
     consumer: Consumer,
     ended: bool,
 }
 
 /// One record, borrowed from the ring until dropped.
+#[derive(Debug)]
 pub struct Item<'a> {
     grant: ReadGrant<'a>,
 }

@@ -131,6 +131,18 @@ pub struct Tap {
     abort: Box<AtomicBool>,
 }
 
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tap")
+            .field("probing", &matches!(self.mode, Mode::Probe(_)))
+            .field("selected", &self.selection().len())
+            .field("ubatch", &self.ubatch)
+            .field("seq", &self.seq)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Tap {
     /// A tap that only records the graph's nodes.
     pub(crate) fn probe() -> Self {

@@ -5,6 +5,7 @@ use llama_cpp_sys_2 as sys;
 use super::model::Token;
 
 /// A batch of tokens for `llama_decode`, one sequence id per token.
+#[derive(Debug)]
 pub struct Batch {
     raw: sys::llama_batch,
     capacity: usize,

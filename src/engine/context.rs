@@ -61,6 +61,7 @@ pub fn default_threads() -> i32 {
 }
 
 /// A llama.cpp context, optionally tapped.
+#[derive(Debug)]
 pub struct Context {
     ptr: NonNull<sys::llama_context>,
     // Boxed so its address, handed to llama.cpp as callback user data, is stable.

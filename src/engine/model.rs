@@ -28,6 +28,7 @@ impl Default for ModelOptions {
 }
 
 /// A loaded GGUF model. Shared through `Arc` so that no context outlives it.
+#[derive(Debug)]
 pub struct Model {
     ptr: NonNull<sys::llama_model>,
     path: PathBuf,

@@ -32,6 +32,7 @@ impl Default for SamplingOptions {
 }
 
 /// An owned sampler chain.
+#[derive(Debug)]
 pub struct Sampler {
     ptr: NonNull<sys::llama_sampler>,
 }

@@ -130,6 +130,7 @@ impl Collected {
 }
 
 /// Folds records into a [`Collected`].
+#[derive(Debug)]
 pub struct Collector {
     out: Collected,
     next_seq: u64,
