@@ -6,6 +6,7 @@
 //! [`ring`] (lock-free transport off the compute thread) → [`stream`] / [`output`]
 //! (consumers). [`engine`] wraps llama.cpp; [`session`] drives generation.
 #![deny(unsafe_op_in_unsafe_fn)]
+#![recursion_limit = "256"]
 #![warn(missing_docs)]
 
 pub mod capture;

@@ -444,19 +444,24 @@ fn latents_computed(acc: &Acc) -> Value {
     json!({"from": 0, "to": acc.n_prompt + acc.n_gen().saturating_sub(1), "cache_n": 0})
 }
 
-fn generation_settings(app: &App, p: &GenParams) -> Value {
+/// llama-server's `generation_settings`, key for key (floats printed as the double
+/// of the f32 value, as llama-server does). `samplers` lists the stages this
+/// server really applies (llama-server's penalties, DRY, typical-p and XTC are
+/// no-ops at their defaults and not supported here).
+fn generation_settings(p: &GenParams) -> Value {
     let n_predict = p.n_predict.map_or(-1, |n| n as i64);
+    let f = |x: f32| x as f64;
     json!({
         "seed": if p.seed_requested < 0 { 4294967295i64 } else { p.seed_requested },
-        "temperature": p.sampling.temperature,
+        "temperature": f(p.sampling.temperature),
         "dynatemp_range": 0.0,
         "dynatemp_exponent": 1.0,
         "top_k": p.sampling.top_k,
-        "top_p": p.sampling.top_p,
-        "min_p": p.sampling.min_p,
+        "top_p": f(p.sampling.top_p),
+        "min_p": f(p.sampling.min_p),
         "top_n_sigma": -1.0,
         "xtc_probability": 0.0,
-        "xtc_threshold": 0.1,
+        "xtc_threshold": f(0.1),
         "typical_p": 1.0,
         "repeat_last_n": 64,
         "repeat_penalty": 1.0,
@@ -469,7 +474,9 @@ fn generation_settings(app: &App, p: &GenParams) -> Value {
         "dry_sequence_breakers": ["\n", ":", "\"", "*"],
         "mirostat": 0,
         "mirostat_tau": 5.0,
-        "mirostat_eta": 0.1,
+        "mirostat_eta": f(0.1),
+        "adaptive_target": -1.0,
+        "adaptive_decay": f(0.9),
         "stop": p.stop,
         "max_tokens": n_predict,
         "n_predict": n_predict,
@@ -481,12 +488,19 @@ fn generation_settings(app: &App, p: &GenParams) -> Value {
         "n_probs": p.n_probs,
         "min_keep": 0,
         "grammar": "",
+        "grammar_lazy": false,
+        "grammar_triggers": [],
+        "preserved_tokens": [],
+        "chat_format": "Content-only",
+        "reasoning_format": "deepseek",
+        "reasoning_in_content": false,
+        "generation_prompt": "",
         "samplers": ["top_k", "top_p", "min_p", "temperature"],
+        "speculative.types": "none",
         "timings_per_token": false,
         "post_sampling_probs": false,
+        "backend_sampling": false,
         "lora": [],
-        "model": app.model_name,
-        "cache_prompt": p.cache_prompt,
     })
 }
 
@@ -509,7 +523,7 @@ fn native_final(app: &App, p: &Prepared, acc: &Acc, content: &str, with_probs: b
         "model": app.model_name,
         "tokens_predicted": acc.n_gen(),
         "tokens_evaluated": acc.n_prompt,
-        "generation_settings": generation_settings(app, &p.params),
+        "generation_settings": generation_settings(&p.params),
         "prompt": detok_special(&acc.model, &p.tokens),
         "has_new_line": acc.has_new_line,
         "truncated": false,
@@ -1051,7 +1065,7 @@ pub(crate) async fn props(State(app): AppState) -> Response {
         Ok::<_, ApiError>(json_response(
             StatusCode::OK,
             &json!({
-                "default_generation_settings": {"params": generation_settings(&app, &defaults), "n_ctx": engine.n_ctx_slot()},
+                "default_generation_settings": {"params": generation_settings(&defaults), "n_ctx": engine.n_ctx_slot()},
                 "total_slots": engine.n_parallel(),
                 "model_alias": app.model_name,
                 "model_path": app.cfg.model.display().to_string(),
@@ -1109,15 +1123,19 @@ pub(crate) async fn slots(State(app): AppState) -> Response {
             .slots()
             .iter()
             .map(|s| {
-                json!({
+                let mut v = json!({
                     "id": s.id,
                     "n_ctx": engine.n_ctx_slot(),
                     "speculative": false,
                     "is_processing": s.job.is_some(),
-                    "id_task": s.job,
-                    "n_prompt_tokens": s.n_prompt,
-                    "next_token": [{"has_next_token": s.job.is_some(), "n_remain": s.n_predict.saturating_sub(s.n_generated), "n_decoded": s.n_generated}],
-                })
+                });
+                // Like llama-server, task fields appear only while (or once) a slot works.
+                if let Some(job) = s.job {
+                    v["id_task"] = json!(job);
+                    v["n_prompt_tokens"] = json!(s.n_prompt);
+                    v["next_token"] = json!([{"has_next_token": true, "n_remain": s.n_predict.saturating_sub(s.n_generated), "n_decoded": s.n_generated}]);
+                }
+                v
             })
             .collect();
         Ok::<_, ApiError>(json_response(StatusCode::OK, &Value::Array(v)))

@@ -82,8 +82,6 @@ pub struct GenParams {
     pub ignore_eos: bool,
     /// SSE streaming.
     pub stream: bool,
-    /// Accepted; prefixes are never reused (every row is computed).
-    pub cache_prompt: bool,
     /// Latents to deliver.
     pub latents: Option<LatentRequest>,
 }
@@ -170,6 +168,9 @@ pub fn gen_params(
         min_p,
         seed: seed_u32,
     };
+    // `cache_prompt` is type-checked and otherwise ignored: no prefix is ever
+    // reused, so every prompt row (and its latents) is computed.
+    boolean(m, "cache_prompt")?;
     // The library's one set of sampling bounds (shared with the CLI and C API).
     sampling
         .validate()
@@ -182,7 +183,6 @@ pub fn gen_params(
         stop,
         ignore_eos: boolean(m, "ignore_eos")?.unwrap_or(false),
         stream: boolean(m, "stream")?.unwrap_or(false),
-        cache_prompt: boolean(m, "cache_prompt")?.unwrap_or(true),
         latents: latents(m.get("latents"))?,
     })
 }
