@@ -564,6 +564,27 @@ pub fn check_hparams(g: &Gguf) -> std::result::Result<(), Reject> {
             ));
         }
     }
+    if arch == "llama" {
+        // Its graph divides by the head count and asserts that key and value
+        // heads have one size (llama-arch models without attention do not exist).
+        if let Some(il) = (0..n_layer as usize).find(|&il| heads.at(il).unwrap_or(0) == 0) {
+            return reject(format!(
+                "{} is 0 or missing for layer {il}",
+                k("attention.head_count")
+            ));
+        }
+        let kl = int_of(g, &k("attention.key_length"))?;
+        let vl = int_of(g, &k("attention.value_length"))?;
+        if kl.is_some() && vl.is_some() && kl != vl {
+            return reject(format!(
+                "{} {} differs from {} {}; llama needs one head size",
+                k("attention.key_length"),
+                kl.unwrap_or(0),
+                k("attention.value_length"),
+                vl.unwrap_or(0)
+            ));
+        }
+    }
     let n_head = heads.at(0).unwrap_or(0);
     if n_head > 0 {
         let head_k = match int_of(g, &k("attention.key_length"))? {
@@ -647,7 +668,7 @@ mod tests {
 
     #[test]
     fn asserted_hparams_are_rejected() {
-        let cases: [(&str, [u8; 4], &str); 8] = [
+        let cases: [(&str, [u8; 4], &str); 9] = [
             ("llama.block_count", 0u32.to_le_bytes(), "1 to 512"),
             ("llama.block_count", 513u32.to_le_bytes(), "1 to 512"),
             (
@@ -668,6 +689,7 @@ mod tests {
             ("llama.attention.head_count_kv", 0u32.to_le_bytes(), "is 0"),
             ("llama.rope.dimension_count", 15u32.to_le_bytes(), "even"),
             ("llama.embedding_length", 0u32.to_le_bytes(), "positive"),
+            ("llama.attention.head_count", 0u32.to_le_bytes(), "is 0"),
         ];
         for (key, value, want) in cases {
             let mut b = synth_bytes();
@@ -675,6 +697,16 @@ mod tests {
             let err = check_bytes(&b).unwrap_err().0;
             assert!(err.contains(key) && err.contains(want), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn llama_head_sizes_must_agree() {
+        let mut g = check_bytes(&synth_bytes()).unwrap();
+        g.kv.push(("llama.attention.key_length".into(), Value::Int(16)));
+        assert!(check_hparams(&g).is_ok());
+        g.kv.push(("llama.attention.value_length".into(), Value::Int(8)));
+        let e = check_hparams(&g).unwrap_err().0;
+        assert!(e.contains("llama.attention.value_length 8"), "{e}");
     }
 
     #[test]
