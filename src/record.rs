@@ -415,6 +415,7 @@ mod tests {
 
     // Lengths from a corrupt header fail cleanly: `n_rows * width` used to
     // overflow (a panic in debug builds, a wrong payload length in release).
+    // The `record` fuzz target finds that in the old parser within seconds.
     #[test]
     fn corrupt_lengths_fail_without_panicking() {
         let hs = std::mem::size_of::<FrameHeader>() as u32;
