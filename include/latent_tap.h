@@ -46,7 +46,7 @@ struct llama_batch;
 #define LT_EVENT_TOKEN 2
 
 /**
- * `lt_event.kind`: the end of one generation.
+ * `lt_event.kind`: the end of one generation (mode 1 only; a tap has no END).
  */
 #define LT_EVENT_END 3
 
@@ -216,7 +216,11 @@ typedef struct {
    */
   uint32_t policy;
   /**
-   * Ring capacity in bytes (must be > 0).
+   * Ring capacity in bytes. It must hold the largest frame: a frame of
+   * `n_ubatch` rows of the widest selected tensor, `sizeof(lt_frame_header)
+   * + n_ubatch * (sizeof(lt_row_meta) + width * element size)`, plus a few
+   * bytes of ring overhead; else creating the session or tap fails with
+   * `LT_FRAME_TOO_LARGE`.
    */
   uint64_t ring_bytes;
   /**
@@ -306,20 +310,22 @@ typedef struct {
 } lt_sampling_params;
 
 /**
- * Fixed header of a latent frame. Followed by `n_rows` [`RowMeta`] and then
- * `n_rows * width` elements of `dtype`.
+ * Fixed header of a latent frame. Followed by `n_rows` row descriptors
+ * (`lt_row_meta`) and then `n_rows * width` elements of `dtype`.
  */
 typedef struct {
   /**
-   * [`kind::FRAME`].
+   * Record kind: 1 (`LT_EVENT_FRAME`).
    */
   uint32_t kind;
   /**
-   * `size_of::<FrameHeader>()`, so readers can skip fields added later.
+   * `sizeof(lt_frame_header)`, so readers can skip fields added later.
    */
   uint32_t header_size;
   /**
-   * Frame sequence number, +1 per frame produced; gaps mean drops.
+   * Frame sequence number, +1 per frame produced; gaps mean drops. Starts at
+   * 0 with each generation of a session (mode 1), or when the tap is created
+   * (mode 2).
    */
   uint64_t seq;
   /**
@@ -339,7 +345,7 @@ typedef struct {
    */
   int32_t layer;
   /**
-   * Payload element type ([`Dtype`] as u32).
+   * Payload element type: `LT_DTYPE_F32`, `LT_DTYPE_F16` or `LT_DTYPE_BF16`.
    */
   uint32_t dtype;
   /**
@@ -377,22 +383,22 @@ typedef struct {
    */
   int32_t token;
   /**
-   * [`ROW_PROMPT`] when the token is part of the prompt.
+   * `LT_ROW_PROMPT` when the token is part of the prompt, else 0.
    */
   uint32_t flags;
 } lt_row_meta;
 
 /**
- * Fixed header of a token event. Followed by `n_top` [`TopEntry`] and then
- * `piece_len` bytes of the token's text.
+ * Fixed header of a token event. Followed by `n_top` alternatives
+ * (`lt_top_entry`) and then `piece_len` bytes of the token's text.
  */
 typedef struct {
   /**
-   * [`kind::TOKEN`].
+   * Record kind: 2 (`LT_EVENT_TOKEN`).
    */
   uint32_t kind;
   /**
-   * `size_of::<TokenHeader>()`.
+   * `sizeof(lt_token_header)`, so readers can skip fields added later.
    */
   uint32_t header_size;
   /**
@@ -412,7 +418,7 @@ typedef struct {
    */
   int32_t token;
   /**
-   * [`ROW_PROMPT`] for prompt tokens.
+   * `LT_ROW_PROMPT` for prompt tokens, else 0.
    */
   uint32_t flags;
   /**
@@ -457,7 +463,10 @@ typedef struct {
  */
 typedef struct {
   /**
-   * `sizeof(lt_event)`; written by the library.
+   * Set by the caller to `sizeof(lt_event)` before the first `lt_*_next`.
+   * The library writes at most that many bytes and stores the number written
+   * here (the same value for a caller built against this header), so one
+   * `lt_event` variable can be reused without setting it again.
    */
   uint32_t struct_size;
   /**
@@ -493,11 +502,11 @@ typedef struct {
    */
   const char *piece;
   /**
-   * End events: frames produced by the generation (dropped ones included).
+   * End events: frames produced by this generation (dropped ones included).
    */
   uint64_t end_frames;
   /**
-   * End events: frames dropped by a drop-newest ring.
+   * End events: frames of this generation dropped by a drop-newest ring.
    */
   uint64_t end_drops;
   /**
@@ -624,6 +633,24 @@ void lt_session_free(lt_session *session);
  * and return at once; read the results with `lt_session_next`. `sampling`
  * may be NULL for defaults. LT_BUSY while a previous generation still runs.
  *
+ * The stream of one generation, in order: one TOKEN event per prompt token
+ * (step 0, `LT_ROW_PROMPT`, NaN logprob and entropy, no alternatives), then
+ * the frames of step 0 (the prompt) and the first sampled token (step 0),
+ * then for each step k >= 1 its frames followed by its token, then one END
+ * event. Frame `seq` and the END counters start from 0 with each generation.
+ *
+ * What the library does, so that an app driving llama.cpp itself (mode 2)
+ * can reproduce a run: a context with `n_ctx`, `n_batch`, `n_ubatch` from
+ * `lt_context_params`, `n_seq_max` 1, `n_threads` = `n_threads_batch` (all
+ * cores when 0), `kv_unified` true, pooling none, flash attention auto, KV
+ * cache f16 (f32 with `f32_kv`); the prompt is tokenized with
+ * `llama_tokenize(add_special = true, parse_special = false)` (BOS when the
+ * model asks for it; special-token text is not parsed), decoded in chunks of
+ * `n_batch` tokens with logits for its last token only; then one token per
+ * `llama_decode`. Sampling: greedy when `temperature` <= 0, else the chain
+ * top_k (when > 0), top_p (when < 1), temp, dist(`seed`). The KV cache is
+ * cleared before each generation.
+ *
  * Call from one thread at a time (else LT_BUSY).
  */
 lt_status lt_session_submit(lt_session *session,
@@ -658,9 +685,12 @@ lt_status lt_session_cancel(lt_session *session);
 
 /**
  * Callback API: submit `prompt` and call `callback` on this thread for every
- * event, in order, until the END event (included). Returns the generation's
- * status (`LT_CANCELLED` if the callback stopped it). The event is valid only
- * during the callback.
+ * event, in order, until the END event (included). When the callback returns
+ * 0 the generation is cancelled and the events still queued are skipped, but
+ * the END event is always delivered (its `end_status` is `LT_CANCELLED`, and
+ * its counters cover the frames produced before the stop). Returns the
+ * generation's status (`LT_CANCELLED` if the callback stopped it). The event is
+ * valid only during the callback.
  *
  * Call from one thread at a time (else LT_BUSY).
  */
@@ -715,15 +745,22 @@ lt_status lt_tap_begin_batch(lt_tap *tap,
                              uint32_t step);
 
 /**
- * Optional: after a decode, add the token the app sampled from output row
- * `output_index` to the stream, with its logprob, entropy and `top_k`
- * alternatives computed from `llama_get_logits_ith(ctx, output_index)`.
+ * Optional: after a decode, add the token the app sampled to the stream, with
+ * its logprob, entropy and `top_k` alternatives computed from
+ * `llama_get_logits_ith(ctx, batch_index)`.
+ *
+ * `batch_index` is the index llama.cpp's `llama_get_logits_ith` takes: the
+ * token's index in the batch passed to the last `lt_tap_begin_batch` /
+ * `llama_decode` (whose `logits` flag must be set; for a prompt batch with
+ * logits on its last token only, that is `n_tokens - 1`), or a negative index
+ * counting back from the last output (-1 = last). Other indices fail with
+ * `LT_INVALID_ARGUMENT` before llama.cpp is asked.
  *
  * Call on the decoding thread (else LT_BUSY).
  */
 lt_status lt_tap_push_token(lt_tap *tap,
                             struct llama_context *ctx,
-                            int32_t output_index,
+                            int32_t batch_index,
                             int32_t token,
                             int32_t seq_id,
                             int32_t pos,
@@ -732,9 +769,14 @@ lt_status lt_tap_push_token(lt_tap *tap,
 
 /**
  * Read the next event (frames, and tokens pushed with `lt_tap_push_token`),
- * waiting up to `timeout_ms`; LT_TIMEOUT if none. Releases the previous event.
- * Set `event->struct_size = sizeof(lt_event)` first.
+ * waiting up to `timeout_ms` (0 polls: returns at once); LT_TIMEOUT if none.
+ * Releases the previous event. Set `event->struct_size = sizeof(lt_event)` first.
  * A reader thread may call this while another thread decodes.
+ *
+ * A tap has no END event: the app knows when it stops decoding. Every frame
+ * of a decode is in the ring (or counted as dropped) once `llama_decode`
+ * returns, so after it returns, reading with `timeout_ms = 0` until
+ * LT_TIMEOUT yields exactly that decode's frames.
  *
  * One reader thread at a time (else LT_BUSY).
  */

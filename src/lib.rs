@@ -13,6 +13,7 @@ pub mod capture;
 pub mod engine;
 pub mod error;
 pub mod ffi;
+pub mod gguf;
 pub mod output;
 pub mod record;
 pub mod ring;

@@ -80,20 +80,22 @@ pub struct RowMeta {
     pub pos: i32,
     /// Token id at that position.
     pub token: i32,
-    /// [`ROW_PROMPT`] when the token is part of the prompt.
+    /// `LT_ROW_PROMPT` when the token is part of the prompt, else 0.
     pub flags: u32,
 }
 
-/// Fixed header of a latent frame. Followed by `n_rows` [`RowMeta`] and then
-/// `n_rows * width` elements of `dtype`.
+/// Fixed header of a latent frame. Followed by `n_rows` row descriptors
+/// (`lt_row_meta`) and then `n_rows * width` elements of `dtype`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct FrameHeader {
-    /// [`kind::FRAME`].
+    /// Record kind: 1 (`LT_EVENT_FRAME`).
     pub kind: u32,
-    /// `size_of::<FrameHeader>()`, so readers can skip fields added later.
+    /// `sizeof(lt_frame_header)`, so readers can skip fields added later.
     pub header_size: u32,
-    /// Frame sequence number, +1 per frame produced; gaps mean drops.
+    /// Frame sequence number, +1 per frame produced; gaps mean drops. Starts at
+    /// 0 with each generation of a session (mode 1), or when the tap is created
+    /// (mode 2).
     pub seq: u64,
     /// Generation step: 0 for the prompt, k for the k-th generated token's decode.
     pub step: u32,
@@ -103,7 +105,7 @@ pub struct FrameHeader {
     pub tensor_index: u32,
     /// Layer parsed from the name, or -1.
     pub layer: i32,
-    /// Payload element type ([`Dtype`] as u32).
+    /// Payload element type: `LT_DTYPE_F32`, `LT_DTYPE_F16` or `LT_DTYPE_BF16`.
     pub dtype: u32,
     /// Number of rows (tokens) in this frame.
     pub n_rows: u32,
@@ -115,14 +117,14 @@ pub struct FrameHeader {
     pub name: [u8; 64],
 }
 
-/// Fixed header of a token event. Followed by `n_top` [`TopEntry`] and then
-/// `piece_len` bytes of the token's text.
+/// Fixed header of a token event. Followed by `n_top` alternatives
+/// (`lt_top_entry`) and then `piece_len` bytes of the token's text.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct TokenHeader {
-    /// [`kind::TOKEN`].
+    /// Record kind: 2 (`LT_EVENT_TOKEN`).
     pub kind: u32,
-    /// `size_of::<TokenHeader>()`.
+    /// `sizeof(lt_token_header)`, so readers can skip fields added later.
     pub header_size: u32,
     /// Generation step that sampled it (prompt tokens: 0).
     pub step: u32,
@@ -132,7 +134,7 @@ pub struct TokenHeader {
     pub pos: i32,
     /// Token id.
     pub token: i32,
-    /// [`ROW_PROMPT`] for prompt tokens.
+    /// `LT_ROW_PROMPT` for prompt tokens, else 0.
     pub flags: u32,
     /// Number of top-k entries that follow.
     pub n_top: u32,
@@ -328,20 +330,29 @@ impl<'a> Record<'a> {
             kind::FRAME => {
                 let header = &view::<FrameHeader>(buf, 0, 1)?[0];
                 let off = header.header_size as usize;
+                if off < std::mem::size_of::<FrameHeader>() {
+                    return Err(corrupt("header size"));
+                }
                 let n = header.n_rows as usize;
                 let rows = view::<RowMeta>(buf, off, n)?;
                 let dt = Dtype::from_u32(header.dtype).ok_or_else(|| corrupt("dtype"))?;
                 let start = off + std::mem::size_of_val(rows);
-                let data = usize::try_from(header.width)
+                let len = usize::try_from(header.width)
                     .ok()
-                    .and_then(|w| n.checked_mul(w)?.checked_mul(dt.size()))
-                    .and_then(|len| buf.get(start..start.checked_add(len)?))
+                    .and_then(|w| w.checked_mul(n)?.checked_mul(dt.size()))
+                    .ok_or_else(|| corrupt("payload length overflow"))?;
+                let data = start
+                    .checked_add(len)
+                    .and_then(|end| buf.get(start..end))
                     .ok_or_else(|| corrupt("payload"))?;
                 Ok(Record::Frame(FrameView { header, rows, data }))
             }
             kind::TOKEN => {
                 let header = &view::<TokenHeader>(buf, 0, 1)?[0];
                 let off = header.header_size as usize;
+                if off < std::mem::size_of::<TokenHeader>() {
+                    return Err(corrupt("header size"));
+                }
                 let top = view::<TopEntry>(buf, off, header.n_top as usize)?;
                 let start = off + std::mem::size_of_val(top);
                 let piece = start
@@ -353,5 +364,81 @@ impl<'a> Record<'a> {
             kind::END => Ok(Record::End(view::<EndRecord>(buf, 0, 1)?[0])),
             _ => Err(corrupt("unknown kind")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An 8-byte aligned buffer holding `header` followed by `extra` zero bytes.
+    fn aligned<T: Copy>(header: &T, extra: usize) -> Vec<u64> {
+        let n = std::mem::size_of::<T>() + extra;
+        let mut words = vec![0u64; n.div_ceil(8)];
+        // SAFETY: the Vec owns words.len() * 8 writable bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * 8)
+        };
+        put(bytes, 0, header);
+        words
+    }
+
+    fn bytes(words: &[u64]) -> &[u8] {
+        // SAFETY: viewing initialised u64s as bytes.
+        unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 8) }
+    }
+
+    fn frame(n_rows: u32, width: u64, header_size: u32) -> FrameHeader {
+        FrameHeader {
+            kind: kind::FRAME,
+            header_size,
+            seq: 0,
+            step: 0,
+            ubatch: 0,
+            tensor_index: 0,
+            layer: 0,
+            dtype: Dtype::F32 as u32,
+            n_rows,
+            width,
+            ne: [width as i64, n_rows as i64, 1, 1],
+            name: [0; 64],
+        }
+    }
+
+    #[test]
+    fn a_well_formed_frame_parses() {
+        let hs = std::mem::size_of::<FrameHeader>() as u32;
+        let w = aligned(&frame(2, 3, hs), 2 * 16 + 2 * 3 * 4);
+        let Record::Frame(f) = Record::parse(bytes(&w)).unwrap() else {
+            panic!("not a frame")
+        };
+        assert_eq!((f.rows.len(), f.data.len()), (2, 24));
+        assert_eq!(f.as_f32().unwrap().len(), 6);
+    }
+
+    // Lengths from a corrupt header fail cleanly: `n_rows * width` used to
+    // overflow (a panic in debug builds, a wrong payload length in release).
+    // The `record` fuzz target finds that in the old parser within seconds.
+    #[test]
+    fn corrupt_lengths_fail_without_panicking() {
+        let hs = std::mem::size_of::<FrameHeader>() as u32;
+        for (n_rows, width, header_size) in [
+            (2, u64::MAX, hs),
+            (u32::MAX, u64::MAX / 2, hs),
+            (1, 1 << 62, hs),
+            (0, 0, 0),
+            (1, 1, u32::MAX),
+        ] {
+            let w = aligned(&frame(n_rows, width, header_size), 64);
+            assert!(
+                Record::parse(bytes(&w)).is_err(),
+                "{n_rows} {width} {header_size}"
+            );
+        }
+        let mut t = TokenHeader::event(0, 0, 0, 0, 0, 0.0, 0.0);
+        t.piece_len = u32::MAX;
+        t.n_top = u32::MAX;
+        assert!(Record::parse(bytes(&aligned(&t, 8))).is_err());
+        assert!(Record::parse(&[]).is_err());
     }
 }

@@ -151,26 +151,37 @@ impl LayerFilter {
 }
 
 /// `*` matches any run of characters except `#`; `?` matches one character.
+///
+/// Runs in O(pattern × name) time: patterns may come from untrusted input
+/// (`*a*a*a…b` made a backtracking matcher exponential).
 pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match p.split_first() {
-            None => n.is_empty(),
-            Some((b'*', rest)) => {
+    let n = name.as_bytes();
+    // reach[i]: the pattern so far can match exactly n[..i].
+    let mut reach = vec![false; n.len() + 1];
+    let mut next = vec![false; n.len() + 1];
+    reach[0] = true;
+    for &c in pattern.as_bytes() {
+        match c {
+            b'*' => {
+                let mut on = false;
                 for i in 0..=n.len() {
-                    if go(rest, &n[i..]) {
-                        return true;
-                    }
-                    if i < n.len() && n[i] == b'#' {
-                        break;
-                    }
+                    on = reach[i] || (on && n[i - 1] != b'#');
+                    next[i] = on;
                 }
-                false
             }
-            Some((b'?', rest)) => !n.is_empty() && go(rest, &n[1..]),
-            Some((c, rest)) => n.first() == Some(c) && go(rest, &n[1..]),
+            _ => {
+                next[0] = false;
+                for i in 0..n.len() {
+                    next[i + 1] = reach[i] && (c == b'?' || n[i] == c);
+                }
+            }
+        }
+        std::mem::swap(&mut reach, &mut next);
+        if !reach.contains(&true) {
+            return false;
         }
     }
-    go(pattern.as_bytes(), name.as_bytes())
+    reach[n.len()]
 }
 
 /// FNV-1a: node names are short, and SipHash's DoS resistance buys nothing for
@@ -458,6 +469,42 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn glob_semantics_and_speed() {
+        for (p, n, want) in [
+            ("l_out-*", "l_out-3", true),
+            ("l_out-*", "l_out-", true),
+            ("l_out-?", "l_out-12", false),
+            ("ffn_out-*", "ffn_out-2#2", false),
+            ("ffn_out-*#2", "ffn_out-2#2", true),
+            ("*", "", true),
+            ("", "", true),
+            ("", "a", false),
+            ("?", "#", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbY#c", false),
+            ("*-1?", "attn_norm-12", true),
+        ] {
+            assert_eq!(glob_match(p, n), want, "{p} ~ {n}");
+        }
+        // A backtracking matcher took ages on this (the `select` fuzz target
+        // reports `***************C` as a slow unit against it); the DP answers at once.
+        let p = "*a".repeat(40) + "b";
+        let n = "a".repeat(200);
+        let t0 = std::time::Instant::now();
+        assert!(!glob_match(&p, &n));
+        assert!(t0.elapsed().as_secs() < 1);
+    }
+
+    #[test]
+    fn layer_filter_bounds_do_not_overflow() {
+        // `0..i32::MIN` used to compute `i32::MIN - 1`.
+        assert!(LayerFilter::parse("0..-2147483648").is_err());
+        assert!(LayerFilter::parse("-5..=-2147483648").is_err());
+        let f = LayerFilter::parse("-2147483648..=2147483647").unwrap();
+        assert!(f.contains(i32::MIN) && f.contains(i32::MAX));
+    }
 
     fn nodes() -> Vec<GraphNode> {
         let mut raw = Vec::new();

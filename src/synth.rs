@@ -55,12 +55,104 @@ impl Default for SynthConfig {
     }
 }
 
+/// Most transformer blocks llama.cpp loads (`LLAMA_MAX_LAYERS`).
+pub const MAX_LAYERS: usize = 512;
+/// Widest residual stream a synthetic model may have.
+pub const MAX_EMBD: usize = 16384;
+/// Largest synthetic model, in bytes of weights (1 GiB).
+pub const MAX_WEIGHT_BYTES: u128 = 1 << 30;
+
 impl SynthConfig {
     /// Per-head dimension (`n_embd / n_head`), also the RoPE dimension count.
     pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
+        self.n_embd / self.n_head.max(1)
+    }
+
+    /// Number of f32 weights the model holds (saturating).
+    pub fn n_weights(&self) -> u128 {
+        let m = |a: u128, b: u128| a.saturating_mul(b);
+        let (e, v, ff) = (self.n_embd as u128, N_VOCAB as u128, self.n_ff as u128);
+        let hd = self.head_dim() as u128;
+        let (q, kv) = (m(self.n_head as u128, hd), m(self.n_head_kv as u128, hd));
+        let layer = [m(2, e), m(e, q), m(m(2, e), kv), m(q, e), m(m(3, e), ff)]
+            .iter()
+            .fold(0u128, |a, &b| a.saturating_add(b));
+        m(m(2, v), e)
+            .saturating_add(e)
+            .saturating_add(m(self.n_layer as u128, layer))
+    }
+
+    /// Check that llama.cpp can load and run a model with these settings and
+    /// that it stays small ([`MAX_WEIGHT_BYTES`]). [`SynthModel::random`]
+    /// needs a valid config.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |m: String| Err(crate::Error::invalid(format!("synthetic model: {m}")));
+        if !(1..=MAX_LAYERS).contains(&self.n_layer) {
+            return bad(format!(
+                "n_layer is {}; it must be 1 to {MAX_LAYERS}",
+                self.n_layer
+            ));
+        }
+        if self.n_embd == 0 || self.n_embd % 8 != 0 || self.n_embd > MAX_EMBD {
+            return bad(format!(
+                "n_embd is {}; it must be a positive multiple of 8, at most {MAX_EMBD}",
+                self.n_embd
+            ));
+        }
+        if self.n_head == 0 || self.n_embd % self.n_head != 0 || self.head_dim() % 2 != 0 {
+            return bad(format!(
+                "n_head {} must divide n_embd {} into heads of even size",
+                self.n_head, self.n_embd
+            ));
+        }
+        if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+            return bad(format!(
+                "n_head_kv {} must divide n_head {}",
+                self.n_head_kv, self.n_head
+            ));
+        }
+        if !(1..=4 * MAX_EMBD).contains(&self.n_ff) {
+            return bad(format!(
+                "n_ff is {}; it must be 1 to {}",
+                self.n_ff,
+                4 * MAX_EMBD
+            ));
+        }
+        if !(1..=1 << 24).contains(&self.n_ctx_train) {
+            return bad(format!(
+                "n_ctx_train is {}; it must be 1 to {}",
+                self.n_ctx_train,
+                1 << 24
+            ));
+        }
+        if !(self.rope_freq_base.is_finite() && self.rope_freq_base > 0.0) {
+            return bad(format!(
+                "rope_freq_base is {}; it must be finite and positive",
+                self.rope_freq_base
+            ));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return bad(format!(
+                "rms_eps is {}; it must be finite and >= 0",
+                self.rms_eps
+            ));
+        }
+        let bytes = self.n_weights() * 4;
+        if bytes > MAX_WEIGHT_BYTES {
+            return bad(format!(
+                "{} layers of width {} take {} MiB of weights, more than {} MiB",
+                self.n_layer,
+                self.n_embd,
+                bytes >> 20,
+                MAX_WEIGHT_BYTES >> 20
+            ));
+        }
+        Ok(())
     }
 }
+
+/// Vocabulary size of every synthetic model (see [`SynthModel::tokens`]).
+pub const N_VOCAB: usize = 260;
 
 /// Weights of one transformer block, in ggml layout (see the module docs).
 #[derive(Debug, Clone, PartialEq)]
@@ -176,21 +268,15 @@ impl SynthModel {
     /// Generates a model deterministically from `cfg.seed`.
     ///
     /// # Panics
-    /// If the head counts do not divide `n_embd` / `n_head`, or `head_dim` is odd
-    /// (RoPE rotates pairs).
+    /// If [`SynthConfig::validate`] fails.
     pub fn random(cfg: SynthConfig) -> Self {
-        assert!(
-            cfg.n_head > 0 && cfg.n_embd % cfg.n_head == 0,
-            "n_head must divide n_embd"
-        );
-        assert!(
-            cfg.n_head_kv > 0 && cfg.n_head % cfg.n_head_kv == 0,
-            "n_head_kv must divide n_head"
-        );
-        assert!(cfg.head_dim() % 2 == 0, "head_dim must be even for RoPE");
+        if let Err(e) = cfg.validate() {
+            panic!("{e}");
+        }
 
         let tokens = vocabulary();
         let n_vocab = tokens.len();
+        debug_assert_eq!(n_vocab, N_VOCAB);
         let (e, hd) = (cfg.n_embd, cfg.head_dim());
         let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.n_head_kv * hd);
         let mut rng = SplitMix64(cfg.seed);
@@ -262,7 +348,7 @@ impl SynthModel {
         t
     }
 
-    fn write_gguf_to(&self, w: &mut impl Write) -> io::Result<()> {
+    pub(crate) fn write_gguf_to(&self, w: &mut impl Write) -> io::Result<()> {
         let c = &self.cfg;
         let u32_of = |x: usize| {
             u32::try_from(x).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too large"))
@@ -495,6 +581,34 @@ mod tests {
             buf.len() - (padded(m.cfg.n_ff * m.cfg.n_embd * 4) - m.cfg.n_ff * m.cfg.n_embd * 4);
         assert_eq!(&buf[end - 4..end], &last);
         assert!(buf.len() > data);
+    }
+
+    #[test]
+    fn validate_bounds_the_config() {
+        assert!(SynthConfig::default().validate().is_ok());
+        let with = |f: &dyn Fn(&mut SynthConfig)| {
+            let mut c = SynthConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(with(&|c| c.n_layer = 513).contains("n_layer is 513"));
+        assert!(with(&|c| c.n_layer = 0).contains("n_layer is 0"));
+        assert!(with(&|c| c.n_embd = 800_000).contains("n_embd is 800000"));
+        assert!(with(&|c| c.n_embd = 60).contains("multiple of 8"));
+        assert!(with(&|c| c.n_head_kv = 3).contains("n_head_kv 3"));
+        assert!(with(&|c| c.rms_eps = f32::NAN).contains("rms_eps is NaN"));
+        // Each bound alone is fine, together they are too big.
+        let big = with(&|c| {
+            c.n_layer = 512;
+            c.n_embd = 4096;
+            c.n_ff = 8192;
+        });
+        assert!(big.contains("MiB of weights"), "{big}");
+        let c = SynthConfig {
+            n_layer: 512,
+            ..SynthConfig::default()
+        };
+        assert!(c.validate().is_ok());
     }
 
     #[test]

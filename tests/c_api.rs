@@ -225,6 +225,27 @@ fn bad_model_files() {
         lt_status::LT_MODEL_LOAD
     );
     assert!(m.is_null());
+    // A directory, and a file llama.cpp would abort on (block_count 513).
+    assert_eq!(
+        lt_model_new(cpath(dir.path()).as_ptr(), null(), &mut m),
+        lt_status::LT_MODEL_LOAD
+    );
+    assert!(last_error().contains("directory"), "{}", last_error());
+    let mut deep = good.clone();
+    let key = b"llama.block_count";
+    let at = deep.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4;
+    deep[at..at + 4].copy_from_slice(&513u32.to_le_bytes());
+    let deep_path = dir.path().join("deep.gguf");
+    std::fs::write(&deep_path, &deep).unwrap();
+    assert_eq!(
+        lt_model_new(cpath(&deep_path).as_ptr(), null(), &mut m),
+        lt_status::LT_MODEL_LOAD
+    );
+    assert!(
+        last_error().contains("block_count is 513"),
+        "{}",
+        last_error()
+    );
     let bad_utf8 = [0x66u8, 0xff, 0xfe, 0x00];
     assert_eq!(
         lt_model_new(bad_utf8.as_ptr() as *const c_char, null(), &mut m),
@@ -383,12 +404,74 @@ fn bad_prompts_and_threads() {
     lt_model_free(model);
 }
 
-unsafe extern "C" fn stop_after_three(user: *mut std::ffi::c_void, ev: *const lt_event) -> i32 {
-    // SAFETY: user points to the test's counter; ev is valid during the call.
-    let (n, ev) = unsafe { (&mut *(user as *mut u32), &*ev) };
-    *n += 1;
-    assert!(ev.kind == LT_EVENT_FRAME || ev.kind == LT_EVENT_TOKEN || ev.kind == LT_EVENT_END);
-    i32::from(*n < 3)
+/// What a callback saw, for tests that check the stream's shape.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Seen {
+    kind: u32,
+    step: u32,
+    seq: u64,
+    flags: u32,
+    logprob: f32,
+    end_frames: u64,
+    end_drops: u64,
+    end_status: lt_status,
+}
+
+/// Copy the fields of `ev` a test checks.
+fn seen(ev: &lt_event) -> Seen {
+    let mut s = Seen {
+        kind: ev.kind,
+        step: 0,
+        seq: 0,
+        flags: 0,
+        logprob: 0.0,
+        end_frames: ev.end_frames,
+        end_drops: ev.end_drops,
+        end_status: ev.end_status,
+    };
+    // SAFETY: non-NULL header pointers are valid while the event is.
+    unsafe {
+        if let Some(f) = ev.frame.as_ref() {
+            (s.step, s.seq) = (f.step, f.seq);
+        }
+        if let Some(t) = ev.token.as_ref() {
+            (s.step, s.flags, s.logprob) = (t.step, t.flags, t.logprob);
+        }
+    }
+    s
+}
+
+/// Records every event; returns 0 (stop) once `stop_at` events were seen.
+struct Recorder {
+    events: Vec<Seen>,
+    stop_at: usize,
+}
+
+unsafe extern "C" fn record(user: *mut std::ffi::c_void, ev: *const lt_event) -> i32 {
+    // SAFETY: user points to the test's Recorder; ev is valid during the call.
+    let (r, ev) = unsafe { (&mut *(user as *mut Recorder), &*ev) };
+    r.events.push(seen(ev));
+    i32::from(r.events.len() < r.stop_at)
+}
+
+fn generate(
+    s: *mut lt_session,
+    prompt: &std::ffi::CStr,
+    sp: &lt_sampling_params,
+    stop_at: usize,
+) -> (lt_status, Vec<Seen>) {
+    let mut r = Recorder {
+        events: Vec::new(),
+        stop_at,
+    };
+    let st = lt_session_generate(
+        s,
+        prompt.as_ptr(),
+        sp,
+        Some(record),
+        &mut r as *mut Recorder as *mut _,
+    );
+    (st, r.events)
 }
 
 #[test]
@@ -398,34 +481,195 @@ fn callback_api_runs_and_stops_early() {
     let (cp, cap, mut sp) = defaults();
     let s = session(model, &cp, &cap);
     sp.n_predict = 50;
-    let mut n = 0u32;
-    let st = lt_session_generate(
-        s,
-        c"stop me".as_ptr(),
-        &sp,
-        Some(stop_after_three),
-        &mut n as *mut u32 as *mut _,
-    );
+    let (st, ev) = generate(s, c"stop me", &sp, 3);
     assert_eq!(st, lt_status::LT_CANCELLED);
-    assert_eq!(n, 3, "no callback after it returned 0");
+    // Three events, then (after the stop) the END event only, which reports the stop.
+    assert_eq!(ev.len(), 4, "{ev:?}");
+    assert!(ev[..3].iter().all(|e| e.kind != LT_EVENT_END), "{ev:?}");
+    assert_eq!(ev[3].kind, LT_EVENT_END);
+    assert_eq!(ev[3].end_status, lt_status::LT_CANCELLED);
     // The session is usable again and a full run ends with LT_OK.
     sp.n_predict = 2;
-    let mut n = 0u32;
-    unsafe extern "C" fn count(user: *mut std::ffi::c_void, _: *const lt_event) -> i32 {
-        // SAFETY: user points to the counter.
-        unsafe { *(user as *mut u32) += 1 };
-        1
-    }
-    let st = lt_session_generate(
-        s,
-        c"ab".as_ptr(),
-        &sp,
-        Some(count),
-        &mut n as *mut u32 as *mut _,
-    );
+    let (st, ev) = generate(s, c"ab", &sp, usize::MAX);
     assert_eq!(st, lt_status::LT_OK, "{}", last_error());
     // 3 prompt tokens + 2 generated, frames: 3 layers x 2 steps, and the END event.
-    assert_eq!(n, 3 + 2 + 6 + 1);
+    assert_eq!(ev.len(), 3 + 2 + 6 + 1);
     lt_session_free(s);
     lt_model_free(model);
+}
+
+#[test]
+fn stream_order_and_counters_are_per_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&synth(dir.path()));
+    let (mut cp, cap, mut sp) = defaults();
+    cp.n_ctx = 128;
+    sp.n_predict = 3;
+    let s = session(model, &cp, &cap);
+    let runs: Vec<Vec<Seen>> = (0..2)
+        .map(|_| {
+            let (st, ev) = generate(s, c"ab", &sp, usize::MAX);
+            assert_eq!(st, lt_status::LT_OK, "{}", last_error());
+            ev
+        })
+        .collect();
+    for ev in &runs {
+        // Prompt tokens (BOS, 'a', 'b') first: step 0, prompt flag, NaN logprob...
+        for e in &ev[..3] {
+            assert_eq!(
+                (e.kind, e.step, e.flags),
+                (LT_EVENT_TOKEN, 0, LT_ROW_PROMPT),
+                "{ev:?}"
+            );
+            assert!(e.logprob.is_nan());
+        }
+        // ...then step 0's frames (3 layers) and its sampled token, then each step's
+        // frames and token, then END.
+        let kinds: Vec<(u32, u32)> = ev[3..].iter().map(|e| (e.kind, e.step)).collect();
+        let (f, t) = (LT_EVENT_FRAME, LT_EVENT_TOKEN);
+        assert_eq!(
+            kinds,
+            [
+                (f, 0),
+                (f, 0),
+                (f, 0),
+                (t, 0),
+                (f, 1),
+                (f, 1),
+                (f, 1),
+                (t, 1)
+            ]
+            .into_iter()
+            .chain([(f, 2), (f, 2), (f, 2), (t, 2), (LT_EVENT_END, 0)])
+            .collect::<Vec<_>>()
+        );
+        assert!(ev[3..12]
+            .iter()
+            .filter(|e| e.kind == t)
+            .all(|e| e.logprob <= 0.0));
+        // Frame seq numbers and END counters count this generation only.
+        let seqs: Vec<u64> = ev.iter().filter(|e| e.kind == f).map(|e| e.seq).collect();
+        assert_eq!(seqs, (0..9).collect::<Vec<u64>>());
+        let end = ev.last().unwrap();
+        assert_eq!((end.end_frames, end.end_drops), (9, 0));
+    }
+    // (Debug text: NaN logprobs compare unequal.)
+    assert_eq!(
+        format!("{:?}", runs[0]),
+        format!("{:?}", runs[1]),
+        "the second generation looks like the first"
+    );
+    lt_session_free(s);
+    lt_model_free(model);
+}
+
+/// Mode 2 with a context this test creates through llama.cpp, as an app does.
+#[test]
+fn plugin_batch_index_and_polling() {
+    use llama_cpp_sys_2 as sys;
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path());
+    latent_tap::engine::backend::init();
+    // SAFETY: plain llama.cpp calls on valid arguments; every pointer is checked and freed.
+    unsafe {
+        let model =
+            sys::llama_model_load_from_file(path.as_ptr(), sys::llama_model_default_params());
+        assert!(!model.is_null());
+        let (_, cap, _) = defaults();
+        let mut tap = null_mut();
+        assert_eq!(
+            lt_tap_new(model, &cap, 32, &mut tap),
+            lt_status::LT_OK,
+            "{}",
+            last_error()
+        );
+        let mut p = sys::llama_context_default_params();
+        (
+            p.n_ctx,
+            p.n_batch,
+            p.n_ubatch,
+            p.n_threads,
+            p.n_threads_batch,
+        ) = (64, 32, 32, 2, 2);
+        assert_eq!(lt_tap_attach(tap, &mut p), lt_status::LT_OK);
+        let ctx = sys::llama_init_from_model(model, p);
+        assert!(!ctx.is_null());
+        // A 4-token prompt with logits on its last token only.
+        let n = 4;
+        let mut batch = sys::llama_batch_init(n, 0, 1);
+        batch.n_tokens = n;
+        for i in 0..n as usize {
+            *batch.token.add(i) = [1, 70, 71, 72][i];
+            *batch.pos.add(i) = i as i32;
+            *batch.n_seq_id.add(i) = 1;
+            **batch.seq_id.add(i) = 0;
+            *batch.logits.add(i) = i8::from(i + 1 == n as usize);
+        }
+        // Before any batch: no index is valid.
+        assert_eq!(
+            lt_tap_push_token(tap, ctx, 3, 5, 0, 4, 0, 3),
+            lt_status::LT_INVALID_ARGUMENT
+        );
+        assert!(
+            last_error().contains("lt_tap_begin_batch"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(lt_tap_begin_batch(tap, ctx, &batch, 0), lt_status::LT_OK);
+        assert_eq!(sys::llama_decode(ctx, batch), 0);
+        // After llama_decode returns, its frames are all readable: poll with timeout 0.
+        let mut ev = std::mem::MaybeUninit::new(sized::<lt_event>());
+        let mut frames = Vec::new();
+        loop {
+            match lt_tap_next(tap, 0, ev.as_mut_ptr()) {
+                lt_status::LT_OK => frames.push(seen(&*ev.as_ptr())),
+                lt_status::LT_TIMEOUT => break,
+                other => panic!("{other:?}: {}", last_error()),
+            }
+        }
+        assert_eq!(frames.len(), 3, "one frame per layer, no END: {frames:?}");
+        assert!(frames.iter().all(|f| f.kind == LT_EVENT_FRAME));
+        // Index 0 of a prompt batch has no logits: a status and a message, not a crash.
+        assert_eq!(
+            lt_tap_push_token(tap, ctx, 0, 5, 0, 4, 0, 3),
+            lt_status::LT_INVALID_ARGUMENT
+        );
+        assert!(
+            last_error().contains("logits at index 3"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            lt_tap_push_token(tap, ctx, 4, 5, 0, 4, 0, 3),
+            lt_status::LT_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            lt_tap_push_token(tap, ctx, -2, 5, 0, 4, 0, 3),
+            lt_status::LT_INVALID_ARGUMENT
+        );
+        // The batch index of the token with logits, or -1, works.
+        assert_eq!(
+            lt_tap_push_token(tap, ctx, n - 1, 5, 0, 4, 0, 3),
+            lt_status::LT_OK,
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            lt_tap_push_token(tap, ctx, -1, 5, 0, 4, 0, 3),
+            lt_status::LT_OK
+        );
+        for _ in 0..2 {
+            assert_eq!(lt_tap_next(tap, 0, ev.as_mut_ptr()), lt_status::LT_OK);
+            let e = &*ev.as_ptr();
+            assert_eq!(e.kind, LT_EVENT_TOKEN);
+            let t = &*e.token;
+            assert_eq!((t.token, t.n_top), (5, 3));
+            assert!(t.logprob < 0.0 && t.logprob.is_finite());
+        }
+        assert_eq!(lt_tap_next(tap, 0, ev.as_mut_ptr()), lt_status::LT_TIMEOUT);
+        sys::llama_batch_free(batch);
+        sys::llama_free(ctx);
+        lt_tap_free(tap);
+        sys::llama_model_free(model);
+    }
 }

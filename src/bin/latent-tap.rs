@@ -604,10 +604,11 @@ fn synth(out: &Path, layers: usize, embd: usize, seed: u64) -> Result<()> {
     let cfg = latent_tap::synth::SynthConfig {
         n_layer: layers,
         n_embd: embd,
-        n_ff: embd * 2,
+        n_ff: embd.saturating_mul(2),
         seed,
         ..Default::default()
     };
+    cfg.validate()?;
     latent_tap::synth::SynthModel::random(cfg)
         .write_gguf(out)
         .map_err(|e| Error::new(ErrorKind::Io, format!("writing {}: {e}", out.display())))?;

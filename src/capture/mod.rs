@@ -289,6 +289,13 @@ impl Tap {
         self.counters
     }
 
+    /// Start counting afresh (frame `seq` and counters from 0): a session calls
+    /// this before each generation, whose end record reports that generation alone.
+    pub(crate) fn reset_counters(&mut self) {
+        self.seq = 0;
+        self.counters = TapCounters::default();
+    }
+
     fn fail(&mut self, e: Error) {
         if self.failure.is_none() {
             self.failure = Some(e);

@@ -9,7 +9,10 @@ use std::sync::{Mutex, Once};
 use llama_cpp_sys_2 as sys;
 
 static INIT: Once = Once::new();
-static LAST_LLAMA_ERROR: Mutex<String> = Mutex::new(String::new());
+// The last few error lines (llama.cpp often logs the cause, then a generic
+// "failed to ..." line): quoting them all keeps the cause.
+static LAST_LLAMA_ERROR: Mutex<Vec<String>> = Mutex::new(Vec::new());
+const KEPT_ERROR_LINES: usize = 3;
 
 /// Initialise llama.cpp's backends once per process (idempotent, thread-safe).
 pub fn init() {
@@ -29,10 +32,11 @@ pub fn init() {
     });
 }
 
-/// Take (and clear) the last error-level line llama.cpp logged, if any.
+/// Take (and clear) the last error-level lines llama.cpp logged (up to three,
+/// joined by "; "), if any.
 pub fn take_last_llama_error() -> Option<String> {
     let mut g = LAST_LLAMA_ERROR.lock().unwrap_or_else(|e| e.into_inner());
-    let s = std::mem::take(&mut *g);
+    let s = std::mem::take(&mut *g).join("; ");
     (!s.is_empty()).then_some(s)
 }
 
@@ -49,8 +53,10 @@ unsafe extern "C" fn log_callback(
     if level == sys::GGML_LOG_LEVEL_ERROR {
         let _ = std::panic::catch_unwind(|| {
             let mut g = LAST_LLAMA_ERROR.lock().unwrap_or_else(|e| e.into_inner());
-            g.clear();
-            g.push_str(line.trim_end());
+            if g.len() == KEPT_ERROR_LINES {
+                g.remove(0);
+            }
+            g.push(line.trim_end().to_string());
         });
     }
     if !data.is_null() {

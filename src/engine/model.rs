@@ -1,7 +1,6 @@
 //! RAII wrapper over `llama_model` plus its vocabulary helpers.
 
 use std::ffi::{c_char, CString};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -43,26 +42,31 @@ unsafe impl Send for Model {}
 unsafe impl Sync for Model {}
 
 impl Model {
-    /// Load a GGUF model. Missing, unreadable, truncated or non-GGUF files give
-    /// an [`ErrorKind::ModelLoad`] error with a one-line reason.
+    /// Load a GGUF model. Missing, unreadable, truncated or non-GGUF files, and
+    /// hyperparameters llama.cpp would abort on (see [`crate::gguf`]), give an
+    /// [`ErrorKind::ModelLoad`] error with a one-line reason.
     pub fn load(path: impl AsRef<Path>, opts: &ModelOptions) -> Result<Arc<Self>> {
         let path = path.as_ref();
         opts.validate()?;
-        check_gguf_magic(path)?;
+        crate::gguf::check_file(path)?;
         backend::init();
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| Error::new(ErrorKind::ModelLoad, "model path contains a NUL byte"))?;
         // SAFETY: plain value returned by llama.cpp.
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = opts.n_gpu_layers;
-        // SAFETY: c_path is a valid NUL-terminated string; params is a valid struct.
+        backend::take_last_llama_error(); // only this load's lines may explain its failure
+                                          // SAFETY: c_path is a valid NUL-terminated string; params is a valid struct.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), params) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
             let why = backend::take_last_llama_error()
                 .unwrap_or_else(|| "llama.cpp could not load it".into());
             Error::new(
                 ErrorKind::ModelLoad,
-                format!("cannot load model {}: {why}", path.display()),
+                format!(
+                    "cannot load model {}: {why} (run with LATENT_TAP_LOG=1 to see llama.cpp's log)",
+                    path.display()
+                ),
             )
         })?;
         Ok(Arc::new(Self {
@@ -264,23 +268,4 @@ impl Drop for Model {
             unsafe { sys::llama_model_free(self.as_ptr()) }
         }
     }
-}
-
-/// Reject files that are not GGUF before llama.cpp sees them: its own message
-/// for a missing or foreign file is a log line, not an error value.
-fn check_gguf_magic(path: &Path) -> Result<()> {
-    let fail = |why: String| {
-        Error::new(
-            ErrorKind::ModelLoad,
-            format!("cannot load model {}: {why}", path.display()),
-        )
-    };
-    let mut f = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
-    let mut magic = [0u8; 4];
-    f.read_exact(&mut magic)
-        .map_err(|_| fail("file is too short to be GGUF".into()))?;
-    if &magic != b"GGUF" {
-        return Err(fail("not a GGUF file (bad magic)".into()));
-    }
-    Ok(())
 }

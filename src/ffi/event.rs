@@ -12,7 +12,7 @@ use crate::stream::Stream;
 pub const LT_EVENT_FRAME: u32 = 1;
 /// `lt_event.kind`: a token event.
 pub const LT_EVENT_TOKEN: u32 = 2;
-/// `lt_event.kind`: the end of one generation.
+/// `lt_event.kind`: the end of one generation (mode 1 only; a tap has no END).
 pub const LT_EVENT_END: u32 = 3;
 
 /// One record of the stream. Pointers point into the ring (zero-copy) and stay
@@ -20,7 +20,10 @@ pub const LT_EVENT_END: u32 = 3;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct lt_event {
-    /// `sizeof(lt_event)`; written by the library.
+    /// Set by the caller to `sizeof(lt_event)` before the first `lt_*_next`.
+    /// The library writes at most that many bytes and stores the number written
+    /// here (the same value for a caller built against this header), so one
+    /// `lt_event` variable can be reused without setting it again.
     pub struct_size: u32,
     /// `LT_EVENT_FRAME`, `LT_EVENT_TOKEN` or `LT_EVENT_END`.
     pub kind: u32,
@@ -38,9 +41,9 @@ pub struct lt_event {
     pub top: *const TopEntry,
     /// The token's text, `token->piece_len` bytes, not NUL-terminated (tokens only).
     pub piece: *const c_char,
-    /// End events: frames produced by the generation (dropped ones included).
+    /// End events: frames produced by this generation (dropped ones included).
     pub end_frames: u64,
-    /// End events: frames dropped by a drop-newest ring.
+    /// End events: frames of this generation dropped by a drop-newest ring.
     pub end_drops: u64,
     /// End events: how the generation ended (`LT_OK`, `LT_CANCELLED` or its error).
     pub end_status: lt_status,

@@ -46,7 +46,11 @@ pub struct lt_capture_params {
     pub dtype: u32,
     /// Full-ring policy: 0 = block (lossless), 1 = drop-newest.
     pub policy: u32,
-    /// Ring capacity in bytes (must be > 0).
+    /// Ring capacity in bytes. It must hold the largest frame: a frame of
+    /// `n_ubatch` rows of the widest selected tensor, `sizeof(lt_frame_header)
+    /// + n_ubatch * (sizeof(lt_row_meta) + width * element size)`, plus a few
+    /// bytes of ring overhead; else creating the session or tap fails with
+    /// `LT_FRAME_TOO_LARGE`.
     pub ring_bytes: u64,
     /// With `policy` block: ms to wait for space before the decode is cancelled.
     pub block_timeout_ms: u32,

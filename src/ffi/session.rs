@@ -229,6 +229,24 @@ impl SessionState {
 /// and return at once; read the results with `lt_session_next`. `sampling`
 /// may be NULL for defaults. LT_BUSY while a previous generation still runs.
 ///
+/// The stream of one generation, in order: one TOKEN event per prompt token
+/// (step 0, `LT_ROW_PROMPT`, NaN logprob and entropy, no alternatives), then
+/// the frames of step 0 (the prompt) and the first sampled token (step 0),
+/// then for each step k >= 1 its frames followed by its token, then one END
+/// event. Frame `seq` and the END counters start from 0 with each generation.
+///
+/// What the library does, so that an app driving llama.cpp itself (mode 2)
+/// can reproduce a run: a context with `n_ctx`, `n_batch`, `n_ubatch` from
+/// `lt_context_params`, `n_seq_max` 1, `n_threads` = `n_threads_batch` (all
+/// cores when 0), `kv_unified` true, pooling none, flash attention auto, KV
+/// cache f16 (f32 with `f32_kv`); the prompt is tokenized with
+/// `llama_tokenize(add_special = true, parse_special = false)` (BOS when the
+/// model asks for it; special-token text is not parsed), decoded in chunks of
+/// `n_batch` tokens with logits for its last token only; then one token per
+/// `llama_decode`. Sampling: greedy when `temperature` <= 0, else the chain
+/// top_k (when > 0), top_p (when < 1), temp, dist(`seed`). The KV cache is
+/// cleared before each generation.
+///
 /// Call from one thread at a time (else LT_BUSY).
 #[no_mangle]
 pub extern "C" fn lt_session_submit(
@@ -271,6 +289,10 @@ pub extern "C" fn lt_session_submit(
             let worker = std::thread::Builder::new()
                 .name("latent-tap-gen".into())
                 .spawn(move || {
+                    // END counters and frame seq numbers are per generation.
+                    if let Some(t) = g.context_mut().tap_mut() {
+                        t.reset_counters();
+                    }
                     let r = g.run(&[tokens], &opts, &mut |_| {});
                     (g, r)
                 })
@@ -364,9 +386,12 @@ pub type lt_event_callback =
     Option<unsafe extern "C" fn(user_data: *mut std::ffi::c_void, event: *const lt_event) -> i32>;
 
 /// Callback API: submit `prompt` and call `callback` on this thread for every
-/// event, in order, until the END event (included). Returns the generation's
-/// status (`LT_CANCELLED` if the callback stopped it). The event is valid only
-/// during the callback.
+/// event, in order, until the END event (included). When the callback returns
+/// 0 the generation is cancelled and the events still queued are skipped, but
+/// the END event is always delivered (its `end_status` is `LT_CANCELLED`, and
+/// its counters cover the frames produced before the stop). Returns the
+/// generation's status (`LT_CANCELLED` if the callback stopped it). The event is
+/// valid only during the callback.
 ///
 /// Call from one thread at a time (else LT_BUSY).
 #[no_mangle]
@@ -398,10 +423,11 @@ pub extern "C" fn lt_session_generate(
             lt_status::LT_OK => {
                 // SAFETY: zero-initialised, and LT_OK means the event was written in full.
                 let ev = unsafe { ev.assume_init() };
-                if !stopped {
+                // After a stop, the rest of the stream is skipped but END still arrives.
+                if !stopped || ev.kind == LT_EVENT_END {
                     // SAFETY: calling the user's callback with a valid event pointer.
                     let keep = unsafe { cb(user_data, &ev) };
-                    if keep == 0 {
+                    if keep == 0 && !stopped {
                         stopped = true;
                         lt_session_cancel(session);
                     }

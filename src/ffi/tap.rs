@@ -43,6 +43,44 @@ unsafe impl Sync for lt_tap {}
 // SAFETY: the tap owns its data; the raw Tap pointer is uniquely owned.
 unsafe impl Send for lt_tap {}
 
+/// Check that `i` names an output row of the batch whose flags are `outputs`,
+/// the way `llama_get_logits_ith` resolves it.
+fn check_batch_index(outputs: &[bool], i: i32) -> Result<(), FfiError> {
+    let n_out = outputs.iter().filter(|&&o| o).count();
+    let ok = if i < 0 {
+        (i.unsigned_abs() as usize) <= n_out
+    } else {
+        outputs.get(i as usize) == Some(&true)
+    };
+    if ok {
+        return Ok(());
+    }
+    let mut rows: Vec<String> = outputs
+        .iter()
+        .enumerate()
+        .filter(|(_, &o)| o)
+        .map(|(i, _)| i.to_string())
+        .take(9)
+        .collect();
+    if rows.len() == 9 {
+        rows[8] = "...".into();
+    }
+    Err(FfiError::new(
+        lt_status::LT_INVALID_ARGUMENT,
+        if outputs.is_empty() {
+            format!(
+                "batch index {i}: no batch was begun (call lt_tap_begin_batch before llama_decode)"
+            )
+        } else {
+            format!(
+                "batch index {i} has no logits: the last batch ({} tokens) has logits at index {}, or use -1..-{n_out}",
+                outputs.len(),
+                rows.join(", ")
+            )
+        },
+    ))
+}
+
 /// Enter the producer side exclusively, or LT_BUSY.
 fn producing<R>(
     t: &lt_tap,
@@ -238,16 +276,23 @@ pub extern "C" fn lt_tap_begin_batch(
     })
 }
 
-/// Optional: after a decode, add the token the app sampled from output row
-/// `output_index` to the stream, with its logprob, entropy and `top_k`
-/// alternatives computed from `llama_get_logits_ith(ctx, output_index)`.
+/// Optional: after a decode, add the token the app sampled to the stream, with
+/// its logprob, entropy and `top_k` alternatives computed from
+/// `llama_get_logits_ith(ctx, batch_index)`.
+///
+/// `batch_index` is the index llama.cpp's `llama_get_logits_ith` takes: the
+/// token's index in the batch passed to the last `lt_tap_begin_batch` /
+/// `llama_decode` (whose `logits` flag must be set; for a prompt batch with
+/// logits on its last token only, that is `n_tokens - 1`), or a negative index
+/// counting back from the last output (-1 = last). Other indices fail with
+/// `LT_INVALID_ARGUMENT` before llama.cpp is asked.
 ///
 /// Call on the decoding thread (else LT_BUSY).
 #[no_mangle]
 pub extern "C" fn lt_tap_push_token(
     tap: *mut lt_tap,
     ctx: *mut sys::llama_context,
-    output_index: i32,
+    batch_index: i32,
     token: i32,
     seq_id: i32,
     pos: i32,
@@ -264,19 +309,21 @@ pub extern "C" fn lt_tap_push_token(
                 format!("token {token} is outside the vocabulary"),
             ));
         }
-        // SAFETY: valid context; llama.cpp returns NULL for a bad index.
-        let p = unsafe { sys::llama_get_logits_ith(ctx, output_index) };
-        if p.is_null() {
-            return Err(FfiError::new(
-                lt_status::LT_INVALID_ARGUMENT,
-                format!("no logits for output {output_index}"),
-            ));
-        }
-        // SAFETY: a logits row has n_vocab floats, valid until the next decode.
-        let logits = unsafe { std::slice::from_raw_parts(p, n_vocab) };
-        let st = token_stats(logits, token, top_k as usize);
-        let piece = t.model.token_bytes(token);
         producing(t, |tap| {
+            check_batch_index(&t.outputs.borrow(), batch_index)?;
+            // SAFETY: valid context; the index names an output row of the last batch
+            // (checked above), and llama.cpp returns NULL for a bad one anyway.
+            let p = unsafe { sys::llama_get_logits_ith(ctx, batch_index) };
+            if p.is_null() {
+                return Err(FfiError::new(
+                    lt_status::LT_INVALID_ARGUMENT,
+                    format!("llama.cpp has no logits for batch index {batch_index}"),
+                ));
+            }
+            // SAFETY: a logits row has n_vocab floats, valid until the next decode.
+            let logits = unsafe { std::slice::from_raw_parts(p, n_vocab) };
+            let st = token_stats(logits, token, top_k as usize);
+            let piece = t.model.token_bytes(token);
             let h = TokenHeader::event(step, seq_id, pos, token, 0, st.logprob, st.entropy);
             Ok(tap.push_token(h, &st.top, &piece)?)
         })
@@ -284,9 +331,14 @@ pub extern "C" fn lt_tap_push_token(
 }
 
 /// Read the next event (frames, and tokens pushed with `lt_tap_push_token`),
-/// waiting up to `timeout_ms`; LT_TIMEOUT if none. Releases the previous event.
-/// Set `event->struct_size = sizeof(lt_event)` first.
+/// waiting up to `timeout_ms` (0 polls: returns at once); LT_TIMEOUT if none.
+/// Releases the previous event. Set `event->struct_size = sizeof(lt_event)` first.
 /// A reader thread may call this while another thread decodes.
+///
+/// A tap has no END event: the app knows when it stops decoding. Every frame
+/// of a decode is in the ring (or counted as dropped) once `llama_decode`
+/// returns, so after it returns, reading with `timeout_ms = 0` until
+/// LT_TIMEOUT yields exactly that decode's frames.
 ///
 /// One reader thread at a time (else LT_BUSY).
 #[no_mangle]

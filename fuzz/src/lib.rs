@@ -1,0 +1,15 @@
+//! The parsers of latent-tap that read untrusted input, compiled alone from
+//! the main crate's sources so the fuzz targets need no llama.cpp build.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![allow(dead_code)]
+
+#[path = "../../src/error.rs"]
+pub mod error;
+#[path = "../../src/gguf.rs"]
+pub mod gguf;
+#[path = "../../src/record.rs"]
+pub mod record;
+#[path = "../../src/select.rs"]
+pub mod select;
+
+pub use error::{Error, ErrorKind, Result};
