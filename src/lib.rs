@@ -8,6 +8,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![recursion_limit = "256"]
 #![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod capture;
 pub mod engine;

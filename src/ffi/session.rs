@@ -18,6 +18,7 @@ use crate::error::Error;
 use crate::session::{Generator, RunStats};
 
 /// A loaded model (opaque). Shareable by several sessions and threads.
+#[derive(Debug)]
 pub struct lt_model {
     pub(crate) model: Arc<Model>,
 }
@@ -27,6 +28,16 @@ pub struct lt_session {
     busy: AtomicBool,
     cancel: Arc<AtomicBool>,
     state: std::cell::UnsafeCell<SessionState>,
+}
+
+impl std::fmt::Debug for lt_session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The state is only read by the thread that holds `busy`; show the flags only.
+        f.debug_struct("lt_session")
+            .field("busy", &self.busy)
+            .field("cancel", &self.cancel)
+            .finish_non_exhaustive()
+    }
 }
 
 struct SessionState {

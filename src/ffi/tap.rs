@@ -37,6 +37,15 @@ pub struct lt_tap {
     outputs: std::cell::RefCell<Vec<bool>>,
 }
 
+impl std::fmt::Debug for lt_tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Producer-side state belongs to the decoding thread; show the flags only.
+        f.debug_struct("lt_tap")
+            .field("producing", &self.producing)
+            .finish_non_exhaustive()
+    }
+}
+
 // SAFETY: producer-side state (tap, last_step, ubatch_base, rows, outputs) is only
 // touched under the `producing` flag; the reader is behind a Mutex.
 unsafe impl Sync for lt_tap {}
