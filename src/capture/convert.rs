@@ -103,6 +103,21 @@ pub(crate) fn convert_run(src: &[u8], src_ty: u32, dst: &mut [u8], out: Dtype) -
     overflow
 }
 
+/// Convert `src` elements of `dtype` to f32 bytes in `dst` (4 bytes per element).
+pub fn convert_to_f32(src: &[u8], dtype: Dtype, dst: &mut [u8]) {
+    let ty = match dtype {
+        Dtype::F32 => GGML_F32,
+        Dtype::F16 => GGML_F16,
+        Dtype::BF16 => GGML_BF16,
+    };
+    convert_run(src, ty, dst, Dtype::F32);
+}
+
+/// Convert f32 bytes in `src` to `dtype` elements in `dst` (`dtype.size()` bytes each).
+pub fn convert_from_f32(src: &[u8], dtype: Dtype, dst: &mut [u8]) {
+    convert_run(src, GGML_F32, dst, dtype);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

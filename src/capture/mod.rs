@@ -15,59 +15,32 @@
 //! axis has the ubatch's output count (llama.cpp prunes the last layer to output
 //! rows) maps to the output rows only.
 
+mod callback;
+mod config;
 mod convert;
+mod frame;
+mod records;
 
-use std::ffi::c_void;
+pub use callback::eval_callback;
+use callback::tensor_name;
+pub(crate) use callback::{abort_callback, abort_flag_ptr};
+pub use config::{Policy, Rows, TapCounters, TapSettings};
+pub use convert::{convert_from_f32, convert_to_f32};
+use frame::{check_fits, ring_error};
+
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use llama_cpp_sys_2 as sys;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::record::{self, Dtype, EndRecord, FrameHeader, RowMeta, TokenHeader, TopEntry};
-use crate::ring::{Producer, WriteError, WriteGrant};
+use crate::record::{Dtype, RowMeta};
+use crate::ring::Producer;
 use crate::select::Selection;
-use convert::{ggml_type_size, SrcTensor};
-
-/// Which rows of each selected tensor to keep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Rows {
-    /// Every row (token) the graph computes.
-    All,
-    /// Only each sequence's last row of a batch (cheaper for generation).
-    Last,
-}
-
-/// What the producer does when the ring is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// Lossless: wait for space; give up (cancelling the decode) after `timeout`.
-    Block {
-        /// How long to wait before failing the decode.
-        timeout: Duration,
-    },
-    /// Never wait: drop the new frame and count it; sequence numbers show the gap.
-    DropNewest,
-}
 
 /// Row flag in the batch plan: llama.cpp computes logits for this token.
 const PLAN_OUTPUT: u8 = 1;
 /// Row flag in the batch plan: last token of its sequence in this batch.
 const PLAN_LAST: u8 = 2;
-
-/// How a capturing tap cuts and ships frames.
-#[derive(Debug, Clone, Copy)]
-pub struct TapSettings {
-    /// Rows to keep.
-    pub rows: Rows,
-    /// Output element type.
-    pub dtype: Dtype,
-    /// Full-ring policy.
-    pub policy: Policy,
-    /// The context's physical batch size (rows per graph compute).
-    pub n_ubatch: usize,
-}
 
 /// Raw node record of a probe: (ggml name, ggml type, shape).
 pub type ProbeNode = (String, u32, [i64; 4]);
@@ -103,19 +76,6 @@ struct Plan {
     flags: Vec<u8>,
     // Scratch: sequences already seen while scanning the batch backwards.
     seqs: Vec<i32>,
-}
-
-/// Counters the tap keeps beside the ring's own.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct TapCounters {
-    /// Frames produced (sequence numbers handed out, dropped ones included).
-    pub frames: u64,
-    /// Frames dropped because the ring was full (`drop-newest`).
-    pub drops: u64,
-    /// Payload bytes written into the ring.
-    pub bytes: u64,
-    /// Selected nodes whose shape had no per-token axis matching the ubatch; skipped.
-    pub unaligned: u64,
 }
 
 /// The eval-callback target owned by a tapped context.
@@ -303,59 +263,6 @@ impl Tap {
         self.abort.store(true, Ordering::Relaxed);
     }
 
-    /// Wait for ring space (token and end records are never dropped).
-    fn write_record(&mut self, len: usize) -> Result<WriteGrant<'_>> {
-        let Mode::Capture(a) = &mut self.mode else {
-            return Err(Error::new(ErrorKind::Internal, "tap is not armed"));
-        };
-        let timeout = match a.policy {
-            Policy::Block { timeout } => timeout,
-            Policy::DropNewest => Duration::from_secs(30),
-        };
-        a.producer.write_blocking(len, timeout).map_err(ring_error)
-    }
-
-    /// Append a token event to the stream.
-    pub(crate) fn push_token(
-        &mut self,
-        h: TokenHeader,
-        top: &[TopEntry],
-        piece: &[u8],
-    ) -> Result<()> {
-        let len = record::token_len(top.len(), piece.len());
-        let mut g = self.write_record(len)?;
-        let h = TokenHeader {
-            kind: record::kind::TOKEN,
-            header_size: std::mem::size_of::<TokenHeader>() as u32,
-            n_top: top.len() as u32,
-            piece_len: piece.len() as u32,
-            ..h
-        };
-        record::put(&mut g, 0, &h);
-        let mut off = std::mem::size_of::<TokenHeader>();
-        for t in top {
-            record::put(&mut g, off, t);
-            off += std::mem::size_of::<TopEntry>();
-        }
-        g[off..off + piece.len()].copy_from_slice(piece);
-        g.commit();
-        Ok(())
-    }
-
-    /// Close the stream with totals.
-    pub(crate) fn push_end(&mut self) -> Result<()> {
-        let end = EndRecord {
-            kind: record::kind::END,
-            header_size: std::mem::size_of::<EndRecord>() as u32,
-            frames: self.counters.frames,
-            drops: self.counters.drops,
-        };
-        let mut g = self.write_record(std::mem::size_of::<EndRecord>())?;
-        record::put(&mut g, 0, &end);
-        g.commit();
-        Ok(())
-    }
-
     fn on_ask(&mut self, t: &sys::ggml_tensor) -> bool {
         let name = tensor_name(t);
         match &mut self.mode {
@@ -390,251 +297,6 @@ impl Tap {
         }
         true
     }
-
-    fn capture(&mut self, t: &sys::ggml_tensor) -> Result<()> {
-        let Mode::Capture(a) = &mut self.mode else {
-            return Ok(());
-        };
-        let Some(ti) = a.pending.take() else {
-            return Ok(());
-        };
-        // A tensor with no element (e.g. the last layer pruned to the outputs of a
-        // ubatch that has none) holds no row: no frame.
-        if t.ne.iter().any(|&n| n <= 0) {
-            return Ok(());
-        }
-        let plan = &self.plan;
-        let start = self.ubatch.max(0) as usize * plan.n_ubatch;
-        let end = (start + plan.n_ubatch).min(plan.rows.len());
-        if start >= end {
-            self.counters.unaligned += 1;
-            return Ok(());
-        }
-        let n_tok = (end - start) as i64;
-        let n_out = plan.flags[start..end]
-            .iter()
-            .filter(|&&f| f & PLAN_OUTPUT != 0)
-            .count() as i64;
-        // Token axis: the outermost axis whose size is the ubatch's token (or output) count.
-        // Prefer the token count: with one output, a trailing axis of size 1 would match too.
-        let axis_of = |n: i64| {
-            (1..4usize)
-                .rev()
-                .find(|&ax| t.ne[ax] == n && t.ne[ax + 1..].iter().all(|&m| m == 1))
-        };
-        let Some(axis) = axis_of(n_tok).or_else(|| axis_of(n_out)) else {
-            self.counters.unaligned += 1;
-            return Ok(());
-        };
-        let all = t.ne[axis] == n_tok;
-        a.pick.clear();
-        let mut k = 0u32;
-        for (i, &f) in plan.flags[start..end].iter().enumerate() {
-            if all || f & PLAN_OUTPUT != 0 {
-                if a.rows == Rows::All || f & PLAN_LAST != 0 {
-                    a.pick.push(k | ((i as u32) << 16));
-                }
-                k += 1;
-            }
-        }
-        if a.pick.is_empty() {
-            return Ok(());
-        }
-        let width = t.ne[..axis].iter().product::<i64>() as usize;
-        let sel = &a.sel.tensors()[ti as usize];
-        if width != sel.row_width {
-            // Not the per-token row the probe saw (e.g. a view whose size follows the
-            // KV cache): skip the frame rather than ship rows of another shape.
-            self.counters.unaligned += 1;
-            return Ok(());
-        }
-        let n_rows = a.pick.len();
-        let len = record::frame_len(n_rows, width, a.dtype);
-        let seq = self.seq;
-        self.seq += 1;
-        self.counters.frames += 1;
-        let grant = match a.policy {
-            Policy::DropNewest => match a.producer.try_write(len) {
-                Err(WriteError::Full) => {
-                    a.producer.note_drop();
-                    self.counters.drops += 1;
-                    return Ok(());
-                }
-                other => other,
-            },
-            Policy::Block { timeout } => a.producer.write_blocking(len, timeout),
-        };
-        let mut g = grant.map_err(ring_error)?;
-        let ts = ggml_type_size(t.type_).unwrap_or(4);
-        // Device tensors are fetched once into host staging; host tensors are read in place.
-        // SAFETY: `t.buffer` is the tensor's live backend buffer during the data phase.
-        let host = t.buffer.is_null() || unsafe { sys::ggml_backend_buffer_is_host(t.buffer) };
-        let base = if host {
-            t.data as *const u8
-        } else {
-            // SAFETY: t is a valid tensor during the callback.
-            let nbytes = unsafe { sys::ggml_nbytes(t) };
-            if a.staging.len() < nbytes {
-                a.staging.resize(nbytes, 0);
-            }
-            // SAFETY: staging holds nbytes writable bytes; the backend copies the whole tensor.
-            unsafe {
-                sys::ggml_backend_tensor_get(t, a.staging.as_mut_ptr() as *mut c_void, 0, nbytes)
-            };
-            a.staging.as_ptr()
-        };
-        let src = SrcTensor {
-            base,
-            ty: t.type_,
-            ne: t.ne,
-            nb: t.nb,
-        };
-        let mut header = FrameHeader {
-            kind: record::kind::FRAME,
-            header_size: std::mem::size_of::<FrameHeader>() as u32,
-            seq,
-            step: plan.step,
-            ubatch: plan.ubatch_base + self.ubatch.max(0) as u32,
-            tensor_index: ti,
-            layer: sel.layer.unwrap_or(-1),
-            dtype: a.dtype as u32,
-            n_rows: n_rows as u32,
-            width: width as u64,
-            ne: t.ne,
-            name: [0; 64],
-        };
-        let nb = sel.name.as_bytes();
-        let nl = nb.len().min(63);
-        header.name[..nl].copy_from_slice(&nb[..nl]);
-        record::put(&mut g, 0, &header);
-        let mut off = std::mem::size_of::<FrameHeader>();
-        for &p in &a.pick {
-            let r = plan.rows[start + (p >> 16) as usize];
-            record::put(&mut g, off, &r);
-            off += std::mem::size_of::<RowMeta>();
-        }
-        let row_bytes = width * a.dtype.size();
-        let mut overflow = 0;
-        for &p in &a.pick {
-            let row = (p & 0xffff) as usize;
-            debug_assert!(ts > 0 && row < t.ne[axis] as usize);
-            // SAFETY: base covers the tensor (host data, or the staging copy of all of it)
-            // and row < ne[axis].
-            overflow += unsafe { src.copy_row(axis, row, a.dtype, &mut g[off..off + row_bytes]) };
-            off += row_bytes;
-        }
-        g.commit();
-        self.counters.bytes += len as u64;
-        if overflow > 0 {
-            // Cold path: the run fails, so formatting the message may allocate.
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "tensor '{}' holds {overflow} finite values beyond f16's range (|x| > 65504) at step {}: capture it as bf16 or f32",
-                    sel.name, plan.step
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Every frame must fit in the ring, or a lossless capture could never finish.
-fn check_fits(sel: &Selection, n_ubatch: usize, dtype: Dtype, max_len: usize) -> Result<()> {
-    for t in sel.tensors() {
-        let need = record::frame_len(n_ubatch, t.row_width.max(1), dtype);
-        if need > max_len {
-            return Err(Error::new(
-                ErrorKind::FrameTooLarge,
-                format!(
-                    "a frame of '{}' can take {} bytes ({} rows), more than the ring's largest record ({} bytes): raise the ring capacity or lower n_ubatch",
-                    t.name, need, n_ubatch, max_len
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn ring_error(e: WriteError) -> Error {
-    match e {
-        WriteError::TooLarge { .. } => Error::new(
-            ErrorKind::FrameTooLarge,
-            format!("{e}: raise the ring capacity"),
-        ),
-        WriteError::Timeout => Error::new(
-            ErrorKind::RingTimeout,
-            "the ring stayed full past its timeout (the consumer is too slow): decode cancelled",
-        ),
-        _ => Error::new(ErrorKind::RingTimeout, format!("{e}: decode cancelled")),
-    }
-}
-
-/// The tensor's name up to its NUL.
-fn tensor_name(t: &sys::ggml_tensor) -> &[u8] {
-    // SAFETY: c_char and u8 have the same layout; the array lives as long as `t`.
-    let bytes: &[u8; 64] = unsafe { &*(&t.name as *const _ as *const [u8; 64]) };
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(64);
-    &bytes[..end]
-}
-
-/// `cb_eval` entry point. Never unwinds into C.
-///
-/// # Safety
-/// `user` must be the `Tap` registered with this context and `t` a valid tensor,
-/// as llama.cpp guarantees; it calls from the decoding thread only.
-pub unsafe extern "C" fn eval_callback(
-    t: *mut sys::ggml_tensor,
-    ask: bool,
-    user: *mut c_void,
-) -> bool {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        if t.is_null() || user.is_null() {
-            return false;
-        }
-        // SAFETY: per the contract above; no other reference to the tap exists during decode.
-        let tap = unsafe { &mut *(user as *mut Tap) };
-        // SAFETY: t is valid for the duration of the call.
-        let t = unsafe { &*t };
-        if ask {
-            tap.on_ask(t)
-        } else {
-            tap.on_data(t)
-        }
-    }))
-    .unwrap_or(false)
-}
-
-/// Where a tap's abort flag lives, for `llama_context_params.abort_callback_data`.
-pub(crate) fn abort_flag_ptr(tap: &Tap) -> *mut c_void {
-    &*tap.abort as *const AtomicBool as *mut c_void
-}
-
-/// `abort_callback`: true once the tap has failed, so llama.cpp stops computing.
-///
-/// # Safety
-/// `data` must be the pointer returned by [`abort_flag_ptr`] for a live tap.
-pub(crate) unsafe extern "C" fn abort_callback(data: *mut c_void) -> bool {
-    if data.is_null() {
-        return false;
-    }
-    // SAFETY: data points to the tap's boxed AtomicBool, which outlives the context.
-    unsafe { &*(data as *const AtomicBool) }.load(Ordering::Relaxed)
-}
-
-/// Convert `src` elements of `dtype` to f32 bytes in `dst` (4 bytes per element).
-pub fn convert_to_f32(src: &[u8], dtype: Dtype, dst: &mut [u8]) {
-    let ty = match dtype {
-        Dtype::F32 => convert::GGML_F32,
-        Dtype::F16 => convert::GGML_F16,
-        Dtype::BF16 => convert::GGML_BF16,
-    };
-    convert::convert_run(src, ty, dst, Dtype::F32);
-}
-
-/// Convert f32 bytes in `src` to `dtype` elements in `dst` (`dtype.size()` bytes each).
-pub fn convert_from_f32(src: &[u8], dtype: Dtype, dst: &mut [u8]) {
-    convert::convert_run(src, convert::GGML_F32, dst, dtype);
 }
 
 #[cfg(test)]
@@ -645,6 +307,8 @@ mod tests {
 
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;
+
+    use std::ffi::c_void;
 
     use super::*;
     use crate::record::{Record, ROW_PROMPT};
