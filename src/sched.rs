@@ -597,7 +597,7 @@ impl Engine {
             return Err(SubmitError::Invalid(Error::new(
                 ErrorKind::PromptTooLong,
                 format!(
-                    "the prompt has {} tokens but a slot's context holds {} (context {} over {} slots)",
+                    "the prompt has {} tokens but a slot holds {} positions (context {}, {} slots)",
                     job.prompt.len(),
                     self.n_ctx_slot,
                     self.n_ctx,

@@ -277,9 +277,7 @@ impl Selection {
             .filter(|p| !p.is_empty())
             .collect();
         if pats.is_empty() {
-            return Err(Error::invalid(
-                "no tensor pattern given (e.g. --tensors 'l_out-*')",
-            ));
+            return Err(Error::invalid("no tensor pattern given (e.g. 'l_out-*')"));
         }
         let mut chosen = vec![false; nodes.len()];
         for pat in &pats {
@@ -294,7 +292,7 @@ impl Selection {
                 return Err(Error::new(
                     ErrorKind::NoMatch,
                     format!(
-                        "pattern '{pat}' matches no tensor in this model's graph; close names: {} (run `latent-tap tensors` for the full list)",
+                        "pattern '{pat}' matches no tensor in this model's graph; close names: {}",
                         close_names(pat, nodes).join(", ")
                     ),
                 ));

@@ -365,9 +365,22 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e}{}", advice(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What the command line can do about a library error (library messages name
+/// settings, never flags).
+fn advice(e: &Error) -> &'static str {
+    match e.kind() {
+        ErrorKind::NoMatch => " (`latent-tap tensors -m MODEL` lists every name)",
+        ErrorKind::PromptTooLong => " (--ctx-size sets the context)",
+        ErrorKind::FrameTooLarge => {
+            " (--ring-mb sets the ring capacity, --ubatch-size the rows per frame)"
+        }
+        _ => "",
     }
 }
 
@@ -596,11 +609,7 @@ fn tensors(a: ModelArgs) -> Result<()> {
 }
 
 fn synth(out: &Path, layers: usize, embd: usize, seed: u64) -> Result<()> {
-    if !(1..=64).contains(&layers) || !(8..=4096).contains(&embd) || embd % 8 != 0 {
-        return Err(Error::invalid(format!(
-            "synthetic model with {layers} layers and embd {embd}: --layers must be 1..=64 and --embd a multiple of 8 in 8..=4096"
-        )));
-    }
+    // Bounds live in SynthConfig::validate (one place for the library and the CLI).
     let cfg = latent_tap::synth::SynthConfig {
         n_layer: layers,
         n_embd: embd,

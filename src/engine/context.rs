@@ -248,7 +248,7 @@ impl Context {
             0 => Ok(()),
             1 => Err(Error::new(
                 ErrorKind::PromptTooLong,
-                "no room left in the KV cache: raise --ctx-size",
+                "no room left in the KV cache: the context size is too small",
             )),
             _ => {
                 let why = super::backend::take_last_llama_error().unwrap_or_default();

@@ -208,7 +208,7 @@ fn prepare(
         .as_ref()
         .map(|l| engine.compile(l))
         .transpose()
-        .map_err(|e| ApiError::bad(format!("latents: {}", e.message())))?;
+        .map_err(latent_error)?;
     let include_usage = m
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
@@ -224,6 +224,16 @@ fn prepare(
         id: completion_id(),
         params,
     })
+}
+
+/// A latent selection the graph cannot serve: 400, with where to look.
+fn latent_error(e: crate::Error) -> ApiError {
+    let hint = if e.kind() == crate::ErrorKind::NoMatch {
+        " (GET /latents/tensors lists every name)"
+    } else {
+        ""
+    };
+    ApiError::bad(format!("latents: {}{hint}", e.message()))
 }
 
 /// Cancels the job when the response (or its stream) is dropped, e.g. on disconnect.
@@ -1361,9 +1371,7 @@ pub(crate) async fn subscribe(
                 }
             },
         };
-        let filter = engine
-            .compile(&req)
-            .map_err(|e| ApiError::bad(format!("latents: {}", e.message())))?;
+        let filter = engine.compile(&req).map_err(latent_error)?;
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         let queued = Arc::new(AtomicUsize::new(0));
         engine.subscribe(
