@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod capture;
+pub mod dataset;
 pub mod engine;
 pub mod error;
 pub mod ffi;

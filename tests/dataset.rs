@@ -1,0 +1,439 @@
+//! `capture --prompts`: dataset mode end to end on a synthetic model (streamed
+//! shards, tokens.jsonl, manifest, interruption and resume, splitting a prompt
+//! file across machines).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use latent_tap::synth::{SynthConfig, SynthModel};
+use serde_json::Value;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_latent-tap"))
+}
+
+fn synth_model(dir: &Path) -> PathBuf {
+    let p = dir.join("synth.gguf");
+    SynthModel::random(SynthConfig::default())
+        .write_gguf(&p)
+        .unwrap();
+    p
+}
+
+fn capture(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["capture", "--quiet", "-t", "1", "-m"])
+        .arg(model)
+        .arg("-o")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "status {:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Deterministic prompts of varied length (bytes 'a'..'z' and spaces).
+fn prompts(n: usize, seed: u64) -> Vec<String> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let len = 3 + (x >> 33) as usize % 20;
+            (0..len)
+                .map(|j| {
+                    let c = ((x >> (j % 50)) as u8 % 27) + b'a';
+                    if c > b'z' {
+                        ' '
+                    } else {
+                        c as char
+                    }
+                })
+                .collect::<String>()
+                .trim()
+                .to_string()
+                + "x"
+        })
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// One tensor of a run, concatenated over its shards in manifest order.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Tensor {
+    width: usize,
+    data: Vec<u8>,
+    pos: Vec<i32>,
+    seq: Vec<i32>,
+    prompt: Vec<i64>,
+}
+
+impl Tensor {
+    fn row(&self, i: usize) -> Vec<f32> {
+        self.data[i * self.width * 4..(i + 1) * self.width * 4]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+}
+
+fn manifest(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// Every tensor of the runs in `dirs` (several runs: one dataset).
+fn load(dirs: &[&Path]) -> BTreeMap<String, Tensor> {
+    let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
+    for dir in dirs {
+        let m = manifest(dir);
+        // Row ranges count from 0 in each run directory.
+        let base: BTreeMap<String, u64> = out
+            .iter()
+            .map(|(k, t)| (k.clone(), t.pos.len() as u64))
+            .collect();
+        for s in m["shards"].as_array().unwrap() {
+            let bytes = std::fs::read(dir.join(s["file"].as_str().unwrap())).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for t in m["tensors"].as_array().unwrap() {
+                let name = t["name"].as_str().unwrap();
+                let e = out.entry(name.to_string()).or_default();
+                let v = st.tensor(name).unwrap();
+                let [start, end] = [0, 1].map(|k| s["rows"][name][k].as_u64().unwrap());
+                assert_eq!(v.shape()[0] as u64, end - start, "{name} rows in {s}");
+                assert_eq!(
+                    e.pos.len() as u64,
+                    base.get(name).copied().unwrap_or(0) + start
+                );
+                e.width = v.shape()[1];
+                e.data.extend_from_slice(v.data());
+                let ints = |n: &str| st.tensor(&format!("{name}.{n}")).unwrap().data().to_vec();
+                e.pos.extend(
+                    ints("pos")
+                        .chunks_exact(4)
+                        .map(|c| i32::from_le_bytes(c.try_into().unwrap())),
+                );
+                e.seq.extend(
+                    ints("seq")
+                        .chunks_exact(4)
+                        .map(|c| i32::from_le_bytes(c.try_into().unwrap())),
+                );
+                e.prompt.extend(
+                    ints("prompt")
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap())),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn tokens(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("tokens.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn prompt_file_streams_into_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let mut ps = prompts(40, 1);
+    ps[7] = String::new(); // a blank line keeps its index and holds nothing
+    let file = dir.path().join("prompts.txt");
+    write_lines(&file, &ps);
+    let out = dir.path().join("run");
+    let o = capture(
+        &m,
+        &out,
+        &[
+            "--prompts",
+            file.to_str().unwrap(),
+            "-n",
+            "0",
+            "--parallel",
+            "1",
+            "--shard-mb",
+            "0.02",
+        ],
+    );
+    ok(&o);
+    let man = manifest(&out);
+    assert_eq!(man["complete"], true);
+    assert_eq!(man["prompt_range"], serde_json::json!([0, 40]));
+    assert_eq!(man["next_prompt"], 40);
+    assert_eq!(man["prompts_captured"], 39);
+    assert_eq!(man["prompts_blank"], 1);
+    let shards = man["shards"].as_array().unwrap();
+    assert!(shards.len() >= 3, "small shards: {}", shards.len());
+    // Shards are contiguous in prompts and rows and at most the cap (unless one prompt is larger).
+    let mut next = 0;
+    for s in shards {
+        assert_eq!(s["prompts"][0], next);
+        next = s["prompts"][1].as_u64().unwrap();
+        let bytes = s["bytes"].as_u64().unwrap();
+        assert!(bytes <= (0.02 * 1048576.0) as u64, "{s}");
+    }
+    assert_eq!(next, 40);
+    let run = load(&[&out]);
+    let toks = tokens(&out);
+    let l0 = &run["l_out-0"];
+    let total: usize = ps
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| p.len() + 1)
+        .sum();
+    assert_eq!(l0.pos.len(), total, "one row per token, BOS included");
+    assert_eq!(toks.len(), total);
+    assert_eq!(man["tokens"], total);
+    // Rows by prompt index, then position; tokens.jsonl in the same order.
+    let mut i = 0;
+    for (k, p) in ps.iter().enumerate() {
+        if p.is_empty() {
+            assert!(!l0.prompt.contains(&(k as i64)));
+            continue;
+        }
+        for pos in 0..=p.len() {
+            assert_eq!((l0.prompt[i], l0.pos[i]), (k as i64, pos as i32));
+            assert_eq!(toks[i]["prompt_index"], k);
+            assert_eq!(toks[i]["pos"], pos);
+            i += 1;
+        }
+    }
+    // The last layer is pruned by llama.cpp to output rows: one per prompt.
+    let last = &run["l_out-2"];
+    assert_eq!(last.pos.len(), 39);
+    assert_eq!(man["rows"]["l_out-2"], 39);
+    // Values equal a plain `-p` capture of the same prompt, byte for byte.
+    let single = dir.path().join("single");
+    ok(&capture(&m, &single, &["-p", &ps[3], "-n", "1"]));
+    let bytes = std::fs::read(single.join("latents.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let want = st.tensor("l_out-1").unwrap();
+    let l1 = &run["l_out-1"];
+    let rows: Vec<usize> = (0..l1.pos.len()).filter(|&r| l1.prompt[r] == 3).collect();
+    assert_eq!(rows.len(), ps[3].len() + 1);
+    let got: Vec<u8> = rows
+        .iter()
+        .flat_map(|&r| l1.data[r * l1.width * 4..(r + 1) * l1.width * 4].to_vec())
+        .collect();
+    assert_eq!(got, want.data(), "dataset rows equal the -p capture's");
+    assert!(l1.row(0).iter().any(|v| *v != 0.0));
+}
+
+#[test]
+fn jsonl_field_truncation_and_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let ps = prompts(6, 2);
+    let lines: Vec<String> = ps
+        .iter()
+        .map(|p| serde_json::json!({"id": 1, "body": p}).to_string())
+        .collect();
+    let file = dir.path().join("p.jsonl");
+    write_lines(&file, &lines);
+    let out = dir.path().join("run");
+    let o = capture(
+        &m,
+        &out,
+        &[
+            "--prompts",
+            file.to_str().unwrap(),
+            "--prompt-field",
+            "body",
+            "--max-prompt-tokens",
+            "5",
+            "-n",
+            "2",
+            "--parallel",
+            "3",
+        ],
+    );
+    ok(&o);
+    let man = manifest(&out);
+    assert_eq!(man["complete"], true);
+    assert_eq!(
+        man["shards"].as_array().unwrap().len(),
+        1,
+        "a small run is one shard"
+    );
+    let truncated: Vec<Value> = man["shards"][0]["truncated"].as_array().unwrap().clone();
+    let want: Vec<Value> = ps
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.len() + 1 > 5)
+        .map(|(i, p)| serde_json::json!([i, p.len() + 1]))
+        .collect();
+    assert_eq!(truncated, want);
+    let toks = tokens(&out);
+    for (k, p) in ps.iter().enumerate() {
+        let mine: Vec<&Value> = toks.iter().filter(|t| t["prompt_index"] == k).collect();
+        let n_prompt = mine.iter().filter(|t| t["prompt"] == true).count();
+        assert_eq!(n_prompt, 5.min(p.len() + 1));
+        let gen: Vec<&&Value> = mine.iter().filter(|t| t["prompt"] == false).collect();
+        assert!(!gen.is_empty() && gen.len() <= 2);
+        assert!(gen[0]["logprob"].as_f64().unwrap() <= 0.0);
+    }
+    let run = load(&[&out]);
+    let l0 = &run["l_out-0"];
+    // Prompt rows plus one row per decoded generated token (the last sampled one is never decoded).
+    for k in 0..6i64 {
+        let n_gen = toks
+            .iter()
+            .filter(|t| t["prompt_index"] == k && t["prompt"] == false)
+            .count();
+        let rows = l0.prompt.iter().filter(|&&p| p == k).count();
+        assert_eq!(rows, 5.min(ps[k as usize].len() + 1) + n_gen - 1);
+    }
+    // A file without the field names the line.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"a\"}\n{\"other\": 1}\n").unwrap();
+    let o = capture(
+        &m,
+        &dir.path().join("bad"),
+        &["--prompts", bad.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 2") && err.contains("'text'"), "{err}");
+}
+
+/// Relative L2 distance of two rows.
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (d / n.max(1e-30)).sqrt()
+}
+
+/// Same rows in the same order (prompt, pos); values byte-equal or within `tol`.
+fn assert_same_rows(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>, tol: Option<f64>) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, x) in a {
+        let y = &b[name];
+        assert_eq!(x.prompt, y.prompt, "{name}: prompt order");
+        assert_eq!(x.pos, y.pos, "{name}: positions");
+        match tol {
+            None => assert!(x.data == y.data, "{name}: bytes differ"),
+            Some(tol) => {
+                for r in 0..x.pos.len() {
+                    let d = rel_l2(&x.row(r), &y.row(r));
+                    assert!(d <= tol, "{name} row {r}: relative L2 {d}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn parallel_refill_gives_the_rows_of_a_sequential_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let file = dir.path().join("p.txt");
+    write_lines(&file, &prompts(30, 3));
+    let f = file.to_str().unwrap();
+    let (one, four) = (dir.path().join("one"), dir.path().join("four"));
+    ok(&capture(
+        &m,
+        &one,
+        &["--prompts", f, "-n", "0", "--parallel", "1"],
+    ));
+    ok(&capture(
+        &m,
+        &four,
+        &["--prompts", f, "-n", "0", "--parallel", "4"],
+    ));
+    let (a, b) = (load(&[&one]), load(&[&four]));
+    assert_same_rows(&a, &b, Some(1e-3));
+    // Four slots were really used.
+    let seqs: std::collections::BTreeSet<i32> = b["l_out-0"].seq.iter().copied().collect();
+    assert_eq!(seqs.len(), 4, "{seqs:?}");
+}
+
+#[test]
+fn dataset_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let file = dir.path().join("p.txt");
+    write_lines(&file, &prompts(3, 4));
+    let f = file.to_str().unwrap();
+    let err = |o: &Output, needle: &str| {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{e}");
+        assert!(!e.contains("panicked"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains(needle), "'{needle}' not in {e}");
+    };
+    let out = dir.path().join("r");
+    err(
+        &capture(&m, &out, &["-p", "x", "--parallel", "2"]),
+        "--prompts",
+    );
+    err(&capture(&m, &out, &["-p", "x", "-n", "0"]), "n-predict");
+    err(
+        &capture(&m, &out, &["--prompts", f, "-p", "x"]),
+        "cannot be used",
+    );
+    err(
+        &capture(
+            &m,
+            &out,
+            &["--prompts", f, "--shard-count", "3", "--shard-index", "3"],
+        ),
+        "shard index 3",
+    );
+    err(
+        &capture(&m, &out, &["--prompts", f, "--shard-mb", "0"]),
+        "--shard-mb",
+    );
+    err(
+        &capture(&m, &out, &["--prompts", f, "--parallel", "0"]),
+        "--parallel",
+    );
+    err(
+        &capture(&m, &out, &["--prompts", f, "--max-prompt-tokens", "0"]),
+        "at least 1",
+    );
+    err(
+        &capture(&m, &out, &["--prompts", f, "--resume"]),
+        "--resume",
+    );
+    assert!(!out.join("manifest.json").exists());
+    ok(&capture(&m, &out, &["--prompts", f, "-n", "0"]));
+    err(&capture(&m, &out, &["--prompts", f, "-n", "0"]), "--resume");
+    // Resuming a complete run changes nothing; other settings are refused.
+    let before = manifest(&out);
+    ok(&capture(&m, &out, &["--prompts", f, "-n", "0", "--resume"]));
+    assert_eq!(manifest(&out), before);
+    err(
+        &capture(&m, &out, &["--prompts", f, "-n", "1", "--resume"]),
+        "n_predict",
+    );
+    // A prompt longer than a slot's context.
+    let long = dir.path().join("long.txt");
+    std::fs::write(&long, "a".repeat(300) + "\n").unwrap();
+    err(
+        &capture(
+            &m,
+            &dir.path().join("l"),
+            &["--prompts", long.to_str().unwrap(), "-c", "256", "-n", "0"],
+        ),
+        "prompt 0 has 301 tokens",
+    );
+}
