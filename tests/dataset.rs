@@ -598,3 +598,51 @@ fn interrupted_and_resumed_equals_straight_run_sequential() {
 fn interrupted_and_resumed_equals_straight_run_parallel() {
     interrupt_and_resume("3", Some(1e-3), 12);
 }
+
+#[test]
+fn three_machines_give_the_rows_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let file = dir.path().join("p.txt");
+    let mut ps = prompts(50, 9);
+    ps[49] = String::new(); // a blank last line still belongs to the last block
+    write_lines(&file, &ps);
+    let f = file.to_str().unwrap();
+    let base = [
+        "--prompts",
+        f,
+        "-n",
+        "0",
+        "--parallel",
+        "1",
+        "--shard-mb",
+        "0.05",
+    ];
+    let one = dir.path().join("one");
+    ok(&capture(&m, &one, &base));
+    let mut parts = Vec::new();
+    for i in 0..3 {
+        let out = dir.path().join(format!("part{i}"));
+        let mut a = base.to_vec();
+        let idx = i.to_string();
+        a.extend(["--shard-index", idx.as_str(), "--shard-count", "3"]);
+        ok(&capture(&m, &out, &a));
+        let man = manifest(&out);
+        let want = [50 * i / 3, 50 * (i + 1) / 3];
+        assert_eq!(man["prompt_range"], serde_json::json!(want), "block {i}");
+        assert_eq!(man["complete"], true);
+        let run = load(&[&out]);
+        assert!(run["l_out-0"]
+            .prompt
+            .iter()
+            .all(|&p| (want[0] as i64..want[1] as i64).contains(&p)));
+        parts.push(out);
+    }
+    let parts: Vec<&Path> = parts.iter().map(PathBuf::as_path).collect();
+    assert_same_rows(&load(&[&one]), &load(&parts), None);
+    let mut joined = Vec::new();
+    for p in &parts {
+        joined.extend(tokens(p));
+    }
+    assert_eq!(tokens(&one), joined);
+}
