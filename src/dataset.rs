@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError};
@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 
 use crate::engine::{SamplingOptions, Token};
 use crate::error::{Error, ErrorKind, Result};
-use crate::output::{write_entries, Entry};
+use crate::output::{header, EntryMeta};
 use crate::record::Dtype;
 use crate::sched::{Engine, Job, JobEvent, LatentFilter, StopReason, SubmitError, TokenOut};
 
@@ -329,13 +329,50 @@ struct Writer {
     dir: PathBuf,
     dtype: Dtype,
     shard_limit: usize,
+    /// The open shard's index columns (its latents are in `cols`).
     open: Vec<Rows>,
+    /// The open shard's latents, one spill file per tensor, so memory does not
+    /// grow with the shard.
+    cols: Vec<Col>,
     open_bytes: usize,
     open_prompts: Option<[u64; 2]>,
     open_truncated: Vec<[u64; 2]>,
     tokens: BufWriter<File>,
     m: Manifest,
     bytes: u64,
+}
+
+/// A tensor's latents of the open shard, on disk until the shard closes.
+struct Col {
+    path: PathBuf,
+    file: BufWriter<File>,
+    len: u64,
+}
+
+impl Col {
+    fn new(dir: &Path, i: usize) -> Result<Self> {
+        let path = dir.join(format!(".latents.col{i}.tmp-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, "creating", e))?;
+        Ok(Self {
+            path,
+            file: BufWriter::with_capacity(1 << 20, f),
+            len: 0,
+        })
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        for c in &self.cols {
+            let _ = std::fs::remove_file(&c.path);
+        }
+    }
 }
 
 impl Writer {
@@ -349,8 +386,11 @@ impl Writer {
         if self.open_bytes > 0 && self.open_bytes + add > self.shard_limit {
             self.close_shard()?;
         }
-        for (dst, src) in self.open.iter_mut().zip(p.tensors) {
-            dst.data.extend_from_slice(&src.data);
+        for ((dst, col), src) in self.open.iter_mut().zip(&mut self.cols).zip(p.tensors) {
+            col.file
+                .write_all(&src.data)
+                .map_err(|e| io_err(&col.path, "writing", e))?;
+            col.len += src.data.len() as u64;
             dst.pos.extend_from_slice(&src.pos);
             dst.seq.extend_from_slice(&src.seq);
             dst.prompt
@@ -417,32 +457,75 @@ impl Writer {
             ]);
             cols.push([ints32(&r.pos), ints32(&r.seq), ints64(&r.prompt)]);
         }
-        let mut entries = Vec::new();
-        for (((t, r), n), c) in self.m.tensors.iter().zip(&self.open).zip(&names).zip(&cols) {
-            let rows = r.pos.len();
-            entries.push(Entry {
+        let mut metas = Vec::new();
+        let shapes: Vec<[usize; 2]> = self
+            .m
+            .tensors
+            .iter()
+            .zip(&self.open)
+            .map(|(t, r)| [r.pos.len(), t.width])
+            .collect();
+        for ((((t, n), c), col), shape) in self
+            .m
+            .tensors
+            .iter()
+            .zip(&names)
+            .zip(&cols)
+            .zip(&self.cols)
+            .zip(&shapes)
+        {
+            metas.push(EntryMeta {
                 name: &t.name,
                 dtype: self.dtype.safetensors_name(),
-                shape: [rows, t.width],
-                rank: 2,
-                data: &r.data,
+                shape: &shape[..],
+                len: col.len as usize,
             });
             for (k, dt) in ["I32", "I32", "I64"].into_iter().enumerate() {
-                entries.push(Entry {
+                metas.push(EntryMeta {
                     name: &n[k],
                     dtype: dt,
-                    shape: [rows, 0],
-                    rank: 1,
-                    data: &c[k],
+                    shape: &shape[..1],
+                    len: c[k].len(),
                 });
             }
         }
-        let r = write_entries(&tmp, &entries, &[("format", FORMAT.to_string())]).and_then(|()| {
+        let head = header(&metas, &[("format", FORMAT.to_string())]);
+        let r = (|| -> std::io::Result<()> {
+            let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+            w.write_all(&head)?;
+            for (col, c) in self.cols.iter_mut().zip(&cols) {
+                col.file.flush()?;
+                let f = col.file.get_mut();
+                f.seek(SeekFrom::Start(0))?;
+                let n = std::io::copy(&mut (&*f).take(col.len), &mut w)?;
+                if n != col.len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{} holds {n} of {} bytes", col.path.display(), col.len),
+                    ));
+                }
+                for b in c {
+                    w.write_all(b)?;
+                }
+            }
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()
+        })()
+        .map_err(|e| io_err(&tmp, "writing", e))
+        .and_then(|()| {
             std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, "moving into place", e))
         });
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
+        }
+        let shard_bytes: u64 = self.cols.iter().map(|c| c.len).sum();
+        for c in &mut self.cols {
+            c.file
+                .get_mut()
+                .set_len(0)
+                .and_then(|()| c.file.get_mut().seek(SeekFrom::Start(0)).map(|_| ()))
+                .map_err(|e| io_err(&c.path, "truncating", e))?;
+            c.len = 0;
         }
         let mut rows = BTreeMap::new();
         for (t, r) in self.m.tensors.iter().zip(&self.open) {
@@ -450,13 +533,13 @@ impl Writer {
             rows.insert(t.name.clone(), [*total, *total + r.pos.len() as u64]);
             *total += r.pos.len() as u64;
         }
-        self.bytes += self.open.iter().map(|r| r.data.len() as u64).sum::<u64>();
+        self.bytes += shard_bytes;
         self.m.shards.push(ShardInfo {
             file,
             prompts,
             rows,
             truncated: std::mem::take(&mut self.open_truncated),
-            bytes: self.open.iter().map(|r| r.data.len() as u64).sum(),
+            bytes: shard_bytes,
         });
         self.m.next_prompt = prompts[1];
         for r in &mut self.open {
@@ -502,6 +585,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     r
 }
 
+/// Remove the temporary files (`.latents*.tmp-PID`, `.manifest.json.tmp-PID`) of
+/// runs that died.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((base, pid)) = name.rsplit_once(".tmp-") else {
+            continue;
+        };
+        let ours = base.starts_with(".latents") || base == ".manifest.json";
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|p| p == std::process::id() || Path::new(&format!("/proc/{p}")).exists());
+        if ours && !alive {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Read the manifest of a run directory.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let p = dir.join("manifest.json");
@@ -545,10 +649,22 @@ pub fn capture(
     opts.validate()?;
     let t0 = Instant::now();
     let model = engine.model().clone();
+    // A regular file is counted first; a pipe or standard input is read once,
+    // and its length is known at the end.
     let lines = match &opts.prompts {
-        PromptSource::File(p) => count_lines(p)?,
-        PromptSource::Stdin => u64::MAX,
+        PromptSource::File(p) if std::fs::metadata(p).is_ok_and(|m| m.is_file()) => {
+            Some(count_lines(p)?)
+        }
+        PromptSource::File(p) if opts.shard_count > 1 => {
+            return Err(Error::invalid(format!(
+                "splitting the prompts into shards needs a regular file, and {} is not one",
+                p.display()
+            )))
+        }
+        _ => None,
     };
+    let streamed = lines.is_none();
+    let lines = lines.unwrap_or(u64::MAX);
     let range = if opts.shard_count > 1 {
         share(lines, opts.shard_index, opts.shard_count)
     } else {
@@ -632,6 +748,7 @@ pub fn capture(
             shards: Vec::new(),
         }
     };
+    remove_stale_temps(&opts.dir);
     let tokens = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -642,6 +759,9 @@ pub fn capture(
         dtype: filter.dtype,
         shard_limit: opts.shard_bytes,
         open: filter.names.iter().map(|_| Rows::default()).collect(),
+        cols: (0..filter.names.len())
+            .map(|i| Col::new(&opts.dir, i))
+            .collect::<Result<_>>()?,
         open_bytes: 0,
         open_prompts: None,
         open_truncated: Vec::new(),
@@ -662,7 +782,7 @@ pub fn capture(
     let closed = w.close_shard();
     if let (Ok(Some(end)), Ok(())) = (&r, &closed) {
         w.m.next_prompt = *end;
-        if opts.prompts == PromptSource::Stdin {
+        if streamed {
             w.m.prompt_range[1] = *end;
             w.m.prompt_lines = *end;
         }

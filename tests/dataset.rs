@@ -479,6 +479,13 @@ fn interrupted(model: &Path, out: &Path, extra: &[&str], signal: &str, delay_ms:
 
 /// After an interruption every file present loads and agrees with the manifest.
 fn check_partial(out: &Path) {
+    for e in std::fs::read_dir(out).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        let known = n == "manifest.json"
+            || n == "tokens.jsonl"
+            || (n.starts_with("latents-") && n.ends_with(".safetensors"));
+        assert!(known, "left behind: {n}");
+    }
     let man = manifest(out);
     let run = load(&[out]);
     let toks = tokens(out);
@@ -645,4 +652,36 @@ fn three_machines_give_the_rows_of_one() {
         joined.extend(tokens(p));
     }
     assert_eq!(tokens(&one), joined);
+
+    // The Python reader (numpy, memory-mapped) reads the three directories as one dataset.
+    let script = r#"
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from read_run import Run
+one, parts = Run(sys.argv[2]), Run(sys.argv[3:])
+for name in one.tensors:
+    assert np.array_equal(one.array(name), parts.array(name)), name
+rows = [(n, p) for n, x, p, pos in parts.rows(layers=[1], prompts=range(10, 20))]
+assert [n for n, _ in rows] and all(n == "l_out-1" for n, _ in rows), rows
+got = sorted(set(np.concatenate([p for _, p in rows]).tolist()))
+assert got == list(range(10, 20)), got
+print("reader ok", len(one.array("l_out-0")))
+"#;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python");
+    let o = Command::new(std::env::var_os("PYTHON").unwrap_or("python3".into()))
+        .arg("-c")
+        .arg(script)
+        .arg(&examples)
+        .arg(&one)
+        .args(&parts)
+        .output()
+        .unwrap();
+    let n_rows = load(&[&one])["l_out-0"].pos.len();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("reader ok {n_rows}"),
+        "read_run.py (needs numpy): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -91,7 +91,7 @@ struct CaptureArgs {
     /// Sequences decoded together (--prompts; default 4): a finished one's slot takes the next prompt.
     #[arg(long, value_name = "N")]
     parallel: Option<usize>,
-    /// Largest shard in MiB (--prompts; default 256).
+    /// Largest shard in MiB (--prompts; default 64): about the most latents held in memory.
     #[arg(long, value_name = "MB")]
     shard_mb: Option<f64>,
     /// Continue the stopped run in --out (--prompts): same settings, new shards appended.

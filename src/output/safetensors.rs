@@ -76,14 +76,54 @@ pub fn write_entries(
     entries: &[Entry<'_>],
     metadata: &[(&str, String)],
 ) -> Result<()> {
+    let metas: Vec<EntryMeta<'_>> = entries
+        .iter()
+        .map(|e| EntryMeta {
+            name: e.name,
+            dtype: e.dtype,
+            shape: &e.shape[..e.rank.clamp(1, 2)],
+            len: e.data.len(),
+        })
+        .collect();
+    let h = header(&metas, metadata);
+    let io =
+        |e: std::io::Error| Error::new(ErrorKind::Io, format!("writing {}: {e}", path.display()));
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    w.write_all(&h).map_err(io)?;
+    for e in entries {
+        w.write_all(e.data).map_err(io)?;
+    }
+    w.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    Ok(())
+}
+
+/// An entry's name, type, shape and byte length (its data written by the caller).
+#[derive(Debug, Clone, Copy)]
+pub struct EntryMeta<'a> {
+    /// Tensor name.
+    pub name: &'a str,
+    /// Safetensors dtype name.
+    pub dtype: &'static str,
+    /// Shape.
+    pub shape: &'a [usize],
+    /// Bytes of data.
+    pub len: usize,
+}
+
+/// The start of a safetensors file: the 8-byte header length and the JSON
+/// header (padded to 8 bytes) for `entries` laid out in order. The data follows.
+pub fn header(entries: &[EntryMeta<'_>], metadata: &[(&str, String)]) -> Vec<u8> {
     let mut header = Map::new();
     let mut off = 0usize;
     for e in entries {
         header.insert(
             e.name.to_string(),
-            json!({"dtype": e.dtype, "shape": &e.shape[..e.rank.clamp(1, 2)], "data_offsets": [off, off + e.data.len()]}),
+            json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [off, off + e.len]}),
         );
-        off += e.data.len();
+        off += e.len;
     }
     let meta: Map<String, Value> = metadata
         .iter()
@@ -94,17 +134,7 @@ pub fn write_entries(
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    let io =
-        |e: std::io::Error| Error::new(ErrorKind::Io, format!("writing {}: {e}", path.display()));
-    let mut w = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
-    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&h).map_err(io)?;
-    for e in entries {
-        w.write_all(e.data).map_err(io)?;
-    }
-    w.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
-    Ok(())
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out
 }
