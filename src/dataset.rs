@@ -914,7 +914,7 @@ fn run(
                 sampling: opts.sampling.clone(),
                 n_probs: opts.n_probs,
                 ignore_eos: false,
-                latents: Some(filter.clone()),
+                latents: (!filter.names.is_empty()).then(|| filter.clone()),
             };
             let tx = tx.clone();
             let sink = Box::new(move |ev: JobEvent| {
@@ -1036,4 +1036,60 @@ fn on_event(pending: &mut BTreeMap<u64, Pending>, ev: Ev, w: &mut Writer) -> Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_contiguous_and_cover_the_file() {
+        for total in [0u64, 1, 2, 50, 1_000_003] {
+            for n in 1..=7 {
+                let mut next = 0;
+                for i in 0..n {
+                    let [lo, hi] = share(total, i, n);
+                    assert_eq!(lo, next);
+                    assert!(hi - lo <= total / n as u64 + 1);
+                    next = hi;
+                }
+                assert_eq!(next, total);
+            }
+        }
+    }
+
+    #[test]
+    fn lines_are_counted_with_or_without_a_final_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.txt");
+        for (text, n) in [
+            ("", 0),
+            ("a", 1),
+            ("a\n", 1),
+            ("a\n\nb", 3),
+            ("a\r\nb\n", 2),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            assert_eq!(count_lines(&p).unwrap(), n, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn prompts_keep_their_line_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.jsonl");
+        std::fs::write(&p, "{\"t\": \"a\"}\n\n{\"t\": \" \"}\r\n{\"t\": \"b\"}").unwrap();
+        let mut r = PromptReader::open(&PromptSource::File(p), "t").unwrap();
+        let mut got = Vec::new();
+        while let Some(x) = r.next_prompt().unwrap() {
+            got.push(x);
+        }
+        let want = vec![
+            (0, Some("a".to_string())),
+            (1, None),
+            (2, None),
+            (3, Some("b".to_string())),
+        ];
+        assert_eq!(got, want);
+    }
 }

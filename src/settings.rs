@@ -33,8 +33,7 @@ pub const MIN_TEMPERATURE: f32 = 1e-3;
 /// Most alternatives reported per generated token.
 pub const MAX_REPORT_TOP_K: usize = 1 << 20;
 
-/// Default size cap of a dataset shard (64 MiB): also about the most latent bytes
-/// a capture holds in memory.
+/// Default size cap of a dataset shard (64 MiB).
 pub const DEFAULT_SHARD_BYTES: usize = 64 << 20;
 /// Smallest dataset shard cap (4 KiB).
 pub const MIN_SHARD_BYTES: usize = 4 << 10;

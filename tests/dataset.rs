@@ -685,3 +685,38 @@ print("reader ok", len(one.array("l_out-0")))
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn tokens_only_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let file = dir.path().join("p.txt");
+    let ps = prompts(5, 5);
+    write_lines(&file, &ps);
+    let out = dir.path().join("run");
+    ok(&capture(
+        &m,
+        &out,
+        &[
+            "--prompts",
+            file.to_str().unwrap(),
+            "--tensors",
+            "",
+            "-n",
+            "2",
+        ],
+    ));
+    let man = manifest(&out);
+    assert_eq!(man["complete"], true);
+    assert_eq!(man["tensors"], serde_json::json!([]));
+    assert!(load(&[&out]).is_empty());
+    let toks = tokens(&out);
+    let n_prompt: usize = ps.iter().map(|p| p.len() + 1).sum();
+    assert_eq!(
+        toks.iter().filter(|t| t["prompt"] == true).count(),
+        n_prompt
+    );
+    assert!(toks
+        .iter()
+        .any(|t| t["prompt"] == false && t["prompt_index"] == 4));
+}

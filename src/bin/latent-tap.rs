@@ -91,7 +91,7 @@ struct CaptureArgs {
     /// Sequences decoded together (--prompts; default 4): a finished one's slot takes the next prompt.
     #[arg(long, value_name = "N")]
     parallel: Option<usize>,
-    /// Largest shard in MiB (--prompts; default 64): about the most latents held in memory.
+    /// Largest shard in MiB (--prompts; default 64; fractions allowed).
     #[arg(long, value_name = "MB")]
     shard_mb: Option<f64>,
     /// Continue the stopped run in --out (--prompts): same settings, new shards appended.
@@ -1025,7 +1025,7 @@ fn on_signals() -> Result<()> {
 /// (0, or 128 + the signal that stopped the run).
 fn capture_dataset(a: CaptureArgs) -> Result<u8> {
     use latent_tap::dataset::{self, DatasetOptions, PromptSource};
-    use latent_tap::sched::{Engine, EngineOptions, LatentRequest};
+    use latent_tap::sched::{Engine, EngineOptions, LatentFilter, LatentRequest};
     if a.shard_index.is_some() && a.shard_count.is_none() {
         return Err(Error::invalid("--shard-index needs --shard-count"));
     }
@@ -1154,16 +1154,17 @@ fn capture_dataset(a: CaptureArgs) -> Result<u8> {
             slot_ctx: Some(a.ctx_size / n_parallel as u32),
         },
     )?;
-    let filter = engine.compile(&LatentRequest {
-        patterns: if a.tensors.is_empty() {
-            Vec::new()
-        } else {
-            vec![a.tensors.clone()]
-        },
-        layers,
-        rows,
-        dtype,
-    })?;
+    // `--tensors ''`: tokens only, no eval callback.
+    let filter = if a.tensors.is_empty() {
+        LatentFilter::none(rows, dtype)
+    } else {
+        engine.compile(&LatentRequest {
+            patterns: vec![a.tensors.clone()],
+            layers,
+            rows,
+            dtype,
+        })?
+    };
     let bar = !a.quiet && std::io::stderr().is_terminal();
     let mut progress = |p: dataset::Progress| {
         if bar {
