@@ -12,6 +12,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod capture;
+pub mod dataset;
 pub mod engine;
 pub mod error;
 pub mod ffi;

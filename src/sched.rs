@@ -92,6 +92,16 @@ pub struct LatentFilter {
 }
 
 impl LatentFilter {
+    /// A filter that selects no tensor (tokens only).
+    pub fn none(rows: Rows, dtype: Dtype) -> Self {
+        Self {
+            names: Vec::new(),
+            set: HashSet::new(),
+            rows,
+            dtype,
+        }
+    }
+
     fn index_of(&self, name: &str) -> Option<u32> {
         if !self.set.contains(name) {
             return None;

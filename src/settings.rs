@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use crate::capture::Policy;
+use crate::dataset::{DatasetOptions, PromptSource};
 use crate::engine::{ContextOptions, ModelOptions, SamplingOptions};
 use crate::error::{Error, Result};
 use crate::session::{CaptureSpec, GenerateOptions};
@@ -31,6 +32,73 @@ pub const MAX_BLOCK_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub const MIN_TEMPERATURE: f32 = 1e-3;
 /// Most alternatives reported per generated token.
 pub const MAX_REPORT_TOP_K: usize = 1 << 20;
+
+/// Default size cap of a dataset shard (64 MiB).
+pub const DEFAULT_SHARD_BYTES: usize = 64 << 20;
+/// Smallest dataset shard cap (4 KiB).
+pub const MIN_SHARD_BYTES: usize = 4 << 10;
+/// Largest dataset shard cap (64 GiB).
+pub const MAX_SHARD_BYTES: usize = 64 << 30;
+/// Most blocks a prompt file may be split into across machines.
+pub const MAX_SHARD_COUNT: usize = 1 << 20;
+
+/// A shard cap from MiB (as a user types it, fractions allowed).
+pub fn shard_bytes_from_mb(mb: f64) -> Result<usize> {
+    let bytes = mb * (1u64 << 20) as f64;
+    if !bytes.is_finite() || bytes < MIN_SHARD_BYTES as f64 || bytes > MAX_SHARD_BYTES as f64 {
+        return Err(Error::invalid(format!(
+            "shard size {mb} MiB is out of range {}..={} MiB",
+            MIN_SHARD_BYTES as f64 / (1u64 << 20) as f64,
+            MAX_SHARD_BYTES >> 20
+        )));
+    }
+    Ok(bytes as usize)
+}
+
+impl DatasetOptions {
+    /// Check the bounds: shard cap in [`MIN_SHARD_BYTES`]..=[`MAX_SHARD_BYTES`],
+    /// `shard_index < shard_count <= MAX_SHARD_COUNT` (a split needs a file, not
+    /// standard input), a positive prompt cut, a non-blank field name, the
+    /// sampling and the report top-k.
+    pub fn validate(&self) -> Result<()> {
+        if !(MIN_SHARD_BYTES..=MAX_SHARD_BYTES).contains(&self.shard_bytes) {
+            return Err(Error::invalid(format!(
+                "shard size {} bytes is out of range {MIN_SHARD_BYTES}..={MAX_SHARD_BYTES}",
+                self.shard_bytes
+            )));
+        }
+        if self.shard_count == 0 || self.shard_count > MAX_SHARD_COUNT {
+            return Err(Error::invalid(format!(
+                "shard count {} is out of range 1..={MAX_SHARD_COUNT}",
+                self.shard_count
+            )));
+        }
+        if self.shard_index >= self.shard_count {
+            return Err(Error::invalid(format!(
+                "shard index {} is out of range 0..{}",
+                self.shard_index, self.shard_count
+            )));
+        }
+        if self.shard_count > 1 && self.prompts == PromptSource::Stdin {
+            return Err(Error::invalid(
+                "splitting the prompts into shards needs a prompt file, not standard input",
+            ));
+        }
+        if self.max_prompt_tokens == Some(0) {
+            return Err(Error::invalid("the prompt token limit must be at least 1"));
+        }
+        if self.field.trim().is_empty() {
+            return Err(Error::invalid("the prompt field name is empty"));
+        }
+        if self.n_probs > MAX_REPORT_TOP_K {
+            return Err(Error::invalid(format!(
+                "report top-k {} is out of range 0..={MAX_REPORT_TOP_K}",
+                self.n_probs
+            )));
+        }
+        self.sampling.validate()
+    }
+}
 
 /// Largest thread count accepted on this machine: `THREADS_PER_CORE` × cores,
 /// at most [`MAX_THREADS`].

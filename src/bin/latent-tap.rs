@@ -70,14 +70,40 @@ struct CaptureArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Prompt text; repeat for several sequences decoded in one batch.
-    #[arg(long, short = 'p')]
+    #[arg(long, short = 'p', conflicts_with = "prompts")]
     prompt: Vec<String>,
     /// Read a prompt from FILE ('-': standard input), one prompt per -f; may be
     /// repeated and mixed with -p (sequences follow the command-line order). One
     /// trailing newline is dropped.
-    #[arg(long, short = 'f', value_name = "FILE")]
+    #[arg(long, short = 'f', value_name = "FILE", conflicts_with = "prompts")]
     file: Vec<PathBuf>,
-    /// Tokens to generate per sequence.
+    /// Dataset mode: prompts from FILE ('-': standard input), one per line, plain
+    /// text or JSON Lines (see --prompt-field). Latents stream into size-capped
+    /// shards latents-NNNNN.safetensors (see README, "Capture a dataset").
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// JSON Lines field holding the prompt text (--prompts).
+    #[arg(long, value_name = "NAME")]
+    prompt_field: Option<String>,
+    /// Cut each prompt to at most N tokens (--prompts; recorded per prompt in the manifest).
+    #[arg(long, value_name = "N")]
+    max_prompt_tokens: Option<usize>,
+    /// Sequences decoded together (--prompts; default 4): a finished one's slot takes the next prompt.
+    #[arg(long, value_name = "N")]
+    parallel: Option<usize>,
+    /// Largest shard in MiB (--prompts; default 64; fractions allowed).
+    #[arg(long, value_name = "MB")]
+    shard_mb: Option<f64>,
+    /// Continue the stopped run in --out (--prompts): same settings, new shards appended.
+    #[arg(long)]
+    resume: bool,
+    /// This machine's block of the prompt file, 0-based (--prompts, with --shard-count).
+    #[arg(long, value_name = "I")]
+    shard_index: Option<usize>,
+    /// Number of contiguous blocks the prompt file is split into (--prompts).
+    #[arg(long, value_name = "N")]
+    shard_count: Option<usize>,
+    /// Tokens to generate per sequence (0, with --prompts: the prompt only).
     #[arg(long, short = 'n', default_value_t = 16)]
     n_predict: usize,
     /// Tensor name patterns (globs, comma-separated), e.g. 'l_out-*,attn_out-3'.
@@ -347,6 +373,10 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         #[cfg(feature = "serve")]
         Cmd::Serve(a) => serve(*a),
+        Cmd::Capture(a) if a.prompts.is_some() => match capture_dataset(*a) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         Cmd::Capture(a) => {
             let order = matches
                 .subcommand_matches("capture")
@@ -751,9 +781,25 @@ impl Drop for OutDir {
 fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
     // Everything that can be checked without the model is checked first, so a
     // bad value costs no model load and leaves no trace.
+    let dataset_only = [
+        ("--prompt-field", a.prompt_field.is_some()),
+        ("--max-prompt-tokens", a.max_prompt_tokens.is_some()),
+        ("--parallel", a.parallel.is_some()),
+        ("--shard-mb", a.shard_mb.is_some()),
+        ("--resume", a.resume),
+        ("--shard-index", a.shard_index.is_some()),
+        ("--shard-count", a.shard_count.is_some()),
+    ];
+    if let Some((flag, _)) = dataset_only.iter().find(|(_, set)| *set) {
+        return Err(Error::invalid(format!(
+            "{flag} applies to dataset capture only: pass --prompts FILE"
+        )));
+    }
     let prompts_text = read_prompts(&a, order)?;
     if a.n_predict == 0 {
-        return Err(Error::invalid("--n-predict must be at least 1"));
+        return Err(Error::invalid(
+            "--n-predict must be at least 1 (0, a prompt-only pass, needs --prompts FILE)",
+        ));
     }
     ModelOptions {
         n_gpu_layers: a.model.gpu_layers,
@@ -949,4 +995,219 @@ fn report(
         stats.decode_ms_per_token,
         dir.display()
     )
+}
+
+/// The signal that stopped a dataset capture (0: none).
+static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Set by SIGINT / SIGTERM: the capture stops after the decode in flight.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+const SIGINT: i32 = 2;
+const SIGTERM: i32 = 15;
+
+#[cfg(unix)]
+fn on_signals() -> Result<()> {
+    for sig in [SIGINT, SIGTERM] {
+        // SAFETY: the action only stores into two atomics, which is
+        // async-signal-safe (no allocation, no lock, no I/O).
+        unsafe {
+            signal_hook_registry::register(sig, move || {
+                SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
+                STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        }
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("installing a signal handler: {e}"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn on_signals() -> Result<()> {
+    Ok(())
+}
+
+/// `capture --prompts`: stream a prompt file into shards. Returns the exit status
+/// (0, or 128 + the signal that stopped the run).
+fn capture_dataset(a: CaptureArgs) -> Result<u8> {
+    use latent_tap::dataset::{self, DatasetOptions, PromptSource};
+    use latent_tap::sched::{Engine, EngineOptions, LatentFilter, LatentRequest};
+    if a.shard_index.is_some() && a.shard_count.is_none() {
+        return Err(Error::invalid("--shard-index needs --shard-count"));
+    }
+    let src = match a.prompts.as_deref() {
+        Some(p) if p == Path::new("-") => PromptSource::Stdin,
+        Some(p) => PromptSource::File(p.to_path_buf()),
+        None => return Err(Error::invalid("--prompts FILE is missing")),
+    };
+    ModelOptions {
+        n_gpu_layers: a.model.gpu_layers,
+    }
+    .validate()?;
+    let rows = match a.rows.as_str() {
+        "all" => Rows::All,
+        "last" => Rows::Last,
+        r => {
+            return Err(Error::invalid(format!(
+                "--rows must be all or last, not '{r}'"
+            )))
+        }
+    };
+    if a.policy != "block" {
+        return Err(Error::invalid(
+            "--prompts captures losslessly: --policy must be block",
+        ));
+    }
+    let dtype = Dtype::parse(&a.dtype)?;
+    let layers = a.layers.as_deref().map(LayerFilter::parse).transpose()?;
+    if !a.tensors.is_empty() && a.tensors.split(',').any(|q| q.trim().is_empty()) {
+        return Err(Error::invalid(format!(
+            "--tensors '{}' holds a blank entry (use '' to capture tokens only)",
+            a.tensors
+        )));
+    }
+    let n_parallel = a.parallel.unwrap_or(4);
+    if n_parallel == 0 || n_parallel > settings::MAX_SEQ as usize {
+        return Err(Error::invalid(format!(
+            "--parallel must be between 1 and {}, not {n_parallel}",
+            settings::MAX_SEQ
+        )));
+    }
+    if a.ring_mb == 0 {
+        return Err(Error::invalid("--ring-mb must be at least 1"));
+    }
+    let ring_bytes = a
+        .ring_mb
+        .checked_mul(1 << 20)
+        .ok_or_else(|| Error::invalid(format!("--ring-mb {} is too large", a.ring_mb)))?;
+    settings::check_ring_memory(ring_bytes)?;
+    let shard_bytes = match a.shard_mb {
+        Some(mb) => settings::shard_bytes_from_mb(mb)
+            .map_err(|e| Error::invalid(format!("--shard-mb: {}", e.message())))?,
+        None => settings::DEFAULT_SHARD_BYTES,
+    };
+    let opts = DatasetOptions {
+        dir: a.out.clone(),
+        prompts: src,
+        field: a.prompt_field.clone().unwrap_or_else(|| "text".into()),
+        n_predict: a.n_predict,
+        max_prompt_tokens: a.max_prompt_tokens,
+        sampling: SamplingOptions {
+            temperature: a.temp,
+            top_k: a.sample_top_k,
+            top_p: a.top_p,
+            min_p: 0.0,
+            seed: a.seed,
+        },
+        n_probs: a.top_k,
+        shard_bytes,
+        shard_index: a.shard_index.unwrap_or(0),
+        shard_count: a.shard_count.unwrap_or(1),
+        resume: a.resume,
+        settings: json!({"tensors": a.tensors, "layers": a.layers}),
+    };
+    opts.validate()?;
+    let ctx = ContextOptions {
+        n_ctx: a.ctx_size,
+        n_batch: a.batch_size,
+        n_ubatch: a.ubatch_size,
+        n_seq_max: n_parallel as u32,
+        n_threads: a.model.threads,
+        ..ContextOptions::default()
+    };
+    ctx.validate()?;
+    // The directory: made and probed before the model loads.
+    let show = a.out.display();
+    if a.out.exists() && !a.out.is_dir() {
+        return Err(Error::invalid(format!(
+            "output directory '{show}' exists and is not a directory"
+        )));
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| {
+        Error::new(
+            ErrorKind::Io,
+            format!("cannot create output directory '{show}': {e}"),
+        )
+    })?;
+    let probe = a
+        .out
+        .join(format!(".latent-tap-probe.tmp-{}", std::process::id()));
+    std::fs::write(&probe, b"probe").map_err(|e| {
+        Error::new(
+            ErrorKind::Io,
+            format!("cannot write in output directory '{show}': {e}"),
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    if a.resume {
+        dataset::read_manifest(&a.out)
+            .map_err(|e| Error::invalid(format!("--resume: {}", e.message())))?;
+    } else if dataset::holds_run(&a.out) {
+        return Err(Error::invalid(format!(
+            "'{show}' already holds a capture; continue it with --resume or use a new directory"
+        )));
+    }
+    on_signals()?;
+
+    let model = load(&a.model)?;
+    let engine = Engine::start(
+        model.clone(),
+        &EngineOptions {
+            ctx,
+            n_parallel,
+            queue: dataset::window(n_parallel),
+            ring_bytes,
+            slot_ctx: Some(a.ctx_size / n_parallel as u32),
+        },
+    )?;
+    // `--tensors ''`: tokens only, no eval callback.
+    let filter = if a.tensors.is_empty() {
+        LatentFilter::none(rows, dtype)
+    } else {
+        engine.compile(&LatentRequest {
+            patterns: vec![a.tensors.clone()],
+            layers,
+            rows,
+            dtype,
+        })?
+    };
+    let bar = !a.quiet && std::io::stderr().is_terminal();
+    let mut progress = |p: dataset::Progress| {
+        if bar {
+            eprint!("\r{}/{} prompts", p.done, p.total);
+        }
+    };
+    let out = dataset::capture(&engine, &filter, &opts, &STOP, &mut progress);
+    if bar {
+        eprintln!();
+    }
+    drop(engine);
+    let out = out?;
+    let secs = out.seconds.max(1e-9);
+    let dir = a.out.clone();
+    to_stdout(|w| {
+        writeln!(
+            w,
+            "{} prompts, {} tokens, {} latent bytes in {:.2} s ({:.1} tokens/s, {:.1} MB/s) | {} shards | wrote {}{}",
+            out.prompts,
+            out.tokens,
+            out.bytes,
+            secs,
+            out.tokens as f64 / secs,
+            out.bytes as f64 / secs / 1e6,
+            out.shards,
+            dir.display(),
+            if out.complete { "" } else { " (incomplete: continue with --resume)" }
+        )
+    })?;
+    let sig = SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
+    Ok(if out.interrupted && sig > 0 {
+        128 + sig as u8
+    } else {
+        0
+    })
 }

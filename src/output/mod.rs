@@ -5,4 +5,4 @@ mod collect;
 mod safetensors;
 
 pub use collect::{collect, count_nonfinite, Collected, Collector, TensorRows, TokenEvent};
-pub use safetensors::write_safetensors;
+pub use safetensors::{header, write_entries, write_safetensors, Entry, EntryMeta};
