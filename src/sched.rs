@@ -794,23 +794,27 @@ impl Worker {
     }
 
     fn on_msg(&mut self, m: Msg) {
+        // A job that never got a slot because the engine is stopping.
+        let refuse_shutting_down = |q: Box<Queued>| {
+            let mut sink = q.sink;
+            sink(JobEvent::Done(JobDone {
+                reason: StopReason::Cancelled,
+                error: Some(Error::new(
+                    ErrorKind::Internal,
+                    "the server is shutting down",
+                )),
+                n_prompt: 0,
+                n_generated: 0,
+                prompt_ms: 0.0,
+                gen_ms: 0.0,
+                frames: 0,
+            }));
+        };
         match m {
             Msg::Job(q) => {
                 if self.stopping {
                     self.shared.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                    let mut sink = q.sink;
-                    sink(JobEvent::Done(JobDone {
-                        reason: StopReason::Cancelled,
-                        error: Some(Error::new(
-                            ErrorKind::Internal,
-                            "the server is shutting down",
-                        )),
-                        n_prompt: 0,
-                        n_generated: 0,
-                        prompt_ms: 0.0,
-                        gen_ms: 0.0,
-                        frames: 0,
-                    }));
+                    refuse_shutting_down(q);
                 } else {
                     self.pending.push_back(q);
                 }
@@ -827,19 +831,7 @@ impl Worker {
                 let queued: Vec<_> = self.pending.drain(..).collect();
                 for q in queued {
                     self.shared.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                    let mut sink = q.sink;
-                    sink(JobEvent::Done(JobDone {
-                        reason: StopReason::Cancelled,
-                        error: Some(Error::new(
-                            ErrorKind::Internal,
-                            "the server is shutting down",
-                        )),
-                        n_prompt: 0,
-                        n_generated: 0,
-                        prompt_ms: 0.0,
-                        gen_ms: 0.0,
-                        frames: 0,
-                    }));
+                    refuse_shutting_down(q);
                 }
                 if cancel {
                     for a in self.slots.iter().flatten() {

@@ -191,7 +191,17 @@ impl Model {
     }
 
     /// The text of one token (raw bytes; may be a partial UTF-8 sequence).
+    /// Control tokens render as nothing.
     pub fn token_bytes(&self, token: Token) -> Vec<u8> {
+        self.piece(token, false)
+    }
+
+    /// The token's text with control tokens rendered (`<bos>`, `<end_of_turn>`…).
+    pub fn token_bytes_special(&self, token: Token) -> Vec<u8> {
+        self.piece(token, true)
+    }
+
+    fn piece(&self, token: Token, special: bool) -> Vec<u8> {
         let mut buf = vec![0u8; 32];
         loop {
             // SAFETY: buf is writable for buf.len() bytes.
@@ -202,7 +212,7 @@ impl Model {
                     buf.as_mut_ptr() as *mut c_char,
                     buf.len() as i32,
                     0,
-                    false,
+                    special,
                 )
             };
             if n >= 0 {
@@ -216,29 +226,6 @@ impl Model {
     /// The token's text, lossily decoded as UTF-8.
     pub fn token_piece(&self, token: Token) -> String {
         String::from_utf8_lossy(&self.token_bytes(token)).into_owned()
-    }
-
-    /// The token's text with control tokens rendered (`<bos>`, `<end_of_turn>`…).
-    pub fn token_bytes_special(&self, token: Token) -> Vec<u8> {
-        let mut buf = vec![0u8; 32];
-        loop {
-            // SAFETY: buf is writable for buf.len() bytes.
-            let n = unsafe {
-                sys::llama_token_to_piece(
-                    self.vocab(),
-                    token,
-                    buf.as_mut_ptr() as *mut c_char,
-                    buf.len() as i32,
-                    0,
-                    true,
-                )
-            };
-            if n >= 0 {
-                buf.truncate(n as usize);
-                return buf;
-            }
-            buf.resize((-n) as usize, 0);
-        }
     }
 
     /// The chat template stored in the GGUF, if any.
