@@ -269,7 +269,9 @@ pub enum JobEvent {
 }
 
 /// Receives a job's events on the router thread. Returning `false` cancels the job
-/// (the receiver is gone). Must not block.
+/// (the receiver is gone). Blocking here holds up every job's routing and, once
+/// the ring is full, the decode itself: a lossless consumer may use that as
+/// backpressure (dataset capture does, through a bounded channel); a server must not.
 pub type JobSink = Box<dyn FnMut(JobEvent) -> bool + Send>;
 
 /// Receives subscriber records on the router thread; must not block.
