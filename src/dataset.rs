@@ -915,6 +915,8 @@ fn run(
                 n_probs: opts.n_probs,
                 ignore_eos: false,
                 latents: (!filter.names.is_empty()).then(|| filter.clone()),
+                // tokens.jsonl records logprob and entropy of every generated token.
+                token_stats: true,
             };
             let tx = tx.clone();
             let sink = Box::new(move |ev: JobEvent| {

@@ -507,7 +507,9 @@ fn interrupt_and_resume(parallel: &str, tol: Option<f64>, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let m = synth_model(dir.path());
     let file = dir.path().join("p.txt");
-    write_lines(&file, &prompts(600, 7));
+    // Enough work that a run lasts well past process start-up, so the signals
+    // below land mid-run even on a busy machine.
+    write_lines(&file, &prompts(2400, 7));
     let f = file.to_str().unwrap();
     let args = [
         "--prompts",
@@ -531,7 +533,7 @@ fn interrupt_and_resume(parallel: &str, tol: Option<f64>, seed: u64) {
         rng = rng
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let delay = 60 + (rng >> 33) % (full_ms / 4).max(1);
+        let delay = 60 + (rng >> 33) % (full_ms / 8).max(1);
         let mut a = args.to_vec();
         if round > 0 {
             a.push("--resume");

@@ -258,6 +258,8 @@ fn submit(
         n_probs: p.params.n_probs,
         ignore_eos: p.params.ignore_eos,
         latents: p.filter.clone(),
+        // Binary token records carry logprob and entropy; JSON shows them only with n_probs.
+        token_stats: p.binary,
     };
     let sink = Box::new(move |ev: JobEvent| tx.send(ev).is_ok());
     match engine.submit(job, sink) {
