@@ -283,6 +283,13 @@ pub trait SubscriberSink: Send {
     /// Offer one record (a complete wire record, see `docs/PROTOCOL.md`);
     /// `droppable` records may be refused when the consumer is behind.
     fn offer(&mut self, rec: Vec<u8>, droppable: bool) -> Offer;
+
+    /// Whether a droppable record of `len` bytes would be taken now. A full
+    /// subscriber's frames are then counted as dropped without being built.
+    fn has_room(&self, len: usize) -> bool {
+        let _ = len;
+        true
+    }
 }
 
 /// A subscriber sink's answer.
@@ -1451,6 +1458,13 @@ impl Router {
                 let Some(ix) = s.filter.index_of(name) else {
                     continue;
                 };
+                // Behind already: count the drop without copying the rows.
+                let most = record::frame_len(hi - lo, f.header.width as usize, s.filter.dtype);
+                if s.alive && !s.sink.has_room(most) {
+                    s.frames += 1;
+                    s.stats.drops.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if let Some(out) = cut(
                     f,
                     lo,

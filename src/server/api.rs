@@ -1322,6 +1322,10 @@ struct ChannelSink {
 }
 
 impl SubscriberSink for ChannelSink {
+    fn has_room(&self, len: usize) -> bool {
+        self.queued.load(Ordering::Relaxed) + len <= self.budget
+    }
+
     fn offer(&mut self, rec: Vec<u8>, droppable: bool) -> Offer {
         if self.tx.is_closed() {
             return Offer::Closed;
