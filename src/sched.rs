@@ -476,6 +476,8 @@ impl Engine {
             .ok_or_else(|| Error::new(ErrorKind::Internal, "the probe saw no named graph node"))?
             .ggml_name
             .clone();
+        // The same memory check as every other ring (refuse, rather than be OOM-killed later).
+        crate::settings::check_ring_memory(opts.ring_bytes)?;
         let (producer, consumer) = crate::ring::channel(opts.ring_bytes)
             .map_err(|e| Error::invalid(format!("ring capacity {}: {e}", opts.ring_bytes)))?;
         let n_ubatch = ctx.n_ubatch() as usize;

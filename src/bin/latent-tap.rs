@@ -403,6 +403,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--rows`, parsed by the library's one spelling; the message names the flag.
+fn rows_arg(s: &str) -> Result<Rows> {
+    Rows::parse(s).map_err(|_| Error::invalid(format!("--rows must be all or last, not '{s}'")))
+}
+
 /// What the command line can do about a library error (library messages name
 /// settings, never flags).
 fn advice(e: &Error) -> &'static str {
@@ -807,15 +812,7 @@ fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         n_gpu_layers: a.model.gpu_layers,
     }
     .validate()?;
-    let rows = match a.rows.as_str() {
-        "all" => Rows::All,
-        "last" => Rows::Last,
-        r => {
-            return Err(Error::invalid(format!(
-                "--rows must be all or last, not '{r}'"
-            )))
-        }
-    };
+    let rows = rows_arg(&a.rows)?;
     let policy = match a.policy.as_str() {
         "block" => Policy::Block {
             timeout: settings::block_timeout_from_secs(a.block_timeout)?,
@@ -1050,15 +1047,7 @@ fn capture_dataset(a: CaptureArgs) -> Result<u8> {
         n_gpu_layers: a.model.gpu_layers,
     }
     .validate()?;
-    let rows = match a.rows.as_str() {
-        "all" => Rows::All,
-        "last" => Rows::Last,
-        r => {
-            return Err(Error::invalid(format!(
-                "--rows must be all or last, not '{r}'"
-            )))
-        }
-    };
+    let rows = rows_arg(&a.rows)?;
     if a.policy != "block" {
         return Err(Error::invalid(
             "--prompts captures losslessly: --policy must be block",

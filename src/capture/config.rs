@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::error::{Error, Result};
 use crate::record::Dtype;
 
 /// Which rows of each selected tensor to keep.
@@ -12,6 +13,19 @@ pub enum Rows {
     All,
     /// Only each sequence's last row of a batch (cheaper for generation).
     Last,
+}
+
+impl Rows {
+    /// `all` or `last` (the spelling shared by the CLI, the server and the docs).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(Rows::All),
+            "last" => Ok(Rows::Last),
+            r => Err(Error::invalid(format!(
+                "rows must be all or last, not '{r}'"
+            ))),
+        }
+    }
 }
 
 /// What the producer does when the ring is full.

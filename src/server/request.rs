@@ -229,15 +229,12 @@ pub fn latent_request(
         .map(LayerFilter::parse)
         .transpose()
         .map_err(|e| ApiError::bad(format!("latents 'layers': {e}")))?;
-    let rows = match rows.unwrap_or("all") {
-        "all" => Rows::All,
-        "last" => Rows::Last,
-        r => {
-            return Err(ApiError::bad(format!(
-                "latents 'rows' must be \"all\" or \"last\", not '{r}'"
-            )))
-        }
-    };
+    let rows = rows.unwrap_or("all");
+    let rows = Rows::parse(rows).map_err(|_| {
+        ApiError::bad(format!(
+            "latents 'rows' must be \"all\" or \"last\", not '{rows}'"
+        ))
+    })?;
     let dtype = Dtype::parse(dtype.unwrap_or("f32"))
         .map_err(|e| ApiError::bad(format!("latents 'dtype': {e}")))?;
     Ok(LatentRequest {
