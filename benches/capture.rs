@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use latent_tap::capture::{eval_callback, Policy, Rows, Tap, TapSettings};
+use latent_tap::capture::{eval_callback, CaptureMode, Policy, Rows, Tap, TapSettings};
 use latent_tap::engine::{ContextOptions, Model, ModelOptions};
 use latent_tap::record::Dtype;
 use latent_tap::select::{GraphNode, Selection};
@@ -65,6 +65,7 @@ fn tensor(name: &str) -> sys::ggml_tensor {
         *d = s as _;
     }
     t.ne = [640, 1, 1, 1];
+    t.flags = sys::GGML_TENSOR_FLAG_COMPUTE as i32;
     t
 }
 
@@ -82,6 +83,7 @@ fn ask_phase(c: &mut Criterion) {
         dtype: Dtype::F32,
         policy: Policy::DropNewest,
         n_ubatch: 8,
+        mode: CaptureMode::Callback,
     };
     let mut tap = Tap::armed(&graph[0].ggml_name, sel, producer, settings).unwrap();
     let mut tensors: Vec<sys::ggml_tensor> = names.iter().map(|n| tensor(n)).collect();

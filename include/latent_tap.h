@@ -228,9 +228,14 @@ typedef struct {
    */
   uint32_t block_timeout_ms;
   /**
-   * Reserved, zero.
+   * How tensors leave the graph: 0 = auto (deferred where supported, else
+   * callback), 1 = callback (the graph is cut at each selected tensor),
+   * 2 = deferred (selected tensors are kept and copied after each graph
+   * compute; falls back to callback where unsupported). Deferred needs a
+   * library linked with the scheduler wrappers (the shared library is; see
+   * the README's "Capture modes"). Was a reserved zero field: old callers get auto.
    */
-  uint32_t reserved;
+  uint32_t capture_mode;
 } lt_capture_params;
 
 /**
@@ -701,6 +706,15 @@ lt_status lt_session_generate(lt_session *session,
                               void *user_data);
 
 /**
+ * How this session gets tensors out of the graph: 0 = nothing is captured
+ * (token events only), 1 = callback, 2 = deferred (see
+ * `lt_capture_params.capture_mode`).
+ *
+ * Thread-safe.
+ */
+lt_status lt_session_capture_mode(const lt_session *session, uint32_t *mode);
+
+/**
  * Create a tap for `model` (the app's `struct llama_model *`) capturing what
  * `capture` selects (NULL: defaults). `n_ubatch` is the app context's
  * `n_ubatch`, used to check that frames fit the ring. The tap probes the
@@ -796,6 +810,16 @@ lt_status lt_tap_release(lt_tap *tap);
  * Thread-safe.
  */
 lt_status lt_tap_counters(const lt_tap *tap, uint64_t *records, uint64_t *drops);
+
+/**
+ * How this tap gets tensors out of the graph: 1 = callback, 2 = deferred (see
+ * `lt_capture_params.capture_mode`). Deferred needs the program to be linked
+ * with the scheduler wrappers (`pkg-config --libs latent_tap-static` lists the
+ * flags); without them the tap uses callback mode and this says 1.
+ *
+ * Thread-safe.
+ */
+lt_status lt_tap_capture_mode(const lt_tap *tap, uint32_t *mode);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::capture::{Policy, Rows, Tap, TapSettings};
+use crate::capture::{CaptureMode, ModeReport, Policy, Rows, Tap, TapSettings};
 use crate::engine::{Batch, Context, ContextOptions, Model, Sampler, SamplingOptions, Token};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{self, Dtype, FrameHeader, Record, RowMeta, TokenHeader, TopEntry, ROW_PROMPT};
@@ -51,6 +51,8 @@ pub struct EngineOptions {
     /// Positions one slot may use; `None`: the whole context (slots share the
     /// KV pool, like llama-server's default `-np auto`).
     pub slot_ctx: Option<u32>,
+    /// How tensors leave the graph.
+    pub capture_mode: CaptureMode,
 }
 
 impl Default for EngineOptions {
@@ -61,6 +63,7 @@ impl Default for EngineOptions {
             queue: 64,
             ring_bytes: 64 << 20,
             slot_ctx: None,
+            capture_mode: CaptureMode::Auto,
         }
     }
 }
@@ -446,6 +449,7 @@ pub struct Engine {
     next_id: AtomicU64,
     next_sub: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    capture_mode: ModeReport,
 }
 
 impl std::fmt::Debug for Engine {
@@ -492,8 +496,10 @@ impl Engine {
                     timeout: Duration::from_secs(60),
                 },
                 n_ubatch,
+                mode: opts.capture_mode,
             },
         )?;
+        let capture_mode = tap.mode();
         ctx.replace_tap(tap)?;
         let n_ctx = ctx.n_ctx();
         let n_ctx_slot = opts.slot_ctx.map_or(n_ctx, |c| c.min(n_ctx)).max(1);
@@ -544,12 +550,18 @@ impl Engine {
             next_id: AtomicU64::new(1),
             next_sub: AtomicU64::new(1),
             threads: Mutex::new(vec![worker, router]),
+            capture_mode,
         })
     }
 
     /// The model.
     pub fn model(&self) -> &Arc<Model> {
         &self.model
+    }
+
+    /// The capture mode asked for and in effect for the engine's tap.
+    pub fn capture_mode(&self) -> ModeReport {
+        self.capture_mode
     }
 
     /// Every node of the graph (from the probe).

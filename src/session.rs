@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::capture::{Policy, Rows, Tap, TapCounters, TapSettings};
+use crate::capture::{CaptureMode, ModeReport, Policy, Rows, Tap, TapCounters, TapSettings};
 use crate::engine::{Batch, Context, ContextOptions, Model, Sampler, SamplingOptions, Token};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Dtype, RowMeta, TokenHeader, ROW_PROMPT};
@@ -29,6 +29,8 @@ pub struct CaptureSpec {
     pub ring_bytes: usize,
     /// Full-ring policy.
     pub policy: Policy,
+    /// How tensors leave the graph.
+    pub mode: CaptureMode,
 }
 
 impl Default for CaptureSpec {
@@ -42,6 +44,7 @@ impl Default for CaptureSpec {
             policy: Policy::Block {
                 timeout: Duration::from_secs(10),
             },
+            mode: CaptureMode::Auto,
         }
     }
 }
@@ -121,6 +124,8 @@ pub struct RunStats {
     pub decode_ms_per_token: f64,
     /// Tap counters at the end.
     pub counters: TapCounters,
+    /// Capture mode asked for and in effect (`None`: no tensors selected).
+    pub capture_mode: Option<ModeReport>,
 }
 
 /// List every node the model's graph computes (one-token probe).
@@ -262,6 +267,11 @@ impl Generator {
         self.ctx.tap().map(Tap::counters).unwrap_or_default()
     }
 
+    /// The capture mode asked for and in effect (`None`: no tensors selected).
+    pub fn capture_mode(&self) -> Option<ModeReport> {
+        self.ctx.tap().filter(|t| t.wants_eval()).map(Tap::mode)
+    }
+
     fn tap(&mut self) -> Result<&mut Tap> {
         self.ctx
             .tap_mut()
@@ -283,6 +293,7 @@ impl Generator {
         end?;
         Ok(RunStats {
             counters: self.counters(),
+            capture_mode: self.capture_mode(),
             ..stats
         })
     }
@@ -476,5 +487,6 @@ fn settings(spec: &CaptureSpec, n_ubatch: usize) -> TapSettings {
         dtype: spec.dtype,
         policy: spec.policy,
         n_ubatch,
+        mode: spec.mode,
     }
 }

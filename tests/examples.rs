@@ -487,6 +487,39 @@ fn plugin_c_under_sanitizers_matches() {
     check_plugin("plugin-asan");
 }
 
+/// The capture mode a plugin binary reports on stderr.
+fn plugin_mode(name: &str) -> Option<String> {
+    let f = fixture()?;
+    let bin = binary(name)?;
+    let o = example_cmd(&bin, &f.model_path).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let line = err.lines().find(|l| l.starts_with("capture mode: "));
+    Some(line.unwrap_or_else(|| panic!("{name}: no capture mode line in {err}"))[14..].to_string())
+}
+
+#[test]
+fn plugin_linked_with_the_wrap_flags_defers() {
+    if let Some(m) = plugin_mode("plugin") {
+        assert_eq!(m, "deferred");
+    }
+}
+
+#[test]
+fn plugin_without_the_wrap_flags_falls_back_to_callback_and_matches() {
+    if !root().join("examples/c/plugin.c").is_file() {
+        return;
+    }
+    if let Some(m) = plugin_mode("plugin-nowrap") {
+        assert_eq!(m, "callback");
+        check_binary("plugin-nowrap", false);
+    }
+}
+
 #[test]
 fn python_ctypes_matches() {
     if fixture().is_none() {

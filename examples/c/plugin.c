@@ -75,6 +75,11 @@ int main(int argc, char **argv) {
         llama_model_free(model);
         return 1;
     }
+    /* deferred (no graph split) when this program was linked with the wrap flags
+       of `pkg-config --libs latent_tap-static`, else callback */
+    uint32_t mode = 0;
+    lt_tap_capture_mode(tap, &mode);
+    fprintf(stderr, "capture mode: %s\n", mode == 2 ? "deferred" : "callback");
     /* 2. attach it to the context parameters */
     lt_tap_attach(tap, &cparams);
     struct llama_context *ctx = llama_init_from_model(model, cparams);

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::json;
 
-use latent_tap::capture::{Policy, Rows};
+use latent_tap::capture::{CaptureMode, ModeReport, Policy, Rows, TapCounters};
 use latent_tap::engine::{ContextOptions, Model, ModelOptions, SamplingOptions};
 use latent_tap::output::{collect, write_safetensors, Collected};
 use latent_tap::record::Dtype;
@@ -151,6 +151,10 @@ struct CaptureArgs {
     /// Seconds a blocked producer waits before the decode is cancelled (0 to 86400).
     #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
     block_timeout: f64,
+    /// How tensors leave the graph: auto, callback or deferred (see the README's
+    /// "Capture modes"); auto picks deferred where this build supports it.
+    #[arg(long, default_value = "auto")]
+    capture_mode: String,
     /// Output directory.
     #[arg(long, short = 'o')]
     out: PathBuf,
@@ -223,6 +227,9 @@ struct ServeArgs {
     /// Ring capacity in MiB between the inference thread and the router.
     #[arg(long, default_value_t = 256)]
     ring_mb: usize,
+    /// How tensors leave the graph: auto, callback or deferred.
+    #[arg(long, default_value = "auto")]
+    capture_mode: String,
     /// Frame bytes (MiB) a subscriber may have queued before its frames are dropped.
     #[arg(long, default_value_t = 64)]
     subscriber_queue_mb: usize,
@@ -460,6 +467,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             queue: a.queue,
             ring_bytes: mb(a.ring_mb, "--ring-mb")?,
             slot_ctx: a.parallel.map(|n| a.ctx_size / n),
+            capture_mode: capture_mode(&a.capture_mode)?,
         },
         n_gpu_layers: a.n_gpu_layers,
         n_predict: a.n_predict,
@@ -837,6 +845,7 @@ fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
             .checked_mul(1 << 20)
             .ok_or_else(|| Error::invalid(format!("--ring-mb {} is too large", a.ring_mb)))?,
         policy,
+        mode: capture_mode(&a.capture_mode)?,
     };
     spec.validate()?;
     settings::check_ring_memory(spec.ring_bytes)?;
@@ -924,10 +933,11 @@ fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         "prompt_tokens": prompts.iter().map(Vec::len).collect::<Vec<_>>(),
         "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed, "n_predict": a.n_predict, "report_top_k": a.top_k},
         "capture": {"tensors": a.tensors, "layers": a.layers, "rows": rows, "dtype": dtype, "ring_bytes": spec.ring_bytes, "policy": a.policy,
-                    "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "threads": ctx_opts.threads()},
+                    "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "threads": ctx_opts.threads(),
+                    "mode": capture_mode_json(stats.capture_mode, &stats.counters)},
         "tensors": tensors,
         "skipped": skipped,
-        "counters": {"frames": stats.counters.frames, "bytes": stats.counters.bytes, "drops": stats.counters.drops, "unaligned": stats.counters.unaligned, "seq_gaps": collected.seq_gaps},
+        "counters": {"frames": stats.counters.frames, "bytes": stats.counters.bytes, "drops": stats.counters.drops, "unaligned": stats.counters.unaligned, "deferred": stats.counters.deferred, "seq_gaps": collected.seq_gaps},
         "timings": {"prompt_ms": stats.prompt_ms, "ms_per_token": stats.ms_per_token, "decode_ms_per_token": stats.decode_ms_per_token, "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens},
     });
     let tmp = out_dir.temp(OUTPUTS[2]);
@@ -1153,6 +1163,7 @@ fn capture_dataset(a: CaptureArgs) -> Result<u8> {
             queue: dataset::window(n_parallel),
             ring_bytes,
             slot_ctx: Some(a.ctx_size / n_parallel as u32),
+            capture_mode: capture_mode(&a.capture_mode)?,
         },
     )?;
     // `--tensors ''`: tokens only, no eval callback.
@@ -1201,4 +1212,21 @@ fn capture_dataset(a: CaptureArgs) -> Result<u8> {
     } else {
         0
     })
+}
+
+/// `--capture-mode`, with the flag named in the error.
+fn capture_mode(s: &str) -> Result<CaptureMode> {
+    CaptureMode::parse(s).map_err(|e| Error::invalid(format!("--capture-mode: {e}")))
+}
+
+/// The manifest's `capture.mode`: asked for, in effect, why not deferred, and
+/// how many frames each path delivered.
+fn capture_mode_json(mode: Option<ModeReport>, c: &TapCounters) -> serde_json::Value {
+    match mode {
+        None => serde_json::Value::Null,
+        Some(m) => json!({
+            "requested": m.requested, "used": m.used, "note": m.note,
+            "frames_deferred": c.deferred, "frames_callback": c.frames - c.deferred,
+        }),
+    }
 }

@@ -40,6 +40,56 @@ pub enum Policy {
     DropNewest,
 }
 
+/// How selected tensors leave the graph.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// `deferred` where this process supports it, `callback` otherwise.
+    #[default]
+    Auto,
+    /// The scheduler cuts the graph at each selected node and hands it to the eval
+    /// callback (works everywhere; costs a thread-pool wake-up per piece).
+    Callback,
+    /// Selected nodes are kept as graph outputs and copied after the compute: no
+    /// graph split. Falls back to `callback` where unsupported (the tap says why).
+    Deferred,
+}
+
+impl CaptureMode {
+    /// `auto`, `callback` or `deferred`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "callback" => Ok(Self::Callback),
+            "deferred" => Ok(Self::Deferred),
+            m => Err(Error::invalid(format!(
+                "capture mode must be auto, callback or deferred, not '{m}'"
+            ))),
+        }
+    }
+
+    /// The spelling `parse` accepts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Callback => "callback",
+            Self::Deferred => "deferred",
+        }
+    }
+}
+
+/// What a tap did about its capture mode: asked for, in effect, and why not deferred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ModeReport {
+    /// The mode asked for.
+    pub requested: CaptureMode,
+    /// `deferred` or `callback`: what runs for tensors in host memory.
+    pub used: CaptureMode,
+    /// Why `deferred` does not run, when it was asked for or left to `auto`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
+}
+
 /// How a capturing tap cuts and ships frames.
 #[derive(Debug, Clone, Copy)]
 pub struct TapSettings {
@@ -51,6 +101,8 @@ pub struct TapSettings {
     pub policy: Policy,
     /// The context's physical batch size (rows per graph compute).
     pub n_ubatch: usize,
+    /// How tensors leave the graph.
+    pub mode: CaptureMode,
 }
 
 /// Counters the tap keeps beside the ring's own.
@@ -64,4 +116,7 @@ pub struct TapCounters {
     pub bytes: u64,
     /// Selected nodes whose shape had no per-token axis matching the ubatch; skipped.
     pub unaligned: u64,
+    /// Frames (of `frames`) copied after the graph compute (deferred mode); the
+    /// others went through the eval callback.
+    pub deferred: u64,
 }

@@ -18,14 +18,17 @@
 mod callback;
 mod config;
 mod convert;
+mod deferred;
 mod frame;
 mod records;
 
 pub use callback::eval_callback;
 use callback::tensor_name;
 pub(crate) use callback::{abort_callback, abort_flag_ptr};
-pub use config::{Policy, Rows, TapCounters, TapSettings};
+pub use config::{CaptureMode, ModeReport, Policy, Rows, TapCounters, TapSettings};
 pub use convert::{convert_from_f32, convert_to_f32};
+use deferred::Deferred;
+pub use deferred::{hooks_linked, unavailable_reason};
 use frame::{check_fits, ring_error};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +89,7 @@ pub struct Tap {
     seq: u64,
     counters: TapCounters,
     failure: Option<Error>,
+    deferred: Deferred,
     // Boxed separately: llama.cpp's CPU workers poll it through the abort callback
     // while the compute thread may hold `&mut Tap`.
     abort: Box<AtomicBool>,
@@ -113,6 +117,7 @@ impl Tap {
             seq: 0,
             counters: TapCounters::default(),
             failure: None,
+            deferred: Deferred::default(),
             abort: Box::new(AtomicBool::new(false)),
         }
     }
@@ -138,6 +143,7 @@ impl Tap {
             dtype,
             policy,
             n_ubatch,
+            mode,
         } = settings;
         if n_ubatch == 0 || n_ubatch > u16::MAX as usize {
             return Err(Error::invalid("n_ubatch must be between 1 and 65535"));
@@ -145,6 +151,8 @@ impl Tap {
         check_fits(&sel, n_ubatch, dtype, producer.max_record_len())?;
         let n_slots = sel.n_slots();
         let mut tap = Self::probe();
+        tap.deferred = Deferred::new(mode);
+        tap.deferred.resize(sel.tensors().len());
         tap.mode = Mode::Capture(Box::new(Armed {
             sel,
             sentinel: sentinel.as_bytes().to_vec(),
@@ -173,6 +181,7 @@ impl Tap {
         };
         check_fits(&sel, n_ubatch, a.dtype, a.producer.max_record_len())?;
         a.occ = vec![0; sel.n_slots()];
+        self.deferred.resize(sel.tensors().len());
         a.sel = sel;
         a.pending = None;
         Ok(())
@@ -244,6 +253,20 @@ impl Tap {
         self.failure.take()
     }
 
+    /// The capture mode asked for and the one in effect.
+    pub fn mode(&self) -> ModeReport {
+        let d = &self.deferred;
+        ModeReport {
+            requested: d.requested,
+            used: if d.enabled {
+                CaptureMode::Deferred
+            } else {
+                CaptureMode::Callback
+            },
+            note: d.note,
+        }
+    }
+
     /// Counters so far.
     pub fn counters(&self) -> TapCounters {
         self.counters
@@ -275,17 +298,36 @@ impl Tap {
                 if self.failure.is_some() {
                     return false;
                 }
-                if name == a.sentinel.as_slice() {
+                let sentinel = name == a.sentinel.as_slice();
+                if sentinel {
                     self.ubatch += 1;
                     a.occ.iter_mut().for_each(|c| *c = 0);
                 }
-                let Some(slot) = a.sel.slot(name) else {
+                let pending = a.sel.slot(name).and_then(|slot| {
+                    let occ = a.occ[slot] as usize;
+                    a.occ[slot] = a.occ[slot].saturating_add(1);
+                    a.sel.tensor_at(slot, occ)
+                });
+                a.pending = None;
+                if sentinel {
+                    self.deferred_restart();
+                }
+                let Some(ti) = pending else {
                     return false;
                 };
-                let occ = a.occ[slot] as usize;
-                a.occ[slot] = a.occ[slot].saturating_add(1);
-                a.pending = a.sel.tensor_at(slot, occ);
-                a.pending.is_some()
+                // A node of a branch the graph does not compute this time (e.g. the
+                // embeddings-input path of `ggml_build_forward_select`) holds stale bytes.
+                if t.flags & sys::GGML_TENSOR_FLAG_COMPUTE as i32 == 0 {
+                    return false;
+                }
+                // Deferred: kept alive as an output, copied after the compute.
+                if self.defer(t, ti) {
+                    return false;
+                }
+                if let Mode::Capture(a) = &mut self.mode {
+                    a.pending = Some(ti);
+                }
+                true
             }
         }
     }
@@ -353,6 +395,7 @@ mod tests {
             *d = s as _;
         }
         t.type_ = convert::GGML_F32;
+        t.flags = sys::GGML_TENSOR_FLAG_COMPUTE as i32;
         t.ne = ne;
         t.nb = [
             4,
@@ -398,6 +441,7 @@ mod tests {
             dtype: Dtype::F32,
             policy: Policy::DropNewest,
             n_ubatch: 4,
+            mode: CaptureMode::Callback,
         };
         let mut tap = Tap::armed("inp_embd", sel, producer, settings).unwrap();
         let rows: Vec<RowMeta> = (0..6)

@@ -261,3 +261,12 @@ pub extern "C" fn lt_last_error() -> *const c_char {
 pub extern "C" fn lt_version() -> u32 {
     (LT_VERSION_MAJOR << 16) | (LT_VERSION_MINOR << 8) | LT_VERSION_PATCH
 }
+
+/// The C API's number for a capture mode in effect (`lt_capture_params.capture_mode`).
+pub(crate) fn mode_code(m: crate::capture::CaptureMode) -> u32 {
+    match m {
+        crate::capture::CaptureMode::Auto => 0,
+        crate::capture::CaptureMode::Callback => 1,
+        crate::capture::CaptureMode::Deferred => 2,
+    }
+}

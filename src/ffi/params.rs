@@ -5,7 +5,7 @@ use std::ffi::c_char;
 use std::time::Duration;
 
 use super::{c_str, guard, lt_status, read_sized, write_sized, FfiError};
-use crate::capture::{Policy, Rows};
+use crate::capture::{CaptureMode, Policy, Rows};
 use crate::engine::{ContextOptions, SamplingOptions};
 use crate::record::Dtype;
 use crate::select::LayerFilter;
@@ -54,8 +54,13 @@ pub struct lt_capture_params {
     pub ring_bytes: u64,
     /// With `policy` block: ms to wait for space before the decode is cancelled.
     pub block_timeout_ms: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// How tensors leave the graph: 0 = auto (deferred where supported, else
+    /// callback), 1 = callback (the graph is cut at each selected tensor),
+    /// 2 = deferred (selected tensors are kept and copied after each graph
+    /// compute; falls back to callback where unsupported). Deferred needs a
+    /// library linked with the scheduler wrappers (the shared library is; see
+    /// the README's "Capture modes"). Was a reserved zero field: old callers get auto.
+    pub capture_mode: u32,
 }
 
 /// Context settings for sessions the library runs.
@@ -179,6 +184,17 @@ pub(crate) fn capture_spec(p: *const lt_capture_params) -> Result<CaptureSpec, F
             ))
         }
     };
+    let mode = match p.capture_mode {
+        0 => CaptureMode::Auto,
+        1 => CaptureMode::Callback,
+        2 => CaptureMode::Deferred,
+        m => {
+            return Err(FfiError::new(
+                lt_status::LT_INVALID_ARGUMENT,
+                format!("capture_mode must be 0, 1 or 2, not {m}"),
+            ))
+        }
+    };
     let ring_bytes = usize::try_from(p.ring_bytes)
         .ok()
         .filter(|&b| b > 0)
@@ -195,6 +211,7 @@ pub(crate) fn capture_spec(p: *const lt_capture_params) -> Result<CaptureSpec, F
         dtype,
         ring_bytes,
         policy,
+        mode,
     })
 }
 
@@ -240,7 +257,7 @@ fn default_capture() -> lt_capture_params {
         policy: 0,
         ring_bytes: 64 << 20,
         block_timeout_ms: 10_000,
-        reserved: 0,
+        capture_mode: 0,
     }
 }
 

@@ -25,6 +25,8 @@ pub struct lt_model {
 
 /// A generation session (opaque): one tapped context plus its stream.
 pub struct lt_session {
+    // Decided when the session is created; see `lt_session_capture_mode`.
+    mode: u32,
     busy: AtomicBool,
     cancel: Arc<AtomicBool>,
     state: std::cell::UnsafeCell<SessionState>,
@@ -172,6 +174,9 @@ pub extern "C" fn lt_session_new(
         };
         let (generator, stream) = Generator::new(model.clone(), &ctx_opts, &spec)?;
         let s = lt_session {
+            mode: generator
+                .capture_mode()
+                .map_or(0, |m| super::mode_code(m.used)),
             busy: AtomicBool::new(false),
             cancel: generator.cancel_flag(),
             state: std::cell::UnsafeCell::new(SessionState {
@@ -456,4 +461,20 @@ pub extern "C" fn lt_session_generate(
             other => return other,
         }
     }
+}
+
+/// How this session gets tensors out of the graph: 0 = nothing is captured
+/// (token events only), 1 = callback, 2 = deferred (see
+/// `lt_capture_params.capture_mode`).
+///
+/// Thread-safe.
+#[no_mangle]
+pub extern "C" fn lt_session_capture_mode(session: *const lt_session, mode: *mut u32) -> lt_status {
+    guard(|| {
+        let s = nonnull(session, "session")?;
+        nonnull(mode, "mode")?;
+        // SAFETY: non-NULL out-param.
+        unsafe { mode.write(s.mode) };
+        Ok(())
+    })
 }

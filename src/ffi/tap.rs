@@ -35,6 +35,8 @@ pub struct lt_tap {
     ubatch_base: std::cell::Cell<u32>,
     rows: std::cell::RefCell<Vec<RowMeta>>,
     outputs: std::cell::RefCell<Vec<bool>>,
+    // Decided when the tap is created; see `lt_tap_capture_mode`.
+    mode: u32,
 }
 
 impl std::fmt::Debug for lt_tap {
@@ -152,7 +154,9 @@ pub extern "C" fn lt_tap_new(
         let graph = crate::session::probe_graph_on(&mut ctx)?;
         let (tap, stream) = crate::session::build_tap(&graph, &spec, n_ubatch as usize)?;
         drop(ctx);
+        let mode = super::mode_code(tap.mode().used);
         let t = lt_tap {
+            mode,
             tap: Box::into_raw(Box::new(tap)),
             producing: AtomicBool::new(false),
             reader: Mutex::new(Reader::new(stream)),
@@ -412,6 +416,23 @@ pub extern "C" fn lt_tap_counters(
                 unsafe { p.write(v) };
             }
         }
+        Ok(())
+    })
+}
+
+/// How this tap gets tensors out of the graph: 1 = callback, 2 = deferred (see
+/// `lt_capture_params.capture_mode`). Deferred needs the program to be linked
+/// with the scheduler wrappers (`pkg-config --libs latent_tap-static` lists the
+/// flags); without them the tap uses callback mode and this says 1.
+///
+/// Thread-safe.
+#[no_mangle]
+pub extern "C" fn lt_tap_capture_mode(tap: *const lt_tap, mode: *mut u32) -> lt_status {
+    guard(|| {
+        let t = nonnull(tap, "tap")?;
+        nonnull(mode, "mode")?;
+        // SAFETY: non-NULL out-param.
+        unsafe { mode.write(t.mode) };
         Ok(())
     })
 }

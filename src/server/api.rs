@@ -1094,6 +1094,7 @@ pub(crate) async fn props(State(app): AppState) -> Response {
                     "n_embd": model.n_embd(),
                     "capturable": engine.graph().len(),
                     "binary_media_type": FRAMES_MEDIA_TYPE,
+                    "capture_mode": engine.capture_mode(),
                 },
             }),
         ))

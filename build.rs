@@ -1,0 +1,28 @@
+//! Builds `cbits/sched_hooks.c` (the deferred capture mode's link-time hooks)
+//! and wraps the three ggml scheduler calls they intercept in everything this
+//! package links: the binary, tests, benches, examples and the shared library.
+//! A program that links the static library (or a crate that depends on this
+//! one) without these flags gets the callback mode; see docs/capture-modes.md.
+
+const WRAPPED: [&str; 3] = [
+    "ggml_backend_sched_set_eval_callback",
+    "ggml_backend_sched_alloc_graph",
+    "ggml_backend_sched_graph_compute_async",
+];
+
+fn main() {
+    println!("cargo:rerun-if-changed=cbits/sched_hooks.c");
+    cc::Build::new()
+        .file("cbits/sched_hooks.c")
+        .warnings(true)
+        .extra_warnings(true)
+        .warnings_into_errors(true)
+        .compile("latent_tap_sched_hooks");
+    let target_os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    // GNU ld, gold and lld (Linux, the BSDs) know --wrap; Apple's ld64 does not.
+    if target_os != "macos" && target_os != "ios" && target_os != "windows" {
+        for f in WRAPPED {
+            println!("cargo:rustc-link-arg=-Wl,--wrap={f}");
+        }
+    }
+}
