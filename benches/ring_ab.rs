@@ -1,0 +1,347 @@
+//! Decisive A/B throughput of `latent_tap::ring` versus `crossbeam_channel`.
+//!
+//! Criterion (`benches/ring.rs`) measures one side after the other; on a
+//! shared machine the load changes between the two, so its intervals overlap
+//! and a rerun can flip the verdict. This bench runs the sides *alternately in
+//! one process*: for every frame size, `ROUNDS` rounds, each round runs every
+//! side once (the order rotates from round to round) and moves the same fixed
+//! number of payload bytes. It prints, per side, the median, min and max GiB/s
+//! over the rounds, and per channel side the ratio of the ring's median to its
+//! median plus the median [min, max] of the per-round ratios (paired rounds run
+//! back to back, so they share the machine's load).
+//!
+//! Same work on every side: the producer copies each frame's payload from a
+//! source buffer into the transport's memory, the consumer reads every byte of
+//! it (a word checksum, verified at the end) and then releases it. Sides:
+//!
+//! - `ring`: copy into a ring grant, commit; read the grant, release it.
+//! - `channel`: `src.to_vec()` (allocate + copy) per frame, send the `Vec`;
+//!   the consumer drops it (as code sending owned buffers over a channel would).
+//! - `channel_pool`: like `channel`, but the consumer sends each `Vec` back on a
+//!   second channel and the producer reuses it: no allocation, the channel's
+//!   best case.
+//!
+//! Both transports buffer the same bytes: `max(1 MiB, 4 * (frame + 8))` (the ring
+//! needs at least `2 * (frame + 8)`), i.e. that many bytes / frame channel slots.
+//! Threads are not pinned (on a shared 2-core machine a pinned thread cannot
+//! escape a busy core). The ring's sides wait with `crossbeam_utils::Backoff`
+//! (spin, then yield); the channel's with its own blocking send/recv.
+//!
+//! Environment: `RING_AB_ROUNDS` (default 11), `RING_AB_MIB` (payload MiB per
+//! side per round, default 1024), `RING_AB_SIZES` (comma-separated frame bytes,
+//! default `256,2560,16384,65536,1048576`), `RING_AB_CONSUMER=touch` (read only
+//! the first and last byte of each frame, like `benches/ring.rs`, instead of
+//! all of it). Without `--bench` (as under `cargo test --benches`) it runs one
+//! tiny round per size as a smoke test.
+//!
+//! `cargo bench --bench ring_ab`
+
+use std::hint::black_box;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::Backoff;
+use latent_tap::ring;
+
+const DEFAULT_SIZES: [usize; 5] = [256, 2560, 16 << 10, 64 << 10, 1 << 20];
+const MIN_BUFFER: usize = 1 << 20;
+const GIB: f64 = (1u64 << 30) as f64;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Ring,
+    Channel,
+    ChannelPool,
+}
+
+impl Side {
+    const ALL: [Side; 3] = [Side::Ring, Side::Channel, Side::ChannelPool];
+
+    fn name(self) -> &'static str {
+        match self {
+            Side::Ring => "ring",
+            Side::Channel => "channel",
+            Side::ChannelPool => "channel_pool",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Checksum every byte of the frame.
+    All,
+    /// Read only the first and last byte.
+    Touch,
+}
+
+/// What the consumer does with a frame; returns its contribution to the
+/// run's checksum.
+#[inline]
+fn consume(frame: &[u8], read: Read) -> u64 {
+    match read {
+        Read::Touch => {
+            u64::from(black_box(frame[0])) + u64::from(black_box(frame[frame.len() - 1]))
+        }
+        Read::All => {
+            // Four lanes so the sum vectorises and runs at memory speed.
+            let mut lanes = [0u64; 4];
+            let mut chunks = frame.chunks_exact(32);
+            for chunk in &mut chunks {
+                for (lane, word) in lanes.iter_mut().zip(chunk.chunks_exact(8)) {
+                    *lane = lane.wrapping_add(u64::from_le_bytes(word.try_into().unwrap()));
+                }
+            }
+            let tail = chunks
+                .remainder()
+                .iter()
+                .fold(0u64, |h, &b| h.wrapping_add(u64::from(b)));
+            lanes.iter().fold(tail, |h, &lane| h.wrapping_add(lane))
+        }
+    }
+}
+
+fn buffer_bytes(frame_len: usize) -> usize {
+    MIN_BUFFER.max(4 * (frame_len + 8))
+}
+
+/// Moves `frames` frames of `src` through the ring; returns the wall time until
+/// the consumer released the last one, and the consumer's checksum.
+fn run_ring(src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
+    let (mut producer, mut consumer) = ring::channel(buffer_bytes(src.len())).unwrap();
+    let start = Instant::now();
+    let sum = thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let backoff = Backoff::new();
+            let mut sum = 0u64;
+            let mut received = 0;
+            while received < frames {
+                match consumer.try_read() {
+                    Some(frame) => {
+                        sum = sum.wrapping_add(consume(&frame, read));
+                        frame.release();
+                        received += 1;
+                        backoff.reset();
+                    }
+                    None => backoff.snooze(),
+                }
+            }
+            sum
+        });
+        let backoff = Backoff::new();
+        for _ in 0..frames {
+            loop {
+                match producer.try_write(src.len()) {
+                    Ok(mut grant) => {
+                        grant.copy_from_slice(src);
+                        grant.commit();
+                        backoff.reset();
+                        break;
+                    }
+                    Err(_) => backoff.snooze(),
+                }
+            }
+        }
+        reader.join().unwrap()
+    });
+    (start.elapsed(), sum)
+}
+
+/// Same through a bounded channel of owned frames, one allocation per frame.
+fn run_channel(src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
+    let slots = buffer_bytes(src.len()) / src.len();
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(slots);
+    let start = Instant::now();
+    let sum = thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let mut sum = 0u64;
+            for frame in rx.iter() {
+                sum = sum.wrapping_add(consume(&frame, read));
+            }
+            sum
+        });
+        for _ in 0..frames {
+            tx.send(src.to_vec()).unwrap();
+        }
+        drop(tx);
+        reader.join().unwrap()
+    });
+    (start.elapsed(), sum)
+}
+
+/// Same, with the consumer returning every buffer for reuse (no allocation
+/// after the pool is filled, outside the timed region).
+fn run_channel_pool(src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
+    let slots = buffer_bytes(src.len()) / src.len();
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(slots);
+    // The return channel never blocks: it can hold every buffer in the pool.
+    let (back_tx, back_rx) = crossbeam_channel::bounded::<Vec<u8>>(slots + 1);
+    for _ in 0..=slots {
+        back_tx.send(vec![0u8; src.len()]).unwrap();
+    }
+    let start = Instant::now();
+    let sum = thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let mut sum = 0u64;
+            for frame in rx.iter() {
+                sum = sum.wrapping_add(consume(&frame, read));
+                // The producer may be gone after its last frame.
+                let _ = back_tx.send(frame);
+            }
+            sum
+        });
+        for _ in 0..frames {
+            let mut buf = back_rx.recv().unwrap();
+            buf.copy_from_slice(src);
+            tx.send(buf).unwrap();
+        }
+        drop(tx);
+        reader.join().unwrap()
+    });
+    (start.elapsed(), sum)
+}
+
+fn run(side: Side, src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
+    match side {
+        Side::Ring => run_ring(src, frames, read),
+        Side::Channel => run_channel(src, frames, read),
+        Side::ChannelPool => run_channel_pool(src, frames, read),
+    }
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        Err(_) => default,
+    }
+}
+
+fn size_label(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} B")
+    }
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let rounds: usize = if bench {
+        env_or("RING_AB_ROUNDS", 11)
+    } else {
+        1
+    };
+    let mib: u64 = if bench {
+        env_or("RING_AB_MIB", 1024)
+    } else {
+        4
+    };
+    let sizes: Vec<usize> = match std::env::var("RING_AB_SIZES") {
+        Ok(v) => v
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .expect("RING_AB_SIZES: comma-separated byte counts")
+            })
+            .collect(),
+        Err(_) => DEFAULT_SIZES.to_vec(),
+    };
+    let read = match std::env::var("RING_AB_CONSUMER").as_deref() {
+        Ok("touch") => Read::Touch,
+        Ok("all") | Err(_) => Read::All,
+        Ok(other) => panic!("RING_AB_CONSUMER={other:?}: expected all or touch"),
+    };
+    assert!(rounds > 0 && mib > 0);
+    println!(
+        "ring vs crossbeam-channel, alternating rounds: {rounds} rounds x {mib} MiB per side, \
+         consumer reads {}, threads not pinned, {} CPUs",
+        if read == Read::All {
+            "every byte"
+        } else {
+            "first+last byte"
+        },
+        thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    println!(
+        "{:>8} {:>13} {:>9} {:>9} {:>9}   ring / side: ratio of medians, per-round ratio median [min, max]",
+        "frame",
+        "side",
+        "median",
+        "min",
+        "max"
+    );
+    for &frame_len in &sizes {
+        assert!(frame_len > 0, "frame size must be positive");
+        let src: Vec<u8> = (0..frame_len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ 0x5A)
+            .collect();
+        let frames = (mib << 20).div_ceil(frame_len as u64);
+        let expected = consume(&src, read).wrapping_mul(frames);
+        let bytes = frames as f64 * frame_len as f64;
+        // One unmeasured warm-up run per side (page faults, allocator, caches).
+        for side in Side::ALL {
+            let warm = frames.min(((64u64 << 20) / frame_len as u64).max(1));
+            let (_, sum) = run(side, &src, warm, read);
+            assert_eq!(
+                sum,
+                consume(&src, read).wrapping_mul(warm),
+                "{}: checksum",
+                side.name()
+            );
+        }
+        let mut gibs = vec![Vec::with_capacity(rounds); Side::ALL.len()];
+        for round in 0..rounds {
+            for k in 0..Side::ALL.len() {
+                let i = (round + k) % Side::ALL.len();
+                let (elapsed, sum) = run(Side::ALL[i], &src, frames, read);
+                assert_eq!(sum, expected, "{}: checksum mismatch", Side::ALL[i].name());
+                gibs[i].push(bytes / GIB / elapsed.as_secs_f64());
+            }
+        }
+        let ring = &gibs[0];
+        let ring_median = median(&sorted(ring));
+        for (i, side) in Side::ALL.iter().enumerate() {
+            let s = sorted(&gibs[i]);
+            let mut line = format!(
+                "{:>8} {:>13} {:>9.2} {:>9.2} {:>9.2}",
+                size_label(frame_len),
+                side.name(),
+                median(&s),
+                s[0],
+                s[s.len() - 1]
+            );
+            if *side != Side::Ring {
+                let paired: Vec<f64> = ring.iter().zip(&gibs[i]).map(|(r, c)| r / c).collect();
+                let p = sorted(&paired);
+                line += &format!(
+                    "   {:.2}x, {:.2}x [{:.2}, {:.2}]",
+                    ring_median / median(&s),
+                    median(&p),
+                    p[0],
+                    p[p.len() - 1]
+                );
+            }
+            println!("{line}");
+        }
+    }
+    println!("(GiB/s of payload, 1 GiB = 2^30 bytes)");
+}
