@@ -6,9 +6,10 @@
 //! one process*: for every frame size, `ROUNDS` rounds, each round runs every
 //! side once (the order rotates from round to round) and moves the same fixed
 //! number of payload bytes. It prints, per side, the median, min and max GiB/s
-//! over the rounds, and per channel side the ratio of the ring's median to its
-//! median plus the median [min, max] of the per-round ratios (paired rounds run
-//! back to back, so they share the machine's load).
+//! over the rounds, and per channel side the per-round ratio ring/channel (the
+//! two runs of a round are back to back, so they share the machine's load):
+//! its median with a distribution-free 95% confidence interval and its range,
+//! then the ratio of the two medians. A CI that excludes 1.00 decides.
 //!
 //! Same work on every side: the producer copies each frame's payload from a
 //! source buffer into the transport's memory, the consumer reads every byte of
@@ -31,7 +32,7 @@
 //! side per round, default 1024), `RING_AB_SIZES` (comma-separated frame bytes,
 //! default `256,2560,16384,65536,1048576`), `RING_AB_CONSUMER=touch` (read only
 //! the first and last byte of each frame, like `benches/ring.rs`, instead of
-//! all of it). Without `--bench` (as under `cargo test --benches`) it runs one
+//! all of it), `RING_AB_BUFFER` (minimum buffering in bytes, default 1 MiB). Without `--bench` (as under `cargo test --benches`) it runs one
 //! tiny round per size as a smoke test.
 //!
 //! `cargo bench --bench ring_ab`
@@ -101,7 +102,11 @@ fn consume(frame: &[u8], read: Read) -> u64 {
 }
 
 fn buffer_bytes(frame_len: usize) -> usize {
-    MIN_BUFFER.max(4 * (frame_len + 8))
+    let min = match std::env::var("RING_AB_BUFFER") {
+        Ok(v) => v.parse().expect("RING_AB_BUFFER: bytes"),
+        Err(_) => MIN_BUFFER,
+    };
+    min.max(4 * (frame_len + 8))
 }
 
 /// Moves `frames` frames of `src` through the ring; returns the wall time until
@@ -217,6 +222,32 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
+/// Distribution-free 95% confidence interval of the median of `sorted`
+/// (order statistics of the binomial sign test; needs no assumption about the
+/// shape of the noise, only independent rounds). With fewer than 6 values it
+/// is the whole range.
+fn median_ci95(sorted: &[f64]) -> (f64, f64) {
+    let n = sorted.len();
+    // Largest k with P(Binomial(n, 1/2) < k) <= 2.5%: then [x_(k), x_(n+1-k)]
+    // (1-based) covers the median with probability >= 95%.
+    let mut k = 0;
+    let mut cdf = 0.0;
+    let mut pmf = 0.5f64.powi(n as i32); // P(X = 0)
+    for j in 0..n {
+        cdf += pmf; // P(X <= j)
+        if cdf > 0.025 {
+            break;
+        }
+        k = j + 1;
+        pmf *= (n - j) as f64 / (j + 1) as f64;
+    }
+    if k == 0 {
+        (sorted[0], sorted[n - 1])
+    } else {
+        (sorted[k - 1], sorted[n - k])
+    }
+}
+
 fn sorted(v: &[f64]) -> Vec<f64> {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -282,12 +313,8 @@ fn main() {
         thread::available_parallelism().map_or(0, |n| n.get()),
     );
     println!(
-        "{:>8} {:>13} {:>9} {:>9} {:>9}   ring / side: ratio of medians, per-round ratio median [min, max]",
-        "frame",
-        "side",
-        "median",
-        "min",
-        "max"
+        "{:>8} {:>13} {:>7} {:>7} {:>7}   ring/side per round: median (95% CI) [min, max]; ratio of medians",
+        "frame", "side", "median", "min", "max"
     );
     for &frame_len in &sizes {
         assert!(frame_len > 0, "frame size must be positive");
@@ -322,7 +349,7 @@ fn main() {
         for (i, side) in Side::ALL.iter().enumerate() {
             let s = sorted(&gibs[i]);
             let mut line = format!(
-                "{:>8} {:>13} {:>9.2} {:>9.2} {:>9.2}",
+                "{:>8} {:>13} {:>7.2} {:>7.2} {:>7.2}",
                 size_label(frame_len),
                 side.name(),
                 median(&s),
@@ -332,12 +359,15 @@ fn main() {
             if *side != Side::Ring {
                 let paired: Vec<f64> = ring.iter().zip(&gibs[i]).map(|(r, c)| r / c).collect();
                 let p = sorted(&paired);
+                let (lo, hi) = median_ci95(&p);
                 line += &format!(
-                    "   {:.2}x, {:.2}x [{:.2}, {:.2}]",
-                    ring_median / median(&s),
+                    "   {:.2}x ({:.2}-{:.2}) [{:.2}, {:.2}]; {:.2}x",
                     median(&p),
+                    lo,
+                    hi,
                     p[0],
-                    p[p.len() - 1]
+                    p[p.len() - 1],
+                    ring_median / median(&s),
                 );
             }
             println!("{line}");
