@@ -25,15 +25,19 @@
 //! Both transports buffer the same bytes: `max(1 MiB, 4 * (frame + 8))` (the ring
 //! needs at least `2 * (frame + 8)`), i.e. that many bytes / frame channel slots.
 //! Threads are not pinned (on a shared 2-core machine a pinned thread cannot
-//! escape a busy core). The ring's sides wait with `crossbeam_utils::Backoff`
-//! (spin, then yield); the channel's with its own blocking send/recv.
+//! escape a busy core). Every side waits the same way by default: spin, then
+//! yield (`crossbeam_utils::Backoff`), the ring with `try_write`/`try_read`, the
+//! channels with `try_send`/`try_recv`, so only the transport differs; with
+//! `RING_AB_CHANNEL_WAIT=block` the channels use their blocking send/recv
+//! (spin, then park) instead.
 //!
 //! Environment: `RING_AB_ROUNDS` (default 11), `RING_AB_MIB` (payload MiB per
 //! side per round, default 1024), `RING_AB_SIZES` (comma-separated frame bytes,
 //! default `256,2560,16384,65536,1048576`), `RING_AB_CONSUMER=touch` (read only
 //! the first and last byte of each frame, like `benches/ring.rs`, instead of
-//! all of it), `RING_AB_BUFFER` (minimum buffering in bytes, default 1 MiB). Without `--bench` (as under `cargo test --benches`) it runs one
-//! tiny round per size as a smoke test.
+//! all of it), `RING_AB_BUFFER` (minimum buffering in bytes, default 1 MiB),
+//! `RING_AB_CHANNEL_WAIT=block` (see above). Without `--bench` (as under
+//! `cargo test --benches`) it runs one tiny round per size as a smoke test.
 //!
 //! `cargo bench --bench ring_ab`
 
@@ -151,21 +155,69 @@ fn run_ring(src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
     (start.elapsed(), sum)
 }
 
+/// How the channel sides wait when their channel is full or empty.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// `try_send`/`try_recv` with `Backoff` (spin, then yield), exactly like the
+    /// ring's sides: only the transport differs.
+    Backoff,
+    /// The channel's own blocking `send`/`recv` (spin, then park on a futex).
+    Block,
+}
+
+type Tx = crossbeam_channel::Sender<Vec<u8>>;
+type Rx = crossbeam_channel::Receiver<Vec<u8>>;
+
+/// Sends `v`; `false` if the receiver is gone.
+#[inline]
+fn send(tx: &Tx, mut v: Vec<u8>, wait: Wait) -> bool {
+    if wait == Wait::Block {
+        return tx.send(v).is_ok();
+    }
+    let backoff = Backoff::new();
+    loop {
+        match tx.try_send(v) {
+            Ok(()) => return true,
+            Err(crossbeam_channel::TrySendError::Full(back)) => {
+                v = back;
+                backoff.snooze();
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => return false,
+        }
+    }
+}
+
+/// Receives a buffer; `None` once the channel is empty and disconnected.
+#[inline]
+fn recv(rx: &Rx, wait: Wait) -> Option<Vec<u8>> {
+    if wait == Wait::Block {
+        return rx.recv().ok();
+    }
+    let backoff = Backoff::new();
+    loop {
+        match rx.try_recv() {
+            Ok(v) => return Some(v),
+            Err(crossbeam_channel::TryRecvError::Empty) => backoff.snooze(),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
+        }
+    }
+}
+
 /// Same through a bounded channel of owned frames, one allocation per frame.
-fn run_channel(src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
+fn run_channel(src: &[u8], frames: u64, read: Read, wait: Wait) -> (Duration, u64) {
     let slots = buffer_bytes(src.len()) / src.len();
     let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(slots);
     let start = Instant::now();
     let sum = thread::scope(|s| {
         let reader = s.spawn(move || {
             let mut sum = 0u64;
-            for frame in rx.iter() {
+            while let Some(frame) = recv(&rx, wait) {
                 sum = sum.wrapping_add(consume(&frame, read));
             }
             sum
         });
         for _ in 0..frames {
-            tx.send(src.to_vec()).unwrap();
+            assert!(send(&tx, src.to_vec(), wait));
         }
         drop(tx);
         reader.join().unwrap()
@@ -175,10 +227,10 @@ fn run_channel(src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
 
 /// Same, with the consumer returning every buffer for reuse (no allocation
 /// after the pool is filled, outside the timed region).
-fn run_channel_pool(src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
+fn run_channel_pool(src: &[u8], frames: u64, read: Read, wait: Wait) -> (Duration, u64) {
     let slots = buffer_bytes(src.len()) / src.len();
     let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(slots);
-    // The return channel never blocks: it can hold every buffer in the pool.
+    // The return channel never fills: it can hold every buffer in the pool.
     let (back_tx, back_rx) = crossbeam_channel::bounded::<Vec<u8>>(slots + 1);
     for _ in 0..=slots {
         back_tx.send(vec![0u8; src.len()]).unwrap();
@@ -187,17 +239,17 @@ fn run_channel_pool(src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
     let sum = thread::scope(|s| {
         let reader = s.spawn(move || {
             let mut sum = 0u64;
-            for frame in rx.iter() {
+            while let Some(frame) = recv(&rx, wait) {
                 sum = sum.wrapping_add(consume(&frame, read));
                 // The producer may be gone after its last frame.
-                let _ = back_tx.send(frame);
+                send(&back_tx, frame, wait);
             }
             sum
         });
         for _ in 0..frames {
-            let mut buf = back_rx.recv().unwrap();
+            let mut buf = recv(&back_rx, wait).unwrap();
             buf.copy_from_slice(src);
-            tx.send(buf).unwrap();
+            assert!(send(&tx, buf, wait));
         }
         drop(tx);
         reader.join().unwrap()
@@ -205,11 +257,11 @@ fn run_channel_pool(src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
     (start.elapsed(), sum)
 }
 
-fn run(side: Side, src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
+fn run(side: Side, src: &[u8], frames: u64, read: Read, wait: Wait) -> (Duration, u64) {
     match side {
         Side::Ring => run_ring(src, frames, read),
-        Side::Channel => run_channel(src, frames, read),
-        Side::ChannelPool => run_channel_pool(src, frames, read),
+        Side::Channel => run_channel(src, frames, read, wait),
+        Side::ChannelPool => run_channel_pool(src, frames, read, wait),
     }
 }
 
@@ -301,14 +353,24 @@ fn main() {
         Ok("all") | Err(_) => Read::All,
         Ok(other) => panic!("RING_AB_CONSUMER={other:?}: expected all or touch"),
     };
+    let wait = match std::env::var("RING_AB_CHANNEL_WAIT").as_deref() {
+        Ok("backoff") | Err(_) => Wait::Backoff,
+        Ok("block") => Wait::Block,
+        Ok(other) => panic!("RING_AB_CHANNEL_WAIT={other:?}: expected backoff or block"),
+    };
     assert!(rounds > 0 && mib > 0);
     println!(
         "ring vs crossbeam-channel, alternating rounds: {rounds} rounds x {mib} MiB per side, \
-         consumer reads {}, threads not pinned, {} CPUs",
+         consumer reads {}, channel waits with {}, threads not pinned, {} CPUs",
         if read == Read::All {
             "every byte"
         } else {
             "first+last byte"
+        },
+        if wait == Wait::Backoff {
+            "Backoff like the ring"
+        } else {
+            "blocking send/recv"
         },
         thread::available_parallelism().map_or(0, |n| n.get()),
     );
@@ -327,7 +389,7 @@ fn main() {
         // One unmeasured warm-up run per side (page faults, allocator, caches).
         for side in Side::ALL {
             let warm = frames.min(((64u64 << 20) / frame_len as u64).max(1));
-            let (_, sum) = run(side, &src, warm, read);
+            let (_, sum) = run(side, &src, warm, read, wait);
             assert_eq!(
                 sum,
                 consume(&src, read).wrapping_mul(warm),
@@ -339,7 +401,7 @@ fn main() {
         for round in 0..rounds {
             for k in 0..Side::ALL.len() {
                 let i = (round + k) % Side::ALL.len();
-                let (elapsed, sum) = run(Side::ALL[i], &src, frames, read);
+                let (elapsed, sum) = run(Side::ALL[i], &src, frames, read, wait);
                 assert_eq!(sum, expected, "{}: checksum mismatch", Side::ALL[i].name());
                 gibs[i].push(bytes / GIB / elapsed.as_secs_f64());
             }
