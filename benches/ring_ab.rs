@@ -24,8 +24,8 @@
 //!
 //! Both transports buffer the same bytes: `max(1 MiB, 4 * (frame + 8))` (the ring
 //! needs at least `2 * (frame + 8)`), i.e. that many bytes / frame channel slots.
-//! Threads are not pinned (on a shared 2-core machine a pinned thread cannot
-//! escape a busy core). Every side waits the same way by default: spin, then
+//! Threads are not pinned unless `RING_AB_PIN=1` (Linux: producer on the first
+//! allowed CPU, consumer on the second). Every side waits the same way by default: spin, then
 //! yield (`crossbeam_utils::Backoff`), the ring with `try_write`/`try_read`, the
 //! channels with `try_send`/`try_recv`, so only the transport differs; with
 //! `RING_AB_CHANNEL_WAIT=block` the channels use their blocking send/recv
@@ -36,7 +36,7 @@
 //! default `256,2560,16384,65536,1048576`), `RING_AB_CONSUMER=touch` (read only
 //! the first and last byte of each frame, like `benches/ring.rs`, instead of
 //! all of it), `RING_AB_BUFFER` (minimum buffering in bytes, default 1 MiB),
-//! `RING_AB_CHANNEL_WAIT=block` (see above). Without `--bench` (as under
+//! `RING_AB_CHANNEL_WAIT=block`, `RING_AB_PIN=1` (see above). Without `--bench` (as under
 //! `cargo test --benches`) it runs one tiny round per size as a smoke test.
 //!
 //! `cargo bench --bench ring_ab`
@@ -113,13 +113,83 @@ fn buffer_bytes(frame_len: usize) -> usize {
     min.max(4 * (frame_len + 8))
 }
 
+/// Which CPUs the producer and consumer threads are pinned to (`RING_AB_PIN=1`):
+/// the first two CPUs this process may run on. `None`: not pinned.
+#[derive(Clone, Copy)]
+struct Pin(Option<(usize, usize)>);
+
+#[cfg(target_os = "linux")]
+mod affinity {
+    /// `cpu_set_t`: 1024 bits.
+    pub type CpuSet = [u64; 16];
+
+    extern "C" {
+        fn sched_setaffinity(pid: i32, size: usize, mask: *const CpuSet) -> i32;
+        fn sched_getaffinity(pid: i32, size: usize, mask: *mut CpuSet) -> i32;
+    }
+
+    /// CPUs the calling thread may run on.
+    pub fn allowed() -> Vec<usize> {
+        let mut set: CpuSet = [0; 16];
+        // SAFETY: `set` is a writable, properly sized `cpu_set_t`; pid 0 is the
+        // calling thread.
+        let rc = unsafe { sched_getaffinity(0, std::mem::size_of::<CpuSet>(), &mut set) };
+        assert_eq!(rc, 0, "sched_getaffinity failed");
+        (0..1024)
+            .filter(|&cpu| set[cpu / 64] & (1 << (cpu % 64)) != 0)
+            .collect()
+    }
+
+    /// Restricts the calling thread to `cpu`.
+    pub fn pin(cpu: usize) {
+        let mut set: CpuSet = [0; 16];
+        set[cpu / 64] |= 1 << (cpu % 64);
+        // SAFETY: `set` is a valid, properly sized `cpu_set_t`; pid 0 is the
+        // calling thread.
+        let rc = unsafe { sched_setaffinity(0, std::mem::size_of::<CpuSet>(), &set) };
+        assert_eq!(rc, 0, "sched_setaffinity({cpu}) failed");
+    }
+}
+
+impl Pin {
+    fn from_env() -> Self {
+        if std::env::var("RING_AB_PIN").as_deref() != Ok("1") {
+            return Pin(None);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let cpus = affinity::allowed();
+            assert!(cpus.len() >= 2, "RING_AB_PIN=1 needs two CPUs");
+            Pin(Some((cpus[0], cpus[1])))
+        }
+        #[cfg(not(target_os = "linux"))]
+        panic!("RING_AB_PIN=1 is implemented for Linux only")
+    }
+
+    /// Pins the calling thread (the main thread, which produces in every run).
+    fn producer(self) {
+        #[cfg(target_os = "linux")]
+        if let Some((cpu, _)) = self.0 {
+            affinity::pin(cpu);
+        }
+    }
+
+    fn consumer(self) {
+        #[cfg(target_os = "linux")]
+        if let Some((_, cpu)) = self.0 {
+            affinity::pin(cpu);
+        }
+    }
+}
+
 /// Moves `frames` frames of `src` through the ring; returns the wall time until
 /// the consumer released the last one, and the consumer's checksum.
-fn run_ring(src: &[u8], frames: u64, read: Read) -> (Duration, u64) {
+fn run_ring(src: &[u8], frames: u64, read: Read, pin: Pin) -> (Duration, u64) {
     let (mut producer, mut consumer) = ring::channel(buffer_bytes(src.len())).unwrap();
     let start = Instant::now();
     let sum = thread::scope(|s| {
         let reader = s.spawn(move || {
+            pin.consumer();
             let backoff = Backoff::new();
             let mut sum = 0u64;
             let mut received = 0;
@@ -204,12 +274,13 @@ fn recv(rx: &Rx, wait: Wait) -> Option<Vec<u8>> {
 }
 
 /// Same through a bounded channel of owned frames, one allocation per frame.
-fn run_channel(src: &[u8], frames: u64, read: Read, wait: Wait) -> (Duration, u64) {
+fn run_channel(src: &[u8], frames: u64, read: Read, pin: Pin, wait: Wait) -> (Duration, u64) {
     let slots = buffer_bytes(src.len()) / src.len();
     let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(slots);
     let start = Instant::now();
     let sum = thread::scope(|s| {
         let reader = s.spawn(move || {
+            pin.consumer();
             let mut sum = 0u64;
             while let Some(frame) = recv(&rx, wait) {
                 sum = sum.wrapping_add(consume(&frame, read));
@@ -227,7 +298,7 @@ fn run_channel(src: &[u8], frames: u64, read: Read, wait: Wait) -> (Duration, u6
 
 /// Same, with the consumer returning every buffer for reuse (no allocation
 /// after the pool is filled, outside the timed region).
-fn run_channel_pool(src: &[u8], frames: u64, read: Read, wait: Wait) -> (Duration, u64) {
+fn run_channel_pool(src: &[u8], frames: u64, read: Read, pin: Pin, wait: Wait) -> (Duration, u64) {
     let slots = buffer_bytes(src.len()) / src.len();
     let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(slots);
     // The return channel never fills: it can hold every buffer in the pool.
@@ -238,6 +309,7 @@ fn run_channel_pool(src: &[u8], frames: u64, read: Read, wait: Wait) -> (Duratio
     let start = Instant::now();
     let sum = thread::scope(|s| {
         let reader = s.spawn(move || {
+            pin.consumer();
             let mut sum = 0u64;
             while let Some(frame) = recv(&rx, wait) {
                 sum = sum.wrapping_add(consume(&frame, read));
@@ -257,11 +329,11 @@ fn run_channel_pool(src: &[u8], frames: u64, read: Read, wait: Wait) -> (Duratio
     (start.elapsed(), sum)
 }
 
-fn run(side: Side, src: &[u8], frames: u64, read: Read, wait: Wait) -> (Duration, u64) {
+fn run(side: Side, src: &[u8], frames: u64, read: Read, wait: Wait, pin: Pin) -> (Duration, u64) {
     match side {
-        Side::Ring => run_ring(src, frames, read),
-        Side::Channel => run_channel(src, frames, read, wait),
-        Side::ChannelPool => run_channel_pool(src, frames, read, wait),
+        Side::Ring => run_ring(src, frames, read, pin),
+        Side::Channel => run_channel(src, frames, read, pin, wait),
+        Side::ChannelPool => run_channel_pool(src, frames, read, pin, wait),
     }
 }
 
@@ -358,10 +430,13 @@ fn main() {
         Ok("block") => Wait::Block,
         Ok(other) => panic!("RING_AB_CHANNEL_WAIT={other:?}: expected backoff or block"),
     };
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    let pin = Pin::from_env();
+    pin.producer();
     assert!(rounds > 0 && mib > 0);
     println!(
         "ring vs crossbeam-channel, alternating rounds: {rounds} rounds x {mib} MiB per side, \
-         consumer reads {}, channel waits with {}, threads not pinned, {} CPUs",
+         consumer reads {}, channel waits with {}, {}, {} CPUs",
         if read == Read::All {
             "every byte"
         } else {
@@ -372,7 +447,11 @@ fn main() {
         } else {
             "blocking send/recv"
         },
-        thread::available_parallelism().map_or(0, |n| n.get()),
+        match pin.0 {
+            Some((p, c)) => format!("producer pinned to CPU {p}, consumer to CPU {c}"),
+            None => "threads not pinned".to_string(),
+        },
+        cpus,
     );
     println!(
         "{:>8} {:>13} {:>7} {:>7} {:>7}   ring/side per round: median (95% CI) [min, max]; ratio of medians",
@@ -389,7 +468,7 @@ fn main() {
         // One unmeasured warm-up run per side (page faults, allocator, caches).
         for side in Side::ALL {
             let warm = frames.min(((64u64 << 20) / frame_len as u64).max(1));
-            let (_, sum) = run(side, &src, warm, read, wait);
+            let (_, sum) = run(side, &src, warm, read, wait, pin);
             assert_eq!(
                 sum,
                 consume(&src, read).wrapping_mul(warm),
@@ -401,7 +480,7 @@ fn main() {
         for round in 0..rounds {
             for k in 0..Side::ALL.len() {
                 let i = (round + k) % Side::ALL.len();
-                let (elapsed, sum) = run(Side::ALL[i], &src, frames, read, wait);
+                let (elapsed, sum) = run(Side::ALL[i], &src, frames, read, wait, pin);
                 assert_eq!(sum, expected, "{}: checksum mismatch", Side::ALL[i].name());
                 gibs[i].push(bytes / GIB / elapsed.as_secs_f64());
             }
