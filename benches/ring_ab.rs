@@ -31,8 +31,8 @@
 //! `RING_AB_CHANNEL_WAIT=block` the channels use their blocking send/recv
 //! (spin, then park) instead.
 //!
-//! Environment: `RING_AB_ROUNDS` (default 11), `RING_AB_MIB` (payload MiB per
-//! side per round, default 1024), `RING_AB_SIZES` (comma-separated frame bytes,
+//! Environment: `RING_AB_ROUNDS` (default 61), `RING_AB_MIB` (payload MiB per
+//! side per round, default 128), `RING_AB_SIZES` (comma-separated frame bytes,
 //! default `256,2560,16384,65536,1048576`), `RING_AB_CONSUMER=touch` (read only
 //! the first and last byte of each frame, like `benches/ring.rs`, instead of
 //! all of it), `RING_AB_BUFFER` (minimum buffering in bytes, default 1 MiB),
@@ -400,15 +400,11 @@ fn size_label(n: usize) -> String {
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let rounds: usize = if bench {
-        env_or("RING_AB_ROUNDS", 11)
+        env_or("RING_AB_ROUNDS", 61)
     } else {
         1
     };
-    let mib: u64 = if bench {
-        env_or("RING_AB_MIB", 1024)
-    } else {
-        4
-    };
+    let mib: u64 = if bench { env_or("RING_AB_MIB", 128) } else { 4 };
     let sizes: Vec<usize> = match std::env::var("RING_AB_SIZES") {
         Ok(v) => v
             .split(',')
