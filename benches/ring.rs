@@ -5,9 +5,10 @@
 //! arena; the channel user allocates a `Vec<u8>` per frame, as code sending
 //! owned buffers over a channel would. Both consumers read every byte of every
 //! frame (a word sum) and then release/drop it. (Reading only the first and
-//! last byte, as this bench once did, measures mostly where the producer's copy
-//! lands: the just-freed, cache-hot block malloc hands back versus the ring's
-//! next slot, which has lapped through the 1 MiB arena.) All sides wait the same
+//! last byte, as this bench once did, leaves the producer's copy as nearly all
+//! the work, and a copy into the just-freed, cache-hot block malloc hands back
+//! is cheaper than one into the ring's next slot, which has lapped through the
+//! 1 MiB arena: not the work a capture consumer does.) All sides wait the same
 //! way, with `crossbeam_utils::Backoff` (spin, then yield): the ring through
 //! `try_write`/`try_read`, the channel through `try_send`/`try_recv`, so only
 //! the transport differs.
