@@ -7,9 +7,11 @@
 //! side once (the order rotates from round to round) and moves the same fixed
 //! number of payload bytes. It prints, per side, the median, min and max GiB/s
 //! over the rounds, and per channel side the per-round ratio ring/channel (the
-//! two runs of a round are back to back, so they share the machine's load):
-//! its median with a distribution-free 95% confidence interval and its range,
-//! then the ratio of the two medians. A CI that excludes 1.00 decides.
+//! runs of one round follow each other closely, so they share the machine's
+//! load): its median with a distribution-free 95% confidence interval and its
+//! range, then the ratio of the two medians. The CI assumes independent rounds,
+//! which a drifting load breaks: a CI that excludes 1.00 in repeated runs
+//! decides.
 //!
 //! Same work on every side: the producer copies each frame's payload from a
 //! source buffer into the transport's memory, the consumer reads every byte of
@@ -25,19 +27,20 @@
 //! Both transports buffer the same bytes: `max(1 MiB, 4 * (frame + 8))` (the ring
 //! needs at least `2 * (frame + 8)`), i.e. that many bytes / frame channel slots.
 //! Threads are not pinned unless `RING_AB_PIN=1` (Linux: producer on the first
-//! allowed CPU, consumer on the second). Every side waits the same way by default: spin, then
-//! yield (`crossbeam_utils::Backoff`), the ring with `try_write`/`try_read`, the
-//! channels with `try_send`/`try_recv`, so only the transport differs; with
-//! `RING_AB_CHANNEL_WAIT=block` the channels use their blocking send/recv
-//! (spin, then park) instead.
+//! allowed CPU, consumer on the second). Every side waits the same way by
+//! default: spin, then yield (`crossbeam_utils::Backoff`), the ring with
+//! `try_write`/`try_read`, the channels with `try_send`/`try_recv`, so only the
+//! transport differs; with `RING_AB_CHANNEL_WAIT=block` the channels use their
+//! blocking send/recv (spin, then park) instead.
 //!
 //! Environment: `RING_AB_ROUNDS` (default 61), `RING_AB_MIB` (payload MiB per
 //! side per round, default 128), `RING_AB_SIZES` (comma-separated frame bytes,
 //! default `256,2560,16384,65536,1048576`), `RING_AB_CONSUMER=touch` (read only
-//! the first and last byte of each frame, like `benches/ring.rs`, instead of
-//! all of it), `RING_AB_BUFFER` (minimum buffering in bytes, default 1 MiB),
-//! `RING_AB_CHANNEL_WAIT=block`, `RING_AB_PIN=1` (see above). Without `--bench` (as under
-//! `cargo test --benches`) it runs one tiny round per size as a smoke test.
+//! the first and last byte of each frame, as `benches/ring.rs` once did,
+//! instead of all of it), `RING_AB_BUFFER` (minimum buffering in bytes, default
+//! 1 MiB), `RING_AB_CHANNEL_WAIT=block`, `RING_AB_PIN=1` (see above). Without
+//! `--bench` (as under `cargo test --benches`) it runs one tiny round per size
+//! as a smoke test.
 //!
 //! `cargo bench --bench ring_ab`
 
