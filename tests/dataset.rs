@@ -921,3 +921,67 @@ fn write_error_stops_with_valid_shards_and_resumes() {
     ok(&capture(&m, &out, &a));
     assert_same_run(&straight, &out, true);
 }
+
+/// A write to a spill file that fails after another tensor's went through (a
+/// prompt half appended to the open shard) must not leave a shard whose tensors
+/// disagree: the open shard is left out, and the manifest and tokens.jsonl go
+/// back to where it started.
+#[test]
+fn spill_write_error_drops_the_open_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let file = dir.path().join("p.txt");
+    let mut ps = prompts(30, 23);
+    // Rows of 128 B (Kcur-0) and 512 B (ffn_up-0): prompt 10's 4,501 rows are
+    // ~0.6 MB and ~2.3 MB, each in one write (more than a spill file's 1 MiB
+    // buffer, so it reaches the file at once); its tokens are ~390 KB.
+    ps[10] = (0..4500)
+        .map(|i| (b'a' + (i * 5 % 26) as u8) as char)
+        .collect();
+    write_lines(&file, &ps);
+    let f = file.to_str().unwrap();
+    let args = [
+        "--prompts",
+        f,
+        "-n",
+        "0",
+        "--parallel",
+        "1",
+        "--tensors",
+        "Kcur-0,ffn_up-0",
+        // One shard holds prompts 0..=10 and more, so prompt 10 joins an open shard.
+        "--shard-mb",
+        "8",
+        "-c",
+        "8192",
+    ];
+    let straight = dir.path().join("straight");
+    ok(&capture(&m, &straight, &args));
+    let out = dir.path().join("run");
+    // 1 MiB (2 MiB where `ulimit -f` counts 1024-byte blocks): Kcur-0's spill file
+    // fits, ffn_up-0's does not, tokens.jsonl does.
+    let o = capture_limited(&m, &out, &args, 2048);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let want = format!(
+        "error: writing {}",
+        out.join(".latents.col1.tmp-").display()
+    );
+    assert!(err.starts_with(&want), "'{want}' not in {err}");
+    let man = manifest(&out);
+    assert_eq!(man["complete"], false);
+    assert_eq!(man["stopped"].as_str().unwrap(), err.trim());
+    assert!(!check_partial(&out), "the open shard is left out");
+    assert_eq!(man["shards"], serde_json::json!([]));
+    assert_eq!(man["next_prompt"], 0);
+    assert_eq!(man["tokens"], 0);
+    assert_eq!(
+        std::fs::metadata(out.join("tokens.jsonl")).unwrap().len(),
+        0
+    );
+    let mut a = args.to_vec();
+    a.push("--resume");
+    ok(&capture(&m, &out, &a));
+    assert_same_run(&straight, &out, true);
+}
