@@ -10,12 +10,16 @@
 //!   by position.
 //! - `tokens.jsonl`: one line per token with its `prompt_index`.
 //! - `manifest.json`: settings, the shards with their row and prompt ranges, and
-//!   how far the run got (`next_prompt`, `complete`). Rewritten atomically each
-//!   time a shard closes.
+//!   how far the run got (`next_prompt`, `complete`, `stopped`). Rewritten
+//!   atomically each time a shard closes.
 //!
 //! A prompt's rows are buffered until the prompt is complete and are written in
-//! prompt order, so a closed shard never holds part of a prompt and a resumed
-//! run continues exactly where the manifest says the last one stopped.
+//! prompt order, so a shard never holds part of a prompt. A run that stops
+//! (signal, write error) with a shard open still writes it, as a complete file
+//! marked `partial` in the manifest, whose `resume_from` holds the run's counters
+//! before that shard. A resumed run drops the partial shard and captures again
+//! from its first prompt, so its shards close at the same rows as an
+//! uninterrupted run's and its manifest ends identical to one.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -118,6 +122,26 @@ pub struct ShardInfo {
     pub truncated: Vec<[u64; 2]>,
     /// Bytes of latents.
     pub bytes: u64,
+    /// Written when the run stopped with this shard open: a valid file, but it
+    /// closed before its size cap, and a resumed run replaces it (only ever the
+    /// last shard; see [`Manifest::resume_from`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+}
+
+/// The run's counters at a prompt boundary.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Every prompt before this index is captured.
+    pub next_prompt: u64,
+    /// Prompts captured.
+    pub prompts_captured: u64,
+    /// Blank prompts skipped.
+    pub prompts_blank: u64,
+    /// Token lines in `tokens.jsonl`.
+    pub tokens: u64,
+    /// Bytes of `tokens.jsonl`.
+    pub tokens_bytes: u64,
 }
 
 /// The manifest of a dataset run.
@@ -152,6 +176,31 @@ pub struct Manifest {
     pub rows: BTreeMap<String, u64>,
     /// The shards, in order.
     pub shards: Vec<ShardInfo>,
+    /// Present when the last shard is [`ShardInfo::partial`]: the counters
+    /// before it. A resumed run restores them, drops that shard (and its lines
+    /// of `tokens.jsonl`) and captures again from `next_prompt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_from: Option<Checkpoint>,
+}
+
+impl Manifest {
+    fn checkpoint(&self, next_prompt: u64) -> Checkpoint {
+        Checkpoint {
+            next_prompt,
+            prompts_captured: self.prompts_captured,
+            prompts_blank: self.prompts_blank,
+            tokens: self.tokens,
+            tokens_bytes: self.tokens_bytes,
+        }
+    }
+
+    fn restore(&mut self, c: &Checkpoint) {
+        self.next_prompt = c.next_prompt;
+        self.prompts_captured = c.prompts_captured;
+        self.prompts_blank = c.prompts_blank;
+        self.tokens = c.tokens;
+        self.tokens_bytes = c.tokens_bytes;
+    }
 }
 
 /// A selected tensor.
@@ -298,6 +347,7 @@ impl Rows {
 
 /// A prompt in flight.
 struct Pending {
+    blank: bool,
     tensors: Vec<Rows>,
     tokens: Vec<TokenOut>,
     truncated: Option<usize>,
@@ -337,7 +387,16 @@ struct Writer {
     open_bytes: usize,
     open_prompts: Option<[u64; 2]>,
     open_truncated: Vec<[u64; 2]>,
-    tokens: BufWriter<File>,
+    /// The counters before the open shard's first prompt.
+    open_start: Option<Checkpoint>,
+    /// Every prompt before this index is committed (to the open shard, a closed
+    /// one, or skipped as blank).
+    committed: u64,
+    /// A commit failed half-way: the open shard's spill files cannot be trusted.
+    poisoned: bool,
+    /// `tokens.jsonl`, appended one whole prompt per write.
+    tokens: File,
+    tokens_path: PathBuf,
     m: Manifest,
     bytes: u64,
 }
@@ -380,29 +439,21 @@ impl Writer {
         self.dir.join("manifest.json")
     }
 
+    /// A blank prompt: nothing to write.
+    fn skip_blank(&mut self, index: u64) {
+        self.m.prompts_blank += 1;
+        self.committed = index + 1;
+    }
+
     /// Append a finished prompt; close the open shard first if it would overflow.
     fn commit(&mut self, index: u64, p: Pending) -> Result<()> {
         let add: usize = p.tensors.iter().map(Rows::bytes).sum();
         if self.open_bytes > 0 && self.open_bytes + add > self.shard_limit {
-            self.close_shard()?;
+            self.close_shard(false)?;
         }
-        for ((dst, col), src) in self.open.iter_mut().zip(&mut self.cols).zip(p.tensors) {
-            col.file
-                .write_all(&src.data)
-                .map_err(|e| io_err(&col.path, "writing", e))?;
-            col.len += src.data.len() as u64;
-            dst.pos.extend_from_slice(&src.pos);
-            dst.seq.extend_from_slice(&src.seq);
-            dst.prompt
-                .extend(std::iter::repeat(index as i64).take(src.pos.len()));
-        }
-        self.open_bytes += add;
-        let r = self.open_prompts.get_or_insert([index, index + 1]);
-        r[1] = index + 1;
-        if let Some(n) = p.truncated {
-            self.open_truncated.push([index, n as u64]);
-        }
-        let path = self.dir.join("tokens.jsonl");
+        // tokens.jsonl first, in one write: if it fails, the open shard is intact
+        // (and what the write left past `tokens_bytes` is cut when the run stops).
+        let mut lines = Vec::new();
         for t in &p.tokens {
             let top = (!t.prompt).then(|| t.top.iter().map(|e| (e.id, e.logprob)).collect());
             let line = TokenLine {
@@ -418,27 +469,61 @@ impl Writer {
                 top,
                 _p: std::marker::PhantomData,
             };
-            let mut s = serde_json::to_vec(&line)
+            serde_json::to_writer(&mut lines, &line)
                 .map_err(|e| Error::new(ErrorKind::Internal, format!("token line: {e}")))?;
-            s.push(b'\n');
-            self.tokens
-                .write_all(&s)
-                .map_err(|e| io_err(&path, "writing", e))?;
-            self.m.tokens_bytes += s.len() as u64;
-            self.m.tokens += 1;
+            lines.push(b'\n');
         }
         self.tokens
-            .flush()
-            .map_err(|e| io_err(&path, "writing", e))?;
+            .write_all(&lines)
+            .map_err(|e| io_err(&self.tokens_path, "writing", e))?;
+        if self.open_prompts.is_none() {
+            self.open_start = Some(self.m.checkpoint(self.committed));
+        }
+        for ((dst, col), src) in self.open.iter_mut().zip(&mut self.cols).zip(p.tensors) {
+            if let Err(e) = col.file.write_all(&src.data) {
+                self.poisoned = true;
+                return Err(io_err(&col.path, "writing", e));
+            }
+            col.len += src.data.len() as u64;
+            dst.pos.extend_from_slice(&src.pos);
+            dst.seq.extend_from_slice(&src.seq);
+            dst.prompt
+                .extend(std::iter::repeat(index as i64).take(src.pos.len()));
+        }
+        self.open_bytes += add;
+        let r = self.open_prompts.get_or_insert([index, index + 1]);
+        r[1] = index + 1;
+        if let Some(n) = p.truncated {
+            self.open_truncated.push([index, n as u64]);
+        }
+        self.m.tokens_bytes += lines.len() as u64;
+        self.m.tokens += p.tokens.len() as u64;
         self.m.prompts_captured += 1;
+        self.committed = index + 1;
         if self.open_bytes >= self.shard_limit {
-            self.close_shard()?;
+            self.close_shard(false)?;
         }
         Ok(())
     }
 
-    /// Write the open shard (temp + rename) and the manifest.
-    fn close_shard(&mut self) -> Result<()> {
+    /// Forget the open shard: back to the counters before its first prompt.
+    fn rollback(&mut self) {
+        if let Some(c) = self.open_start.take() {
+            self.m.restore(&c);
+            self.committed = c.next_prompt;
+        }
+        for r in &mut self.open {
+            r.clear();
+        }
+        self.open_bytes = 0;
+        self.open_prompts = None;
+        self.open_truncated.clear();
+    }
+
+    /// Write the open shard (temp + rename) and the manifest. A `partial` shard
+    /// is written the same way, but recorded with the counters before it so that
+    /// a resumed run can replace it.
+    fn close_shard(&mut self, partial: bool) -> Result<()> {
         let Some(prompts) = self.open_prompts else {
             return Ok(());
         };
@@ -510,7 +595,8 @@ impl Writer {
             }
             w.into_inner().map_err(|e| e.into_error())?.sync_all()
         })()
-        .map_err(|e| io_err(&tmp, "writing", e))
+        // Named by the file it becomes, not by its temporary name.
+        .map_err(|e| io_err(&path, "writing", e))
         .and_then(|()| {
             std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, "moving into place", e))
         });
@@ -540,17 +626,19 @@ impl Writer {
             rows,
             truncated: std::mem::take(&mut self.open_truncated),
             bytes: shard_bytes,
+            partial,
         });
-        self.m.next_prompt = prompts[1];
+        let start = self.open_start.take();
+        self.m.resume_from = if partial { start } else { None };
+        self.m.next_prompt = self.committed;
         for r in &mut self.open {
             r.clear();
         }
         self.open_bytes = 0;
         self.open_prompts = None;
         self.tokens
-            .get_ref()
             .sync_data()
-            .map_err(|e| io_err(&self.dir.join("tokens.jsonl"), "writing", e))?;
+            .map_err(|e| io_err(&self.tokens_path, "writing", e))?;
         self.write_manifest()
     }
 
@@ -713,6 +801,21 @@ pub fn capture(
                 differs.join(", ")
             )));
         }
+        let mut m = m;
+        // A partial last shard is captured again, so that shards close where an
+        // uninterrupted run's do.
+        if let Some(c) = m.resume_from.take() {
+            let Some(last) = m.shards.pop().filter(|s| s.partial) else {
+                return Err(Error::invalid(format!(
+                    "{} has resume_from but no partial last shard",
+                    opts.dir.join("manifest.json").display()
+                )));
+            };
+            m.restore(&c);
+            for (name, r) in &last.rows {
+                m.rows.insert(name.clone(), r[0]);
+            }
+        }
         // Drop what the stopped run wrote past its manifest.
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -746,6 +849,7 @@ pub fn capture(
             tensors,
             rows: filter.names.iter().map(|n| (n.clone(), 0)).collect(),
             shards: Vec::new(),
+            resume_from: None,
         }
     };
     remove_stale_temps(&opts.dir);
@@ -765,7 +869,11 @@ pub fn capture(
         open_bytes: 0,
         open_prompts: None,
         open_truncated: Vec::new(),
-        tokens: BufWriter::with_capacity(1 << 20, tokens),
+        open_start: None,
+        committed: m.next_prompt,
+        poisoned: false,
+        tokens,
+        tokens_path,
         m,
         bytes: 0,
     };
@@ -777,29 +885,43 @@ pub fn capture(
 
     let r = run(engine, filter, opts, stop, progress, &mut w);
     let interrupted = matches!(r, Ok(None));
-    let err = r.as_ref().err().cloned();
-    // Whatever happened, close what is complete and say where the run stopped.
-    let closed = w.close_shard();
-    if let (Ok(Some(end)), Ok(())) = (&r, &closed) {
-        w.m.next_prompt = *end;
-        if streamed {
-            w.m.prompt_range[1] = *end;
-            w.m.prompt_lines = *end;
-        }
-        w.m.complete = true;
+    let mut err = r.as_ref().err().cloned();
+    let end = r.ok().flatten();
+    // Whatever happened, write what is complete and say where the run stopped:
+    // the open shard in full (partial when the run did not reach its end), or,
+    // when that fails, nothing of it.
+    if w.poisoned {
+        w.rollback();
+    } else if let Err(e) = w.close_shard(end.is_none()) {
+        err.get_or_insert(e);
+        w.rollback();
     }
-    w.m.stopped = if w.m.complete {
-        None
-    } else if let Some(e) = err.as_ref().or(closed.as_ref().err()) {
-        Some(format!("error: {e}"))
-    } else {
-        Some("interrupted".into())
-    };
+    match end {
+        Some(end) if err.is_none() => {
+            w.m.next_prompt = end;
+            if streamed {
+                w.m.prompt_range[1] = end;
+                w.m.prompt_lines = end;
+            }
+            w.m.complete = true;
+            w.m.stopped = None;
+        }
+        _ => {
+            // Blank prompts after the last shard count too.
+            w.m.next_prompt = w.committed;
+            w.m.stopped = Some(match &err {
+                Some(e) => format!("error: {e}"),
+                None => "interrupted".into(),
+            });
+        }
+    }
+    // Lines a failed write left past the manifest's count (best effort: a
+    // resumed run cuts them too).
+    let _ = w.tokens.set_len(w.m.tokens_bytes);
     let written = w.write_manifest();
     if let Some(e) = err {
         return Err(e);
     }
-    closed?;
     written?;
     Ok(Outcome {
         complete: w.m.complete,
@@ -868,10 +990,10 @@ fn run(
             }
             let Some(text) = text else {
                 // A blank line is complete at once and holds nothing.
-                w.m.prompts_blank += 1;
                 pending.insert(
                     index,
                     Pending {
+                        blank: true,
                         tensors: Vec::new(),
                         tokens: Vec::new(),
                         truncated: None,
@@ -901,6 +1023,7 @@ fn run(
             pending.insert(
                 index,
                 Pending {
+                    blank: false,
                     tensors: filter.names.iter().map(|_| Rows::default()).collect(),
                     tokens: Vec::new(),
                     truncated,
@@ -953,11 +1076,10 @@ fn run(
             let (index, p) = e.remove_entry();
             match p.done {
                 Some(StopReason::Eos | StopReason::Limit) => {
-                    if !p.tokens.is_empty() || !p.tensors.is_empty() {
+                    if p.blank {
+                        w.skip_blank(index);
+                    } else {
                         w.commit(index, p)?;
-                    }
-                    if w.open_prompts.is_none() {
-                        w.m.next_prompt = index + 1;
                     }
                     progress(Progress {
                         done: index + 1 - range[0],

@@ -61,7 +61,7 @@ impl Default for EngineOptions {
             ctx: ContextOptions::default(),
             n_parallel: 1,
             queue: 64,
-            ring_bytes: 64 << 20,
+            ring_bytes: crate::settings::DEFAULT_RING_BYTES,
             slot_ctx: None,
             capture_mode: CaptureMode::Auto,
         }
@@ -465,6 +465,17 @@ impl Engine {
     /// Create the context (probing its graph), arm an empty tap and start the
     /// engine and router threads.
     pub fn start(model: Arc<Model>, opts: &EngineOptions) -> Result<Self> {
+        Self::start_sized(model, opts, &|_, _| Ok(opts.ring_bytes))
+    }
+
+    /// [`Engine::start`], with the ring's capacity chosen once the graph is
+    /// known: `ring_bytes(graph, n_ubatch)` replaces [`EngineOptions::ring_bytes`]
+    /// (e.g. a few frames of the tensors a caller will select).
+    pub fn start_sized(
+        model: Arc<Model>,
+        opts: &EngineOptions,
+        ring_bytes: &dyn Fn(&[GraphNode], usize) -> Result<usize>,
+    ) -> Result<Self> {
         if opts.n_parallel == 0 || opts.n_parallel > 256 {
             return Err(Error::invalid(format!(
                 "parallel slots {} out of range 1..=256",
@@ -480,11 +491,12 @@ impl Engine {
             .ok_or_else(|| Error::new(ErrorKind::Internal, "the probe saw no named graph node"))?
             .ggml_name
             .clone();
-        // The same memory check as every other ring (refuse, rather than be OOM-killed later).
-        crate::settings::check_ring_memory(opts.ring_bytes)?;
-        let (producer, consumer) = crate::ring::channel(opts.ring_bytes)
-            .map_err(|e| Error::invalid(format!("ring capacity {}: {e}", opts.ring_bytes)))?;
         let n_ubatch = ctx.n_ubatch() as usize;
+        let ring_bytes = ring_bytes(&graph, n_ubatch)?;
+        // The same memory check as every other ring (refuse, rather than be OOM-killed later).
+        crate::settings::check_ring_memory(ring_bytes)?;
+        let (producer, consumer) = crate::ring::channel(ring_bytes)
+            .map_err(|e| Error::invalid(format!("ring capacity {ring_bytes}: {e}")))?;
         let tap = Tap::armed(
             &sentinel,
             Selection::empty(),

@@ -40,7 +40,7 @@ impl Default for CaptureSpec {
             layers: None,
             rows: Rows::All,
             dtype: Dtype::F32,
-            ring_bytes: 64 << 20,
+            ring_bytes: crate::settings::DEFAULT_RING_BYTES,
             policy: Policy::Block {
                 timeout: Duration::from_secs(10),
             },

@@ -11,6 +11,9 @@ use crate::capture::Policy;
 use crate::dataset::{DatasetOptions, PromptSource};
 use crate::engine::{ContextOptions, ModelOptions, SamplingOptions};
 use crate::error::{Error, Result};
+use crate::record::{frame_len, Dtype};
+use crate::sched::LatentRequest;
+use crate::select::{GraphNode, Selection};
 use crate::session::{CaptureSpec, GenerateOptions};
 
 /// Hard ceiling on compute threads, whatever the machine.
@@ -32,6 +35,44 @@ pub const MAX_BLOCK_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub const MIN_TEMPERATURE: f32 = 1e-3;
 /// Most alternatives reported per generated token.
 pub const MAX_REPORT_TOP_K: usize = 1 << 20;
+
+/// Ring capacity of a capture when the caller gives none and nothing sizes it
+/// from the selection (64 MiB).
+pub const DEFAULT_RING_BYTES: usize = 64 << 20;
+/// Frames of the widest selected tensor that a dataset capture's ring holds when
+/// no capacity is given: the ring needs 2 for any frame to fit, the rest absorbs
+/// the router's jitter.
+pub const DATASET_RING_FRAMES: usize = 8;
+/// Smallest ring a dataset capture sizes for itself (4 MiB).
+pub const MIN_DATASET_RING_BYTES: usize = 4 << 20;
+
+/// Ring capacity of a dataset capture when none is given, for the engine's
+/// `graph` and physical batch `n_ubatch`: [`DATASET_RING_FRAMES`] frames of the
+/// widest tensor `request` selects (the engine's ring carries every row of a
+/// ubatch in f32), at least [`MIN_DATASET_RING_BYTES`]. A ring's pages are
+/// touched as it wraps, so peak memory grows by its capacity over the first
+/// wrap and then stays flat; this keeps that step small without ever refusing
+/// a frame. `None`: tokens only.
+pub fn dataset_ring_bytes(
+    graph: &[GraphNode],
+    request: Option<&LatentRequest>,
+    n_ubatch: usize,
+) -> Result<usize> {
+    let widest = match request {
+        Some(r) => Selection::compile(&r.patterns, r.layers.as_ref(), graph)?
+            .tensors()
+            .iter()
+            .map(|t| t.row_width)
+            .max()
+            .unwrap_or(0),
+        None => 0,
+    };
+    // The ring's own 8-byte record header per frame (see `ring::Producer::max_record_len`).
+    let frame = frame_len(n_ubatch, widest, Dtype::F32).saturating_add(8);
+    Ok(frame
+        .saturating_mul(DATASET_RING_FRAMES)
+        .max(MIN_DATASET_RING_BYTES))
+}
 
 /// Default size cap of a dataset shard (64 MiB).
 pub const DEFAULT_SHARD_BYTES: usize = 64 << 20;
@@ -302,6 +343,50 @@ pub fn check_ring_memory(bytes: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dataset_ring_holds_a_few_frames_of_the_widest_selected_tensor() {
+        let node = |name: &str, layer: i32, width: usize| GraphNode {
+            name: name.into(),
+            ggml_name: name.into(),
+            occurrence: 0,
+            layer: Some(layer),
+            ggml_type: 0,
+            ne: [width as i64, 1, 1, 1],
+            row_width: Some(width),
+        };
+        let graph: Vec<GraphNode> = (0..4)
+            .flat_map(|l| {
+                [
+                    node(&format!("l_out-{l}"), l, 2048),
+                    node(&format!("ffn_up-{l}"), l, 8192),
+                ]
+            })
+            .collect();
+        let req = |p: &str| LatentRequest {
+            patterns: vec![p.into()],
+            layers: None,
+            rows: crate::capture::Rows::All,
+            dtype: Dtype::F16,
+        };
+        let frame = |w: usize| frame_len(512, w, Dtype::F32) + 8;
+        // f32 frames whatever the requested dtype; the widest selected tensor counts.
+        let b = dataset_ring_bytes(&graph, Some(&req("l_out-*")), 512).unwrap();
+        assert_eq!(b, DATASET_RING_FRAMES * frame(2048));
+        let rows = 8 * 512 * (2048 * 4 + 16);
+        assert!((rows..rows + 8 * 256).contains(&b), "{b}: about 33.6 MB");
+        let b = dataset_ring_bytes(&graph, Some(&req("l_out-1,ffn_up-2")), 512).unwrap();
+        assert_eq!(b, DATASET_RING_FRAMES * frame(8192));
+        // Small selections and tokens-only runs get the floor; a frame always fits twice.
+        for (r, n_ubatch) in [(Some(req("l_out-0")), 32), (None, 512)] {
+            let b = dataset_ring_bytes(&graph, r.as_ref(), n_ubatch).unwrap();
+            assert_eq!(b, MIN_DATASET_RING_BYTES);
+        }
+        for w in [1, 64, 256, 2048, 8192] {
+            assert!(2 * frame(w) <= DATASET_RING_FRAMES * frame(w));
+        }
+        assert!(dataset_ring_bytes(&graph, Some(&req("nope-*")), 512).is_err());
+    }
 
     #[test]
     fn bounds() {

@@ -142,9 +142,10 @@ struct CaptureArgs {
     /// Physical batch size per graph compute (at most --batch-size).
     #[arg(long, visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
-    /// Ring capacity in MiB.
-    #[arg(long, default_value_t = 64)]
-    ring_mb: usize,
+    /// Ring capacity in MiB [default: 64; with --prompts: 8 frames of the widest
+    /// selected tensor, at least 4].
+    #[arg(long)]
+    ring_mb: Option<usize>,
     /// Full-ring policy: block (lossless) or drop-newest.
     #[arg(long, default_value = "block")]
     policy: String,
@@ -832,7 +833,8 @@ fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
             )))
         }
     };
-    if a.ring_mb == 0 {
+    let ring_mb = a.ring_mb.unwrap_or(settings::DEFAULT_RING_BYTES >> 20);
+    if ring_mb == 0 {
         return Err(Error::invalid("--ring-mb must be at least 1"));
     }
     let spec = CaptureSpec {
@@ -840,10 +842,9 @@ fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         layers: a.layers.as_deref().map(LayerFilter::parse).transpose()?,
         rows,
         dtype: Dtype::parse(&a.dtype)?,
-        ring_bytes: a
-            .ring_mb
+        ring_bytes: ring_mb
             .checked_mul(1 << 20)
-            .ok_or_else(|| Error::invalid(format!("--ring-mb {} is too large", a.ring_mb)))?,
+            .ok_or_else(|| Error::invalid(format!("--ring-mb {ring_mb} is too large")))?,
         policy,
         mode: capture_mode(&a.capture_mode)?,
     };
@@ -1078,14 +1079,18 @@ fn capture_dataset(a: CaptureArgs) -> Result<u8> {
             settings::MAX_SEQ
         )));
     }
-    if a.ring_mb == 0 {
-        return Err(Error::invalid("--ring-mb must be at least 1"));
-    }
-    let ring_bytes = a
-        .ring_mb
-        .checked_mul(1 << 20)
-        .ok_or_else(|| Error::invalid(format!("--ring-mb {} is too large", a.ring_mb)))?;
-    settings::check_ring_memory(ring_bytes)?;
+    // No --ring-mb: sized from the selection once the graph is known.
+    let ring_bytes = match a.ring_mb {
+        Some(0) => return Err(Error::invalid("--ring-mb must be at least 1")),
+        Some(mb) => {
+            let b = mb
+                .checked_mul(1 << 20)
+                .ok_or_else(|| Error::invalid(format!("--ring-mb {mb} is too large")))?;
+            settings::check_ring_memory(b)?;
+            Some(b)
+        }
+        None => None,
+    };
     let shard_bytes = match a.shard_mb {
         Some(mb) => settings::shard_bytes_from_mb(mb)
             .map_err(|e| Error::invalid(format!("--shard-mb: {}", e.message())))?,
@@ -1155,27 +1160,31 @@ fn capture_dataset(a: CaptureArgs) -> Result<u8> {
     on_signals()?;
 
     let model = load(&a.model)?;
-    let engine = Engine::start(
+    // `--tensors ''`: tokens only, no eval callback.
+    let request = (!a.tensors.is_empty()).then(|| LatentRequest {
+        patterns: vec![a.tensors.clone()],
+        layers,
+        rows,
+        dtype,
+    });
+    let engine = Engine::start_sized(
         model.clone(),
         &EngineOptions {
             ctx,
             n_parallel,
             queue: dataset::window(n_parallel),
-            ring_bytes,
+            ring_bytes: ring_bytes.unwrap_or(settings::DEFAULT_RING_BYTES),
             slot_ctx: Some(a.ctx_size / n_parallel as u32),
             capture_mode: capture_mode(&a.capture_mode)?,
         },
+        &|graph, n_ubatch| match ring_bytes {
+            Some(b) => Ok(b),
+            None => settings::dataset_ring_bytes(graph, request.as_ref(), n_ubatch),
+        },
     )?;
-    // `--tensors ''`: tokens only, no eval callback.
-    let filter = if a.tensors.is_empty() {
-        LatentFilter::none(rows, dtype)
-    } else {
-        engine.compile(&LatentRequest {
-            patterns: vec![a.tensors.clone()],
-            layers,
-            rows,
-            dtype,
-        })?
+    let filter = match &request {
+        None => LatentFilter::none(rows, dtype),
+        Some(r) => engine.compile(r)?,
     };
     let bar = !a.quiet && std::io::stderr().is_terminal();
     let mut progress = |p: dataset::Progress| {

@@ -255,7 +255,7 @@ fn default_capture() -> lt_capture_params {
         layers: std::ptr::null(),
         dtype: 0,
         policy: 0,
-        ring_bytes: 64 << 20,
+        ring_bytes: crate::settings::DEFAULT_RING_BYTES as u64,
         block_timeout_ms: 10_000,
         capture_mode: 0,
     }
