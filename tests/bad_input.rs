@@ -3,42 +3,14 @@
 //! Synthetic models keep these fast; the few checks that need real activations
 //! use the real model (fetched in CI).
 
+mod common;
+use common::{bin, real_model, synth_model};
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use latent_tap::synth::{SynthConfig, SynthModel};
 use serde_json::Value;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_latent-tap"))
-}
-
-fn synth_model(dir: &Path) -> PathBuf {
-    let p = dir.join("synth.gguf");
-    SynthModel::random(SynthConfig::default())
-        .write_gguf(&p)
-        .unwrap();
-    p
-}
-
-/// The real model, or `None` outside CI when it has not been fetched.
-fn real_model() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} is missing in CI (scripts/fetch-model)",
-        p.display()
-    );
-    eprintln!(
-        "SKIPPED: {} is missing; run scripts/fetch-model",
-        p.display()
-    );
-    None
-}
 
 fn capture_cmd(model: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = bin();

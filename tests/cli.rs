@@ -1,22 +1,11 @@
 //! The `latent-tap` binary end to end on a synthetic model: outputs on disk,
 //! and bad input giving one clear line, a non-zero exit and no panic.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+use common::{bin, synth_model};
 
-use latent_tap::synth::{SynthConfig, SynthModel};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_latent-tap"))
-}
-
-fn synth_model(dir: &Path) -> PathBuf {
-    let p = dir.join("synth.gguf");
-    SynthModel::random(SynthConfig::default())
-        .write_gguf(&p)
-        .unwrap();
-    p
-}
+use std::path::Path;
+use std::process::Output;
 
 fn capture(model: &Path, out: &Path, extra: &[&str]) -> Output {
     bin()

@@ -2,24 +2,14 @@
 //! shards, tokens.jsonl, manifest, interruption and resume, splitting a prompt
 //! file across machines).
 
+mod common;
+use common::{bin, synth_model};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use latent_tap::synth::{SynthConfig, SynthModel};
 use serde_json::Value;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_latent-tap"))
-}
-
-fn synth_model(dir: &Path) -> PathBuf {
-    let p = dir.join("synth.gguf");
-    SynthModel::random(SynthConfig::default())
-        .write_gguf(&p)
-        .unwrap();
-    p
-}
 
 fn capture(model: &Path, out: &Path, extra: &[&str]) -> Output {
     bin()

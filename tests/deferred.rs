@@ -3,36 +3,13 @@
 //! to a run that captures nothing. Synthetic model always; the real model when
 //! `scripts/fetch-model` has run (CI fetches it).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+use common::{bin, real_model, synth_model};
 
-use latent_tap::synth::{SynthConfig, SynthModel};
+use std::path::Path;
+use std::process::Output;
+
 use serde_json::Value;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_latent-tap"))
-}
-
-fn synth_model(dir: &Path) -> PathBuf {
-    let p = dir.join("synth.gguf");
-    SynthModel::random(SynthConfig::default())
-        .write_gguf(&p)
-        .unwrap();
-    p
-}
-
-fn real_model() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "SKIPPED: {} is missing; run scripts/fetch-model",
-            p.display()
-        );
-        None
-    }
-}
 
 /// One capture; `mode` None: tokens only (`--tensors ''`).
 fn capture(model: &Path, out: &Path, tensors: &str, mode: &str, extra: &[&str]) -> Value {

@@ -3,29 +3,18 @@
 //! capture bit for bit, continuous batching, disconnects, subscribers, bad
 //! input, API keys and graceful shutdown.
 
+mod common;
+use common::{bin, synth_model};
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use latent_tap::synth::{SynthConfig, SynthModel};
-
 const FRAMES: &str = "application/vnd.latent-tap.frames";
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_latent-tap"))
-}
-
-fn synth_model(dir: &Path) -> PathBuf {
-    let p = dir.join("synth.gguf");
-    SynthModel::random(SynthConfig::default())
-        .write_gguf(&p)
-        .unwrap();
-    p
-}
 
 struct Server {
     child: Child,

@@ -2,3 +2,41 @@
 #![allow(dead_code)]
 
 pub mod reference;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use latent_tap::synth::{SynthConfig, SynthModel};
+
+/// The `latent-tap` binary this test run built.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_latent-tap"))
+}
+
+/// A default synthetic model written into `dir`.
+pub fn synth_model(dir: &Path) -> PathBuf {
+    let p = dir.join("synth.gguf");
+    SynthModel::random(SynthConfig::default())
+        .write_gguf(&p)
+        .unwrap();
+    p
+}
+
+/// The real model when `scripts/fetch-model` has run; in CI (`CI` set) its
+/// absence is a failure, elsewhere the caller skips.
+pub fn real_model() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing in CI (scripts/fetch-model)",
+        p.display()
+    );
+    eprintln!(
+        "SKIPPED: {} is missing; run scripts/fetch-model",
+        p.display()
+    );
+    None
+}
