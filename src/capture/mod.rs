@@ -290,6 +290,12 @@ impl Tap {
         let name = tensor_name(t);
         match &mut self.mode {
             Mode::Probe(nodes) => {
+                // A node of a branch the graph does not compute (e.g. the embeddings-input
+                // path of `ggml_build_forward_select`) never holds this run's values:
+                // it is not listed, and capture ignores it the same way.
+                if t.flags & sys::GGML_TENSOR_FLAG_COMPUTE as i32 == 0 {
+                    return false;
+                }
                 // A probe decodes a single token: one graph compute, every node once.
                 nodes.push((String::from_utf8_lossy(name).into_owned(), t.type_, t.ne));
                 false
@@ -303,7 +309,8 @@ impl Tap {
                     self.ubatch += 1;
                     a.occ.iter_mut().for_each(|c| *c = 0);
                 }
-                let pending = a.sel.slot(name).and_then(|slot| {
+                let computed = t.flags & sys::GGML_TENSOR_FLAG_COMPUTE as i32 != 0;
+                let pending = a.sel.slot(name).filter(|_| computed).and_then(|slot| {
                     let occ = a.occ[slot] as usize;
                     a.occ[slot] = a.occ[slot].saturating_add(1);
                     a.sel.tensor_at(slot, occ)
@@ -315,11 +322,6 @@ impl Tap {
                 let Some(ti) = pending else {
                     return false;
                 };
-                // A node of a branch the graph does not compute this time (e.g. the
-                // embeddings-input path of `ggml_build_forward_select`) holds stale bytes.
-                if t.flags & sys::GGML_TENSOR_FLAG_COMPUTE as i32 == 0 {
-                    return false;
-                }
                 // Deferred: kept alive as an output, copied after the compute.
                 if self.defer(t, ti) {
                     return false;
