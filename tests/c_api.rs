@@ -290,6 +290,10 @@ fn bad_capture_specs() {
     c.dtype = 9;
     assert_eq!(try_spec(&c, &mut s), lt_status::LT_INVALID_ARGUMENT);
     let mut c = cap;
+    c.capture_mode = 3;
+    assert_eq!(try_spec(&c, &mut s), lt_status::LT_INVALID_ARGUMENT);
+    assert!(last_error().contains("capture_mode"), "{}", last_error());
+    let mut c = cap;
     c.struct_size = 4;
     assert_eq!(try_spec(&c, &mut s), lt_status::LT_INVALID_ARGUMENT);
     assert!(last_error().contains("struct_size"));
@@ -583,6 +587,9 @@ fn plugin_batch_index_and_polling() {
             "{}",
             last_error()
         );
+        let mut mode = 0;
+        assert_eq!(lt_tap_capture_mode(tap, &mut mode), lt_status::LT_OK);
+        assert_eq!(mode, 2, "the test binary links the scheduler wrappers");
         let mut p = sys::llama_context_default_params();
         (
             p.n_ctx,
@@ -672,4 +679,45 @@ fn plugin_batch_index_and_polling() {
         lt_tap_free(tap);
         sys::llama_model_free(model);
     }
+}
+
+#[test]
+fn capture_mode_is_chosen_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&synth(dir.path()));
+    let (cp, cap, _) = defaults();
+    // 0 = auto (the default): deferred in this build (test binaries link the
+    // scheduler wrappers, no GPU backend); 1 = callback as asked; 2 = deferred.
+    for (asked, used) in [(0u32, 2u32), (1, 1), (2, 2)] {
+        let mut c = cap;
+        c.capture_mode = asked;
+        let s = session(model, &cp, &c);
+        let mut mode = 99;
+        assert_eq!(lt_session_capture_mode(s, &mut mode), lt_status::LT_OK);
+        assert_eq!(mode, used, "asked {asked}");
+        assert_eq!(
+            lt_session_capture_mode(s, null_mut()),
+            lt_status::LT_NULL_POINTER
+        );
+        lt_session_free(s);
+    }
+    // Tokens only: nothing is captured.
+    let mut c = cap;
+    c.patterns = c"".as_ptr();
+    let s = session(model, &cp, &c);
+    let mut mode = 99;
+    assert_eq!(lt_session_capture_mode(s, &mut mode), lt_status::LT_OK);
+    assert_eq!(mode, 0);
+    lt_session_free(s);
+    let mut mode = 99;
+    assert_eq!(
+        lt_session_capture_mode(null(), &mut mode),
+        lt_status::LT_NULL_POINTER
+    );
+    assert_eq!(
+        lt_tap_capture_mode(null(), &mut mode),
+        lt_status::LT_NULL_POINTER
+    );
+    assert_eq!(mode, 99, "out-param untouched on failure");
+    lt_model_free(model);
 }
