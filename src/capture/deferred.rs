@@ -43,10 +43,16 @@ pub fn unavailable_reason() -> Option<&'static str> {
     if !hooks_linked() {
         return Some("the program was linked without the ggml scheduler wrappers (see docs/capture-modes.md)");
     }
-    if gpu_present() && std::env::var_os("LATENT_TAP_DEFERRED_ON_GPU").is_none() {
+    if gpu_present() && !on_gpu_allowed() {
         return Some("a GPU backend is present: deferred capture is verified on CPU only");
     }
     None
+}
+
+/// `LATENT_TAP_DEFERRED_ON_GPU=1`: run deferred mode with a GPU backend, device
+/// tensors included (for `scripts/gpu-check`, until it has passed there).
+fn on_gpu_allowed() -> bool {
+    std::env::var_os("LATENT_TAP_DEFERRED_ON_GPU").is_some_and(|v| v == "1")
 }
 
 fn gpu_present() -> bool {
@@ -73,6 +79,8 @@ pub(super) struct Deferred {
     pub(super) enabled: bool,
     /// Why it does not, when it was asked for (or left to `auto`).
     pub(super) note: Option<&'static str>,
+    /// Device (non-host) tensors may be deferred too (verification runs only).
+    device: bool,
     /// Nodes of the graph last allocated that were marked as outputs, in graph order.
     marked: Vec<usize>,
     cursor: usize,
@@ -93,6 +101,7 @@ impl Deferred {
             requested,
             enabled,
             note,
+            device: enabled && on_gpu_allowed(),
             ..Self::default()
         }
     }
@@ -132,7 +141,7 @@ impl Deferred {
             return false;
         }
         // SAFETY: the buffer of an allocated tensor is live during its graph's compute.
-        if !unsafe { sys::ggml_backend_buffer_is_host(t.buffer) } {
+        if !self.device && !unsafe { sys::ggml_backend_buffer_is_host(t.buffer) } {
             return false;
         }
         self.pending.push((p, ti));

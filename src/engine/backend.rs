@@ -29,7 +29,32 @@ pub fn init() {
             sys::llama_log_set(Some(log_callback), data);
             sys::llama_backend_init();
         }
+        load_backends_from_env();
     });
+}
+
+/// `LATENT_TAP_BACKEND_DIR=DIR`: for `dynamic-backends` builds run on another
+/// machine than they were built on (the build's backend folder is not there):
+/// load every backend in DIR when none is registered, else only DIR's CUDA
+/// module (loading the CPU backend twice gives two CPU devices).
+fn load_backends_from_env() {
+    let Some(dir) = std::env::var_os("LATENT_TAP_BACKEND_DIR") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let cstr = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok();
+    // SAFETY: registry calls with NUL-terminated paths that live through the call.
+    unsafe {
+        if sys::ggml_backend_dev_count() == 0 {
+            if let Some(d) = cstr(&dir) {
+                sys::ggml_backend_load_all_from_path(d.as_ptr());
+            }
+        } else if let Some(cuda) = cstr(&dir.join("libggml-cuda.so")) {
+            if dir.join("libggml-cuda.so").is_file() {
+                sys::ggml_backend_load(cuda.as_ptr());
+            }
+        }
+    }
 }
 
 /// Take (and clear) the last error-level lines llama.cpp logged (up to three,
