@@ -12,17 +12,30 @@ const WRAPPED: [&str; 3] = [
 
 fn main() {
     println!("cargo:rerun-if-changed=cbits/sched_hooks.c");
-    cc::Build::new()
-        .file("cbits/sched_hooks.c")
+    // Shared llama.cpp libraries: interpose the symbols instead of wrapping them.
+    let shared = std::env::var_os("CARGO_FEATURE_DYNAMIC_LINK").is_some()
+        || std::env::var_os("CARGO_FEATURE_DYNAMIC_BACKENDS").is_some();
+    let mut cc = cc::Build::new();
+    cc.file("cbits/sched_hooks.c")
         .warnings(true)
         .extra_warnings(true)
-        .warnings_into_errors(true)
-        .compile("latent_tap_sched_hooks");
+        .warnings_into_errors(true);
+    if shared {
+        cc.define("LT_INTERPOSE", None);
+    }
+    cc.compile("latent_tap_sched_hooks");
     let target_os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     // GNU ld, gold and lld (Linux, the BSDs) know --wrap; Apple's ld64 does not.
     if target_os != "macos" && target_os != "ios" && target_os != "windows" {
         for f in WRAPPED {
-            println!("cargo:rustc-link-arg=-Wl,--wrap={f}");
+            if shared {
+                println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol={f}");
+            } else {
+                println!("cargo:rustc-link-arg=-Wl,--wrap={f}");
+            }
+        }
+        if shared {
+            println!("cargo:rustc-link-lib=dl");
         }
     }
 }
