@@ -143,9 +143,10 @@ impl Context {
             // SAFETY: plain value returned by ggml for a thread count it accepts.
             let mut tp = unsafe { sys::ggml_threadpool_params_default(threads) };
             tp.poll = poll;
-            // SAFETY: tp is a valid parameter block; NULL on failure.
-            let pool =
-                NonNull::new(unsafe { sys::ggml_threadpool_new(&mut tp) }).ok_or_else(|| {
+            let pool = cpu_threadpool_fns()
+                // SAFETY: tp is a valid parameter block; the function returns NULL on failure.
+                .and_then(|(new, _)| NonNull::new(unsafe { new(&mut tp) }))
+                .ok_or_else(|| {
                     Error::new(ErrorKind::Internal, "cannot create the CPU thread pool")
                 })?;
             ctx.threadpool = Some(pool);
@@ -320,8 +321,38 @@ impl Drop for Context {
         // tap after the box below is dropped.
         unsafe { sys::llama_free(self.as_ptr()) }
         if let Some(pool) = self.threadpool.take() {
-            // SAFETY: created by ggml_threadpool_new; the context using it is gone.
-            unsafe { sys::ggml_threadpool_free(pool.as_ptr()) }
+            if let Some((_, free)) = cpu_threadpool_fns() {
+                // SAFETY: created by ggml_threadpool_new; the context using it is gone.
+                unsafe { free(pool.as_ptr()) }
+            }
         }
+    }
+}
+
+type ThreadpoolNew =
+    unsafe extern "C" fn(*mut sys::ggml_threadpool_params) -> *mut sys::ggml_threadpool;
+type ThreadpoolFree = unsafe extern "C" fn(*mut sys::ggml_threadpool);
+
+/// The CPU backend's thread-pool constructor and destructor, looked up through
+/// its registry entry: with `dynamic-backends` the CPU backend is a module loaded
+/// at run time, so its functions cannot be linked directly.
+fn cpu_threadpool_fns() -> Option<(ThreadpoolNew, ThreadpoolFree)> {
+    // SAFETY: registry lookups by NUL-terminated names; the CPU backend's
+    // `get_proc_address` returns these two functions with exactly these signatures
+    // (ggml-cpu.cpp), or NULL.
+    unsafe {
+        let reg = sys::ggml_backend_reg_by_name(c"CPU".as_ptr());
+        if reg.is_null() {
+            return None;
+        }
+        let new = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_new".as_ptr());
+        let free = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_free".as_ptr());
+        if new.is_null() || free.is_null() {
+            return None;
+        }
+        Some((
+            std::mem::transmute::<*mut std::ffi::c_void, ThreadpoolNew>(new),
+            std::mem::transmute::<*mut std::ffi::c_void, ThreadpoolFree>(free),
+        ))
     }
 }
