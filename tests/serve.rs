@@ -263,6 +263,9 @@ fn endpoints_have_llama_server_shapes() {
     let props = json_of(&get(&s.url("/props"), &[]).1);
     assert_eq!(props["total_slots"], 4);
     assert_eq!(props["model_alias"], "synth");
+    // Deferred capture (no graph split) is what runs in this build; the server says so.
+    assert_eq!(props["latents"]["capture_mode"]["requested"], "auto");
+    assert_eq!(props["latents"]["capture_mode"]["used"], "deferred");
     assert_eq!(props["default_generation_settings"]["n_ctx"], 4096);
     assert!(
         props["default_generation_settings"]["params"]["temperature"]
