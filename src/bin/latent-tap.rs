@@ -711,14 +711,7 @@ impl OutDir {
                 format!("cannot create output directory '{show}': {e}"),
             )
         })?;
-        let probe = dir.join(format!(".latent-tap-probe.tmp-{}", std::process::id()));
-        std::fs::write(&probe, b"probe").map_err(|e| {
-            Error::new(
-                ErrorKind::Io,
-                format!("cannot write in output directory '{show}': {e}"),
-            )
-        })?;
-        let _ = std::fs::remove_file(&probe);
+        probe_writable(dir)?;
         for name in OUTPUTS {
             let p = dir.join(name);
             if p.is_dir() {
@@ -1139,16 +1132,7 @@ fn capture_dataset(a: CaptureArgs) -> Result<u8> {
             format!("cannot create output directory '{show}': {e}"),
         )
     })?;
-    let probe = a
-        .out
-        .join(format!(".latent-tap-probe.tmp-{}", std::process::id()));
-    std::fs::write(&probe, b"probe").map_err(|e| {
-        Error::new(
-            ErrorKind::Io,
-            format!("cannot write in output directory '{show}': {e}"),
-        )
-    })?;
-    let _ = std::fs::remove_file(&probe);
+    probe_writable(&a.out)?;
     if a.resume {
         dataset::read_manifest(&a.out)
             .map_err(|e| Error::invalid(format!("--resume: {}", e.message())))?;
@@ -1238,4 +1222,18 @@ fn capture_mode_json(mode: Option<ModeReport>, c: &TapCounters) -> serde_json::V
             "frames_deferred": c.deferred, "frames_callback": c.frames - c.deferred,
         }),
     }
+}
+
+/// Write and remove a small file in `dir`, so an unwritable output directory is
+/// found before the model loads (both capture paths).
+fn probe_writable(dir: &Path) -> Result<()> {
+    let probe = dir.join(format!(".latent-tap-probe.tmp-{}", std::process::id()));
+    std::fs::write(&probe, b"probe").map_err(|e| {
+        Error::new(
+            ErrorKind::Io,
+            format!("cannot write in output directory '{}': {e}", dir.display()),
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
