@@ -11,6 +11,7 @@
 #![warn(missing_debug_implementations)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod attach;
 pub mod capture;
 pub mod dataset;
 pub mod engine;

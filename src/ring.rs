@@ -83,6 +83,9 @@ pub enum RingError {
         /// The arena size (after rounding) that failed to allocate.
         bytes: usize,
     },
+    /// A shared-memory mapping is too small, misaligned, or does not hold a
+    /// ring laid out by this version of [`shm::producer`].
+    BadMapping(&'static str),
 }
 
 impl fmt::Display for RingError {
@@ -95,6 +98,7 @@ impl fmt::Display for RingError {
             Self::AllocFailed { bytes } => {
                 write!(f, "could not allocate a {bytes}-byte ring arena")
             }
+            Self::BadMapping(why) => write!(f, "not a usable shared-memory ring: {why}"),
         }
     }
 }
@@ -150,6 +154,7 @@ pub struct RingStats {
 
 /// Producer-written counters. Single writer, so plain load+store suffices
 /// (no locked read-modify-write on the hot path).
+#[repr(C)]
 #[derive(Default)]
 struct Counters {
     records: AtomicU64,
@@ -168,8 +173,12 @@ impl Counters {
     }
 }
 
-/// State shared by both halves; freed (with the arena) when the last half drops.
-struct Shared {
+/// The synchronisation state both halves touch. `repr(C)` because a
+/// shared-memory ring ([`shm`]) keeps it at the start of a mapping that two
+/// processes built from the same source read.
+#[repr(C)]
+#[derive(Default)]
+struct Control {
     /// Bytes ever published by the producer (wrapping).
     head: CachePadded<AtomicUsize>,
     /// Bytes ever released by the consumer (wrapping).
@@ -180,20 +189,37 @@ struct Shared {
     /// final `head` store before the consumer's "producer is gone" check.
     producer_gone: AtomicBool,
     consumer_gone: AtomicBool,
+}
+
+/// Who owns the memory behind a ring, and how it is given back.
+enum Backing {
+    /// [`channel`]: a boxed [`Control`] and a heap arena (`layout`, starting at
+    /// most `ARENA_ALIGN - 8` bytes before `buf`).
+    Heap { alloc: NonNull<u8>, layout: Layout },
+    /// [`shm`]: one mapping holding both; `release(base, len)` unmaps it.
+    Mapped {
+        base: NonNull<u8>,
+        len: usize,
+        release: unsafe fn(*mut u8, usize),
+    },
+}
+
+/// State shared by both halves; freed (with the arena) when the last half drops.
+struct Shared {
+    ctrl: NonNull<Control>,
     /// Start of the arena: `capacity` bytes, zero-initialised, `ARENA_ALIGN`-aligned.
     buf: NonNull<u8>,
     capacity: usize,
-    /// The allocation holding the arena (`Shared::layout(capacity)`), which
-    /// starts at most `ARENA_ALIGN - 8` bytes before `buf`.
-    alloc: NonNull<u8>,
+    backing: Backing,
 }
 
-// SAFETY: `buf` is an owned heap allocation. Its bytes are accessed through
-// raw pointers by the two halves only in disjoint regions whose ownership is
-// handed over via Release/Acquire on `head`/`tail`; everything else is atomic.
+// SAFETY: `buf` and `ctrl` point into memory this value owns (see `Backing`).
+// The arena's bytes are accessed through raw pointers by the two halves only in
+// disjoint regions whose ownership is handed over via Release/Acquire on
+// `head`/`tail`; `Control` is all atomics.
 unsafe impl Send for Shared {}
 // SAFETY: see `Send` above; `&Shared` exposes only atomics and the (immutable)
-// pointer and capacity.
+// pointers and capacity.
 unsafe impl Sync for Shared {}
 
 impl Shared {
@@ -212,11 +238,21 @@ impl Shared {
             })
     }
 
+    /// The counters and flags.
+    #[inline]
+    fn ctrl(&self) -> &Control {
+        // SAFETY: `ctrl` points to an initialised `Control` that lives as long
+        // as `self` (boxed, or inside the mapping `self` unmaps on drop); it is
+        // only ever accessed through shared references (all fields atomic).
+        unsafe { self.ctrl.as_ref() }
+    }
+
     fn stats(&self) -> RingStats {
+        let c = &self.ctrl().counters;
         RingStats {
-            records: self.counters.records.load(Ordering::Relaxed),
-            bytes: self.counters.bytes.load(Ordering::Relaxed),
-            drops: self.counters.drops.load(Ordering::Relaxed),
+            records: c.records.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            drops: c.drops.load(Ordering::Relaxed),
         }
     }
 
@@ -248,15 +284,37 @@ impl Shared {
         let word = unsafe { self.buf.as_ptr().add(off).cast::<u64>().read() };
         (word as u32, (word >> 32) as u32)
     }
+
+    /// Both halves over one `Shared`.
+    fn halves(self) -> (Producer, Consumer) {
+        let capacity = self.capacity;
+        let shared = Arc::new(self);
+        (
+            Producer::new(Arc::clone(&shared), capacity),
+            Consumer::new(shared),
+        )
+    }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        // Cannot fail: the same layout was built when allocating.
-        let layout = Self::layout(self.capacity).expect("arena layout was validated");
-        // SAFETY: `alloc` came from `alloc_zeroed` with exactly this layout and
-        // is freed only here, once, when the last half is gone.
-        unsafe { alloc::dealloc(self.alloc.as_ptr(), layout) }
+        match self.backing {
+            Backing::Heap { alloc, layout } => {
+                // SAFETY: `alloc` came from `alloc_zeroed` with exactly this
+                // layout and `ctrl` from `Box::into_raw`; both are freed only
+                // here, once, when the last half is gone.
+                unsafe {
+                    alloc::dealloc(alloc.as_ptr(), layout);
+                    drop(Box::from_raw(self.ctrl.as_ptr()));
+                }
+            }
+            Backing::Mapped { base, len, release } => {
+                // SAFETY: the creator of this ring handed over `base..base+len`
+                // together with the function that gives it back; nothing
+                // points into it once the last half is gone.
+                unsafe { release(base.as_ptr(), len) }
+            }
+        }
     }
 }
 
@@ -296,33 +354,25 @@ pub fn channel(capacity_bytes: usize) -> Result<(Producer, Consumer), RingError>
     // so the arena lies inside the allocation; the result is non-null.
     let buf = unsafe { NonNull::new_unchecked(ptr.add(skew)) };
 
-    let shared = Arc::new(Shared {
-        head: CachePadded::new(AtomicUsize::new(0)),
-        tail: CachePadded::new(AtomicUsize::new(0)),
-        counters: CachePadded::new(Counters::default()),
-        producer_gone: AtomicBool::new(false),
-        consumer_gone: AtomicBool::new(false),
+    let ctrl = NonNull::from(Box::leak(Box::<Control>::default()));
+    Ok(Shared {
+        ctrl,
         buf,
         capacity,
-        alloc,
-    });
-    let max_record_len = (capacity / 2 / HEADER * HEADER - HEADER).min(u32::MAX as usize);
-    let producer = Producer {
-        shared: Arc::clone(&shared),
-        head: 0,
-        cached_tail: 0,
-        pos: 0,
-        max_record_len,
-        _not_sync: PhantomData,
-    };
-    let consumer = Consumer {
-        shared,
-        tail: 0,
-        cached_head: 0,
-        pos: 0,
-        _not_sync: PhantomData,
-    };
-    Ok((producer, consumer))
+        backing: Backing::Heap { alloc, layout },
+    }
+    .halves())
+}
+
+/// Largest payload of a ring of `capacity` bytes (see [`Producer::max_record_len`]).
+#[inline]
+const fn max_record_len(capacity: usize) -> usize {
+    let m = capacity / 2 / HEADER * HEADER - HEADER;
+    if m > u32::MAX as usize {
+        u32::MAX as usize
+    } else {
+        m
+    }
 }
 
 /// A reserved, not yet published record: where it goes and what it costs.
@@ -344,9 +394,9 @@ struct Slot {
 /// caches in the future.
 pub struct Producer {
     shared: Arc<Shared>,
-    /// Local copy of `shared.head` (only this half writes it).
+    /// Local copy of `shared.ctrl().head` (only this half writes it).
     head: usize,
-    /// Last observed `shared.tail`; reloaded only when it says "full".
+    /// Last observed `shared.ctrl().tail`; reloaded only when it says "full".
     cached_tail: usize,
     /// Arena offset of the next record header, always `< capacity`.
     pos: usize,
@@ -355,6 +405,17 @@ pub struct Producer {
 }
 
 impl Producer {
+    fn new(shared: Arc<Shared>, capacity: usize) -> Self {
+        Self {
+            shared,
+            head: 0,
+            cached_tail: 0,
+            pos: 0,
+            max_record_len: max_record_len(capacity),
+            _not_sync: PhantomData,
+        }
+    }
+
     /// Arena size in bytes (after rounding).
     pub fn capacity(&self) -> usize {
         self.shared.capacity
@@ -378,13 +439,13 @@ impl Producer {
     /// padding count as occupied). Because records must be contiguous, a
     /// record of this size is not guaranteed to fit.
     pub fn free_bytes(&self) -> usize {
-        let tail = self.shared.tail.load(Ordering::Acquire);
+        let tail = self.shared.ctrl().tail.load(Ordering::Acquire);
         self.shared.capacity - self.head.wrapping_sub(tail)
     }
 
     /// Whether the [`Consumer`] has been dropped; nothing written will be read.
     pub fn is_abandoned(&self) -> bool {
-        self.shared.consumer_gone.load(Ordering::Acquire)
+        self.shared.ctrl().consumer_gone.load(Ordering::Acquire)
     }
 
     /// Counters shared with the consumer.
@@ -395,7 +456,7 @@ impl Producer {
     /// Records that the caller's policy dropped a record (e.g. drop-newest on
     /// [`WriteError::Full`]), so consumers can see losses in [`RingStats::drops`].
     pub fn note_drop(&mut self) {
-        Counters::bump(&self.shared.counters.drops, 1);
+        Counters::bump(&self.shared.ctrl().counters.drops, 1);
     }
 
     /// Reserves room for a record with a `len`-byte payload, without blocking.
@@ -486,7 +547,7 @@ impl Producer {
             (0, to_end + need)
         };
         if capacity - self.head.wrapping_sub(self.cached_tail) < advance {
-            self.cached_tail = self.shared.tail.load(Ordering::Acquire);
+            self.cached_tail = self.shared.ctrl().tail.load(Ordering::Acquire);
             if capacity - self.head.wrapping_sub(self.cached_tail) < advance {
                 return Err(WriteError::Full);
             }
@@ -525,7 +586,10 @@ impl Drop for Producer {
     fn drop(&mut self) {
         // Release: everything this half published happens-before a consumer
         // that observes the flag, so "abandoned and empty" really means done.
-        self.shared.producer_gone.store(true, Ordering::Release);
+        self.shared
+            .ctrl()
+            .producer_gone
+            .store(true, Ordering::Release);
     }
 }
 
@@ -554,12 +618,12 @@ impl WriteGrant<'_> {
     #[inline]
     pub fn commit(self) {
         let p = self.producer;
-        let counters = &p.shared.counters;
+        let counters = &p.shared.ctrl().counters;
         // Counters first, so a consumer that sees the record also sees it counted.
         Counters::bump(&counters.records, 1);
         Counters::bump(&counters.bytes, self.slot.len as u64);
         p.head = p.head.wrapping_add(self.slot.advance);
-        p.shared.head.store(p.head, Ordering::Release);
+        p.shared.ctrl().head.store(p.head, Ordering::Release);
         let end = self.slot.rec_off + HEADER + pad8(self.slot.len);
         p.pos = if end == p.shared.capacity { 0 } else { end };
     }
@@ -628,12 +692,15 @@ impl fmt::Debug for WriteGrant<'_> {
 /// `Send` but neither `Sync` nor `Clone`, mirroring [`Producer`].
 pub struct Consumer {
     shared: Arc<Shared>,
-    /// Local copy of `shared.tail` (only this half writes it).
+    /// Local copy of `shared.ctrl().tail` (only this half writes it).
     tail: usize,
-    /// Last observed `shared.head`; reloaded only when it says "empty".
+    /// Last observed `shared.ctrl().head`; reloaded only when it says "empty".
     cached_head: usize,
     /// Arena offset of the next header to read, always `< capacity`.
     pos: usize,
+    /// A shared-memory producer published a record header that does not
+    /// describe a record inside the published range; reading stopped.
+    corrupt: bool,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -648,6 +715,24 @@ struct Record {
 }
 
 impl Consumer {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            tail: 0,
+            cached_head: 0,
+            pos: 0,
+            corrupt: false,
+            _not_sync: PhantomData,
+        }
+    }
+
+    /// Whether reading stopped at a malformed record header. Only a
+    /// shared-memory ring ([`shm`]) can get there (its producer is another
+    /// process); an in-process ring panics instead, since that is a bug.
+    pub fn is_corrupt(&self) -> bool {
+        self.corrupt
+    }
+
     /// Arena size in bytes (after rounding).
     pub fn capacity(&self) -> usize {
         self.shared.capacity
@@ -657,6 +742,7 @@ impl Consumer {
     /// included). Zero means nothing to read right now.
     pub fn used_bytes(&self) -> usize {
         self.shared
+            .ctrl()
             .head
             .load(Ordering::Acquire)
             .wrapping_sub(self.tail)
@@ -666,7 +752,7 @@ impl Consumer {
     /// dropping remain readable, so drain with [`Consumer::try_read`] until it
     /// returns `None` *after* this returned `true`.
     pub fn is_abandoned(&self) -> bool {
-        self.shared.producer_gone.load(Ordering::Acquire)
+        self.shared.ctrl().producer_gone.load(Ordering::Acquire)
     }
 
     /// Counters shared with the producer. Exact once [`Consumer::is_abandoned`]
@@ -692,8 +778,11 @@ impl Consumer {
     /// Locates the next data record, skipping wrap padding.
     #[inline]
     fn peek(&mut self) -> Option<Record> {
+        if self.corrupt {
+            return None;
+        }
         if self.cached_head == self.tail {
-            self.cached_head = self.shared.head.load(Ordering::Acquire);
+            self.cached_head = self.shared.ctrl().head.load(Ordering::Acquire);
             if self.cached_head == self.tail {
                 return None;
             }
@@ -714,12 +803,19 @@ impl Consumer {
         }
         let len = len as usize;
         let advance = skipped + HEADER + pad8(len);
-        assert!(
-            tag == TAG_DATA
-                && rec_off + HEADER + pad8(len) <= capacity
-                && advance <= self.cached_head.wrapping_sub(self.tail),
-            "ring corrupted: bad record header at offset {rec_off}"
-        );
+        let sound = tag == TAG_DATA
+            && rec_off + HEADER + pad8(len) <= capacity
+            && advance <= self.cached_head.wrapping_sub(self.tail);
+        if !sound {
+            // In-process this is a bug; across processes ([`shm`]) the other side
+            // may have died mid-write or be a different build: report, never read.
+            assert!(
+                matches!(self.shared.backing, Backing::Mapped { .. }),
+                "ring corrupted: bad record header at offset {rec_off}"
+            );
+            self.corrupt = true;
+            return None;
+        }
         Some(Record {
             rec_off,
             len,
@@ -730,7 +826,10 @@ impl Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        self.shared.consumer_gone.store(true, Ordering::Release);
+        self.shared
+            .ctrl()
+            .consumer_gone
+            .store(true, Ordering::Release);
     }
 }
 
@@ -767,7 +866,7 @@ impl Drop for ReadGrant<'_> {
         let c = &mut *self.consumer;
         c.tail = c.tail.wrapping_add(self.record.advance);
         // Release: our reads of the payload happen-before the producer reuses it.
-        c.shared.tail.store(c.tail, Ordering::Release);
+        c.shared.ctrl().tail.store(c.tail, Ordering::Release);
         let end = self.record.rec_off + HEADER + pad8(self.record.len);
         c.pos = if end == c.shared.capacity { 0 } else { end };
     }
@@ -800,6 +899,159 @@ impl fmt::Debug for ReadGrant<'_> {
             .field("offset", &(self.record.rec_off + HEADER))
             .field("len", &self.record.len)
             .finish()
+    }
+}
+
+/// Rings in memory shared between processes (e.g. a `memfd` mapped by both).
+///
+/// The mapping holds a small preamble (magic, version, layout sizes), the
+/// [`Control`] block and then the arena. The producing process lays it out
+/// with [`shm::producer`]; the consuming process validates it with
+/// [`shm::consumer`]. Both must be built from this source (the preamble's
+/// layout check refuses anything else). The protocol is the in-process one:
+/// each side's counter lives on its own cache line and is published with a
+/// Release store.
+pub mod shm {
+    use super::*;
+
+    /// Magic at offset 0 of a mapping: `"LTRING01"` little-endian.
+    const MAGIC: u64 = u64::from_le_bytes(*b"LTRING01");
+    /// Offset of the control block (its alignment is at most 128).
+    const CTRL_OFF: usize = 128;
+    /// Offset of the arena: after the control block, on a 128-byte boundary.
+    const ARENA_OFF: usize = CTRL_OFF + std::mem::size_of::<Control>().div_ceil(128) * 128;
+    const _: () = assert!(std::mem::align_of::<Control>() <= CTRL_OFF);
+
+    #[repr(C)]
+    struct Preamble {
+        magic: u64,
+        /// `size_of::<Control>()`, so differently built peers refuse each other.
+        control_size: u64,
+        /// [`ARENA_OFF`].
+        arena_off: u64,
+        /// Arena bytes.
+        capacity: u64,
+    }
+
+    /// Bytes a mapping needs for an arena of `capacity_bytes` (rounded up to
+    /// a multiple of 8, at least 16), or `None` if that is too large.
+    pub fn mapping_len(capacity_bytes: usize) -> Option<usize> {
+        if capacity_bytes > MAX_CAPACITY {
+            return None;
+        }
+        ARENA_OFF.checked_add(pad8(capacity_bytes.max(MIN_CAPACITY)))
+    }
+
+    fn check(base: *mut u8, len: usize) -> Result<(), RingError> {
+        if base.is_null() || (base as usize) % CTRL_OFF != 0 {
+            return Err(RingError::BadMapping("mapping is not 128-byte aligned"));
+        }
+        if len < ARENA_OFF + MIN_CAPACITY {
+            return Err(RingError::BadMapping("mapping is too small"));
+        }
+        Ok(())
+    }
+
+    /// Lays out a ring in `base..base + len` and returns its producing half.
+    /// The arena is everything after the preamble and control block
+    /// (`len - ARENA_OFF`, rounded down to a multiple of 8).
+    ///
+    /// # Safety
+    ///
+    /// `base..base + len` must be readable and writable, zero-filled, and not
+    /// accessed by anyone else in this process while the producer lives; the
+    /// consuming side may only access it through [`consumer`]. `release(base,
+    /// len)` must be sound to call once, when the producer is dropped (e.g.
+    /// `munmap`).
+    pub unsafe fn producer(
+        base: *mut u8,
+        len: usize,
+        release: unsafe fn(*mut u8, usize),
+    ) -> Result<Producer, RingError> {
+        check(base, len)?;
+        let capacity = ((len - ARENA_OFF) / HEADER * HEADER).min(MAX_CAPACITY);
+        // SAFETY: `check` established alignment and that the preamble, control
+        // block and a minimal arena lie inside the caller's writable mapping.
+        unsafe {
+            base.cast::<Preamble>().write(Preamble {
+                magic: MAGIC,
+                control_size: std::mem::size_of::<Control>() as u64,
+                arena_off: ARENA_OFF as u64,
+                capacity: capacity as u64,
+            });
+            base.add(CTRL_OFF)
+                .cast::<Control>()
+                .write(Control::default());
+        }
+        let (ctrl, buf) = parts(base)?;
+        let shared = Shared {
+            ctrl,
+            buf,
+            capacity,
+            backing: Backing::Mapped {
+                base: NonNull::new(base).ok_or(RingError::BadMapping("null mapping"))?,
+                len,
+                release,
+            },
+        };
+        Ok(Producer::new(Arc::new(shared), capacity))
+    }
+
+    /// The consuming half of a ring that [`producer`] laid out in a mapping of
+    /// the same memory (usually in another process).
+    ///
+    /// # Safety
+    ///
+    /// `base..base + len` must be a readable and writable mapping of memory
+    /// that a [`producer`] laid out, accessed in this process only through the
+    /// returned consumer; `release(base, len)` must be sound to call once, when
+    /// the consumer is dropped.
+    pub unsafe fn consumer(
+        base: *mut u8,
+        len: usize,
+        release: unsafe fn(*mut u8, usize),
+    ) -> Result<Consumer, RingError> {
+        check(base, len)?;
+        // SAFETY: aligned and in bounds (`check`); any bit pattern is a valid
+        // `Preamble` (plain integers).
+        let pre = unsafe { base.cast::<Preamble>().read_volatile() };
+        if pre.magic != MAGIC {
+            return Err(RingError::BadMapping("no ring magic at the start"));
+        }
+        if pre.control_size != std::mem::size_of::<Control>() as u64
+            || pre.arena_off != ARENA_OFF as u64
+        {
+            return Err(RingError::BadMapping(
+                "ring laid out by a different build (control block layout differs)",
+            ));
+        }
+        let capacity = usize::try_from(pre.capacity)
+            .ok()
+            .filter(|&c| c % HEADER == 0 && c >= MIN_CAPACITY && c <= len - ARENA_OFF)
+            .ok_or(RingError::BadMapping("arena size does not fit the mapping"))?;
+        let (ctrl, buf) = parts(base)?;
+        let shared = Shared {
+            ctrl,
+            buf,
+            capacity,
+            backing: Backing::Mapped {
+                base: NonNull::new(base).ok_or(RingError::BadMapping("null mapping"))?,
+                len,
+                release,
+            },
+        };
+        Ok(Consumer::new(Arc::new(shared)))
+    }
+
+    fn parts(base: *mut u8) -> Result<(NonNull<Control>, NonNull<u8>), RingError> {
+        // SAFETY: both offsets lie inside the mapping (`check`), and `base` is
+        // non-null, so neither pointer is null.
+        unsafe {
+            Ok((
+                NonNull::new_unchecked(base.add(CTRL_OFF).cast::<Control>()),
+                NonNull::new_unchecked(base.add(ARENA_OFF)),
+            ))
+        }
     }
 }
 
@@ -1194,5 +1446,99 @@ mod tests {
         writer.join().unwrap();
         assert_eq!(next, count);
         assert_eq!(c.stats().records, count);
+    }
+
+    /// Stands in for a shared mapping: page-aligned, zeroed heap memory that
+    /// both halves view (the test frees it after both are gone).
+    struct FakeMapping {
+        ptr: *mut u8,
+        layout: Layout,
+    }
+
+    impl FakeMapping {
+        fn new(len: usize) -> Self {
+            let layout = Layout::from_size_align(len, 4096).unwrap();
+            // SAFETY: non-zero size.
+            let ptr = unsafe { alloc::alloc_zeroed(layout) };
+            assert!(!ptr.is_null());
+            Self { ptr, layout }
+        }
+    }
+
+    impl Drop for FakeMapping {
+        fn drop(&mut self) {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { alloc::dealloc(self.ptr, self.layout) }
+        }
+    }
+
+    /// `release` for halves over a [`FakeMapping`]: the mapping frees itself.
+    unsafe fn keep(_: *mut u8, _: usize) {}
+
+    #[test]
+    fn shm_halves_in_one_mapping_round_trip() {
+        let len = shm::mapping_len(1000).unwrap();
+        let m = FakeMapping::new(len);
+        // SAFETY: zeroed, writable, 4096-aligned; the consumer comes from the
+        // same memory after the producer laid it out.
+        let mut p = unsafe { shm::producer(m.ptr, len, keep) }.unwrap();
+        // SAFETY: as above.
+        let mut c = unsafe { shm::consumer(m.ptr, len, keep) }.unwrap();
+        assert_eq!(p.capacity(), c.capacity());
+        assert!(p.capacity() >= 1000);
+        for round in 0..50u64 {
+            let n = (round as usize * 37) % 300;
+            write(&mut p, n, round);
+            let g = c.try_read().expect("record");
+            assert_eq!(g.len(), n);
+            check(&g, round);
+        }
+        p.note_drop();
+        assert_eq!(c.stats().records, 50);
+        assert_eq!(c.stats().drops, 1);
+        drop(p);
+        assert!(c.is_abandoned());
+        assert!(c.try_read().is_none());
+        drop(c);
+    }
+
+    #[test]
+    fn shm_consumer_refuses_what_is_not_a_ring() {
+        let len = shm::mapping_len(256).unwrap();
+        let m = FakeMapping::new(len);
+        // SAFETY: zeroed memory without a preamble: refused, never read past it.
+        let e = unsafe { shm::consumer(m.ptr, len, keep) }.unwrap_err();
+        assert_eq!(e, RingError::BadMapping("no ring magic at the start"));
+        // SAFETY: a mapping too small for the preamble and control block.
+        let e = unsafe { shm::producer(m.ptr, 64, keep) }.unwrap_err();
+        assert_eq!(e, RingError::BadMapping("mapping is too small"));
+        // SAFETY: a producer lays it out; a consumer that maps less than the
+        // arena the preamble claims is refused.
+        let p = unsafe { shm::producer(m.ptr, len, keep) }.unwrap();
+        // SAFETY: as above.
+        let e = unsafe { shm::consumer(m.ptr, len - 8, keep) }.unwrap_err();
+        assert_eq!(
+            e,
+            RingError::BadMapping("arena size does not fit the mapping")
+        );
+        drop(p);
+    }
+
+    #[test]
+    fn shm_consumer_stops_at_a_corrupt_header_instead_of_reading_it() {
+        let len = shm::mapping_len(512).unwrap();
+        let m = FakeMapping::new(len);
+        // SAFETY: as in the round-trip test.
+        let mut p = unsafe { shm::producer(m.ptr, len, keep) }.unwrap();
+        // SAFETY: as above.
+        let mut c = unsafe { shm::consumer(m.ptr, len, keep) }.unwrap();
+        write(&mut p, 16, 1);
+        // The other process scribbles a huge length into the published header.
+        let arena = len - p.capacity();
+        // SAFETY: the first record header sits at the arena's start, in bounds.
+        unsafe { m.ptr.add(arena).cast::<u32>().write(1 << 30) };
+        assert!(c.try_read().is_none());
+        assert!(c.is_corrupt());
+        drop((p, c));
     }
 }
