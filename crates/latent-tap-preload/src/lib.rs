@@ -1,0 +1,53 @@
+//! `liblatent_tap_preload.so`: taps an unmodified llama.cpp program built
+//! with shared libraries (llama.cpp's default on Linux), for example
+//! `llama-server`, and streams the selected latents to `latent-tap listen`.
+//!
+//! ```text
+//! LD_PRELOAD=target/release/liblatent_tap_preload.so LATENT_TAP_SINK=/tmp/lt.sock \
+//!     llama-server -m model.gguf
+//! ```
+//!
+//! How it hooks in (no help from the host): the library defines a few
+//! functions the host calls across shared-library boundaries, so the dynamic
+//! linker binds the host's calls to these definitions first, and each one
+//! calls the host's own definition (`dlsym(RTLD_NEXT)`) after noting what it
+//! needs:
+//! - `llama_decode` and the extended batch API (`llama_batch_ext_*`,
+//!   `llama_process`): the labels (token, position, sequence, output) of each
+//!   batch;
+//! - `llama_memory_seq_rm` / `llama_memory_clear`: request boundaries;
+//! - `ggml_backend_sched_set_eval_callback`: the host's own callback, kept and
+//!   chained;
+//! - `ggml_backend_sched_graph_compute(_async)`: per graph, whether a listener
+//!   is attached; only then is the tap's eval callback installed for that
+//!   graph, so with no listener the host computes exactly as without the tap.
+//!
+//! Everything the tap does is best-effort and isolated: a panic, a layout it
+//! does not recognise or a listener that goes away turns it into a logged
+//! no-op; the host's calls always go through. Frames that do not fit in the
+//! ring are dropped and counted (drop-newest), never waited for.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_debug_implementations)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+// The llama-free parts of latent-tap, compiled from the main crate's sources
+// (as scripts/miri-ring and the fuzz targets do): selection, ring, records
+// and the attach wire.
+#[path = "../../../src/error.rs"]
+pub mod error;
+#[path = "../../../src/record.rs"]
+pub mod record;
+#[path = "../../../src/ring.rs"]
+pub mod ring;
+#[path = "../../../src/select.rs"]
+pub mod select;
+#[path = "../../../src/attach/wire.rs"]
+pub mod wire;
+
+pub mod config;
+pub mod host;
+pub mod labels;
+pub mod link;
+mod tap;
+
+pub use tap::interpose;
