@@ -1,0 +1,287 @@
+//! The LD_PRELOAD tap (`crates/latent-tap-preload`) on a fake shared-library
+//! llama.cpp program (`tests/attach/`: libllama / libggml-base stand-ins
+//! compiled against the vendored headers), so these run in CI in seconds.
+//! `scripts/test-attach` does the same against a real llama-server.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::bin;
+
+/// The preload library the workspace build produced beside the binary.
+fn preload() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_latent-tap")).with_file_name("liblatent_tap_preload.so");
+    assert!(
+        p.exists(),
+        "{} is missing: `cargo test --release` at the workspace root builds it \
+         (or `cargo build --release -p latent-tap-preload`)",
+        p.display()
+    );
+    p
+}
+
+/// The vendored llama.cpp headers (llama.h, ggml.h, ggml-backend.h).
+fn include_dirs() -> Vec<PathBuf> {
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cargo metadata failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pkg = v["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "llama-cpp-sys-2")
+        .expect("llama-cpp-sys-2 in the dependency graph");
+    let dir = Path::new(pkg["manifest_path"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .join("llama.cpp");
+    vec![dir.join("include"), dir.join("ggml/include")]
+}
+
+fn cc(args: &[&str], dir: &Path) {
+    let mut c = Command::new("cc");
+    c.args(["-O1", "-Wall", "-Wextra", "-Werror"]);
+    for d in include_dirs() {
+        c.arg(format!("-I{}", d.display()));
+    }
+    let st = c.args(args).current_dir(dir).status().unwrap();
+    assert!(st.success(), "cc {args:?} failed");
+}
+
+/// Builds the fake host once: `DIR/fake_host` (and, with `broken`, a
+/// libggml-base without `ggml_graph_node`).
+fn fake(broken: bool) -> PathBuf {
+    static DIRS: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
+    DIRS[broken as usize]
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!(
+                "latent-tap-fake-host-{}-{}",
+                std::process::id(),
+                broken as u8
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/attach");
+            let s = |f: &str| src.join(f).display().to_string();
+            let rpath = format!("-Wl,-rpath,{}", dir.display());
+            let mut ggml = vec!["-shared", "-fPIC", "-o", "libggml-base.so"];
+            let g = s("fake_ggml.c");
+            ggml.push(&g);
+            if broken {
+                ggml.push("-DOMIT_GRAPH_NODE");
+            }
+            cc(&ggml, &dir);
+            let l = s("fake_llama.c");
+            cc(
+                &[
+                    "-shared",
+                    "-fPIC",
+                    "-o",
+                    "libllama.so",
+                    &l,
+                    "-L.",
+                    "-lggml-base",
+                    &rpath,
+                ],
+                &dir,
+            );
+            let h = s("fake_host.c");
+            cc(
+                &[
+                    "-o",
+                    "fake_host",
+                    &h,
+                    "-L.",
+                    "-lllama",
+                    "-lggml-base",
+                    &rpath,
+                ],
+                &dir,
+            );
+            dir.join("fake_host")
+        })
+        .clone()
+}
+
+/// Runs the fake host for `steps` decode steps.
+fn host(broken: bool, steps: u32, sleep_ms: u32, env: &[(&str, &str)], tap: bool) -> Output {
+    let mut c = Command::new(fake(broken));
+    c.args([steps.to_string(), sleep_ms.to_string()])
+        .env("FAKE_HOST_CB", "1")
+        .env_remove("LD_PRELOAD");
+    if tap {
+        c.env("LD_PRELOAD", preload());
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "fake host failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tmp_sock(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("lt-attach-{}-{tag}.sock", std::process::id()))
+}
+
+#[test]
+fn without_a_listener_the_host_runs_untouched() {
+    let sock = tmp_sock("none");
+    let plain = host(false, 5, 0, &[], false);
+    let tapped = host(
+        false,
+        5,
+        0,
+        &[("LATENT_TAP_SINK", sock.to_str().unwrap())],
+        true,
+    );
+    // The host's own eval callback saw the same calls and the same values.
+    assert_eq!(plain.stdout, tapped.stdout);
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("callback calls 9,"));
+    let log = stderr(&tapped);
+    assert!(log.contains("latent-tap: loaded: tensors l_out-*"), "{log}");
+    assert!(!log.contains("attached"), "{log}");
+}
+
+#[test]
+fn a_host_missing_a_symbol_is_a_logged_no_op() {
+    let plain = host(true, 3, 0, &[], false);
+    let tapped = host(true, 3, 0, &[], true);
+    assert_eq!(plain.stdout, tapped.stdout);
+    let log = stderr(&tapped);
+    assert!(
+        log.contains("latent-tap: ggml_graph_node is not in this process")
+            && log.contains("the tap is off"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_program_without_shared_llama_cpp_is_a_logged_no_op() {
+    // latent-tap itself links llama.cpp statically: nothing to interpose.
+    let out = bin()
+        .arg("--help")
+        .env("LD_PRELOAD", preload())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let log = stderr(&out);
+    assert!(
+        log.contains("is not in this process (not a shared-library llama.cpp program?)"),
+        "{log}"
+    );
+}
+
+#[test]
+fn bad_settings_turn_the_tap_off_with_the_variable_named() {
+    let plain = host(false, 2, 0, &[], false);
+    for (k, v) in [("LATENT_TAP_DTYPE", "f64"), ("LATENT_TAP_RING_MB", "0")] {
+        let tapped = host(false, 2, 0, &[(k, v)], true);
+        assert_eq!(plain.stdout, tapped.stdout);
+        let log = stderr(&tapped);
+        assert!(log.contains(k) && log.contains("the tap is off"), "{log}");
+    }
+}
+
+/// A listener that accepts and never reads: the ring fills, frames are
+/// dropped and counted, the host never waits.
+#[test]
+fn a_listener_that_never_reads_costs_the_host_nothing_but_drops() {
+    let sock = tmp_sock("stuck");
+    let _ = std::fs::remove_file(&sock);
+    let l = UnixListener::bind(&sock).unwrap();
+    let plain = host(false, 3000, 0, &[], false);
+    let path = sock.clone();
+    let child = std::thread::spawn(move || {
+        host(
+            false,
+            3000,
+            1,
+            &[
+                ("LATENT_TAP_SINK", path.to_str().unwrap()),
+                ("LATENT_TAP_RING_MB", "1"),
+                ("LATENT_TAP_TENSORS", "l_out-*,inp_embd"),
+            ],
+            true,
+        )
+    });
+    let (conn, _) = l.accept().unwrap();
+    // Hold the connection (and with it the host's ring) for a while, then leave.
+    std::thread::sleep(Duration::from_millis(2000));
+    drop(conn);
+    let tapped = child.join().unwrap();
+    assert_eq!(plain.stdout, tapped.stdout);
+    let log = stderr(&tapped);
+    let left = log
+        .lines()
+        .find(|l| l.contains("listener 1 left after"))
+        .unwrap_or_else(|| panic!("{log}"));
+    // "listener 1 left after N frames (M dropped)"
+    let nums: Vec<u64> = left
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let (frames, dropped) = (nums[1], nums[2]);
+    assert!(dropped > 0 && frames > dropped, "{left}");
+    let _ = std::fs::remove_file(&sock);
+}
+
+/// llama.cpp's split_equal (several KV streams) may reorder a batch's rows:
+/// the tap notices and stops rather than mislabel them.
+#[test]
+fn reordered_rows_turn_the_tap_off_instead_of_mislabelling() {
+    let sock = tmp_sock("reorder");
+    let _ = std::fs::remove_file(&sock);
+    let l = UnixListener::bind(&sock).unwrap();
+    l.set_nonblocking(true).unwrap();
+    let plain = host(false, 3, 0, &[("FAKE_REORDER", "1")], false);
+    let tapped = host(
+        false,
+        3,
+        0,
+        &[
+            ("LATENT_TAP_SINK", sock.to_str().unwrap()),
+            ("FAKE_REORDER", "1"),
+        ],
+        true,
+    );
+    assert_eq!(plain.stdout, tapped.stdout);
+    let log = stderr(&tapped);
+    assert!(
+        log.contains("cannot label rows: row 1 of the graph is not the next token of the batch"),
+        "{log}"
+    );
+    // It had attached (a listener was there), then went quiet for good.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut conn = loop {
+        match l.accept() {
+            Ok((c, _)) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("the host never connected: {e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).unwrap();
+    // The hello and nothing more: no frame was ever labelled.
+    let hello: serde_json::Value = serde_json::from_slice(&rest).unwrap();
+    assert_eq!(hello["format"], "latent-tap-attach/1");
+    let _ = std::fs::remove_file(&sock);
+}
