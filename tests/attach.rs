@@ -285,3 +285,21 @@ fn reordered_rows_turn_the_tap_off_instead_of_mislabelling() {
     assert_eq!(hello["format"], "latent-tap-attach/1");
     let _ = std::fs::remove_file(&sock);
 }
+
+/// The preload reads `struct ggml_tensor` and `struct llama_batch` through its
+/// own mirrors (it links no llama.cpp): they match the vendored headers.
+#[test]
+fn the_preloads_struct_mirrors_match_the_vendored_headers() {
+    use llama_cpp_sys_2 as sys;
+    assert_eq!(std::mem::size_of::<sys::ggml_tensor>(), 336);
+    assert_eq!(std::mem::offset_of!(sys::ggml_tensor, name), 256);
+    assert_eq!(std::mem::offset_of!(sys::ggml_tensor, data), 248);
+    assert_eq!(std::mem::offset_of!(sys::ggml_tensor, src), 152);
+    assert_eq!(std::mem::offset_of!(sys::ggml_tensor, ne), 16);
+    assert_eq!(std::mem::offset_of!(sys::ggml_tensor, nb), 48);
+    assert_eq!(std::mem::size_of::<sys::llama_batch>(), 56);
+    assert_eq!(std::mem::offset_of!(sys::llama_batch, logits), 48);
+    // ggml_tensor_overhead() = sizeof(ggml_object) + sizeof(ggml_tensor).
+    // SAFETY: a pure query.
+    assert_eq!(unsafe { sys::ggml_tensor_overhead() }, 336 + 32);
+}

@@ -188,6 +188,11 @@ mod tests {
         // release since the `grad` fields left the struct.
         assert_eq!(std::mem::size_of::<Tensor>(), 336);
         assert_eq!(std::mem::offset_of!(Tensor, name), 256);
+        assert_eq!(std::mem::offset_of!(Tensor, data), 248);
+        assert_eq!(std::mem::offset_of!(Tensor, src), 152);
+        assert_eq!(std::mem::offset_of!(Tensor, ne), 16);
+        assert_eq!(std::mem::offset_of!(Tensor, nb), 48);
+        assert_eq!(std::mem::offset_of!(LlamaBatch, logits), 48);
         assert_eq!(std::mem::size_of::<LlamaBatch>(), 56);
     }
 }
