@@ -243,46 +243,27 @@ fn a_listener_that_never_reads_costs_the_host_nothing_but_drops() {
     let _ = std::fs::remove_file(&sock);
 }
 
-/// llama.cpp's split_equal (several KV streams) may reorder a batch's rows:
-/// the tap notices and stops rather than mislabel them.
+/// llama.cpp's split_equal (several KV streams) may reorder a batch's rows;
+/// rows that then match several sequences (same token, same position) are
+/// not labelled: those graphs are skipped, never mislabelled.
 #[test]
-fn reordered_rows_turn_the_tap_off_instead_of_mislabelling() {
+fn reordered_rows_that_match_several_sequences_are_skipped() {
     let sock = tmp_sock("reorder");
     let _ = std::fs::remove_file(&sock);
     let l = UnixListener::bind(&sock).unwrap();
     l.set_nonblocking(true).unwrap();
-    let plain = host(false, 3, 0, &[("FAKE_REORDER", "1")], false);
-    let tapped = host(
-        false,
-        3,
-        0,
-        &[
-            ("LATENT_TAP_SINK", sock.to_str().unwrap()),
-            ("FAKE_REORDER", "1"),
-        ],
-        true,
-    );
+    let env = [("FAKE_REORDER", "1"), ("FAKE_SAME", "1")];
+    let plain = host(false, 3, 0, &env, false);
+    let mut tapped_env = env.to_vec();
+    tapped_env.push(("LATENT_TAP_SINK", sock.to_str().unwrap()));
+    let tapped = host(false, 3, 0, &tapped_env, true);
     assert_eq!(plain.stdout, tapped.stdout);
     let log = stderr(&tapped);
     assert!(
-        log.contains("cannot label rows: row 1 of the graph is not the next token of the batch"),
+        log.contains("a graph was not tapped: llama.cpp reordered the batch")
+            && log.contains("same token and position in several sequences"),
         "{log}"
     );
-    // It had attached (a listener was there), then went quiet for good.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut conn = loop {
-        match l.accept() {
-            Ok((c, _)) => break c,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("the host never connected: {e}"),
-        }
-    };
-    conn.set_nonblocking(false).unwrap();
-    let mut rest = Vec::new();
-    conn.read_to_end(&mut rest).unwrap();
-    // The hello and nothing more: no frame was ever labelled.
-    let hello: serde_json::Value = serde_json::from_slice(&rest).unwrap();
-    assert_eq!(hello["format"], "latent-tap-attach/1");
     let _ = std::fs::remove_file(&sock);
 }
 

@@ -45,7 +45,9 @@ int main(int argc, char ** argv) {
     llama_memory_seq_rm(NULL, 1, 0, -1);
     int n = 0;
     for (int i = 0; i < 6; i++) { tok[n] = 10 + i; pos[n] = i; sid[n] = 0; logits[n] = i == 5; n++; }
-    for (int i = 0; i < 7; i++) { tok[n] = 50 + i; pos[n] = i; sid[n] = 1; logits[n] = i == 6; n++; }
+    // FAKE_SAME=1: both prompts start alike (as with a shared system prompt).
+    int base1 = getenv("FAKE_SAME") ? 10 : 50;
+    for (int i = 0; i < 7; i++) { tok[n] = base1 + i; pos[n] = i; sid[n] = 1; logits[n] = i == 6; n++; }
     for (int i = 0; i < n; i++) nseq[i] = 1;
     struct llama_batch b = { n, tok, NULL, pos, nseq, sids, logits };
     if (llama_decode(NULL, b) != 0) { fprintf(stderr, "decode failed\n"); return 1; }

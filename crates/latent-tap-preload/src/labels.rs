@@ -27,10 +27,13 @@ pub struct Label {
 /// Position not given by the caller.
 pub const POS_UNSET: i32 = i32::MIN;
 
-/// A batch's labels, and how many of them the graphs computed so far took.
+/// A batch's labels, and which of them the graphs computed so far took.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
     pub labels: Vec<Label>,
+    /// Per label: a graph took it.
+    pub used: Vec<bool>,
+    /// Labels before this index are all used.
     pub taken: usize,
     /// Labels are known (a batch was seen for the current decode).
     pub active: bool,
@@ -57,8 +60,12 @@ pub enum Mismatch {
     NoBatch,
     /// The graph has more rows than the batch has labels left.
     Short { need: usize, left: usize },
-    /// Row `row` of the graph is not the next token of the batch.
-    Reordered { row: usize },
+    /// Row `row` of the graph is no token of the batch that is still to come.
+    Unknown { row: usize },
+    /// The graph's rows are not in batch order, and row `row` matches more
+    /// than one token of the batch (same token and position in several
+    /// sequences): its sequence is unknown.
+    Ambiguous { row: usize },
 }
 
 impl std::fmt::Display for Mismatch {
@@ -69,10 +76,15 @@ impl std::fmt::Display for Mismatch {
                 f,
                 "a graph of {need} rows, but the batch has {left} tokens left"
             ),
-            Self::Reordered { row } => write!(
+            Self::Unknown { row } => write!(
                 f,
-                "row {row} of the graph is not the next token of the batch: llama.cpp reordered \
-                 the batch (several KV streams: -np N without -kvu?)"
+                "row {row} of the graph is no token of the batch being decoded"
+            ),
+            Self::Ambiguous { row } => write!(
+                f,
+                "llama.cpp reordered the batch (several KV streams: -np N without -kvu) and row \
+                 {row} has the same token and position in several sequences, so its sequence is \
+                 unknown; such graphs are skipped (-kvu keeps batch order)"
             ),
         }
     }
@@ -82,6 +94,7 @@ impl Batch {
     /// Start a new batch (keeps the allocation).
     pub fn reset(&mut self) {
         self.labels.clear();
+        self.used.clear();
         self.taken = 0;
         self.active = true;
     }
@@ -106,28 +119,71 @@ impl Batch {
     /// Take the labels of the next ubatch, checked against the graph's own
     /// inputs, into `out` (one per graph row; positions from the graph when
     /// the batch did not give them).
+    ///
+    /// llama.cpp keeps batch order with one KV stream (`split_simple`): the
+    /// next `n_tokens` labels, which must agree with the graph's tokens and
+    /// positions. With several streams (`split_equal`) it may take tokens out
+    /// of order: then each row is matched to the one unused label with its
+    /// token and position; a row that matches none or several is refused.
     pub fn take(&mut self, g: &GraphRows, out: &mut Vec<Label>) -> Result<(), Mismatch> {
         out.clear();
         if !self.active {
             return Err(Mismatch::NoBatch);
         }
+        self.used.resize(self.labels.len(), false);
         let n = g.n_tokens;
-        let left = self.labels.len() - self.taken;
+        let left = self.used[self.taken..].iter().filter(|u| !**u).count();
         if n > left {
             return Err(Mismatch::Short { need: n, left });
         }
-        let next = &self.labels[self.taken..self.taken + n];
-        for (row, l) in next.iter().enumerate() {
-            let tok_ok = g.tokens.get(row).map_or(true, |&t| t == l.token);
-            let pos_ok = l.pos == POS_UNSET || g.pos.get(row).map_or(true, |&p| p == l.pos);
-            if !(tok_ok && pos_ok) {
-                return Err(Mismatch::Reordered { row });
+        let agrees = |l: &Label, row: usize| {
+            g.tokens.get(row).map_or(true, |&t| t == l.token)
+                && (l.pos == POS_UNSET || g.pos.get(row).map_or(true, |&p| p == l.pos))
+        };
+        // Batch order: the next n unused labels.
+        let next: Vec<usize> = (self.taken..self.labels.len())
+            .filter(|&i| !self.used[i])
+            .take(n)
+            .collect();
+        let in_order = next
+            .iter()
+            .enumerate()
+            .all(|(row, &i)| agrees(&self.labels[i], row));
+        let picked = if in_order {
+            next
+        } else {
+            if g.tokens.len() < n || g.pos.len() < n {
+                return Err(Mismatch::Unknown { row: 0 });
             }
-            let mut l = *l;
+            let mut picked = Vec::with_capacity(n);
+            for row in 0..n {
+                let mut found = None;
+                for i in self.taken..self.labels.len() {
+                    let l = &self.labels[i];
+                    if self.used[i] || picked.contains(&i) || l.pos == POS_UNSET {
+                        continue;
+                    }
+                    if l.token == g.tokens[row] && l.pos == g.pos[row] {
+                        if found.is_some() {
+                            return Err(Mismatch::Ambiguous { row });
+                        }
+                        found = Some(i);
+                    }
+                }
+                picked.push(found.ok_or(Mismatch::Unknown { row })?);
+            }
+            picked
+        };
+        for (row, &i) in picked.iter().enumerate() {
+            self.used[i] = true;
+            let mut l = self.labels[i];
             if l.pos == POS_UNSET {
                 l.pos = g.pos.get(row).copied().unwrap_or(POS_UNSET);
             }
             out.push(l);
+        }
+        while self.taken < self.used.len() && self.used[self.taken] {
+            self.taken += 1;
         }
         // Output rows are what the graph computes logits for (llama.cpp may
         // force one, e.g. the last token, when the caller flagged none).
@@ -141,7 +197,6 @@ impl Batch {
                 }
             }
         }
-        self.taken += n;
         Ok(())
     }
 }
@@ -204,8 +259,8 @@ mod tests {
     }
 
     #[test]
-    fn a_reordered_ubatch_is_refused_not_mislabelled() {
-        // split_equal takes one token of each sequence: rows 0, 2 of the batch.
+    fn a_reordered_ubatch_is_matched_by_token_and_position() {
+        // split_equal takes one token of each sequence: rows 0, 2, then 1, 3.
         let mut b = batch(&[
             (10, 0, 0, false),
             (11, 1, 0, true),
@@ -213,20 +268,43 @@ mod tests {
             (21, 1, 1, true),
         ]);
         let mut out = Vec::new();
+        b.take(&rows(&[10, 20], &[0, 0], &[]), &mut out).unwrap();
         assert_eq!(
-            b.take(&rows(&[10, 20], &[0, 0], &[]), &mut out),
-            Err(Mismatch::Reordered { row: 1 })
+            out.iter().map(|l| (l.seq, l.token)).collect::<Vec<_>>(),
+            [(0, 10), (1, 20)]
         );
-        // Same tokens, positions differ: still caught.
+        b.take(&rows(&[11, 21], &[1, 1], &[0, 1]), &mut out)
+            .unwrap();
+        assert_eq!(
+            out.iter()
+                .map(|l| (l.seq, l.token, l.output))
+                .collect::<Vec<_>>(),
+            [(0, 11, true), (1, 21, true)]
+        );
+        assert_eq!(b.taken, 4);
+    }
+
+    #[test]
+    fn rows_that_match_several_sequences_or_none_are_refused() {
+        // Same token at the same position in both sequences, out of order.
         let mut b = batch(&[
             (7, 0, 0, false),
-            (7, 1, 0, true),
+            (8, 1, 0, true),
             (7, 0, 1, false),
-            (7, 1, 1, true),
+            (9, 1, 1, true),
         ]);
+        let mut out = Vec::new();
         assert_eq!(
             b.take(&rows(&[7, 7], &[0, 0], &[]), &mut out),
-            Err(Mismatch::Reordered { row: 1 })
+            Err(Mismatch::Ambiguous { row: 0 })
+        );
+        // Nothing was consumed: batch order still works.
+        b.take(&rows(&[7, 8], &[0, 1], &[]), &mut out).unwrap();
+        assert_eq!(out[1].seq, 0);
+        let mut b = batch(&[(1, 0, 0, false), (2, 1, 0, false)]);
+        assert_eq!(
+            b.take(&rows(&[2, 3], &[1, 2], &[]), &mut out),
+            Err(Mismatch::Unknown { row: 1 })
         );
     }
 

@@ -62,6 +62,8 @@ struct State {
     /// Frames produced on this connection, dropped ones included.
     frame_seq: u64,
     frames_dropped: u64,
+    /// Graphs computed while attached whose rows could not be labelled.
+    graphs_skipped: u64,
     /// The current graph's inputs and row labels (empty labels: not tapped).
     rows: GraphRows,
     labels: Vec<Label>,
@@ -269,8 +271,9 @@ unsafe fn prepare(st: &mut State, h: &Host, cfg: &Config, graph: *mut c_void) ->
             if !link.alive() {
                 let drops = link.producer.stats().drops;
                 log(&format!(
-                    "listener {} left after {} frames ({drops} dropped); waiting for the next one",
-                    link.connection, st.frame_seq
+                    "listener {} left after {} frames ({drops} dropped, {} graphs unlabelled); \
+                     waiting for the next one",
+                    link.connection, st.frame_seq, st.graphs_skipped
                 ));
                 st.link = None;
             }
@@ -282,6 +285,7 @@ unsafe fn prepare(st: &mut State, h: &Host, cfg: &Config, graph: *mut c_void) ->
                 st.connections += 1;
                 st.frame_seq = 0;
                 st.frames_dropped = 0;
+                st.graphs_skipped = 0;
                 st.unlabelled_logged = false;
                 st.next_check_ms = now + LIVENESS_INTERVAL_MS;
                 log(&format!(
@@ -333,12 +337,13 @@ unsafe fn prepare(st: &mut State, h: &Host, cfg: &Config, graph: *mut c_void) ->
     });
     match taken {
         Ok(()) => true,
-        Err(m @ Mismatch::Reordered { .. }) => {
+        Err(m @ Mismatch::Unknown { .. }) => {
             turn_off(st, format!("cannot label rows: {m}"));
             false
         }
         Err(m) => {
             st.labels.clear();
+            st.graphs_skipped += 1;
             if !st.unlabelled_logged {
                 st.unlabelled_logged = true;
                 log(&format!("a graph was not tapped: {m}"));
