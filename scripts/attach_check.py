@@ -1,0 +1,483 @@
+#!/usr/bin/env python3
+"""Check a latent-tap run (`latent-tap listen --out DIR`, or `capture --prompts`)
+against what the model served.
+
+Two sources of truth for the requests:
+
+  --requests FILE   JSON written by scripts/attach_client.py: a list of
+                    {"prompt": str, "prompt_tokens": [ids] (POST /tokenize with
+                    add_special), "response": <llama-server /completion reply
+                    with return_tokens and n_probs >= 1>}
+  --from-capture    take prompts and generated tokens from the run's own
+                    tokens.jsonl (a `latent-tap capture --prompts` run): used to
+                    validate this checker where no listener exists
+
+Checks:
+  rows   for every request, the rows of each captured l_out-K (K < last layer)
+         lie in one request-level group (NAME.prompt) and one sequence, with
+         positions 0..n-1, and the run's input tokens at those positions are the
+         tokenized prompt followed by the generated tokens (n = prompt +
+         generated - 1, or + generated when the last one was fed back too)
+  lens   for each generation step, the last layer's l_out row at that step's
+         position, put through the model's final RMSNorm (output_norm.weight,
+         eps from the GGUF; converted Gemma weights already hold the +1) and the
+         output matrix (output.weight, or the tied token_embd.weight, dequantized
+         with gguf-py), has its argmax at the token the server produced. Also
+         compares the log-softmax of that token with the server's logprob.
+  same   (--compare FILE) the responses of a run without the preload give the
+         same generated tokens (and content) as --requests
+
+Needs python3 + numpy; gguf-py (llama.cpp's gguf-py folder, numpy only) from
+--gguf-py, $GGUF_PY, an installed `gguf`, or the test-attach cache folder.
+Exit status 0 on PASS, 1 on FAIL, 2 on a usage / input error.
+"""
+
+import argparse
+import glob
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
+
+
+def die(msg):
+    print(f"attach_check: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------- run reading
+
+
+def read_shard(path):
+    """{name: array} of one safetensors file (numpy, whole file read)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        blob = f.read()
+    out = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = h["data_offsets"]
+        dt = np.dtype(_DTYPES[h["dtype"]]).newbyteorder("<")
+        arr = np.frombuffer(blob[a:b], dtype=dt).reshape(h["shape"])
+        if h["dtype"] == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        out[name] = arr.astype(np.float32) if arr.dtype.kind == "f" else arr.astype(np.int64)
+    return out
+
+
+class RunData:
+    def __init__(self, d):
+        mpath = os.path.join(d, "manifest.json")
+        if not os.path.exists(mpath):
+            die(f"{d}: no manifest.json (did the listener finish writing the run?)")
+        with open(mpath) as f:
+            self.manifest = json.load(f)
+        shards = sorted(glob.glob(os.path.join(d, "latents-*.safetensors")))
+        if not shards:
+            die(f"{d}: no latents-*.safetensors")
+        self.rows = {}  # name -> dict(x, pos, seq, prompt)
+        for s in shards:
+            for name, arr in read_shard(s).items():
+                if name.endswith((".pos", ".seq", ".prompt")):
+                    base, col = name.rsplit(".", 1)
+                else:
+                    base, col = name, "x"
+                self.rows.setdefault(base, {}).setdefault(col, []).append(arr)
+        for base, cols in self.rows.items():
+            for col in list(cols):
+                cols[col] = np.concatenate(cols[col], axis=0)
+            missing = {"x", "pos", "seq", "prompt"} - set(cols)
+            if missing:
+                die(f"{d}: tensor {base} lacks column(s) {sorted(missing)}")
+        self.tokens = {}  # (prompt_index, pos) -> token
+        self.token_lines = []
+        tpath = os.path.join(d, "tokens.jsonl")
+        if not os.path.exists(tpath):
+            die(f"{d}: no tokens.jsonl")
+        with open(tpath) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                t = json.loads(line)
+                self.token_lines.append(t)
+                self.tokens[(int(t["prompt_index"]), int(t["pos"]))] = int(t["token"])
+
+    def layer_names(self):
+        out = []
+        for name in self.rows:
+            if name.startswith("l_out-") and name[6:].isdigit():
+                out.append((int(name[6:]), name))
+        return [n for _, n in sorted(out)]
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Request:
+    def __init__(self, label, prompt_tokens, generated, top_ids=None, logprobs=None, content=None):
+        self.label = label
+        self.prompt_tokens = [int(t) for t in prompt_tokens]
+        self.generated = [int(t) for t in generated]
+        self.top_ids = top_ids  # per step: server's top-1 id (pre-sampling), or None
+        self.logprobs = logprobs  # per step: server's logprob of the generated token, or None
+        self.content = content
+
+
+def requests_from_file(path):
+    with open(path) as f:
+        items = json.load(f)
+    reqs = []
+    for i, it in enumerate(items):
+        r = it["response"]
+        gen = r.get("tokens") or []
+        if not gen and r.get("tokens_predicted", 0) > 0:
+            die(f"{path}: request {i} has no 'tokens' (send return_tokens: true)")
+        probs = r.get("completion_probabilities")
+        top_ids = logprobs = None
+        if probs is not None:
+            if len(probs) == len(gen):
+                top_ids = [p["top_logprobs"][0]["id"] if p.get("top_logprobs") else None for p in probs]
+                logprobs = [p.get("logprob") for p in probs]
+                for k, p in enumerate(probs):
+                    if p.get("id") is not None and p["id"] != gen[k]:
+                        die(f"{path}: request {i}: completion_probabilities[{k}].id {p['id']} != tokens[{k}] {gen[k]}")
+            else:
+                print(f"note: request {i}: {len(probs)} completion_probabilities for {len(gen)} tokens "
+                      "(incomplete UTF-8 steps have none); using the generated tokens only", file=sys.stderr)
+        label = f"request {i} ({it['prompt'][:40]!r})"
+        reqs.append(Request(label, it["prompt_tokens"], gen, top_ids, logprobs, r.get("content")))
+    return reqs
+
+
+def requests_from_capture(run):
+    by = {}
+    for t in run.token_lines:
+        by.setdefault(int(t["prompt_index"]), []).append(t)
+    reqs = []
+    for p in sorted(by):
+        ts = sorted(by[p], key=lambda t: t["pos"])
+        prompt = [t["token"] for t in ts if t["prompt"]]
+        gen = [t for t in ts if not t["prompt"]]
+        top = [t["top"][0][0] if t.get("top") else None for t in gen]
+        lp = [t.get("logprob") for t in gen]
+        reqs.append(Request(f"prompt {p}", prompt, [t["token"] for t in gen], top, lp))
+    return reqs
+
+
+# ---------------------------------------------------------------- model (gguf)
+
+
+def import_gguf(path):
+    cands = []
+    if path:
+        cands.append(path)
+    if os.environ.get("GGUF_PY"):
+        cands.append(os.environ["GGUF_PY"])
+    cache = os.environ.get("LATENT_TAP_CACHE", os.path.expanduser("~/.cache/latent-tap"))
+    cands += sorted(glob.glob(os.path.join(cache, "llama-server-*", "src", "*", "llama.cpp", "gguf-py")), reverse=True)
+    cands += sorted(glob.glob(os.path.join(cache, "llama-server-*", "*", "llama.cpp", "gguf-py")), reverse=True)
+    for c in cands:
+        if os.path.isdir(os.path.join(c, "gguf")):
+            sys.path.insert(0, c)
+            break
+    try:
+        import gguf  # noqa: F401
+        from gguf.quants import dequantize  # noqa: F401
+    except ImportError as e:
+        die(f"cannot import gguf-py ({e}); pass --gguf-py /path/to/llama.cpp/gguf-py (tried {cands})")
+    import gguf
+
+    return gguf
+
+
+def quantize_activations(x, wtype):
+    """Round x [m, n] as ggml's CPU matmul does before a dot with weights of
+    type wtype: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 quantize the activations to Q8_0/Q8_1
+    (blocks of 32, scale max|x|/127 stored as f16), K-quants to Q8_K (blocks of
+    256, scale -max/127 in f32 where max is the element of largest magnitude).
+    Float weights: x unchanged. This takes the lens' logprobs from ~1e-2 to
+    ~1e-3 of the server's."""
+    m, n = x.shape
+    if wtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") and n % 32 == 0:
+        b = x.reshape(m, n // 32, 32).astype(np.float32)
+        d = (np.abs(b).max(axis=-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+        return (np.round(b * inv) * d).reshape(m, n)
+    if wtype.endswith("_K") and n % 256 == 0:
+        b = x.reshape(m, n // 256, 256).astype(np.float32)
+        idx = np.abs(b).argmax(axis=-1)[..., None]
+        mx = np.take_along_axis(b, idx, axis=-1)
+        iscale = np.divide(-127.0, mx, out=np.zeros_like(mx), where=mx != 0)
+        q = np.minimum(np.round(iscale * b), 127)  # ggml: nearest_int, then MIN(127, ...)
+        d = np.divide(1.0, iscale, out=np.zeros_like(iscale), where=iscale != 0)
+        return (q * d).reshape(m, n)
+    return x
+
+
+class Head:
+    """Final norm + output matrix of a GGUF model, for the logit lens."""
+
+    def __init__(self, model_path, gguf_path, act_quant=True):
+        self.act_quant = act_quant
+        gguf = import_gguf(gguf_path)
+        self.gguf = gguf
+        r = gguf.GGUFReader(model_path)
+        self.reader = r
+
+        def field(key, default=None):
+            f = r.fields.get(key)
+            return default if f is None else f.contents()
+
+        self.arch = field("general.architecture")
+        a = self.arch
+        self.n_layer = int(field(f"{a}.block_count"))
+        self.n_embd = int(field(f"{a}.embedding_length"))
+        self.eps = field(f"{a}.attention.layer_norm_rms_epsilon")
+        if self.eps is None:
+            die(f"{model_path}: no {a}.attention.layer_norm_rms_epsilon (this check assumes an RMSNorm model)")
+        self.softcap = field(f"{a}.final_logit_softcapping", 0.0) or 0.0
+        tensors = {t.name: t for t in r.tensors}
+        self.norm_w = np.array(tensors["output_norm.weight"].data, dtype=np.float32).reshape(-1)
+        self.out = tensors.get("output.weight")
+        self.tied = self.out is None
+        if self.tied:
+            self.out = tensors["token_embd.weight"]
+        self.n_vocab = int(self.out.shape[-1])  # gguf shape is [n_embd, n_vocab]
+
+    def normed(self, h):
+        h = h.astype(np.float32)
+        ms = np.mean(h.astype(np.float64) ** 2, axis=-1, keepdims=True)
+        return (h / np.sqrt(ms + self.eps)).astype(np.float32) * self.norm_w
+
+    def logits(self, hs, chunk_rows=16384):
+        """[m, n_vocab] logits for hidden rows hs [m, n_embd], dequantizing the
+        output matrix a chunk of vocab rows at a time."""
+        data = self.out.data  # [n_vocab, row_bytes] for quantized, [n_vocab, n_embd] for float
+        qt = self.out.tensor_type
+        x = self.normed(np.asarray(hs))
+        if self.act_quant:
+            x = quantize_activations(x, qt.name)
+        x = x.T.copy()  # [n_embd, m]
+        out = np.empty((x.shape[1], self.n_vocab), dtype=np.float32)
+        for a in range(0, self.n_vocab, chunk_rows):
+            b = min(a + chunk_rows, self.n_vocab)
+            w = self.gguf.quants.dequantize(np.asarray(data[a:b]), qt).astype(np.float32, copy=False)
+            w = w.reshape(b - a, self.n_embd)
+            out[:, a:b] = (w @ x).T
+        if self.softcap:
+            out = np.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+# ---------------------------------------------------------------- checks
+
+
+def group_rows(run, name):
+    c = run.rows[name]
+    groups = {}
+    for i, p in enumerate(c["prompt"]):
+        groups.setdefault(int(p), []).append(i)
+    return {p: np.array(ix) for p, ix in groups.items()}
+
+
+def find_group(run, req, first_layer):
+    """The prompt_index whose rows of first_layer carry req's tokens."""
+    want = req.prompt_tokens + req.generated
+    best = None
+    for p, ix in group_rows(run, first_layer).items():
+        pos = np.sort(run.rows[first_layer]["pos"][ix])
+        toks = [run.tokens.get((p, int(q))) for q in pos]
+        n = len(toks)
+        if n >= len(req.prompt_tokens) and toks == want[:n]:
+            if best is None or n > best[1]:
+                best = (p, n)
+    return None if best is None else best[0]
+
+
+def check_rows(run, reqs, layers, fails):
+    last = layers[-1]
+    body = [n for n in layers if n != last] or layers
+    matched = {}
+    for r in reqs:
+        want = r.prompt_tokens + r.generated
+        p = find_group(run, r, body[0])
+        if p is None:
+            fails.append(f"rows: {r.label}: no request group in the run carries its tokens "
+                         f"({len(r.prompt_tokens)} prompt + {len(r.generated)} generated)")
+            continue
+        matched[r.label] = p
+        bad = []
+        for name in body:
+            c = run.rows[name]
+            ix = np.nonzero(c["prompt"] == p)[0]
+            seqs = set(int(s) for s in c["seq"][ix])
+            pos = c["pos"][ix]
+            n = len(ix)
+            ok_n = n in (len(want) - 1, len(want))
+            contiguous = sorted(pos.tolist()) == list(range(n))
+            ordered = pos.tolist() == list(range(n))
+            toks = [run.tokens.get((p, q)) for q in range(n)]
+            if len(seqs) != 1 or not ok_n or not contiguous or toks != want[:n]:
+                bad.append(f"{name}: {n} rows (want {len(want) - 1}), seqs {sorted(seqs)}, "
+                           f"positions {'0..n-1' if contiguous else 'not contiguous'}, "
+                           f"tokens {'match' if toks == want[:n] else 'differ'}")
+            elif not ordered:
+                print(f"  note: {r.label}: {name} rows are not in position order")
+        if bad:
+            fails.append(f"rows: {r.label} (prompt_index {p}): " + "; ".join(bad[:3]) +
+                         (f"; ... {len(bad) - 3} more" if len(bad) > 3 else ""))
+        else:
+            c = run.rows[body[0]]
+            seq = int(c["seq"][c["prompt"] == p][0])
+            n = int((c["prompt"] == p).sum())
+            print(f"  rows ok: {r.label}: prompt_index {p}, seq {seq}, positions 0..{n - 1} "
+                  f"({len(r.prompt_tokens)} prompt + {n - len(r.prompt_tokens)} generated fed back) "
+                  f"in {len(body)} tensors")
+    used = set(matched.values())
+    others = sorted(set(int(p) for p in run.rows[body[0]]["prompt"]) - used)
+    if others:
+        print(f"  note: {len(others)} request group(s) in the run match no request: {others[:10]}"
+              " (e.g. llama-server's warmup decode)")
+    return matched
+
+
+def check_lens(run, head, reqs, matched, last, fails, gap_tol, lp_tol):
+    c = run.rows[last]
+    steps = []  # (req, k, row index)
+    for r in reqs:
+        p = matched.get(r.label)
+        if p is None:
+            continue
+        ix = np.nonzero(c["prompt"] == p)[0]
+        by_pos = {int(c["pos"][i]): i for i in ix}
+        missing = []
+        for k in range(len(r.generated)):
+            pos = len(r.prompt_tokens) - 1 + k
+            if pos in by_pos:
+                steps.append((r, k, by_pos[pos]))
+            else:
+                missing.append(pos)
+        if missing:
+            fails.append(f"lens: {r.label}: no {last} row at position(s) {missing[:8]} (generation steps)")
+        extra = len(ix) - (len(r.generated) - len(missing))
+        if extra > 0:
+            print(f"  note: {r.label}: {last} has {extra} rows beyond the output rows (last layer not pruned)")
+    if not steps:
+        fails.append("lens: no steps to check")
+        return
+    hs = c["x"][[s[2] for s in steps]]
+    logits = head.logits(hs)
+    mx = logits.max(axis=1, keepdims=True)
+    lse = (mx[:, 0] + np.log(np.exp(logits - mx).sum(axis=1)))
+    n_match = n_top = n_top_checked = 0
+    lp_diffs = []
+    mism = []
+    for i, (r, k, _) in enumerate(steps):
+        am = int(np.argmax(logits[i]))
+        tok = r.generated[k]
+        if am == tok:
+            n_match += 1
+        else:
+            gap = float(logits[i, am] - logits[i, tok])
+            mism.append((r, k, am, tok, gap))
+        if r.top_ids is not None and r.top_ids[k] is not None:
+            n_top_checked += 1
+            n_top += int(am == r.top_ids[k])
+        if r.logprobs is not None and r.logprobs[k] is not None:
+            lp_diffs.append(abs(float(logits[i, tok] - lse[i]) - float(r.logprobs[k])))
+    print(f"  lens: {n_match}/{len(steps)} steps: argmax of output(norm({last})) == the generated token"
+          + (f"; {n_top}/{n_top_checked} == the server's top-1" if n_top_checked else ""))
+    if lp_diffs:
+        d = np.array(lp_diffs)
+        print(f"  lens: |log-softmax(token) - server logprob|: median {np.median(d):.2e}, max {d.max():.2e}"
+              f" over {len(d)} steps")
+        if d.max() > lp_tol:
+            fails.append(f"lens: logprob difference {d.max():.3g} above {lp_tol}")
+    for r, k, am, tok, gap in mism:
+        kind = "near-tie" if gap <= gap_tol else "MISMATCH"
+        print(f"  {kind}: {r.label} step {k}: lens argmax {am}, generated {tok}, logit gap {gap:.4f}")
+        if gap > gap_tol:
+            fails.append(f"lens: {r.label} step {k}: argmax {am} != generated {tok} (gap {gap:.4f} > {gap_tol})")
+
+
+def check_same(reqs, path, fails):
+    other = requests_from_file(path)
+    if len(other) != len(reqs):
+        fails.append(f"same: {path} has {len(other)} responses, expected {len(reqs)}")
+        return
+    for a, b in zip(reqs, other):
+        if a.generated != b.generated or a.content != b.content:
+            n = next((i for i, (x, y) in enumerate(zip(a.generated, b.generated)) if x != y),
+                     min(len(a.generated), len(b.generated)))
+            fails.append(f"same: {a.label}: tokens differ without the preload from step {n}: "
+                         f"{a.generated[n:n + 4]} vs {b.generated[n:n + 4]}")
+        else:
+            extra = ""
+            if a.logprobs and b.logprobs:
+                d = max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs))
+                extra = f", max |logprob diff| {d:.2e}"
+            print(f"  same: {a.label}: {len(a.generated)} tokens and content identical without the preload{extra}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="run directory (listen --out / capture --prompts --out)")
+    ap.add_argument("--model", required=True, help="the GGUF the server ran")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--requests", help="JSON from attach_client.py (prompts, tokenized prompts, responses)")
+    src.add_argument("--from-capture", action="store_true", help="take requests from the run's tokens.jsonl")
+    ap.add_argument("--compare", help="responses of the same requests without the preload (attach_client.py JSON)")
+    ap.add_argument("--gguf-py", help="llama.cpp's gguf-py folder")
+    ap.add_argument("--no-act-quant", action="store_true",
+                    help="compute the lens in plain float (default: round the activations as ggml's CPU "
+                         "matmul does for the output matrix's type)")
+    ap.add_argument("--gap-tol", type=float, default=0.05,
+                    help="a lens argmax that differs from the generated token is a near-tie (not a failure) "
+                         "when its logit exceeds the generated token's by at most this [0.05]")
+    ap.add_argument("--logprob-tol", type=float, default=0.05,
+                    help="largest allowed |lens log-softmax - server logprob| [0.05]")
+    a = ap.parse_args()
+
+    run = RunData(a.run)
+    reqs = requests_from_capture(run) if a.from_capture else requests_from_file(a.requests)
+    head = Head(a.model, a.gguf_py, act_quant=not a.no_act_quant)
+    layers = run.layer_names()
+    fails = []
+    print(f"attach_check: {a.run}: {len(reqs)} requests, tensors {layers[0]}..{layers[-1] if layers else '-'}, "
+          f"model {head.arch} n_layer {head.n_layer} n_embd {head.n_embd} n_vocab {head.n_vocab} "
+          f"({'tied token_embd' if head.tied else 'output.weight'} {head.out.tensor_type.name}, eps {head.eps:g}"
+          f"{', softcap %g' % head.softcap if head.softcap else ''}"
+          f"{', activations rounded as ggml does' if head.act_quant else ''})")
+    last = f"l_out-{head.n_layer - 1}"
+    if not layers:
+        fails.append("run has no l_out-K tensors")
+    elif last not in run.rows:
+        fails.append(f"run lacks the last layer's {last} (has {layers[0]}..{layers[-1]})")
+    else:
+        w = run.rows[last]["x"].shape[1]
+        if w != head.n_embd:
+            die(f"{last} is {w} wide, the model's n_embd is {head.n_embd}: wrong --model?")
+    if layers:
+        matched = check_rows(run, reqs, layers, fails)
+        if last in run.rows:
+            check_lens(run, head, reqs, matched, last, fails, a.gap_tol, a.logprob_tol)
+    if a.compare:
+        if a.from_capture:
+            die("--compare needs --requests")
+        check_same(reqs, a.compare, fails)
+    if fails:
+        print("FAIL")
+        for f in fails:
+            print("  - " + f)
+        sys.exit(1)
+    print("PASS")
+
+
+if __name__ == "__main__":
+    main()
