@@ -132,6 +132,8 @@ class Request:
 def requests_from_file(path):
     with open(path) as f:
         items = json.load(f)
+    if isinstance(items, dict):  # attach_client.py run: {"wall_s", "items"}
+        items = items["items"]
     reqs = []
     for i, it in enumerate(items):
         r = it["response"]
@@ -300,6 +302,23 @@ def find_group(run, req, first_layer):
     return None if best is None else best[0]
 
 
+def closest(run, req, first_layer):
+    """'; closest: ...' naming the group sharing the longest token prefix with req."""
+    want = req.prompt_tokens + req.generated
+    best = None
+    for p, ix in group_rows(run, first_layer).items():
+        pos = np.sort(run.rows[first_layer]["pos"][ix])
+        toks = [run.tokens.get((p, int(q))) for q in pos]
+        k = next((i for i, (a, b) in enumerate(zip(toks, want)) if a != b), min(len(toks), len(want)))
+        if best is None or k > best[1]:
+            best = (p, k, toks, pos)
+    if best is None:
+        return "; the run has no rows"
+    p, k, toks, pos = best
+    return (f"; closest: prompt_index {p} ({len(toks)} rows, positions {int(pos[0])}..{int(pos[-1])}) agrees on "
+            f"the first {k} tokens, then has {toks[k:k + 3]} where the request has {want[k:k + 3]}")
+
+
 def check_rows(run, reqs, layers, fails):
     last = layers[-1]
     body = [n for n in layers if n != last] or layers
@@ -309,7 +328,7 @@ def check_rows(run, reqs, layers, fails):
         p = find_group(run, r, body[0])
         if p is None:
             fails.append(f"rows: {r.label}: no request group in the run carries its tokens "
-                         f"({len(r.prompt_tokens)} prompt + {len(r.generated)} generated)")
+                         f"({len(r.prompt_tokens)} prompt + {len(r.generated)} generated){closest(run, r, body[0])}")
             continue
         matched[r.label] = p
         bad = []
