@@ -9,7 +9,8 @@
                    [--n-predict N] [--no-cache-prompt] [--timeout S]
       POST /tokenize each prompt (add_special: true, as /completion tokenizes),
       then send one POST /completion per prompt, all at once from threads
-      (greedy: temperature 0, return_tokens, n_probs 1), and write
+      (--sequential: one after the other), greedy (temperature 0),
+      return_tokens, n_probs 2, and write
       {"wall_s": s, "items": [{"prompt", "prompt_tokens", "response"}, ...]}
 
   attach_client.py table LABEL=FILE[,FILE...] ...
@@ -77,7 +78,7 @@ def cmd_run(a):
         "n_predict": a.n_predict,
         "temperature": 0,
         "return_tokens": True,
-        "n_probs": 1,
+        "n_probs": 2,
         "cache_prompt": not a.no_cache_prompt,
         "seed": 0,
     } for it in items]
@@ -91,12 +92,19 @@ def cmd_run(a):
         except Exception as e:  # reported below
             results[i] = e
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(bodies))]
     t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(a.timeout + 5)
+    if a.sequential:
+        for i, body in enumerate(bodies):
+            try:
+                results[i] = post(a.url, "/completion", body, a.timeout)
+            except Exception as e:
+                results[i] = e
+    else:
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(a.timeout + 5)
     wall = time.monotonic() - t0
     for i, r in enumerate(results):
         if r is None:
@@ -151,6 +159,7 @@ def main():
     r.add_argument("--prompt", action="append", required=True)
     r.add_argument("--n-predict", type=int, default=16)
     r.add_argument("--no-cache-prompt", action="store_true")
+    r.add_argument("--sequential", action="store_true", help="one request at a time instead of all at once")
     r.add_argument("--timeout", type=float, default=300)
     t = sub.add_parser("table")
     t.add_argument("spec", nargs="+")
