@@ -85,10 +85,20 @@ def cmd_run(a):
     results = [None] * len(bodies)
     barrier = threading.Barrier(len(bodies))
 
+    def one(i):
+        for attempt in range(a.retry + 1):
+            try:
+                return post(a.url, "/completion", bodies[i], a.timeout)
+            except RuntimeError as e:
+                # seen once on a loaded 2-core machine: "Remote end closed connection without response"
+                if attempt == a.retry or "HTTP " in str(e):
+                    raise
+                print(f"attach_client: warning: request {i}: {e}; sending it again (--retry)", file=sys.stderr)
+
     def worker(i):
         try:
             barrier.wait(timeout=a.timeout)
-            results[i] = post(a.url, "/completion", bodies[i], a.timeout)
+            results[i] = one(i)
         except Exception as e:  # reported below
             results[i] = e
 
@@ -96,7 +106,7 @@ def cmd_run(a):
     if a.sequential:
         for i, body in enumerate(bodies):
             try:
-                results[i] = post(a.url, "/completion", body, a.timeout)
+                results[i] = one(i)
             except Exception as e:
                 results[i] = e
     else:
@@ -160,6 +170,7 @@ def main():
     r.add_argument("--n-predict", type=int, default=16)
     r.add_argument("--no-cache-prompt", action="store_true")
     r.add_argument("--sequential", action="store_true", help="one request at a time instead of all at once")
+    r.add_argument("--retry", type=int, default=0, help="send a request again after a connection error (timings)")
     r.add_argument("--timeout", type=float, default=300)
     t = sub.add_parser("table")
     t.add_argument("spec", nargs="+")
