@@ -101,6 +101,7 @@ class RunData:
             if missing:
                 die(f"{d}: tensor {base} lacks column(s) {sorted(missing)}")
         self.tokens = {}  # (prompt_index, pos) -> token
+        self.lines = {}  # (prompt_index, pos) -> the tokens.jsonl object
         self.token_lines = []
         tpath = os.path.join(d, "tokens.jsonl")
         if not os.path.exists(tpath):
@@ -111,7 +112,9 @@ class RunData:
                     continue
                 t = json.loads(line)
                 self.token_lines.append(t)
-                self.tokens[(int(t["prompt_index"]), int(t["pos"]))] = int(t["token"])
+                key = (int(t["prompt_index"]), int(t["pos"]))
+                self.tokens[key] = int(t["token"])
+                self.lines[key] = t
 
     def layer_names(self):
         out = []
@@ -355,6 +358,26 @@ def check_rows(run, reqs, layers, fails):
                            f"tokens {'match' if toks == want[:n] else 'differ'}")
             elif not ordered:
                 print(f"  note: {r.label}: {name} rows are not in position order")
+        # listener runs: each row's sampled_next (the token sampled from its logits, null when unknown)
+        sn_checked = 0
+        L, G = len(r.prompt_tokens), len(r.generated)
+        for pos in range(len(want)):
+            t = run.lines.get((p, pos))
+            if t is None or "sampled_next" not in t:
+                continue
+            sn = t["sampled_next"]
+            k = pos - (L - 1)  # generation step whose logits this row gave
+            if 0 <= k < G:
+                sn_checked += 1
+                if sn is not None and sn != r.generated[k]:
+                    bad.append(f"tokens.jsonl pos {pos}: sampled_next {sn}, the server generated {r.generated[k]}")
+                elif sn is None and k < G - 1:
+                    bad.append(f"tokens.jsonl pos {pos}: sampled_next null, the server generated {r.generated[k]} "
+                               "(its successor row exists)")
+            elif sn is not None:
+                bad.append(f"tokens.jsonl pos {pos}: sampled_next {sn} on a prompt row that gave no token")
+        if sn_checked and not bad:
+            print(f"  sampled_next ok: {r.label}: {sn_checked} output rows name the token the server generated")
         if bad:
             fails.append(f"rows: {r.label} (prompt_index {p}): " + "; ".join(bad[:3]) +
                          (f"; ... {len(bad) - 3} more" if len(bad) > 3 else ""))
