@@ -144,16 +144,19 @@ def cmd_table(a):
                 n += t["predicted_n"]
             agg.append(n / d["wall_s"])
         rows.append((label, len(files.split(",")), statistics.median(pps), statistics.median(ppr),
-                     statistics.median(agg), min(pps), max(pps)))
+                     statistics.median(agg), min(pps), max(pps), agg))
     base = rows[0]
-    print(f"{'config':<28} {'rounds':>6} {'gen tok/s':>10} {'(min-max)':>15} {'prompt tok/s':>13} "
-          f"{'wall gen tok/s':>15} {'vs ' + base[0][:12]:>16}")
-    for label, n, pps, ppr, agg, lo, hi in rows:
-        print(f"{label:<28} {n:>6} {pps:>10.1f} {f'({lo:.1f}-{hi:.1f})':>15} {ppr:>13.1f} {agg:>15.1f} "
-              f"{pps / base[2]:>16.3f}")
+    print(f"{'config':<22} {'rounds':>6} {'gen tok/s':>10} {'(min-max)':>13} {'prompt tok/s':>13} "
+          f"{'wall gen tok/s':>15} {'paired ratio':>13}")
+    for label, n, pps, ppr, agg, lo, hi, per_round in rows:
+        ratios = [x / y for x, y in zip(per_round, base[7]) if y > 0]
+        ratio = statistics.median(ratios) if ratios else float("nan")
+        print(f"{label:<22} {n:>6} {pps:>10.1f} {f'({lo:.1f}-{hi:.1f})':>13} {ppr:>13.1f} {agg:>15.1f} "
+              f"{ratio:>13.3f}")
     print("gen/prompt tok/s: medians of the server's timings.predicted_per_second / prompt_per_second per "
           "request (each of the concurrent requests counts its own); wall: generated tokens of a round / its "
-          "wall time")
+          f"wall time; paired ratio: median over rounds of wall gen tok/s / that of '{base[0]}' in the same "
+          "round (rounds alternate the configurations, so a slow spell of the machine hits all of a round)")
 
 
 def main():
