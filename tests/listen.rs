@@ -31,10 +31,12 @@ unsafe fn unmap(base: *mut u8, len: usize) {
 
 /// A tapped host as the preload library behaves: a ring in a memfd, handed over once.
 struct FakeHost {
+    /// Dropped first: the host closes the socket before its ring goes, like
+    /// a process that exits.
+    stream: Option<UnixStream>,
     prod: Producer,
     fd: Option<OwnedFd>,
     len: usize,
-    stream: Option<UnixStream>,
     seq: u64,
 }
 
@@ -447,6 +449,23 @@ fn two_interleaved_sequences_pair_into_requests() {
         (0..WIDTH).map(|j| value(1, 201, j)).collect::<Vec<_>>()[..]
     );
 
+    // examples/python/read_run.py reads the run (needs numpy, as tests/dataset.rs).
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/read_run.py");
+    let o = std::process::Command::new(std::env::var_os("PYTHON").unwrap_or("python3".into()))
+        .arg(&examples)
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "read_run.py: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("l_out-0 rows 13 prompts 3"), "{text}");
+    assert!(text.contains("l_out-1 rows 9 prompts 3"), "{text}");
+    assert!(!text.contains("incomplete"), "{text}");
+
     let m = manifest(&out);
     assert_eq!(m["format"], "latent-tap-dataset/1");
     assert_eq!(m["complete"], true);
@@ -733,10 +752,35 @@ fn observers_subscribe_to_every_host() {
         vec![(1, 11, O | 1, value(1, 11, 0)), (2, 12, O, value(1, 12, 0))]
     );
     l.wait_for("detached (host exited)");
+    // A second host's sequences are told apart: seq_id = host << 16 | seq.
+    let mut h = FakeHost::ring(1 << 16);
+    h.connect(&sock, 100, 1);
+    h.step(0, &[(0, 0, 20, O)]);
+    drop(h);
+    let mut seen = Vec::new();
+    loop {
+        let rec = next_record(&mut r).expect("stream ended early");
+        let kind = u32_at(&rec, 0);
+        let seq_id = match kind {
+            1 => i32_at(&rec, u32_at(&rec, 4) as usize),
+            2 => i32_at(&rec, 12),
+            4 => i32_at(&rec, 16),
+            k => panic!("unexpected record kind {k}"),
+        };
+        seen.push((kind, seq_id));
+        if kind == 4 && u32_at(&rec, 20) == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![(4, 1 << 16), (2, 1 << 16), (1, 1 << 16), (4, 1 << 16)]
+    );
+    l.wait_for_n("detached (host exited)", 2);
     l.stop();
     let mut summary = String::new();
     stdout.read_to_string(&mut summary).unwrap();
-    assert!(summary.contains("1 requests"), "{summary}");
+    assert!(summary.contains("2 requests"), "{summary}");
     // The stream ends with the listener.
     assert!(next_record(&mut r).is_none());
 }

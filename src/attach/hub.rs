@@ -2,6 +2,10 @@
 //! every tapped host, in the stream format of `GET /latents/subscribe`
 //! (`docs/PROTOCOL.md`): REQUEST begin/end notices, a TOKEN per row (its input
 //! token), FRAMEs cut to one request and to the subscriber's selection.
+//!
+//! Sequence ids: host connection `h` (0 for the first host that attached)
+//! has its sequence `s` reported as `h << 16 | s`, so requests of different
+//! hosts never share a `seq_id` (a lone first host's ids are unchanged).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -87,8 +91,8 @@ impl Hub {
         }
     }
 
-    /// Pass one pairing event on.
-    pub fn publish(&self, ev: &Event<'_>) {
+    /// Pass one pairing event of host connection `host` on.
+    pub fn publish(&self, host: usize, ev: &Event<'_>) {
         let Ok(mut subs) = self.subs.lock() else {
             return;
         };
@@ -98,19 +102,25 @@ impl Hub {
         match ev {
             Event::Begin { id, seq } => {
                 for s in subs.iter_mut() {
-                    let rec = notice(*id, *seq, 1, 0, s.drops.load(Ordering::Relaxed));
+                    let rec = notice(*id, slot(host, *seq), 1, 0, s.drops.load(Ordering::Relaxed));
                     deliver(s, rec, false);
                 }
             }
             Event::End(r) => {
                 let generated = r.tokens.iter().filter(|t| !t.prompt).count() as u64;
                 for s in subs.iter_mut() {
-                    let rec = notice(r.id, r.seq, 2, generated, s.drops.load(Ordering::Relaxed));
+                    let rec = notice(
+                        r.id,
+                        slot(host, r.seq),
+                        2,
+                        generated,
+                        s.drops.load(Ordering::Relaxed),
+                    );
                     deliver(s, rec, false);
                 }
             }
             Event::Token { seq, row, .. } => {
-                let rec = token(*seq, row);
+                let rec = token(slot(host, *seq), row);
                 for s in subs.iter_mut() {
                     deliver(s, rec.clone(), false);
                 }
@@ -149,7 +159,11 @@ impl Hub {
                     record::put(&mut buf, 0, &header);
                     let mut off = std::mem::size_of::<FrameHeader>();
                     for &k in &keep {
-                        record::put(&mut buf, off, &rows[k]);
+                        let r = RowMeta {
+                            seq_id: slot(host, rows[k].seq_id),
+                            ..rows[k]
+                        };
+                        record::put(&mut buf, off, &r);
                         off += std::mem::size_of::<RowMeta>();
                     }
                     let rb = width * dtype.size();
@@ -172,6 +186,11 @@ impl Hub {
         }
         subs.retain(|s| s.alive);
     }
+}
+
+/// The `seq_id` observers see for sequence `seq` of host connection `host`.
+pub fn slot(host: usize, seq: i32) -> i32 {
+    (((host as u32) << 16) | (seq as u32 & 0xffff)) as i32
 }
 
 fn deliver(s: &mut Sub, rec: Vec<u8>, droppable: bool) {

@@ -547,7 +547,7 @@ fn serve_host(
     let (mut frames, mut bad) = (0u64, 0u64);
     let (rows, requests) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     let mut emit = |ev: Event<'_>| {
-        hub.publish(&ev);
+        hub.publish(ix, &ev);
         match ev {
             Event::Begin { .. } => requests.set(requests.get() + 1),
             Event::Token { .. } => rows.set(rows.get() + 1),
@@ -579,6 +579,14 @@ fn serve_host(
                 hello.pid, hello.connection
             ));
             break "ring corrupt";
+        }
+        // The host dropped its ring (it stopped tapping) and all of it was read.
+        if n == 0 && consumer.is_abandoned() && consumer.used_bytes() == 0 {
+            break if sink::hung_up(&stream) {
+                "host exited"
+            } else {
+                "host dropped its ring"
+            };
         }
         let stopping = stop.load(Ordering::Relaxed);
         let mut gone = false;
