@@ -571,7 +571,13 @@ fn bad_hellos_are_refused_and_hosts_come_and_go() {
     drop(c);
     l.wait_for_n("detached (host exited)", 3);
     l.wait_for("drops"); // progress lines
+                         // Still attached when the listener stops: its request is committed.
+    let mut d = FakeHost::ring(1 << 16);
+    d.connect(&sock, 9, 1);
+    l.wait_for("host 9 ");
+    d.step(0, &[(3, 7, 70, O)]);
     let summary = l.stop();
+    drop(d);
     assert!(summary.contains("3 refused"), "{summary}");
 
     let m = manifest(&out);
@@ -592,15 +598,34 @@ fn bad_hellos_are_refused_and_hosts_come_and_go() {
         })
         .collect();
     assert_eq!(hosts[0], (7, 1));
-    let mut rest = hosts[1..].to_vec();
+    let mut rest = hosts[1..3].to_vec();
     rest.sort();
-    assert_eq!(rest, vec![(7, 2), (8, 1)]);
+    rest.push(hosts[3]);
+    assert_eq!(rest[..2], [(7, 2), (8, 1)]);
+    assert_eq!(rest[2], (9, 1));
+    let last = &a["hosts"][3];
+    assert_eq!(last["ended"], "listener stopped");
     assert_eq!(m["complete"], true);
     // Tiny shards: several closed, each naming its requests in order.
     let shards = m["shards"].as_array().unwrap();
     assert!(shards.len() >= 2, "{m:#}");
     let lines = tokens(&out);
-    assert_eq!(lines.len() as i64, written + 3 + 151);
+    assert_eq!(lines.len() as i64, written + 3 + 151 + 1);
+    let d_line = lines.last().unwrap();
+    assert_eq!(
+        (
+            &d_line["seq"],
+            &d_line["pos"],
+            &d_line["token"],
+            &d_line["sampled_next"]
+        ),
+        (
+            &Value::from(3),
+            &Value::from(7),
+            &Value::from(70),
+            &Value::Null
+        )
+    );
     // The first host's request: the rows that fit, positions 0.., its last
     // row unpaired (no successor arrived).
     let first: Vec<&Value> = lines
