@@ -809,3 +809,33 @@ fn observers_subscribe_to_every_host() {
     // The stream ends with the listener.
     assert!(next_record(&mut r).is_none());
 }
+
+#[test]
+fn a_busy_port_fails_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let sock = dir.path().join("lt.sock");
+    let out = dir.path().join("run");
+    let o = common::bin()
+        .args(["listen", "-q", "--sink"])
+        .arg(&sock)
+        .arg("--out")
+        .arg(&out)
+        .args(["--serve", "--port", &port])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot listen on 127.0.0.1"), "{err}");
+    assert!(!out.join("manifest.json").exists());
+    assert!(!sock.exists());
+    // Neither --out nor --serve: nothing to do.
+    let o = common::bin()
+        .args(["listen", "--sink"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--out DIR and/or --serve"));
+}

@@ -176,10 +176,7 @@ pub fn run(
     on_serve: &mut dyn FnMut(SocketAddr),
 ) -> Result<Outcome> {
     let stats: Shared = Arc::new(Mutex::new(ListenStats::default()));
-    let writer = match &opts.out {
-        Some(dir) => Some(new_writer(dir, opts, &stats)?),
-        None => None,
-    };
+    // Socket and HTTP port first: a listener that cannot start leaves no run behind.
     let sink = Sink::bind(&opts.sink)?;
     let hub = Arc::new(Hub::default());
     let attached = Arc::new(AtomicUsize::new(0));
@@ -222,6 +219,22 @@ pub fn run(
             ));
         }
         let _ = on_serve;
+        let writer = match opts
+            .out
+            .as_deref()
+            .map(|d| new_writer(d, opts, &stats))
+            .transpose()
+        {
+            Ok(w) => w,
+            Err(e) => {
+                #[cfg(feature = "serve")]
+                if let Some((h, down)) = http.take() {
+                    let _ = down.send(());
+                    let _ = h.join();
+                }
+                return Err(e);
+            }
+        };
         // The writer.
         let (tx, rx) = sync_channel::<Commit>(64);
         let out_dir = opts.out.clone();
