@@ -213,7 +213,7 @@ impl Pairer {
                         },
                         step,
                         step_first: pos,
-                        last_pos: pos - 1,
+                        last_pos: pos.saturating_sub(1),
                     },
                 );
             }
@@ -231,7 +231,7 @@ impl Pairer {
             let prompt = if pos > st.last_pos {
                 let mut prompt = true;
                 if let Some(prev) = st.req.tokens.last_mut() {
-                    if prev.pos == pos - 1 && prev.output {
+                    if prev.pos.checked_add(1) == Some(pos) && prev.output {
                         prev.sampled_next = Some(meta.token);
                         prompt = false;
                     }
