@@ -181,6 +181,10 @@ pub struct Manifest {
     /// of `tokens.jsonl`) and captures again from `next_prompt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_from: Option<Checkpoint>,
+    /// Runs written by `latent-tap listen`: the hosts it served and its
+    /// counters (absent for `capture --prompts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<Value>,
 }
 
 impl Manifest {
@@ -326,15 +330,15 @@ impl PromptReader {
 
 /// One tensor's rows of one prompt (or of the open shard).
 #[derive(Default)]
-struct Rows {
-    data: Vec<u8>,
-    pos: Vec<i32>,
-    seq: Vec<i32>,
+pub(crate) struct Rows {
+    pub(crate) data: Vec<u8>,
+    pub(crate) pos: Vec<i32>,
+    pub(crate) seq: Vec<i32>,
     prompt: Vec<i64>,
 }
 
 impl Rows {
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.data.len() + self.pos.len() * 16
     }
     fn clear(&mut self) {
@@ -374,8 +378,8 @@ struct TokenLine<'a> {
     _p: std::marker::PhantomData<&'a ()>,
 }
 
-/// The run directory being written.
-struct Writer {
+/// The run directory being written (also by `latent-tap listen`).
+pub(crate) struct Writer {
     dir: PathBuf,
     dtype: Dtype,
     shard_limit: usize,
@@ -397,8 +401,8 @@ struct Writer {
     /// `tokens.jsonl`, appended one whole prompt per write.
     tokens: File,
     tokens_path: PathBuf,
-    m: Manifest,
-    bytes: u64,
+    pub(crate) m: Manifest,
+    pub(crate) bytes: u64,
 }
 
 /// A tensor's latents of the open shard, on disk until the shard closes.
@@ -435,6 +439,70 @@ impl Drop for Writer {
 }
 
 impl Writer {
+    /// A writer of the run in `dir` whose state is `m` (its tensors get one
+    /// spill file each), appending to `tokens.jsonl`. Removes the temporary
+    /// files of runs that died.
+    pub(crate) fn create(
+        dir: &Path,
+        dtype: Dtype,
+        shard_limit: usize,
+        m: Manifest,
+    ) -> Result<Self> {
+        remove_stale_temps(dir);
+        let tokens_path = dir.join("tokens.jsonl");
+        let tokens = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&tokens_path)
+            .map_err(|e| io_err(&tokens_path, "opening", e))?;
+        Ok(Writer {
+            dir: dir.to_path_buf(),
+            dtype,
+            shard_limit,
+            open: m.tensors.iter().map(|_| Rows::default()).collect(),
+            cols: (0..m.tensors.len())
+                .map(|i| Col::new(dir, i))
+                .collect::<Result<_>>()?,
+            open_bytes: 0,
+            open_prompts: None,
+            open_truncated: Vec::new(),
+            open_start: None,
+            committed: m.next_prompt,
+            poisoned: false,
+            tokens,
+            tokens_path,
+            m,
+            bytes: 0,
+        })
+    }
+
+    /// Add a tensor (rows of `width` elements of the writer's dtype); its
+    /// index in [`Manifest::tensors`]. Shards closed before hold none of it.
+    pub(crate) fn add_tensor(&mut self, name: &str, width: usize) -> Result<usize> {
+        let i = self.m.tensors.len();
+        self.cols.push(Col::new(&self.dir, i)?);
+        self.open.push(Rows::default());
+        self.m.tensors.push(TensorInfo {
+            name: name.to_string(),
+            width,
+            dtype: self.dtype.safetensors_name().to_string(),
+        });
+        self.m.rows.entry(name.to_string()).or_insert(0);
+        Ok(i)
+    }
+
+    /// The element type of the latents it writes.
+    pub(crate) fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// Set the element type; only before the first tensor is added.
+    pub(crate) fn set_dtype(&mut self, dtype: Dtype) {
+        if self.m.tensors.is_empty() {
+            self.dtype = dtype;
+        }
+    }
+
     fn manifest_path(&self) -> PathBuf {
         self.dir.join("manifest.json")
     }
@@ -447,12 +515,6 @@ impl Writer {
 
     /// Append a finished prompt; close the open shard first if it would overflow.
     fn commit(&mut self, index: u64, p: Pending) -> Result<()> {
-        let add: usize = p.tensors.iter().map(Rows::bytes).sum();
-        if self.open_bytes > 0 && self.open_bytes + add > self.shard_limit {
-            self.close_shard(false)?;
-        }
-        // tokens.jsonl first, in one write: if it fails, the open shard is intact
-        // (and what the write left past `tokens_bytes` is cut when the run stops).
         let mut lines = Vec::new();
         for t in &p.tokens {
             let top = (!t.prompt).then(|| t.top.iter().map(|e| (e.id, e.logprob)).collect());
@@ -473,13 +535,34 @@ impl Writer {
                 .map_err(|e| Error::new(ErrorKind::Internal, format!("token line: {e}")))?;
             lines.push(b'\n');
         }
+        let n_lines = p.tokens.len() as u64;
+        self.commit_lines(index, p.tensors, &lines, n_lines, p.truncated)
+    }
+
+    /// Append a finished prompt given as its rows per tensor (in the order of
+    /// the manifest's tensors; missing trailing tensors hold no row) and its
+    /// `tokens.jsonl` lines; close the open shard first if it would overflow.
+    pub(crate) fn commit_lines(
+        &mut self,
+        index: u64,
+        tensors: Vec<Rows>,
+        lines: &[u8],
+        n_lines: u64,
+        truncated: Option<usize>,
+    ) -> Result<()> {
+        let add: usize = tensors.iter().map(Rows::bytes).sum();
+        if self.open_bytes > 0 && self.open_bytes + add > self.shard_limit {
+            self.close_shard(false)?;
+        }
+        // tokens.jsonl first, in one write: if it fails, the open shard is intact
+        // (and what the write left past `tokens_bytes` is cut when the run stops).
         self.tokens
-            .write_all(&lines)
+            .write_all(lines)
             .map_err(|e| io_err(&self.tokens_path, "writing", e))?;
         if self.open_prompts.is_none() {
             self.open_start = Some(self.m.checkpoint(self.committed));
         }
-        for ((dst, col), src) in self.open.iter_mut().zip(&mut self.cols).zip(p.tensors) {
+        for ((dst, col), src) in self.open.iter_mut().zip(&mut self.cols).zip(tensors) {
             if let Err(e) = col.file.write_all(&src.data) {
                 self.poisoned = true;
                 return Err(io_err(&col.path, "writing", e));
@@ -493,11 +576,11 @@ impl Writer {
         self.open_bytes += add;
         let r = self.open_prompts.get_or_insert([index, index + 1]);
         r[1] = index + 1;
-        if let Some(n) = p.truncated {
+        if let Some(n) = truncated {
             self.open_truncated.push([index, n as u64]);
         }
         self.m.tokens_bytes += lines.len() as u64;
-        self.m.tokens += p.tokens.len() as u64;
+        self.m.tokens += n_lines;
         self.m.prompts_captured += 1;
         self.committed = index + 1;
         if self.open_bytes >= self.shard_limit {
@@ -523,7 +606,7 @@ impl Writer {
     /// Write the open shard (temp + rename) and the manifest. A `partial` shard
     /// is written the same way, but recorded with the counters before it so that
     /// a resumed run can replace it.
-    fn close_shard(&mut self, partial: bool) -> Result<()> {
+    pub(crate) fn close_shard(&mut self, partial: bool) -> Result<()> {
         let Some(prompts) = self.open_prompts else {
             return Ok(());
         };
@@ -642,7 +725,7 @@ impl Writer {
         self.write_manifest()
     }
 
-    fn write_manifest(&self) -> Result<()> {
+    pub(crate) fn write_manifest(&self) -> Result<()> {
         write_atomic(
             &self.manifest_path(),
             &serde_json::to_vec_pretty(&self.m)
@@ -850,33 +933,10 @@ pub fn capture(
             rows: filter.names.iter().map(|n| (n.clone(), 0)).collect(),
             shards: Vec::new(),
             resume_from: None,
+            attach: None,
         }
     };
-    remove_stale_temps(&opts.dir);
-    let tokens = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&tokens_path)
-        .map_err(|e| io_err(&tokens_path, "opening", e))?;
-    let mut w = Writer {
-        dir: opts.dir.clone(),
-        dtype: filter.dtype,
-        shard_limit: opts.shard_bytes,
-        open: filter.names.iter().map(|_| Rows::default()).collect(),
-        cols: (0..filter.names.len())
-            .map(|i| Col::new(&opts.dir, i))
-            .collect::<Result<_>>()?,
-        open_bytes: 0,
-        open_prompts: None,
-        open_truncated: Vec::new(),
-        open_start: None,
-        committed: m.next_prompt,
-        poisoned: false,
-        tokens,
-        tokens_path,
-        m,
-        bytes: 0,
-    };
+    let mut w = Writer::create(&opts.dir, filter.dtype, opts.shard_bytes, m)?;
     let captured_before = w.m.prompts_captured;
     let tokens_before = w.m.tokens;
     w.m.complete = false;

@@ -1379,32 +1379,32 @@ pub(crate) async fn subscribe(
             },
         };
         let filter = engine.compile(&req).map_err(latent_error)?;
-        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-        let queued = Arc::new(AtomicUsize::new(0));
-        engine.subscribe(
-            filter,
-            Box::new(ChannelSink {
-                tx,
-                queued: queued.clone(),
-                budget,
-            }),
-        )?;
-        let s = futures_util::stream::unfold((rx, queued), |(mut rx, queued)| async move {
-            let b = rx.recv().await?;
-            queued.fetch_sub(b.len(), Ordering::Relaxed);
-            Some((Ok::<_, Infallible>(b), (rx, queued)))
-        });
-        Ok::<_, ApiError>(s)
+        let (sink, resp) = subscriber_channel(budget);
+        engine.subscribe(filter, sink)?;
+        Ok::<_, ApiError>(resp)
     })();
-    match r {
-        Ok(s) => {
-            let mut resp = Response::new(Body::from_stream(s));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(FRAMES_MEDIA_TYPE),
-            );
-            resp
-        }
-        Err(e) => e.into_response(),
-    }
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A subscriber's sink (queue of `budget` bytes) and the response that streams
+/// what it takes (also `latent-tap listen`'s subscribe endpoint).
+pub(crate) fn subscriber_channel(budget: usize) -> (Box<dyn SubscriberSink>, Response) {
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let sink = Box::new(ChannelSink {
+        tx,
+        queued: queued.clone(),
+        budget,
+    });
+    let s = futures_util::stream::unfold((rx, queued), |(mut rx, queued)| async move {
+        let b = rx.recv().await?;
+        queued.fetch_sub(b.len(), Ordering::Relaxed);
+        Some((Ok::<_, Infallible>(b), (rx, queued)))
+    });
+    let mut resp = Response::new(Body::from_stream(s));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(FRAMES_MEDIA_TYPE),
+    );
+    (sink, resp)
 }

@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
+pub(crate) use api::subscriber_channel;
 pub use error::ApiError;
 pub use wire::{FRAMES_MEDIA_TYPE, KIND_JSON};
 

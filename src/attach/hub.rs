@@ -1,0 +1,228 @@
+//! Observers of `latent-tap listen`: every subscriber gets the records of
+//! every tapped host, in the stream format of `GET /latents/subscribe`
+//! (`docs/PROTOCOL.md`): REQUEST begin/end notices, a TOKEN per row (its input
+//! token), FRAMEs cut to one request and to the subscriber's selection.
+//!
+//! Sequence ids: host connection `h` (0 for the first host that attached)
+//! has its sequence `s` reported as `h << 16 | s`, so requests of different
+//! hosts never share a `seq_id` (a lone first host's ids are unchanged).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::pair::{Event, TokenRow};
+use crate::record::{self, Dtype, FrameHeader, RowMeta, TokenHeader, ROW_PROMPT};
+use crate::sched::{Offer, RequestRecord, SubscriberSink, KIND_REQUEST};
+use crate::select::{glob_match, layer_of, LayerFilter};
+
+/// Which frames a subscriber wants.
+#[derive(Debug, Clone, Default)]
+pub struct SubFilter {
+    /// Name globs (empty: every tensor).
+    pub patterns: Vec<String>,
+    /// Layers (none: every layer).
+    pub layers: Option<LayerFilter>,
+    /// Only output rows ([`super::wire::ROW_OUTPUT`]).
+    pub last: bool,
+    /// Convert payloads to this type (none: as sent).
+    pub dtype: Option<Dtype>,
+}
+
+impl SubFilter {
+    fn wants(&self, name: &str) -> bool {
+        (self.patterns.is_empty() || self.patterns.iter().any(|p| glob_match(p, name)))
+            && self
+                .layers
+                .as_ref()
+                .map_or(true, |l| layer_of(name).is_some_and(|x| l.contains(x)))
+    }
+}
+
+struct Sub {
+    filter: SubFilter,
+    sink: Box<dyn SubscriberSink>,
+    drops: Arc<AtomicU64>,
+    alive: bool,
+}
+
+/// The subscribers, shared by the host connections.
+#[derive(Default)]
+pub struct Hub {
+    subs: Mutex<Vec<Sub>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("subscribers", &self.len())
+            .finish()
+    }
+}
+
+impl Hub {
+    /// Add a subscriber; it sees everything from now on. Returns its drop counter.
+    pub fn subscribe(&self, filter: SubFilter, sink: Box<dyn SubscriberSink>) -> Arc<AtomicU64> {
+        let drops = Arc::new(AtomicU64::new(0));
+        if let Ok(mut v) = self.subs.lock() {
+            v.push(Sub {
+                filter,
+                sink,
+                drops: drops.clone(),
+                alive: true,
+            });
+        }
+        drops
+    }
+
+    /// Subscribers connected.
+    pub fn len(&self) -> usize {
+        self.subs.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// No subscriber.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Disconnect everyone (their streams end).
+    pub fn close(&self) {
+        if let Ok(mut v) = self.subs.lock() {
+            v.clear();
+        }
+    }
+
+    /// Pass one pairing event of host connection `host` on.
+    pub fn publish(&self, host: usize, ev: &Event<'_>) {
+        let Ok(mut subs) = self.subs.lock() else {
+            return;
+        };
+        if subs.is_empty() {
+            return;
+        }
+        match ev {
+            Event::Begin { id, seq } => {
+                for s in subs.iter_mut() {
+                    let rec = notice(*id, slot(host, *seq), 1, 0, s.drops.load(Ordering::Relaxed));
+                    deliver(s, rec, false);
+                }
+            }
+            Event::End(r) => {
+                let generated = r.tokens.iter().filter(|t| !t.prompt).count() as u64;
+                for s in subs.iter_mut() {
+                    let rec = notice(
+                        r.id,
+                        slot(host, r.seq),
+                        2,
+                        generated,
+                        s.drops.load(Ordering::Relaxed),
+                    );
+                    deliver(s, rec, false);
+                }
+            }
+            Event::Token { seq, row, .. } => {
+                let rec = token(slot(host, *seq), row);
+                for s in subs.iter_mut() {
+                    deliver(s, rec.clone(), false);
+                }
+            }
+            Event::Frame {
+                frame,
+                lo,
+                hi,
+                rows,
+                ..
+            } => {
+                let name = frame.name();
+                for s in subs.iter_mut() {
+                    if !s.alive || !s.filter.wants(name) {
+                        continue;
+                    }
+                    let keep: Vec<usize> = (0..hi - lo)
+                        .filter(|&k| !s.filter.last || rows[k].flags & super::wire::ROW_OUTPUT != 0)
+                        .collect();
+                    if keep.is_empty() {
+                        continue;
+                    }
+                    let dtype = s.filter.dtype.unwrap_or(frame.dtype());
+                    let width = frame.header.width as usize;
+                    let len = record::frame_len(keep.len(), width, dtype);
+                    if !s.sink.has_room(len) {
+                        s.drops.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let mut buf = vec![0u8; len];
+                    let header = FrameHeader {
+                        n_rows: keep.len() as u32,
+                        dtype: dtype as u32,
+                        ..*frame.header
+                    };
+                    record::put(&mut buf, 0, &header);
+                    let mut off = std::mem::size_of::<FrameHeader>();
+                    for &k in &keep {
+                        let r = RowMeta {
+                            seq_id: slot(host, rows[k].seq_id),
+                            ..rows[k]
+                        };
+                        record::put(&mut buf, off, &r);
+                        off += std::mem::size_of::<RowMeta>();
+                    }
+                    let rb = width * dtype.size();
+                    let mut f32buf = Vec::new();
+                    for &k in &keep {
+                        let src = frame.row_bytes(lo + k);
+                        let dst = &mut buf[off..off + rb];
+                        if frame.dtype() == dtype {
+                            dst.copy_from_slice(src);
+                        } else {
+                            f32buf.resize(width * 4, 0);
+                            crate::capture::convert_to_f32(src, frame.dtype(), &mut f32buf);
+                            crate::capture::convert_from_f32(&f32buf, dtype, dst);
+                        }
+                        off += rb;
+                    }
+                    deliver(s, buf, true);
+                }
+            }
+        }
+        subs.retain(|s| s.alive);
+    }
+}
+
+/// The `seq_id` observers see for sequence `seq` of host connection `host`.
+pub fn slot(host: usize, seq: i32) -> i32 {
+    (((host as u32) << 16) | (seq as u32 & 0xffff)) as i32
+}
+
+fn deliver(s: &mut Sub, rec: Vec<u8>, droppable: bool) {
+    if !s.alive {
+        return;
+    }
+    match s.sink.offer(rec, droppable) {
+        Offer::Taken => {}
+        Offer::Full => {
+            s.drops.fetch_add(1, Ordering::Relaxed);
+        }
+        Offer::Closed => s.alive = false,
+    }
+}
+
+fn notice(id: u64, seq: i32, event: u32, n_tokens: u64, dropped: u64) -> Vec<u8> {
+    RequestRecord {
+        kind: KIND_REQUEST,
+        header_size: std::mem::size_of::<RequestRecord>() as u32,
+        request_id: id,
+        seq_id: seq,
+        event,
+        dropped,
+        n_tokens,
+    }
+    .to_record()
+}
+
+fn token(seq: i32, row: &TokenRow) -> Vec<u8> {
+    let flags = if row.prompt { ROW_PROMPT } else { 0 };
+    let h = TokenHeader::event(row.step, seq, row.pos, row.token, flags, f32::NAN, f32::NAN);
+    let mut b = vec![0u8; std::mem::size_of::<TokenHeader>()];
+    record::put(&mut b, 0, &h);
+    b
+}
