@@ -283,3 +283,266 @@ fn the_preloads_struct_mirrors_match_the_vendored_headers() {
     // SAFETY: a pure query.
     assert_eq!(unsafe { sys::ggml_tensor_overhead() }, 336 + 32);
 }
+
+// ---------------------------------------------------------------------------
+// End to end: fake host under the preload → `latent-tap listen --out`.
+
+/// A running `latent-tap listen --out`.
+struct Listen {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Listen {
+    fn start(sock: &Path, out: &Path) -> Self {
+        let _ = std::fs::remove_dir_all(out);
+        let child = bin()
+            .args(["listen", "-q", "--sink"])
+            .arg(sock)
+            .arg("--out")
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !out.join("manifest.json").exists() || !sock.exists() {
+            assert!(std::time::Instant::now() < deadline, "listen did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            out: out.to_path_buf(),
+        }
+    }
+
+    /// SIGINT; the run directory's token lines and tensors.
+    fn stop(mut self) -> Run {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        assert!(self.child.wait().unwrap().success());
+        Run::read(&self.out)
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// What a listen run holds: token lines and, per tensor, (seq, pos, row values).
+struct Run {
+    manifest: serde_json::Value,
+    tokens: Vec<serde_json::Value>,
+    rows: std::collections::BTreeMap<String, Vec<(i32, i32, Vec<f32>)>>,
+}
+
+impl Run {
+    fn read(dir: &Path) -> Self {
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let tokens = std::fs::read_to_string(dir.join("tokens.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let mut rows = std::collections::BTreeMap::<String, Vec<_>>::new();
+        for s in manifest["shards"].as_array().unwrap() {
+            let bytes = std::fs::read(dir.join(s["file"].as_str().unwrap())).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for t in manifest["tensors"].as_array().unwrap() {
+                let name = t["name"].as_str().unwrap();
+                let Ok(x) = st.tensor(name) else { continue };
+                let i32s = |n: &str| -> Vec<i32> {
+                    st.tensor(n)
+                        .unwrap()
+                        .data()
+                        .chunks_exact(4)
+                        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect()
+                };
+                let (pos, seq) = (i32s(&format!("{name}.pos")), i32s(&format!("{name}.seq")));
+                let w = x.shape()[1];
+                let vals: Vec<f32> = x
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                let e = rows.entry(name.to_string()).or_default();
+                for (i, (&p, &q)) in pos.iter().zip(&seq).enumerate() {
+                    e.push((q, p, vals[i * w..(i + 1) * w].to_vec()));
+                }
+            }
+        }
+        Self {
+            manifest,
+            tokens,
+            rows,
+        }
+    }
+}
+
+/// The fake host's token at (seq, pos): prompts 10.. / 50.. (6 and 7 tokens),
+/// then +1 per step from 20 / 60.
+fn fake_token(seq: i32, pos: i32) -> i32 {
+    match seq {
+        0 if pos < 6 => 10 + pos,
+        0 => 20 + (pos - 5),
+        _ if pos < 7 => 50 + pos,
+        _ => 60 + (pos - 6),
+    }
+}
+
+/// Every row the listener wrote carries the token, position and values the
+/// fake host computed for it (`fake_value` in tests/attach/fake_llama.c).
+fn assert_exact(run: &Run) -> usize {
+    let mut n = 0;
+    for (name, rows) in &run.rows {
+        let layer: i32 = name.rsplit('-').next().unwrap().parse().unwrap();
+        for (seq, pos, v) in rows {
+            let tok = fake_token(*seq, *pos);
+            for (j, x) in v.iter().enumerate() {
+                let want = (layer * 10000 + tok * 100 + pos) as f32 + 0.125 * j as f32;
+                assert_eq!(*x, want, "{name} seq {seq} pos {pos} element {j}");
+            }
+            n += 1;
+        }
+    }
+    for t in &run.tokens {
+        let (seq, pos) = (
+            t["seq"].as_i64().unwrap() as i32,
+            t["pos"].as_i64().unwrap() as i32,
+        );
+        assert_eq!(
+            t["token"].as_i64().unwrap() as i32,
+            fake_token(seq, pos),
+            "{t}"
+        );
+    }
+    n
+}
+
+#[test]
+fn rows_reach_listen_labelled_exact_and_paired() {
+    for reorder in [false, true] {
+        let sock = tmp_sock(if reorder { "e2e-r" } else { "e2e" });
+        let out =
+            std::env::temp_dir().join(format!("lt-attach-e2e-{}-{reorder}", std::process::id()));
+        let l = Listen::start(&sock, &out);
+        let mut env = vec![("LATENT_TAP_SINK", sock.to_str().unwrap())];
+        if reorder {
+            env.push(("FAKE_REORDER", "1"));
+        }
+        let tapped = host(false, 3, 0, &env, true);
+        assert_eq!(tapped.stdout, host(false, 3, 0, &env, false).stdout);
+        let run = l.stop();
+        // 13 prompt rows + 3 steps x 2 sequences; the last layer only has
+        // the output rows (last prompt token of each sequence and every step).
+        assert_eq!(run.rows["l_out-0"].len(), 19, "reorder {reorder}");
+        assert_eq!(run.rows["l_out-1"].len(), 19);
+        assert_eq!(run.rows["l_out-2"].len(), 8);
+        assert_eq!(assert_exact(&run), 46);
+        assert_eq!(run.tokens.len(), 19);
+        // Pairing: prompt rows, then sampled ones; sampled_next is the next
+        // row's token after an output row, and null for the last one.
+        for t in &run.tokens {
+            let (seq, pos) = (
+                t["seq"].as_i64().unwrap() as i32,
+                t["pos"].as_i64().unwrap() as i32,
+            );
+            let n_prompt = if seq == 0 { 6 } else { 7 };
+            let last = n_prompt + 2;
+            assert_eq!(t["prompt"], pos < n_prompt, "{t}");
+            assert_eq!(t["output"], pos >= n_prompt - 1, "{t}");
+            let next = if pos >= n_prompt - 1 && pos < last {
+                serde_json::json!(fake_token(seq, pos + 1))
+            } else {
+                serde_json::Value::Null
+            };
+            assert_eq!(t["sampled_next"], next, "{t}");
+        }
+        assert_eq!(run.manifest["attach"]["drops"], 0);
+        assert_eq!(run.manifest["attach"]["requests"], 2);
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+#[test]
+fn a_listener_started_late_gets_the_rows_from_the_next_graph_on() {
+    let sock = tmp_sock("late");
+    let _ = std::fs::remove_file(&sock);
+    let out = std::env::temp_dir().join(format!("lt-attach-late-{}", std::process::id()));
+    let s = sock.clone();
+    let h = std::thread::spawn(move || {
+        host(
+            false,
+            40,
+            40,
+            &[("LATENT_TAP_SINK", s.to_str().unwrap())],
+            true,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let l = Listen::start(&sock, &out);
+    let tapped = h.join().unwrap();
+    let run = l.stop();
+    assert!(stderr(&tapped).contains("listener 1 attached"));
+    assert_eq!(tapped.stdout, host(false, 40, 0, &[], false).stdout);
+    // No prompt rows (computed before the listener), then every later step.
+    let first = run.rows["l_out-0"].iter().map(|r| r.1).min().unwrap();
+    assert!(first > 7, "first position {first}");
+    assert!(
+        run.rows["l_out-0"].len() >= 20,
+        "{}",
+        run.rows["l_out-0"].len()
+    );
+    assert_exact(&run);
+    for seq in [0, 1] {
+        let mut pos: Vec<i32> = run.rows["l_out-0"]
+            .iter()
+            .filter(|r| r.0 == seq)
+            .map(|r| r.1)
+            .collect();
+        pos.sort();
+        assert!(
+            pos.windows(2).all(|w| w[1] == w[0] + 1),
+            "seq {seq}: {pos:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_listener_killed_mid_stream_leaves_the_host_serving_and_the_next_one_attaches() {
+    let sock = tmp_sock("killed");
+    let out1 = std::env::temp_dir().join(format!("lt-attach-k1-{}", std::process::id()));
+    let out2 = std::env::temp_dir().join(format!("lt-attach-k2-{}", std::process::id()));
+    let l1 = Listen::start(&sock, &out1);
+    let s = sock.clone();
+    let h = std::thread::spawn(move || {
+        host(
+            false,
+            60,
+            40,
+            &[("LATENT_TAP_SINK", s.to_str().unwrap())],
+            true,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    l1.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let l2 = Listen::start(&sock, &out2);
+    let tapped = h.join().unwrap();
+    let run = l2.stop();
+    assert_eq!(tapped.stdout, host(false, 60, 0, &[], false).stdout);
+    let log = stderr(&tapped);
+    assert!(log.contains("listener 1 left after"), "{log}");
+    assert!(log.contains("listener 2 attached"), "{log}");
+    assert!(
+        run.rows["l_out-0"].len() >= 20,
+        "{}",
+        run.rows["l_out-0"].len()
+    );
+    assert_exact(&run);
+    let _ = std::fs::remove_dir_all(&out1);
+    let _ = std::fs::remove_dir_all(&out2);
+}
