@@ -206,7 +206,7 @@ fn a_listener_that_never_reads_costs_the_host_nothing_but_drops() {
     let sock = tmp_sock("stuck");
     let _ = std::fs::remove_file(&sock);
     let l = UnixListener::bind(&sock).unwrap();
-    let plain = host(false, 3000, 0, &[], false);
+    let plain = host(false, 3000, 0, &[], false); // (also compiles the fake host)
     let path = sock.clone();
     let child = std::thread::spawn(move || {
         host(
@@ -435,6 +435,7 @@ fn rows_reach_listen_labelled_exact_and_paired() {
         let tapped = host(false, 3, 0, &env, true);
         assert_eq!(tapped.stdout, host(false, 3, 0, &env, false).stdout);
         let run = l.stop();
+        assert!(run.rows.contains_key("l_out-0"), "{}", stderr(&tapped));
         // 13 prompt rows + 3 steps x 2 sequences; the last layer only has
         // the output rows (last prompt token of each sequence and every step).
         assert_eq!(run.rows["l_out-0"].len(), 19, "reorder {reorder}");
@@ -471,6 +472,7 @@ fn a_listener_started_late_gets_the_rows_from_the_next_graph_on() {
     let sock = tmp_sock("late");
     let _ = std::fs::remove_file(&sock);
     let out = std::env::temp_dir().join(format!("lt-attach-late-{}", std::process::id()));
+    fake(false); // compiled before the clock starts
     let s = sock.clone();
     let h = std::thread::spawn(move || {
         host(
@@ -516,6 +518,7 @@ fn a_listener_killed_mid_stream_leaves_the_host_serving_and_the_next_one_attache
     let sock = tmp_sock("killed");
     let out1 = std::env::temp_dir().join(format!("lt-attach-k1-{}", std::process::id()));
     let out2 = std::env::temp_dir().join(format!("lt-attach-k2-{}", std::process::id()));
+    fake(false); // compiled before the clock starts
     let l1 = Listen::start(&sock, &out1);
     let s = sock.clone();
     let h = std::thread::spawn(move || {

@@ -254,33 +254,34 @@ pub fn run(
         let mut conns = Vec::new();
         let mut last_progress = Instant::now();
         let mut accept_err = None;
+        let spawn_host = |stream: std::os::unix::net::UnixStream| {
+            let (stats, hub, log, tx, next_id, attached) = (
+                stats.clone(),
+                hub.clone(),
+                log.clone(),
+                tx.clone(),
+                next_id.clone(),
+                attached.clone(),
+            );
+            s.spawn(move || {
+                let a = match sink::handshake(stream, opts.hello_timeout) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        if let Ok(mut st) = stats.lock() {
+                            st.refused += 1;
+                        }
+                        log(&format!("latent-tap listen: refused a host: {e}"));
+                        return;
+                    }
+                };
+                attached.fetch_add(1, Ordering::Relaxed);
+                serve_host(a, opts, stop, &stats, &hub, tx, next_id, &log);
+                attached.fetch_sub(1, Ordering::Relaxed);
+            })
+        };
         while !stop.load(Ordering::Relaxed) {
             match sink.accept() {
-                Ok(Some(stream)) => {
-                    let (stats, hub, log, tx, next_id, attached) = (
-                        stats.clone(),
-                        hub.clone(),
-                        log.clone(),
-                        tx.clone(),
-                        next_id.clone(),
-                        attached.clone(),
-                    );
-                    conns.push(s.spawn(move || {
-                        let a = match sink::handshake(stream, opts.hello_timeout) {
-                            Ok(a) => a,
-                            Err(e) => {
-                                if let Ok(mut st) = stats.lock() {
-                                    st.refused += 1;
-                                }
-                                log(&format!("latent-tap listen: refused a host: {e}"));
-                                return;
-                            }
-                        };
-                        attached.fetch_add(1, Ordering::Relaxed);
-                        serve_host(a, opts, stop, &stats, &hub, tx, next_id, &log);
-                        attached.fetch_sub(1, Ordering::Relaxed);
-                    }));
-                }
+                Ok(Some(stream)) => conns.push(spawn_host(stream)),
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => {
                     accept_err = Some(e);
@@ -297,7 +298,13 @@ pub fn run(
                 }
             }
         }
-        // Stop: no new hosts; every connection drains its ring and commits.
+        // Stop: hosts that connected before the stop (still in the socket's
+        // backlog, e.g. one that wrote its frames and exited just now) are
+        // served too; then no new hosts, and every connection drains its ring
+        // and commits.
+        while let Ok(Some(stream)) = sink.accept() {
+            conns.push(spawn_host(stream));
+        }
         drop(sink);
         stop.store(true, Ordering::Relaxed);
         for h in conns {
