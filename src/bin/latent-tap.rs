@@ -721,12 +721,6 @@ struct OutDir {
 
 impl OutDir {
     fn prepare(dir: &Path) -> Result<Self> {
-        let show = dir.display();
-        if dir.exists() && !dir.is_dir() {
-            return Err(Error::invalid(format!(
-                "output directory '{show}' exists and is not a directory"
-            )));
-        }
         let mut created = Vec::new();
         let mut p = Some(dir);
         while let Some(d) = p.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
@@ -740,13 +734,7 @@ impl OutDir {
             temps: Vec::new(),
             committed: false,
         };
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::new(
-                ErrorKind::Io,
-                format!("cannot create output directory '{show}': {e}"),
-            )
-        })?;
-        probe_writable(dir)?;
+        make_out_dir(dir)?;
         for name in OUTPUTS {
             let p = dir.join(name);
             if p.is_dir() {
@@ -1156,18 +1144,7 @@ fn capture_dataset(a: CaptureArgs) -> Result<u8> {
     ctx.validate()?;
     // The directory: made and probed before the model loads.
     let show = a.out.display();
-    if a.out.exists() && !a.out.is_dir() {
-        return Err(Error::invalid(format!(
-            "output directory '{show}' exists and is not a directory"
-        )));
-    }
-    std::fs::create_dir_all(&a.out).map_err(|e| {
-        Error::new(
-            ErrorKind::Io,
-            format!("cannot create output directory '{show}': {e}"),
-        )
-    })?;
-    probe_writable(&a.out)?;
+    make_out_dir(&a.out)?;
     if a.resume {
         dataset::read_manifest(&a.out)
             .map_err(|e| Error::invalid(format!("--resume: {}", e.message())))?;
@@ -1280,18 +1257,7 @@ fn listen(a: ListenArgs) -> Result<()> {
     };
     if let Some(dir) = &a.out {
         let show = dir.display();
-        if dir.exists() && !dir.is_dir() {
-            return Err(Error::invalid(format!(
-                "output directory '{show}' exists and is not a directory"
-            )));
-        }
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::new(
-                ErrorKind::Io,
-                format!("cannot create output directory '{show}': {e}"),
-            )
-        })?;
-        probe_writable(dir)?;
+        make_out_dir(dir)?;
         if latent_tap::dataset::holds_run(dir) {
             return Err(Error::invalid(format!(
                 "'{show}' already holds a run; use a new directory"
@@ -1350,8 +1316,26 @@ fn capture_mode_json(mode: Option<ModeReport>, c: &TapCounters) -> serde_json::V
     }
 }
 
+/// Create the output directory `dir` (refusing a file of that name) and check
+/// that it is writable, before any model loads (capture, dataset, listen).
+fn make_out_dir(dir: &Path) -> Result<()> {
+    let show = dir.display();
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::invalid(format!(
+            "output directory '{show}' exists and is not a directory"
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::new(
+            ErrorKind::Io,
+            format!("cannot create output directory '{show}': {e}"),
+        )
+    })?;
+    probe_writable(dir)
+}
+
 /// Write and remove a small file in `dir`, so an unwritable output directory is
-/// found before the model loads (both capture paths).
+/// found before the model loads.
 fn probe_writable(dir: &Path) -> Result<()> {
     let probe = dir.join(format!(".latent-tap-probe.tmp-{}", std::process::id()));
     std::fs::write(&probe, b"probe").map_err(|e| {
