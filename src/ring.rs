@@ -983,18 +983,10 @@ pub mod shm {
                 .cast::<Control>()
                 .write(Control::default());
         }
-        let (ctrl, buf) = parts(base)?;
-        let shared = Shared {
-            ctrl,
-            buf,
+        Ok(Producer::new(
+            shared(base, len, capacity, release)?,
             capacity,
-            backing: Backing::Mapped {
-                base: NonNull::new(base).ok_or(RingError::BadMapping("null mapping"))?,
-                len,
-                release,
-            },
-        };
-        Ok(Producer::new(Arc::new(shared), capacity))
+        ))
     }
 
     /// The consuming half of a ring that [`producer`] laid out in a mapping of
@@ -1029,29 +1021,31 @@ pub mod shm {
             .ok()
             .filter(|&c| c % HEADER == 0 && c >= MIN_CAPACITY && c <= len - ARENA_OFF)
             .ok_or(RingError::BadMapping("arena size does not fit the mapping"))?;
-        let (ctrl, buf) = parts(base)?;
-        let shared = Shared {
+        Ok(Consumer::new(shared(base, len, capacity, release)?))
+    }
+
+    /// The state both halves share, over a mapping `check` accepted.
+    fn shared(
+        base: *mut u8,
+        len: usize,
+        capacity: usize,
+        release: unsafe fn(*mut u8, usize),
+    ) -> Result<Arc<Shared>, RingError> {
+        let base = NonNull::new(base).ok_or(RingError::BadMapping("null mapping"))?;
+        // SAFETY: both offsets lie inside the mapping (`check`), and `base` is
+        // non-null, so neither pointer is null.
+        let (ctrl, buf) = unsafe {
+            (
+                NonNull::new_unchecked(base.as_ptr().add(CTRL_OFF).cast::<Control>()),
+                NonNull::new_unchecked(base.as_ptr().add(ARENA_OFF)),
+            )
+        };
+        Ok(Arc::new(Shared {
             ctrl,
             buf,
             capacity,
-            backing: Backing::Mapped {
-                base: NonNull::new(base).ok_or(RingError::BadMapping("null mapping"))?,
-                len,
-                release,
-            },
-        };
-        Ok(Consumer::new(Arc::new(shared)))
-    }
-
-    fn parts(base: *mut u8) -> Result<(NonNull<Control>, NonNull<u8>), RingError> {
-        // SAFETY: both offsets lie inside the mapping (`check`), and `base` is
-        // non-null, so neither pointer is null.
-        unsafe {
-            Ok((
-                NonNull::new_unchecked(base.add(CTRL_OFF).cast::<Control>()),
-                NonNull::new_unchecked(base.add(ARENA_OFF)),
-            ))
-        }
+            backing: Backing::Mapped { base, len, release },
+        }))
     }
 }
 

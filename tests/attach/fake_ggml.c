@@ -9,16 +9,8 @@
 #include <string.h>
 #include "ggml.h"
 #include "ggml-backend.h"
+#include "fake.h"
 
-struct ggml_cgraph {
-    int n_nodes;
-    struct ggml_tensor ** nodes;
-};
-
-struct ggml_backend_sched {
-    ggml_backend_sched_eval_callback cb;
-    void * ud;
-};
 
 void ggml_backend_sched_set_eval_callback(ggml_backend_sched_t sched, ggml_backend_sched_eval_callback cb, void * ud) {
     sched->cb = cb;

@@ -11,20 +11,12 @@
 #include <string.h>
 #include "llama.h"
 #include "ggml-backend.h"
+#include "fake.h"
 
 #define N_LAYER 3
 #define N_EMBD 8
 #define MAX_ROWS 64
 
-struct ggml_cgraph {
-    int n_nodes;
-    struct ggml_tensor ** nodes;
-};
-
-struct ggml_backend_sched {
-    ggml_backend_sched_eval_callback cb;
-    void * ud;
-};
 
 static struct ggml_backend_sched g_sched;
 static ggml_backend_sched_eval_callback g_host_cb;

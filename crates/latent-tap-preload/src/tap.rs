@@ -711,6 +711,18 @@ pub mod interpose {
         }};
     }
 
+    /// Calls the host's `name` with `args`, or evaluates to `default` when the
+    /// host has no such function.
+    macro_rules! call_real {
+        ($name:literal, $ty:ty, $default:expr; $($arg:expr),*) => {
+            match real!($name, $ty) {
+                // SAFETY: the host's function with the host's arguments.
+                Some(f) => unsafe { f($($arg),*) },
+                None => $default,
+            }
+        };
+    }
+
     type ComputeFn = unsafe extern "C" fn(*mut c_void, *mut c_void) -> i32;
 
     /// `ggml_backend_sched_set_eval_callback`: keeps the host's callback.
@@ -780,14 +792,7 @@ pub mod interpose {
     #[no_mangle]
     pub unsafe extern "C" fn llama_decode(ctx: *mut c_void, batch: host::LlamaBatch) -> i32 {
         record_llama_batch(&batch);
-        let r = match real!(
-            c"llama_decode",
-            unsafe extern "C" fn(*mut c_void, host::LlamaBatch) -> i32
-        ) {
-            // SAFETY: the host's function with the host's arguments.
-            Some(f) => unsafe { f(ctx, batch) },
-            None => -2,
-        };
+        let r = call_real!(c"llama_decode", unsafe extern "C" fn(*mut c_void, host::LlamaBatch) -> i32, -2; ctx, batch);
         end_batch();
         r
     }
@@ -800,14 +805,7 @@ pub mod interpose {
     #[no_mangle]
     pub unsafe extern "C" fn llama_process(ctx: *mut c_void, typ: i32, batch: *mut c_void) -> i32 {
         begin_ext_batch(batch);
-        let r = match real!(
-            c"llama_process",
-            unsafe extern "C" fn(*mut c_void, i32, *mut c_void) -> i32
-        ) {
-            // SAFETY: the host's function with the host's arguments.
-            Some(f) => unsafe { f(ctx, typ, batch) },
-            None => -2,
-        };
+        let r = call_real!(c"llama_process", unsafe extern "C" fn(*mut c_void, i32, *mut c_void) -> i32, -2; ctx, typ, batch);
         end_batch();
         r
     }
@@ -882,14 +880,7 @@ pub mod interpose {
     /// As llama.cpp's.
     #[no_mangle]
     pub unsafe extern "C" fn llama_batch_ext_add(b: *mut c_void, seq: i32) -> i32 {
-        let r = match real!(
-            c"llama_batch_ext_add",
-            unsafe extern "C" fn(*mut c_void, i32) -> i32
-        ) {
-            // SAFETY: the host's function with the host's arguments.
-            Some(f) => unsafe { f(b, seq) },
-            None => -1,
-        };
+        let r = call_real!(c"llama_batch_ext_add", unsafe extern "C" fn(*mut c_void, i32) -> i32, -1; b, seq);
         added(b, r, seq, -1);
         r
     }
@@ -901,14 +892,7 @@ pub mod interpose {
     /// As llama.cpp's.
     #[no_mangle]
     pub unsafe extern "C" fn llama_batch_ext_add_token(b: *mut c_void, seq: i32, id: i32) -> i32 {
-        let r = match real!(
-            c"llama_batch_ext_add_token",
-            unsafe extern "C" fn(*mut c_void, i32, i32) -> i32
-        ) {
-            // SAFETY: the host's function with the host's arguments.
-            Some(f) => unsafe { f(b, seq, id) },
-            None => -1,
-        };
+        let r = call_real!(c"llama_batch_ext_add_token", unsafe extern "C" fn(*mut c_void, i32, i32) -> i32, -1; b, seq, id);
         added(b, r, seq, id);
         r
     }
@@ -924,14 +908,7 @@ pub mod interpose {
         seq: i32,
         embd: host::LlamaEmbd,
     ) -> i32 {
-        let r = match real!(
-            c"llama_batch_ext_add_embd",
-            unsafe extern "C" fn(*mut c_void, i32, host::LlamaEmbd) -> i32
-        ) {
-            // SAFETY: the host's function with the host's arguments.
-            Some(f) => unsafe { f(b, seq, embd) },
-            None => -1,
-        };
+        let r = call_real!(c"llama_batch_ext_add_embd", unsafe extern "C" fn(*mut c_void, i32, host::LlamaEmbd) -> i32, -1; b, seq, embd);
         added(b, r, seq, -1);
         r
     }
@@ -943,14 +920,7 @@ pub mod interpose {
     /// As llama.cpp's.
     #[no_mangle]
     pub unsafe extern "C" fn llama_batch_ext_add_seq(b: *mut c_void, idx: i32, seq: i32) -> bool {
-        let r = match real!(
-            c"llama_batch_ext_add_seq",
-            unsafe extern "C" fn(*mut c_void, i32, i32) -> bool
-        ) {
-            // SAFETY: the host's function with the host's arguments.
-            Some(f) => unsafe { f(b, idx, seq) },
-            None => false,
-        };
+        let r = call_real!(c"llama_batch_ext_add_seq", unsafe extern "C" fn(*mut c_void, i32, i32) -> bool, false; b, idx, seq);
         if r && idx >= 0 {
             with_shadow(b, |s| s.at(idx as usize).multi_seq = true);
         }
@@ -968,14 +938,7 @@ pub mod interpose {
         idx: i32,
         pos: *const i32,
     ) -> bool {
-        let r = match real!(
-            c"llama_batch_ext_set_pos",
-            unsafe extern "C" fn(*mut c_void, i32, *const i32) -> bool
-        ) {
-            // SAFETY: the host's function with the host's arguments.
-            Some(f) => unsafe { f(b, idx, pos) },
-            None => false,
-        };
+        let r = call_real!(c"llama_batch_ext_set_pos", unsafe extern "C" fn(*mut c_void, i32, *const i32) -> bool, false; b, idx, pos);
         if r && idx >= 0 && !pos.is_null() {
             // SAFETY: llama.h: `pos` points at (at least) one position.
             let p = unsafe { *pos };
@@ -995,14 +958,7 @@ pub mod interpose {
         idx: i32,
         v: bool,
     ) -> bool {
-        let r = match real!(
-            c"llama_batch_ext_set_output_logits",
-            unsafe extern "C" fn(*mut c_void, i32, bool) -> bool
-        ) {
-            // SAFETY: the host's function with the host's arguments.
-            Some(f) => unsafe { f(b, idx, v) },
-            None => false,
-        };
+        let r = call_real!(c"llama_batch_ext_set_output_logits", unsafe extern "C" fn(*mut c_void, i32, bool) -> bool, false; b, idx, v);
         if r && idx >= 0 {
             with_shadow(b, |s| s.at(idx as usize).output = v);
         }
@@ -1020,14 +976,7 @@ pub mod interpose {
         idx: i32,
         v: bool,
     ) -> bool {
-        let r = match real!(
-            c"llama_batch_ext_set_output_embd",
-            unsafe extern "C" fn(*mut c_void, i32, bool) -> bool
-        ) {
-            // SAFETY: the host's function with the host's arguments.
-            Some(f) => unsafe { f(b, idx, v) },
-            None => false,
-        };
+        let r = call_real!(c"llama_batch_ext_set_output_embd", unsafe extern "C" fn(*mut c_void, i32, bool) -> bool, false; b, idx, v);
         if r && idx >= 0 {
             with_shadow(b, |s| s.at(idx as usize).output = v);
         }
@@ -1046,14 +995,7 @@ pub mod interpose {
         p0: i32,
         p1: i32,
     ) -> bool {
-        let r = match real!(
-            c"llama_memory_seq_rm",
-            unsafe extern "C" fn(*mut c_void, i32, i32, i32) -> bool
-        ) {
-            // SAFETY: the host's function with the host's arguments.
-            Some(f) => unsafe { f(mem, seq, p0, p1) },
-            None => false,
-        };
+        let r = call_real!(c"llama_memory_seq_rm", unsafe extern "C" fn(*mut c_void, i32, i32, i32) -> bool, false; mem, seq, p0, p1);
         if r {
             note_seq_rm(seq, p0, p1);
         }
