@@ -13,16 +13,24 @@ use std::time::Duration;
 
 use common::bin;
 
-/// The preload library the workspace build produced beside the binary.
+/// The preload library this build produced: `cargo test` leaves it in
+/// `target/<profile>/deps/`, `cargo build` beside the binary; the newer wins.
 fn preload() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_latent-tap")).with_file_name("liblatent_tap_preload.so");
-    assert!(
-        p.exists(),
-        "{} is missing: `cargo test --release` at the workspace root builds it \
-         (or `cargo build --release -p latent-tap-preload`)",
-        p.display()
-    );
-    p
+    let bin = Path::new(env!("CARGO_BIN_EXE_latent-tap"));
+    let name = "liblatent_tap_preload.so";
+    let candidates = [bin.with_file_name("deps").join(name), bin.with_file_name(name)];
+    let newest = candidates
+        .iter()
+        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p.clone());
+    newest.unwrap_or_else(|| {
+        panic!(
+            "{name} is missing next to {}: `cargo test --release` at the workspace root builds it \
+             (or `cargo build --release -p latent-tap-preload`)",
+            bin.display()
+        )
+    })
 }
 
 /// The vendored llama.cpp headers (llama.h, ggml.h, ggml-backend.h).
