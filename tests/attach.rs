@@ -18,7 +18,10 @@ use common::bin;
 fn preload() -> PathBuf {
     let bin = Path::new(env!("CARGO_BIN_EXE_latent-tap"));
     let name = "liblatent_tap_preload.so";
-    let candidates = [bin.with_file_name("deps").join(name), bin.with_file_name(name)];
+    let candidates = [
+        bin.with_file_name("deps").join(name),
+        bin.with_file_name(name),
+    ];
     let newest = candidates
         .iter()
         .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p)))
