@@ -12,4 +12,7 @@ pub mod record;
 #[path = "../../src/select.rs"]
 pub mod select;
 
+/// `latent-tap listen`'s wire and pairing (input from another process).
+pub mod attach;
+
 pub use error::{Error, ErrorKind, Result};
