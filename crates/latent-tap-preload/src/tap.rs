@@ -416,7 +416,14 @@ unsafe fn around_compute(
 /// Copies one selected node's labelled rows into the ring.
 fn write_frame(st: &mut State, cfg: &Config, t: &Tensor, pattern: u32) {
     let Ok(h) = host::host() else { return };
-    if st.labels.is_empty() || t.typ != TYPE_F32 || t.ne[2] != 1 || t.ne[3] != 1 || t.ne[0] <= 0 {
+    // Per-token rows of f32, each row contiguous (rows may be strided).
+    if st.labels.is_empty()
+        || t.typ != TYPE_F32
+        || t.nb[0] != 4
+        || t.ne[2] != 1
+        || t.ne[3] != 1
+        || t.ne[0] <= 0
+    {
         return;
     }
     let width = t.ne[0] as usize;
