@@ -351,11 +351,7 @@ impl Run {
     fn read(dir: &Path) -> Self {
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-        let tokens = std::fs::read_to_string(dir.join("tokens.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let tokens = common::tokens(dir);
         let mut rows = std::collections::BTreeMap::<String, Vec<_>>::new();
         for s in manifest["shards"].as_array().unwrap() {
             let bytes = std::fs::read(dir.join(s["file"].as_str().unwrap())).unwrap();

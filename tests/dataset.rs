@@ -3,7 +3,7 @@
 //! file across machines).
 
 mod common;
-use common::{bin, synth_model};
+use common::{bin, synth_model, tokens};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -139,14 +139,6 @@ fn load(dirs: &[&Path]) -> BTreeMap<String, Tensor> {
         }
     }
     out
-}
-
-fn tokens(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("tokens.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

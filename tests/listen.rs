@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::tokens;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -301,14 +303,6 @@ impl Listener {
         }
         out
     }
-}
-
-fn tokens(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("tokens.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn manifest(dir: &Path) -> Value {

@@ -13,6 +13,15 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_latent-tap"))
 }
 
+/// The lines of a run's `tokens.jsonl` (capture, dataset, listen).
+pub fn tokens(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("tokens.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// A default synthetic model written into `dir`.
 pub fn synth_model(dir: &Path) -> PathBuf {
     let p = dir.join("synth.gguf");
