@@ -48,6 +48,15 @@ impl Dtype {
         }
     }
 
+    /// Lowercase name, as requests, settings and hellos spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::BF16 => "bf16",
+        }
+    }
+
     /// Name as used in safetensors headers.
     pub fn safetensors_name(self) -> &'static str {
         match self {

@@ -65,7 +65,7 @@ pub fn latents_json(frames: &[FrameOut]) -> Value {
             .entry((f.header.tensor_index, f.name().to_string()))
             .or_default();
         g.width = f.header.width;
-        g.dtype = dtype_name(f.dtype());
+        g.dtype = f.dtype().name();
         for r in &f.rows {
             g.pos.push(r.pos);
             g.step.push(f.header.step);
@@ -86,13 +86,4 @@ pub fn latents_json(frames: &[FrameOut]) -> Value {
         );
     }
     Value::Object(out)
-}
-
-/// The request-side name of a dtype.
-pub fn dtype_name(d: crate::record::Dtype) -> &'static str {
-    match d {
-        crate::record::Dtype::F32 => "f32",
-        crate::record::Dtype::F16 => "f16",
-        crate::record::Dtype::BF16 => "bf16",
-    }
 }

@@ -32,7 +32,9 @@
 
 // The llama-free parts of latent-tap, compiled from the main crate's sources
 // (as scripts/miri-ring and the fuzz targets do): selection, ring, records
-// and the attach wire.
+// and the attach wire; the row copy and dtype conversion of the capture path.
+#[path = "../../../src/capture/convert.rs"]
+pub mod convert;
 #[path = "../../../src/error.rs"]
 pub mod error;
 #[path = "../../../src/record.rs"]

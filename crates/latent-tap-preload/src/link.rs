@@ -5,7 +5,6 @@ use std::ffi::c_void;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::config::Config;
-use crate::record::Dtype;
 use crate::ring::{self, Producer};
 use crate::wire::{Hello, FORMAT, MAX_HELLO};
 
@@ -24,14 +23,6 @@ unsafe fn unmap(base: *mut u8, len: usize) {
     // SAFETY: `base..base+len` is the mapping `Link::connect` created and
     // handed to the ring, which calls this once when it is dropped.
     unsafe { libc::munmap(base as *mut c_void, len) };
-}
-
-fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::F32 => "f32",
-        Dtype::F16 => "f16",
-        Dtype::BF16 => "bf16",
-    }
 }
 
 fn errno() -> std::io::Error {
@@ -125,7 +116,7 @@ impl Link {
             tensors: cfg.tensors.clone(),
             layers: cfg.layers_text.clone(),
             rows: if cfg.last_only { "last" } else { "all" }.into(),
-            dtype: dtype_name(cfg.dtype).into(),
+            dtype: cfg.dtype.name().into(),
             connection,
         };
         let msg = serde_json::to_vec(&hello).map_err(|e| e.to_string())?;

@@ -6,13 +6,17 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+
 use crate::config::Config;
-use crate::host::{self, EvalCallback, Host, Tensor, TYPE_F32, TYPE_I32};
+use crate::convert::{convert_run, ggml_type_size, SrcTensor};
+use crate::host::{self, EvalCallback, Host, Tensor, TYPE_I32};
 use crate::labels::{Batch, GraphRows, Label, Mismatch, POS_UNSET};
 use crate::link::Link;
-use crate::record::{frame_len, kind, put, Dtype, FrameHeader, RowMeta};
+use crate::record::{frame_len, kind, put, FrameHeader, RowMeta};
 use crate::ring::WriteError;
-use crate::select::layer_of;
+use crate::select::{layer_of, NameHasher};
 use crate::wire::{SeqRm, CONNECT_INTERVAL_MS, LIVENESS_INTERVAL_MS, ROW_OUTPUT};
 
 /// `GGML_STATUS_FAILED`.
@@ -71,11 +75,31 @@ struct State {
     pick: Vec<usize>,
     /// Device tensors that need conversion are staged here.
     staging: Vec<u8>,
+    /// Selection by node name, remembered: glob matching allocates, and the
+    /// eval callback asks about every node of every tapped graph.
+    names: HashMap<Box<[u8]>, Option<u32>, BuildHasherDefault<NameHasher>>,
     /// Permanently off, and why (logged once).
     off: Option<String>,
     layout_checked: bool,
     unlabelled_logged: bool,
     too_large_logged: bool,
+}
+
+/// Distinct node names remembered (a model's graph has a few hundred).
+const MAX_NAMES: usize = 4096;
+
+impl State {
+    /// `cfg.select(name)`, allocation-free once a name has been seen.
+    fn selected(&mut self, cfg: &Config, name: &[u8]) -> Option<u32> {
+        if let Some(&s) = self.names.get(name) {
+            return s;
+        }
+        let s = cfg.select(name);
+        if self.names.len() < MAX_NAMES {
+            self.names.insert(name.into(), s);
+        }
+        s
+    }
 }
 
 /// The tap. `try_lock` only: a thread that finds it taken computes its graph
@@ -166,7 +190,7 @@ unsafe extern "C" fn tap_callback(t: *mut Tensor, ask: bool, ud: *mut c_void) ->
         // SAFETY: the scheduler passes a live node of the graph.
         let t = unsafe { &*t };
         let Some(cfg) = config() else { return false };
-        let Some(pattern) = cfg.select(t.name()) else {
+        let Some(pattern) = st.selected(cfg, t.name()) else {
             return false;
         };
         if ask {
@@ -416,13 +440,18 @@ unsafe fn around_compute(
 /// Copies one selected node's labelled rows into the ring.
 fn write_frame(st: &mut State, cfg: &Config, t: &Tensor, pattern: u32) {
     let Ok(h) = host::host() else { return };
-    // Per-token rows of f32, each row contiguous (rows may be strided).
+    // Per-token rows (F32/F16/BF16, any strides on the host; contiguous rows
+    // on a device, which are fetched whole).
+    let Some(ts) = ggml_type_size(t.typ as u32) else {
+        return;
+    };
+    // SAFETY: a live node the scheduler just computed.
+    let on_host = !t.buffer.is_null() && unsafe { (h.buffer_is_host)(t.buffer) };
     if st.labels.is_empty()
-        || t.typ != TYPE_F32
-        || t.nb[0] != 4
         || t.ne[2] != 1
         || t.ne[3] != 1
         || t.ne[0] <= 0
+        || (!on_host && t.nb[0] != ts)
     {
         return;
     }
@@ -506,61 +535,40 @@ fn write_frame(st: &mut State, cfg: &Config, t: &Tensor, pattern: u32) {
         put(&mut g, off, &meta);
         off += std::mem::size_of::<RowMeta>();
     }
-    // SAFETY: a live node the scheduler just computed.
-    let on_host = !t.buffer.is_null() && unsafe { (h.buffer_is_host)(t.buffer) };
-    let row_bytes = width * 4;
+    let src = SrcTensor {
+        base: t.data as *const u8,
+        ty: t.typ as u32,
+        ne: t.ne,
+        nb: t.nb,
+    };
+    let row_bytes = width * ts;
     let esz = dtype.size();
     for (i, &r) in st.pick.iter().enumerate() {
         if !keep(i, r) {
             continue;
         }
         let dst = &mut g[off..off + width * esz];
-        let src_off = i * t.nb[1];
         if on_host {
-            // SAFETY: row `i` of a computed host tensor: `width` f32 at
-            // `data + i * nb[1]` (ne[0] elements of a row, nb[0] == 4 for F32).
-            let src = unsafe {
-                std::slice::from_raw_parts((t.data as *const u8).add(src_off), row_bytes)
-            };
-            convert(src, dst, dtype);
-        } else if dtype == Dtype::F32 {
-            // SAFETY: `dst` has room for one row; ggml copies it from the device.
-            unsafe { (h.tensor_get)(t, dst.as_mut_ptr() as *mut c_void, src_off, row_bytes) };
+            // SAFETY: row `i` (< ne[1]) of a computed host tensor, every
+            // element addressed by its ne/nb readable.
+            unsafe { src.copy_row(1, i, dtype, dst) };
         } else {
             st.staging.resize(row_bytes, 0);
-            // SAFETY: as above, into the staging row.
+            // SAFETY: one contiguous row into the staging buffer; ggml copies
+            // it from the device.
             unsafe {
                 (h.tensor_get)(
                     t,
                     st.staging.as_mut_ptr() as *mut c_void,
-                    src_off,
+                    i * t.nb[1],
                     row_bytes,
                 )
             };
-            convert(&st.staging, dst, dtype);
+            convert_run(&st.staging, src.ty, dst, dtype);
         }
         off += width * esz;
     }
     g.commit();
-}
-
-/// f32 bytes to `dtype` bytes.
-fn convert(src: &[u8], dst: &mut [u8], dtype: Dtype) {
-    match dtype {
-        Dtype::F32 => dst.copy_from_slice(src),
-        Dtype::F16 => {
-            for (d, s) in dst.chunks_exact_mut(2).zip(src.chunks_exact(4)) {
-                let v = f32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
-                d.copy_from_slice(&half::f16::from_f32(v).to_ne_bytes());
-            }
-        }
-        Dtype::BF16 => {
-            for (d, s) in dst.chunks_exact_mut(2).zip(src.chunks_exact(4)) {
-                let v = f32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
-                d.copy_from_slice(&half::bf16::from_f32(v).to_ne_bytes());
-            }
-        }
-    }
 }
 
 /// Writes a [`SeqRm`] if a listener is attached (best-effort).
@@ -1024,5 +1032,27 @@ pub mod interpose {
             unsafe { f(mem, data) }
         }
         note_seq_rm(-1, -1, -1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_is_remembered_per_name_and_agrees_with_the_patterns() {
+        let cfg = Config::from_lookup(|k| {
+            (k == "LATENT_TAP_TENSORS").then(|| "attn_out-*,l_out-*".to_string())
+        })
+        .unwrap();
+        let mut st = State::default();
+        for _ in 0..3 {
+            for name in [&b"l_out-3"[..], b"attn_out-0", b"norm-2", b"l_out-3"] {
+                assert_eq!(st.selected(&cfg, name), cfg.select(name), "{name:?}");
+            }
+        }
+        // Three distinct names, each matched once.
+        assert_eq!(st.names.len(), 3);
+        assert_eq!(st.names.get(&b"norm-2"[..]), Some(&None));
     }
 }
