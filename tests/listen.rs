@@ -669,6 +669,20 @@ fn a_path_that_is_not_a_socket_is_refused() {
     assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
 }
 
+#[test]
+fn observers_are_served_on_loopback_only() {
+    let o = common::bin()
+        .args(["listen", "--serve", "--port", "0", "--host", "0.0.0.0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--host: 0.0.0.0 is not a loopback address") && !err.contains("API key"),
+        "{err}"
+    );
+}
+
 /// Length-prefixed records of a subscribe stream.
 fn next_record(r: &mut impl Read) -> Option<Vec<u8>> {
     let mut n = [0u8; 4];

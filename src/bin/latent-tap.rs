@@ -1230,8 +1230,14 @@ fn listen(a: ListenArgs) -> Result<()> {
     let serve = match (a.serve, a.port) {
         (true, Some(port)) => {
             #[cfg(feature = "serve")]
-            latent_tap::server::check_exposure(&a.host, None)
-                .map_err(|e| Error::invalid(format!("--host: {}", e.message())))?;
+            // listen has no API key: loopback only.
+            latent_tap::server::check_exposure(&a.host, None).map_err(|_| {
+                Error::invalid(format!(
+                    "--host: {} is not a loopback address; listen serves observers on \
+                     127.0.0.1, ::1 or localhost only",
+                    a.host
+                ))
+            })?;
             Some(ServeAt {
                 host: a.host.clone(),
                 port,
