@@ -5,30 +5,24 @@
 //! [`select`] (which graph nodes) → [`capture`] (how bytes leave the graph) →
 //! [`ring`] (lock-free transport off the compute thread) → [`stream`] / [`output`]
 //! (consumers). [`engine`] wraps llama.cpp; [`session`] drives generation.
-#![deny(unsafe_op_in_unsafe_fn)]
 #![recursion_limit = "256"]
 #![warn(missing_docs)]
-#![warn(missing_debug_implementations)]
-#![warn(clippy::undocumented_unsafe_blocks)]
+
+// The llama-free modules live in the core crate (`crates/latent-tap-core`);
+// they keep their paths here (`latent_tap::ring`, …) for users and for the
+// modules of this crate.
+pub use latent_tap_core::{
+    error, gguf, output, record, ring, run, select, settings, stream, synth, tokens,
+};
 
 pub mod attach;
 pub mod capture;
 pub mod dataset;
 pub mod engine;
-pub mod error;
 pub mod ffi;
-pub mod gguf;
-pub mod output;
-pub mod record;
-pub mod ring;
 pub mod sched;
-pub mod select;
 #[cfg(feature = "serve")]
 pub mod server;
 pub mod session;
-pub mod settings;
-pub mod stream;
-pub mod synth;
-pub mod tokens;
 
 pub use error::{Error, ErrorKind, Result};

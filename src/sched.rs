@@ -494,7 +494,7 @@ impl Engine {
         let n_ubatch = ctx.n_ubatch() as usize;
         let ring_bytes = ring_bytes(&graph, n_ubatch)?;
         // The same memory check as every other ring (refuse, rather than be OOM-killed later).
-        crate::settings::check_ring_memory(ring_bytes)?;
+        crate::ring::check_memory(ring_bytes)?;
         let (producer, consumer) = crate::ring::channel(ring_bytes)
             .map_err(|e| Error::invalid(format!("ring capacity {ring_bytes}: {e}")))?;
         let tap = Tap::armed(

@@ -11,6 +11,7 @@ use crate::engine::{Batch, Context, ContextOptions, Model, Sampler, SamplingOpti
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Dtype, RowMeta, TokenHeader, ROW_PROMPT};
 use crate::select::{GraphNode, LayerFilter, SelectedTensor, Selection, SkippedTensor};
+use crate::settings;
 use crate::stream::Stream;
 use crate::tokens::token_stats;
 
@@ -66,7 +67,7 @@ pub(crate) fn build_tap(
     n_ubatch: usize,
 ) -> Result<(Tap, Stream)> {
     spec.validate()?;
-    crate::settings::check_ring_memory(spec.ring_bytes)?;
+    crate::ring::check_memory(spec.ring_bytes)?;
     let (producer, consumer) = crate::ring::channel(spec.ring_bytes)
         .map_err(|e| Error::invalid(format!("ring capacity {}: {e}", spec.ring_bytes)))?;
     let (sel, sentinel) = if spec.captures_nothing() {
@@ -488,5 +489,31 @@ fn settings(spec: &CaptureSpec, n_ubatch: usize) -> TapSettings {
         policy: spec.policy,
         n_ubatch,
         mode: spec.mode,
+    }
+}
+
+impl GenerateOptions {
+    /// Check the bounds: `n_predict >= 1`, `top_k <= MAX_REPORT_TOP_K`, and the sampling.
+    pub fn validate(&self) -> Result<()> {
+        if self.n_predict == 0 {
+            return Err(Error::invalid("n_predict must be at least 1"));
+        }
+        settings::check_report_top_k(self.top_k)?;
+        self.sampling.validate()
+    }
+}
+
+impl CaptureSpec {
+    /// Check the spec: patterns are either exactly empty (tokens only) or hold
+    /// no blank entry; the ring is not empty; a blocking timeout is at most
+    /// [`settings::MAX_BLOCK_TIMEOUT`]. (Whether the ring fits in memory is
+    /// [`crate::ring::check_memory`], done when the ring is made.)
+    pub fn validate(&self) -> Result<()> {
+        settings::check_patterns(&self.patterns)?;
+        settings::check_ring_bytes(self.ring_bytes)?;
+        match self.policy {
+            Policy::Block { timeout } => settings::check_block_timeout(timeout),
+            Policy::DropNewest => Ok(()),
+        }
     }
 }

@@ -785,35 +785,46 @@ fn observers_subscribe_to_every_host() {
         vec![(1, 11, O | 1, value(1, 11, 0)), (2, 12, O, value(1, 12, 0))]
     );
     l.wait_for("detached (host exited)");
-    // A second host's sequences are told apart: seq_id = host << 16 | seq.
-    let mut h = FakeHost::ring(1 << 16);
-    h.connect(&sock, 100, 1);
-    h.step(0, &[(0, 0, 20, O)]);
-    drop(h);
-    let mut seen = Vec::new();
-    loop {
-        let rec = next_record(&mut r).expect("stream ended early");
-        let kind = u32_at(&rec, 0);
-        let seq_id = match kind {
-            1 => i32_at(&rec, u32_at(&rec, 4) as usize),
-            2 => i32_at(&rec, 12),
-            4 => i32_at(&rec, 16),
-            k => panic!("unexpected record kind {k}"),
-        };
-        seen.push((kind, seq_id));
-        if kind == 4 && u32_at(&rec, 20) == 2 {
-            break;
+    // Hosts attached at the same time are told apart: seq_id = h << 16 | seq,
+    // where h is the smallest host number no attached host holds (so a host
+    // that comes after the first one left is number 0 again, and ids never
+    // grow with the number of hosts seen).
+    let read_until = |r: &mut _, last: (u32, i32)| {
+        let mut seen = Vec::new();
+        loop {
+            let rec = next_record(r).expect("stream ended early");
+            let kind = u32_at(&rec, 0);
+            let seq_id = match kind {
+                1 => i32_at(&rec, u32_at(&rec, 4) as usize),
+                2 => i32_at(&rec, 12),
+                4 => i32_at(&rec, 16),
+                k => panic!("unexpected record kind {k}"),
+            };
+            seen.push((kind, seq_id));
+            if (kind, seq_id) == last && (kind != 4 || u32_at(&rec, 20) == 2) {
+                return seen;
+            }
         }
-    }
+    };
+    let mut a = FakeHost::ring(1 << 16);
+    a.connect(&sock, 100, 1);
+    a.step(0, &[(0, 0, 20, O)]);
+    assert_eq!(read_until(&mut r, (1, 0)), vec![(4, 0), (2, 0), (1, 0)]);
+    let mut b = FakeHost::ring(1 << 16);
+    b.connect(&sock, 101, 1);
+    b.step(0, &[(0, 0, 30, O)]);
+    drop(b);
     assert_eq!(
-        seen,
+        read_until(&mut r, (4, 1 << 16)),
         vec![(4, 1 << 16), (2, 1 << 16), (1, 1 << 16), (4, 1 << 16)]
     );
-    l.wait_for_n("detached (host exited)", 2);
+    drop(a);
+    assert_eq!(read_until(&mut r, (4, 0)), vec![(4, 0)]);
+    l.wait_for_n("detached (host exited)", 3);
     l.stop();
     let mut summary = String::new();
     stdout.read_to_string(&mut summary).unwrap();
-    assert!(summary.contains("2 requests"), "{summary}");
+    assert!(summary.contains("3 requests"), "{summary}");
     // The stream ends with the listener.
     assert!(next_record(&mut r).is_none());
 }

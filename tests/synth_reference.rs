@@ -136,10 +136,8 @@ unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, user: *mut 
     }
     assert_eq!(t.type_, sys::GGML_TYPE_F32, "{name} is not F32");
     // SAFETY: `t` is live and computed (ask == false).
-    assert!(
-        unsafe { sys::ggml_is_contiguous(t) },
-        "{name} not contiguous"
-    );
+    let contiguous = unsafe { sys::ggml_is_contiguous(t) };
+    assert!(contiguous, "{name} not contiguous");
     let n = (t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]) as usize;
     let mut buf = vec![0f32; n];
     // SAFETY: `buf` holds exactly the tensor's `n` contiguous f32 values.

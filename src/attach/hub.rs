@@ -3,10 +3,14 @@
 //! (`docs/PROTOCOL.md`): REQUEST begin/end notices, a TOKEN per row (its input
 //! token), FRAMEs cut to one request and to the subscriber's selection.
 //!
-//! Sequence ids: host connection `h` (0 for the first host that attached)
-//! has its sequence `s` reported as `h << 16 | s`, so requests of different
-//! hosts never share a `seq_id` (a lone first host's ids are unchanged).
+//! Sequence ids: each attached host connection holds a host number `h`
+//! ([`Hub::attach_host`]: the smallest number no attached connection holds,
+//! below [`MAX_HOSTS`]) and has its sequence `s` reported as `h << 16 | s`,
+//! so requests of hosts attached at the same time never share a `seq_id`, ids
+//! stay non-negative however many hosts came and went, and a lone host's ids
+//! are its own sequence ids.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -45,10 +49,37 @@ struct Sub {
     alive: bool,
 }
 
-/// The subscribers, shared by the host connections.
+/// Host connections attached at the same time, at most: host numbers fill
+/// the 15 bits above a sequence id's 16 (see the module docs).
+pub const MAX_HOSTS: usize = 1 << 15;
+
+/// The subscribers, shared by the host connections, and the host numbers in use.
 #[derive(Default)]
 pub struct Hub {
     subs: Mutex<Vec<Sub>>,
+    hosts: Mutex<BTreeSet<u16>>,
+}
+
+/// A host number held by an attached connection; given back when dropped.
+#[derive(Debug)]
+pub struct HostSlot<'a> {
+    hub: &'a Hub,
+    n: u16,
+}
+
+impl HostSlot<'_> {
+    /// The number (`0..MAX_HOSTS`).
+    pub fn number(&self) -> u16 {
+        self.n
+    }
+}
+
+impl Drop for HostSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut h) = self.hub.hosts.lock() {
+            h.remove(&self.n);
+        }
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -91,8 +122,17 @@ impl Hub {
         }
     }
 
-    /// Pass one pairing event of host connection `host` on.
-    pub fn publish(&self, host: usize, ev: &Event<'_>) {
+    /// A host number for a connection that attached: the smallest one free,
+    /// or `None` when [`MAX_HOSTS`] connections are attached.
+    pub fn attach_host(&self) -> Option<HostSlot<'_>> {
+        let mut used = self.hosts.lock().ok()?;
+        let n = (0..MAX_HOSTS as u16).find(|n| !used.contains(n))?;
+        used.insert(n);
+        Some(HostSlot { hub: self, n })
+    }
+
+    /// Pass one pairing event of the host connection holding number `host` on.
+    pub fn publish(&self, host: u16, ev: &Event<'_>) {
         let Ok(mut subs) = self.subs.lock() else {
             return;
         };
@@ -188,9 +228,10 @@ impl Hub {
     }
 }
 
-/// The `seq_id` observers see for sequence `seq` of host connection `host`.
-pub fn slot(host: usize, seq: i32) -> i32 {
-    (((host as u32) << 16) | (seq as u32 & 0xffff)) as i32
+/// The `seq_id` observers see for sequence `seq` of the host connection
+/// holding number `host` (below [`MAX_HOSTS`], so the id is not negative).
+pub fn slot(host: u16, seq: i32) -> i32 {
+    ((u32::from(host & 0x7fff) << 16) | (seq as u32 & 0xffff)) as i32
 }
 
 fn deliver(s: &mut Sub, rec: Vec<u8>, droppable: bool) {
@@ -225,4 +266,38 @@ fn token(seq: i32, row: &TokenRow) -> Vec<u8> {
     let mut b = vec![0u8; std::mem::size_of::<TokenHeader>()];
     record::put(&mut b, 0, &h);
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_numbers_are_reused_and_ids_stay_distinct_and_positive() {
+        let hub = Hub::default();
+        // Hosts that come and go one at a time keep number 0, however many.
+        for _ in 0..70_000 {
+            let h = hub.attach_host().unwrap();
+            assert_eq!(h.number(), 0);
+            assert_eq!(slot(h.number(), 3), 3);
+        }
+        // Attached at the same time: distinct numbers, the smallest free first.
+        let a = hub.attach_host().unwrap();
+        let b = hub.attach_host().unwrap();
+        let c = hub.attach_host().unwrap();
+        assert_eq!([a.number(), b.number(), c.number()], [0, 1, 2]);
+        drop(b);
+        let d = hub.attach_host().unwrap();
+        assert_eq!(d.number(), 1);
+        assert_ne!(slot(a.number(), 5), slot(d.number(), 5));
+        drop((a, c, d));
+        // The last number gives a positive id; beyond it hosts are refused.
+        let all: Vec<_> = (0..MAX_HOSTS).map(|_| hub.attach_host().unwrap()).collect();
+        assert_eq!(all.last().unwrap().number() as usize, MAX_HOSTS - 1);
+        assert!(hub.attach_host().is_none());
+        let top = slot(all.last().unwrap().number(), 0xffff);
+        assert!(top > 0 && top == i32::MAX, "{top}");
+        drop(all);
+        assert_eq!(hub.attach_host().unwrap().number(), 0);
+    }
 }

@@ -26,9 +26,9 @@ use super::hub::Hub;
 use super::pair::{Event, Pairer, Request};
 use super::sink::{self, Attached, Sink};
 use super::wire::{SeqRm, KIND_SEQ_RM};
-use crate::dataset::{Manifest, Rows, Writer, FORMAT};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{self, Record};
+use crate::run::{Manifest, PromptRows, Writer, FORMAT};
 
 /// Where observers connect (`--serve`).
 #[derive(Debug, Clone)]
@@ -447,13 +447,13 @@ fn commit(w: &mut Writer, c: Commit, stats: &Shared, sink: &Path) -> Result<()> 
     if let Some((_, t)) = req.tensors.first() {
         w.set_dtype(t.dtype);
     }
-    let mut rows: Vec<Rows> = w.m.tensors.iter().map(|_| Rows::default()).collect();
+    let mut rows: Vec<PromptRows> = w.m.tensors.iter().map(|_| PromptRows::default()).collect();
     let mut unaligned = 0u64;
     for (name, t) in req.tensors {
         let i = match w.m.tensors.iter().position(|x| x.name == name) {
             Some(i) => i,
             None => {
-                rows.push(Rows::default());
+                rows.push(PromptRows::default());
                 w.add_tensor(&name, t.width)?
             }
         };
@@ -530,6 +530,18 @@ fn serve_host(
         mut consumer,
         stream,
     } = a;
+    // The observers' host number, held while attached (ids of sequences of
+    // hosts attached at the same time must differ; see `hub`).
+    let Some(host_slot) = hub.attach_host() else {
+        log(&format!(
+            "latent-tap listen: refused host {} connection {}: {} host connections are attached already",
+            hello.pid,
+            hello.connection,
+            super::hub::MAX_HOSTS
+        ));
+        return;
+    };
+    let hn = host_slot.number();
     let ix = match stats.lock() {
         Ok(mut s) => {
             s.hosts.push(HostInfo {
@@ -567,7 +579,7 @@ fn serve_host(
     let (mut frames, mut bad) = (0u64, 0u64);
     let (rows, requests) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     let mut emit = |ev: Event<'_>| {
-        hub.publish(ix, &ev);
+        hub.publish(hn, &ev);
         match ev {
             Event::Begin { .. } => requests.set(requests.get() + 1),
             Event::Token { .. } => rows.set(rows.get() + 1),

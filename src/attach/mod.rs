@@ -6,6 +6,5 @@ pub mod hub;
 pub mod listen;
 #[cfg(feature = "serve")]
 pub mod observe;
-pub mod pair;
 pub mod sink;
-pub mod wire;
+pub use latent_tap_core::attach::{pair, wire};

@@ -865,7 +865,7 @@ fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         mode: capture_mode(&a.capture_mode)?,
     };
     spec.validate()?;
-    settings::check_ring_memory(spec.ring_bytes)?;
+    latent_tap::ring::check_memory(spec.ring_bytes)?;
     let sampling = SamplingOptions {
         temperature: a.temp,
         top_k: a.sample_top_k,
@@ -1102,7 +1102,7 @@ fn capture_dataset(a: CaptureArgs) -> Result<u8> {
             let b = mb
                 .checked_mul(1 << 20)
                 .ok_or_else(|| Error::invalid(format!("--ring-mb {mb} is too large")))?;
-            settings::check_ring_memory(b)?;
+            latent_tap::ring::check_memory(b)?;
             Some(b)
         }
         None => None,
@@ -1175,7 +1175,7 @@ fn capture_dataset(a: CaptureArgs) -> Result<u8> {
         },
         &|graph, n_ubatch| match ring_bytes {
             Some(b) => Ok(b),
-            None => settings::dataset_ring_bytes(graph, request.as_ref(), n_ubatch),
+            None => latent_tap::dataset::ring_bytes(graph, request.as_ref(), n_ubatch),
         },
     )?;
     let filter = match &request {

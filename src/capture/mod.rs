@@ -17,7 +17,7 @@
 
 mod callback;
 mod config;
-mod convert;
+pub(crate) use latent_tap_core::convert;
 mod deferred;
 mod frame;
 mod records;

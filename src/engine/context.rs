@@ -12,6 +12,7 @@ use super::batch::Batch;
 use super::model::{Model, Token};
 use crate::capture::Tap;
 use crate::error::{Error, ErrorKind, Result};
+use crate::settings;
 
 /// Context settings. Defaults suit a 2-core laptop as well as a GPU box.
 #[derive(Debug, Clone)]
@@ -55,10 +56,7 @@ impl Default for ContextOptions {
     }
 }
 
-/// Number of cores, the default thread count.
-pub fn default_threads() -> i32 {
-    std::thread::available_parallelism().map_or(4, |n| n.get() as i32)
-}
+pub use crate::settings::default_threads;
 
 /// A llama.cpp context, optionally tapped.
 #[derive(Debug)]
@@ -354,5 +352,23 @@ fn cpu_threadpool_fns() -> Option<(ThreadpoolNew, ThreadpoolFree)> {
             std::mem::transmute::<*mut std::ffi::c_void, ThreadpoolNew>(new),
             std::mem::transmute::<*mut std::ffi::c_void, ThreadpoolFree>(free),
         ))
+    }
+}
+
+impl ContextOptions {
+    /// Check the bounds ([`settings::check_context`], [`settings::check_threads`]).
+    pub fn validate(&self) -> Result<()> {
+        settings::check_context(self.n_ctx, self.n_batch, self.n_ubatch, self.n_seq_max)?;
+        match self.n_threads {
+            Some(t) => settings::check_threads(t),
+            None => Ok(()),
+        }
+    }
+
+    /// The thread count a context built from these options uses.
+    pub fn threads(&self) -> i32 {
+        self.n_threads
+            .unwrap_or_else(settings::default_threads)
+            .max(1)
     }
 }

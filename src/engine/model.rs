@@ -9,6 +9,7 @@ use llama_cpp_sys_2 as sys;
 
 use super::backend;
 use crate::error::{Error, ErrorKind, Result};
+use crate::settings;
 
 /// Token id as llama.cpp uses it.
 pub type Token = i32;
@@ -254,5 +255,12 @@ impl Drop for Model {
             // SAFETY: we own the pointer; every Context holds an Arc<Model>, so none is alive.
             unsafe { sys::llama_model_free(self.as_ptr()) }
         }
+    }
+}
+
+impl ModelOptions {
+    /// Check the bounds: `n_gpu_layers` is -1 (all) or at least 0.
+    pub fn validate(&self) -> Result<()> {
+        settings::check_gpu_layers(self.n_gpu_layers)
     }
 }

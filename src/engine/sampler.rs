@@ -4,6 +4,9 @@ use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
+use crate::error::Result;
+use crate::settings;
+
 /// Sampling settings. `temperature <= 0` means greedy.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SamplingOptions {
@@ -83,5 +86,12 @@ impl Drop for Sampler {
     fn drop(&mut self) {
         // SAFETY: we own the chain, which frees the samplers added to it.
         unsafe { sys::llama_sampler_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl SamplingOptions {
+    /// Check the bounds ([`settings::check_sampling`]).
+    pub fn validate(&self) -> Result<()> {
+        settings::check_sampling(self.temperature, self.top_p, self.top_k, self.min_p)
     }
 }

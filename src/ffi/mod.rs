@@ -83,6 +83,9 @@ impl From<ErrorKind> for lt_status {
             ErrorKind::FrameTooLarge => lt_status::LT_FRAME_TOO_LARGE,
             ErrorKind::Io => lt_status::LT_IO,
             ErrorKind::Internal => lt_status::LT_INTERNAL,
+            // `ErrorKind` is non-exhaustive; a kind added without its own status
+            // fails `every_error_kind_has_its_own_status`.
+            _ => lt_status::LT_INTERNAL,
         }
     }
 }
@@ -268,5 +271,25 @@ pub(crate) fn mode_code(m: crate::capture::CaptureMode) -> u32 {
         crate::capture::CaptureMode::Auto => 0,
         crate::capture::CaptureMode::Callback => 1,
         crate::capture::CaptureMode::Deferred => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_kind_has_its_own_status() {
+        let statuses: Vec<lt_status> = ErrorKind::ALL.iter().map(|&k| k.into()).collect();
+        for (i, a) in statuses.iter().enumerate() {
+            for b in &statuses[i + 1..] {
+                assert_ne!(*a as i32, *b as i32, "two kinds map to {a:?}");
+            }
+        }
+        assert_eq!(
+            lt_status::from(ErrorKind::Internal) as i32,
+            lt_status::LT_INTERNAL as i32
+        );
+        assert_eq!(ErrorKind::ALL.len(), 9);
     }
 }

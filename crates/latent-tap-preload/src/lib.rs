@@ -26,25 +26,12 @@
 //! does not recognise or a listener that goes away turns it into a logged
 //! no-op; the host's calls always go through. Frames that do not fit in the
 //! ring are dropped and counted (drop-newest), never waited for.
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(missing_debug_implementations)]
-#![warn(clippy::undocumented_unsafe_blocks)]
 
-// The llama-free parts of latent-tap, compiled from the main crate's sources
-// (as scripts/miri-ring and the fuzz targets do): selection, ring, records
-// and the attach wire; the row copy and dtype conversion of the capture path.
-#[path = "../../../src/capture/convert.rs"]
-pub mod convert;
-#[path = "../../../src/error.rs"]
-pub mod error;
-#[path = "../../../src/record.rs"]
-pub mod record;
-#[path = "../../../src/ring.rs"]
-pub mod ring;
-#[path = "../../../src/select.rs"]
-pub mod select;
-#[path = "../../../src/attach/wire.rs"]
-pub mod wire;
+// The llama-free parts of latent-tap (selection, ring, records, the attach
+// wire, the row copy and dtype conversion of the capture path), from the core
+// crate under the names the preload's modules use.
+pub use latent_tap_core::attach::wire;
+pub use latent_tap_core::{convert, error, record, ring, select};
 
 pub mod config;
 pub mod host;

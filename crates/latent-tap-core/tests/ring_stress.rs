@@ -1,4 +1,4 @@
-//! Threaded stress test of `latent_tap::ring`: a million randomly sized
+//! Threaded stress test of `latent_tap_core::ring`: a million randomly sized
 //! records, each carrying its sequence number and a checksum of its contents,
 //! under both caller policies (block for lossless, drop-newest for lossy).
 //!
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use latent_tap::ring::{self, Consumer, WriteError};
+use latent_tap_core::ring::{self, Consumer, WriteError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -5,13 +5,15 @@ use half::{bf16, f16};
 
 use crate::record::Dtype;
 
-/// ggml type ids this module reads.
-pub(crate) const GGML_F32: u32 = 0;
-pub(crate) const GGML_F16: u32 = 1;
-pub(crate) const GGML_BF16: u32 = 30;
+/// ggml type id of `GGML_TYPE_F32` (the types this module reads).
+pub const GGML_F32: u32 = 0;
+/// ggml type id of `GGML_TYPE_F16`.
+pub const GGML_F16: u32 = 1;
+/// ggml type id of `GGML_TYPE_BF16`.
+pub const GGML_BF16: u32 = 30;
 
 /// Bytes per element of a supported ggml type.
-pub(crate) fn ggml_type_size(ty: u32) -> Option<usize> {
+pub fn ggml_type_size(ty: u32) -> Option<usize> {
     match ty {
         GGML_F32 => Some(4),
         GGML_F16 | GGML_BF16 => Some(2),
@@ -20,10 +22,15 @@ pub(crate) fn ggml_type_size(ty: u32) -> Option<usize> {
 }
 
 /// A host-readable view of a tensor's bytes.
-pub(crate) struct SrcTensor {
+#[derive(Debug, Clone, Copy)]
+pub struct SrcTensor {
+    /// First byte of the tensor's data (host memory).
     pub base: *const u8,
+    /// ggml type id ([`GGML_F32`], [`GGML_F16`] or [`GGML_BF16`]).
     pub ty: u32,
+    /// Elements per axis, ggml order (`ne[0]` innermost).
     pub ne: [i64; 4],
+    /// Byte strides per axis.
     pub nb: [usize; 4],
 }
 
@@ -72,7 +79,7 @@ impl SrcTensor {
 
 /// Convert a contiguous run of `src_ty` elements into `out` elements. Returns
 /// how many finite values overflowed to infinity (only f16 can: |x| > 65504).
-pub(crate) fn convert_run(src: &[u8], src_ty: u32, dst: &mut [u8], out: Dtype) -> usize {
+pub fn convert_run(src: &[u8], src_ty: u32, dst: &mut [u8], out: Dtype) -> usize {
     let same = matches!(
         (src_ty, out),
         (GGML_F32, Dtype::F32) | (GGML_F16, Dtype::F16) | (GGML_BF16, Dtype::BF16)

@@ -4,7 +4,10 @@
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// Record kind tags (first u32 of every record).
+/// Record kind tags (first u32 of every record): the one registry of kinds,
+/// for every stream latent-tap writes (the ring, `serve`'s binary stream and
+/// subscriptions, the attach wire). A kind means the same thing everywhere;
+/// a new record gets the next free number here.
 pub mod kind {
     /// A latent frame ([`super::FrameHeader`]).
     pub const FRAME: u32 = 1;
@@ -12,6 +15,15 @@ pub mod kind {
     pub const TOKEN: u32 = 2;
     /// End of stream ([`super::EndRecord`]).
     pub const END: u32 = 3;
+    /// A request started or ended on a subscription (`serve` and
+    /// `listen --serve`; the scheduler's `RequestRecord`).
+    pub const REQUEST: u32 = 4;
+    /// A JSON document (`serve`'s binary completions end with one; see
+    /// docs/PROTOCOL.md).
+    pub const JSON: u32 = 5;
+    /// The host removed positions of a sequence (attach wire:
+    /// [`crate::attach::wire::SeqRm`]).
+    pub const SEQ_RM: u32 = 6;
 }
 
 /// Element type of a frame's payload.
@@ -66,7 +78,8 @@ impl Dtype {
         }
     }
 
-    pub(crate) fn from_u32(v: u32) -> Option<Self> {
+    /// The dtype with wire code `v` (0 F32, 1 F16, 2 BF16).
+    pub fn from_u32(v: u32) -> Option<Self> {
         match v {
             0 => Some(Dtype::F32),
             1 => Some(Dtype::F16),
@@ -229,7 +242,7 @@ pub fn token_len(n_top: usize, piece_len: usize) -> usize {
 }
 
 /// Copy a plain-old-data value into `buf` at `off`.
-pub(crate) fn put<T: Copy>(buf: &mut [u8], off: usize, v: &T) {
+pub fn put<T: Copy>(buf: &mut [u8], off: usize, v: &T) {
     let n = std::mem::size_of::<T>();
     // SAFETY: T is a repr(C) POD type without padding-sensitive invariants; we view it
     // as n initialized bytes for the duration of the copy.

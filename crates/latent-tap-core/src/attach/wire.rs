@@ -30,7 +30,7 @@
 use serde::{Deserialize, Serialize};
 
 /// [`Hello::format`] of this protocol.
-pub const FORMAT: &str = "latent-tap-attach/1";
+pub const FORMAT: &str = "latent-tap-attach/2";
 /// Largest hello message, in bytes.
 pub const MAX_HELLO: usize = 4096;
 /// How often an unattached host tries to connect, at most.
@@ -43,8 +43,8 @@ pub const LIVENESS_INTERVAL_MS: u64 = 100;
 /// same sequence, when there is one.
 pub const ROW_OUTPUT: u32 = 2;
 
-/// Record kind of a [`SeqRm`].
-pub const KIND_SEQ_RM: u32 = 5;
+/// Record kind of a [`SeqRm`] ([`crate::record::kind::SEQ_RM`]).
+pub const KIND_SEQ_RM: u32 = crate::record::kind::SEQ_RM;
 
 /// The host removed positions of a sequence from its memory.
 #[repr(C)]

@@ -348,7 +348,8 @@ impl SynthModel {
         t
     }
 
-    pub(crate) fn write_gguf_to(&self, w: &mut impl Write) -> io::Result<()> {
+    /// Write the model as GGUF to `w`.
+    pub fn write_gguf_to(&self, w: &mut impl Write) -> io::Result<()> {
         let c = &self.cfg;
         let u32_of = |x: usize| {
             u32::try_from(x).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too large"))

@@ -28,7 +28,8 @@ impl Item<'_> {
 }
 
 impl Stream {
-    pub(crate) fn new(consumer: Consumer) -> Self {
+    /// A stream reading records from `consumer`.
+    pub fn new(consumer: Consumer) -> Self {
         Self {
             consumer,
             ended: false,

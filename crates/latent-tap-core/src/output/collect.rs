@@ -77,7 +77,7 @@ impl TensorRows {
             .get(i * row..(i + 1) * row)
             .expect("row index below n_rows");
         let mut out = vec![0u8; self.width * 4];
-        crate::capture::convert_to_f32(bytes, self.dtype, &mut out);
+        crate::convert::convert_to_f32(bytes, self.dtype, &mut out);
         out.chunks_exact(4)
             .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
