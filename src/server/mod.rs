@@ -33,7 +33,7 @@ use axum::Router;
 use serde_json::Value;
 
 pub use error::ApiError;
-pub(crate) use subscribe::subscriber_channel;
+pub(crate) use subscribe::{subscriber_channel, SubscribeQuery};
 pub use wire::{FRAMES_MEDIA_TYPE, KIND_JSON};
 
 use crate::engine::{Model, ModelOptions};

@@ -51,12 +51,24 @@ impl SubscriberSink for ChannelSink {
     }
 }
 
-pub(crate) async fn subscribe(
-    State(app): AppState,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    let r = (|| {
-        let engine = app.engine()?;
+/// A `GET /latents/subscribe` query, checked (`latent-tap serve` and
+/// `latent-tap listen --serve` alike): the selection as in the `latents` object,
+/// unset fields left to the endpoint's defaults, and the queue size.
+#[derive(Debug)]
+pub(crate) struct SubscribeQuery {
+    /// `tensors`, `layers`, `rows`, `dtype`.
+    pub(crate) latents: request::LatentFields,
+    /// Queue budget in bytes (`queue_mb`, or the server's default).
+    pub(crate) queue: usize,
+}
+
+impl SubscribeQuery {
+    /// Parse the query string's parameters; `default_queue` (bytes) when
+    /// `queue_mb` is absent. Unknown parameters and bad values are 400s.
+    pub(crate) fn parse(
+        q: &HashMap<String, String>,
+        default_queue: usize,
+    ) -> Result<Self, ApiError> {
         for k in q.keys() {
             if !matches!(
                 k.as_str(),
@@ -65,14 +77,11 @@ pub(crate) async fn subscribe(
                 return Err(ApiError::bad(format!("unknown subscribe parameter '{k}'")));
             }
         }
-        let req = request::latent_request(
-            q.get("tensors").map(String::as_str),
-            q.get("layers").map(String::as_str),
-            q.get("rows").map(String::as_str),
-            q.get("dtype").map(String::as_str),
-        )?;
-        let budget = match q.get("queue_mb") {
-            None => app.cfg.subscriber_queue,
+        let get = |k: &str| q.get(k).map(String::as_str);
+        let latents =
+            request::LatentFields::parse(get("tensors"), get("layers"), get("rows"), get("dtype"))?;
+        let queue = match get("queue_mb") {
+            None => default_queue,
             Some(s) => match s.parse::<usize>() {
                 Ok(mb) if (1..=4096).contains(&mb) => mb << 20,
                 _ => {
@@ -82,8 +91,21 @@ pub(crate) async fn subscribe(
                 }
             },
         };
-        let filter = engine.compile(&req).map_err(ApiError::latents)?;
-        let (sink, resp) = subscriber_channel(budget);
+        Ok(Self { latents, queue })
+    }
+}
+
+pub(crate) async fn subscribe(
+    State(app): AppState,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let r = (|| {
+        let engine = app.engine()?;
+        let q = SubscribeQuery::parse(&q, app.cfg.subscriber_queue)?;
+        let filter = engine
+            .compile(&q.latents.request())
+            .map_err(ApiError::latents)?;
+        let (sink, resp) = subscriber_channel(q.queue);
         engine.subscribe(filter, sink)?;
         Ok::<_, ApiError>(resp)
     })();
@@ -111,4 +133,67 @@ pub(crate) fn subscriber_channel(budget: usize) -> (Box<dyn SubscriberSink>, Res
         HeaderValue::from_static(FRAMES_MEDIA_TYPE),
     );
     (sink, resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::Rows;
+    use crate::record::Dtype;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<SubscribeQuery, ApiError> {
+        let q = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        SubscribeQuery::parse(&q, 7)
+    }
+
+    #[test]
+    fn subscribe_query_defaults_and_values() {
+        let q = parse(&[]).unwrap();
+        assert_eq!(q.queue, 7);
+        assert!(q.latents.tensors.is_none() && q.latents.layers.is_none());
+        assert!(q.latents.rows.is_none() && q.latents.dtype.is_none());
+        assert!(q.latents.patterns().is_empty());
+        // serve's defaults are the `latents` object's.
+        let r = q.latents.request();
+        assert_eq!(r.patterns, ["l_out-*"]);
+        assert_eq!((r.rows, r.dtype), (Rows::All, Dtype::F32));
+
+        let q = parse(&[
+            ("tensors", "l_out-*, attn_out-3"),
+            ("layers", "0..2"),
+            ("rows", "last"),
+            ("dtype", "f16"),
+            ("queue_mb", "2"),
+        ])
+        .unwrap();
+        assert_eq!(q.queue, 2 << 20);
+        assert_eq!(q.latents.patterns(), ["l_out-*", "attn_out-3"]);
+        let layers = q.latents.layers.as_ref().unwrap();
+        assert!(layers.contains(1) && !layers.contains(2));
+        assert_eq!(q.latents.rows, Some(Rows::Last));
+        assert_eq!(q.latents.dtype, Some(Dtype::F16));
+        assert_eq!(parse(&[("queue_mb", "4096")]).unwrap().queue, 4096 << 20);
+    }
+
+    #[test]
+    fn subscribe_query_refusals() {
+        for (k, v, says) in [
+            ("bogus", "1", "unknown subscribe parameter 'bogus'"),
+            ("queue_mb", "0", "'queue_mb'"),
+            ("queue_mb", "4097", "'queue_mb'"),
+            ("queue_mb", "x", "'queue_mb'"),
+            ("rows", "first", "'rows'"),
+            ("dtype", "f64", "'dtype'"),
+            ("layers", "x", "'layers'"),
+            ("tensors", "a,,b", "empty pattern"),
+            ("tensors", "", "empty pattern"),
+        ] {
+            let e = parse(&[(k, v)]).unwrap_err();
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{k}={v}");
+            assert!(e.message.contains(says), "{k}={v}: {}", e.message);
+        }
+    }
 }
