@@ -18,28 +18,50 @@ use super::wire::{self, FRAMES_MEDIA_TYPE};
 use super::AppState;
 use crate::sched::{Offer, SubscriberSink};
 
-/// A subscriber's queue: frames are refused beyond `budget` queued bytes (and
-/// counted as drops); a consumer that falls 4× behind is cut off.
-struct ChannelSink {
+/// A subscriber's queue (`serve` and `listen --serve`): records wait here,
+/// length-prefixed, until the response streams them. Droppable records (frames)
+/// are refused beyond `budget` queued bytes, prefixes included (and counted as
+/// drops by the caller); a consumer more than 4 × `budget` behind is cut off.
+struct SubscriberQueue {
     tx: mpsc::UnboundedSender<Bytes>,
+    /// Bytes sent and not yet streamed, prefixes included.
     queued: Arc<AtomicUsize>,
     budget: usize,
 }
 
-impl SubscriberSink for ChannelSink {
+impl SubscriberQueue {
+    /// A queue of `budget` bytes, the receiving end and its byte count.
+    fn new(budget: usize) -> (Self, mpsc::UnboundedReceiver<Bytes>, Arc<AtomicUsize>) {
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = Self {
+            tx,
+            queued: queued.clone(),
+            budget,
+        };
+        (q, rx, queued)
+    }
+
+    /// Whether a record of `len` bytes fits now: it takes `len` plus its prefix.
+    /// [`SubscriberSink::has_room`] and [`SubscriberSink::offer`] both ask this.
+    fn fits(&self, len: usize) -> bool {
+        self.queued.load(Ordering::Relaxed) + wire::LEN_PREFIX + len <= self.budget
+    }
+}
+
+impl SubscriberSink for SubscriberQueue {
     fn has_room(&self, len: usize) -> bool {
-        self.queued.load(Ordering::Relaxed) + len <= self.budget
+        self.fits(len)
     }
 
     fn offer(&mut self, rec: Vec<u8>, droppable: bool) -> Offer {
         if self.tx.is_closed() {
             return Offer::Closed;
         }
-        let q = self.queued.load(Ordering::Relaxed);
-        if droppable && q + rec.len() > self.budget {
+        if droppable && !self.fits(rec.len()) {
             return Offer::Full;
         }
-        if q > self.budget.saturating_mul(4) {
+        if self.queued.load(Ordering::Relaxed) > self.budget.saturating_mul(4) {
             return Offer::Closed;
         }
         let b = Bytes::from(wire::framed(&rec));
@@ -115,13 +137,8 @@ pub(crate) async fn subscribe(
 /// A subscriber's sink (queue of `budget` bytes) and the response that streams
 /// what it takes (also `latent-tap listen`'s subscribe endpoint).
 pub(crate) fn subscriber_channel(budget: usize) -> (Box<dyn SubscriberSink>, Response) {
-    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let sink = Box::new(ChannelSink {
-        tx,
-        queued: queued.clone(),
-        budget,
-    });
+    let (q, rx, queued) = SubscriberQueue::new(budget);
+    let sink = Box::new(q);
     let s = futures_util::stream::unfold((rx, queued), |(mut rx, queued)| async move {
         let b = rx.recv().await?;
         queued.fetch_sub(b.len(), Ordering::Relaxed);
@@ -147,6 +164,52 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         SubscribeQuery::parse(&q, 7)
+    }
+
+    /// Regression: `has_room` counted a record without its length prefix while
+    /// `offer` queued it with one, so a frame `has_room` accepted could take the
+    /// queue past its budget. Both now ask the same question, at the byte.
+    #[test]
+    fn has_room_and_offer_agree_at_the_budget() {
+        let budget = 100;
+        let (mut q, mut rx, queued) = SubscriberQueue::new(budget);
+        let fit = budget - wire::LEN_PREFIX;
+        assert!(q.has_room(fit));
+        assert!(!q.has_room(fit + 1));
+        assert_eq!(q.offer(vec![0; fit + 1], true), Offer::Full);
+        assert_eq!(queued.load(Ordering::Relaxed), 0);
+        assert_eq!(q.offer(vec![0; fit], true), Offer::Taken);
+        assert_eq!(queued.load(Ordering::Relaxed), budget, "full, not past it");
+        assert!(!q.has_room(0));
+        assert_eq!(q.offer(vec![], true), Offer::Full);
+        // Notices and tokens are never dropped.
+        assert_eq!(q.offer(vec![1; 8], false), Offer::Taken);
+        assert_eq!(rx.try_recv().unwrap().len(), budget);
+        assert_eq!(
+            rx.try_recv().unwrap()[..],
+            [8, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
+        );
+
+        // Part-full: the boundary moves by what is queued.
+        let (mut q, _rx, queued) = SubscriberQueue::new(budget);
+        assert_eq!(q.offer(vec![0; 10], true), Offer::Taken);
+        let left = budget - queued.load(Ordering::Relaxed) - wire::LEN_PREFIX;
+        assert!(q.has_room(left) && !q.has_room(left + 1));
+        assert_eq!(q.offer(vec![0; left + 1], true), Offer::Full);
+        assert_eq!(q.offer(vec![0; left], true), Offer::Taken);
+        assert_eq!(queued.load(Ordering::Relaxed), budget);
+    }
+
+    #[test]
+    fn subscriber_queue_closes() {
+        // 4 × budget behind: cut off.
+        let (mut q, _rx, queued) = SubscriberQueue::new(10);
+        queued.store(41, Ordering::Relaxed);
+        assert_eq!(q.offer(vec![0], false), Offer::Closed);
+        // The response (receiver) is gone.
+        let (mut q, rx, _) = SubscriberQueue::new(10);
+        drop(rx);
+        assert_eq!(q.offer(vec![0], false), Offer::Closed);
     }
 
     #[test]
