@@ -8,17 +8,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde_json::json;
 
 use super::hub::{Hub, SubFilter};
+use crate::capture::Rows;
 use crate::error::{Error, ErrorKind, Result};
-use crate::record::Dtype;
-use crate::select::LayerFilter;
-use crate::server::ApiError;
+use crate::server::{json_response, subscriber_channel, SubscribeQuery};
 
 /// What the HTTP side shares with the listener.
 #[derive(Debug)]
@@ -92,66 +91,25 @@ async fn health(State(st): State<Arc<Observe>>) -> Response {
         "hosts": st.hosts.load(Ordering::Relaxed),
         "subscribers": st.hub.len(),
     });
-    let mut r = (StatusCode::OK, body.to_string()).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    r
+    json_response(StatusCode::OK, &body)
 }
 
 async fn subscribe(
     State(st): State<Arc<Observe>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let r = (|| {
-        for k in q.keys() {
-            if !matches!(
-                k.as_str(),
-                "tensors" | "layers" | "rows" | "dtype" | "queue_mb"
-            ) {
-                return Err(ApiError::bad(format!("unknown subscribe parameter '{k}'")));
-            }
-        }
-        let mut f = SubFilter::default();
-        if let Some(t) = q.get("tensors") {
-            f.patterns = t
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(str::to_string)
-                .collect();
-        }
-        if let Some(l) = q.get("layers") {
-            f.layers =
-                Some(LayerFilter::parse(l).map_err(|e| ApiError::bad(format!("'layers': {e}")))?);
-        }
-        match q.get("rows").map(String::as_str) {
-            None | Some("all") => {}
-            Some("last") => f.last = true,
-            Some(o) => {
-                return Err(ApiError::bad(format!(
-                    "'rows' must be all or last, not '{o}'"
-                )))
-            }
-        }
-        if let Some(d) = q.get("dtype") {
-            f.dtype = Some(Dtype::parse(d).map_err(|e| ApiError::bad(format!("'dtype': {e}")))?);
-        }
-        let budget = match q.get("queue_mb") {
-            None => st.queue,
-            Some(s) => match s.parse::<usize>() {
-                Ok(mb) if (1..=4096).contains(&mb) => mb << 20,
-                _ => {
-                    return Err(ApiError::bad(format!(
-                        "'queue_mb' must be an integer in 1..=4096, not '{s}'"
-                    )))
-                }
-            },
-        };
-        let (sink, resp) = crate::server::subscriber_channel(budget);
-        st.hub.subscribe(f, sink);
-        Ok::<_, ApiError>(resp)
-    })();
-    r.unwrap_or_else(IntoResponse::into_response)
+    let q = match SubscribeQuery::parse(&q, st.queue) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    // As the host sent them unless asked: every tensor, every row, its dtype.
+    let f = SubFilter {
+        patterns: q.latents.patterns(),
+        last: q.latents.rows == Some(Rows::Last),
+        layers: q.latents.layers,
+        dtype: q.latents.dtype,
+    };
+    let (sink, resp) = subscriber_channel(q.queue);
+    st.hub.subscribe(f, sink);
+    resp
 }

@@ -72,6 +72,16 @@ impl ApiError {
         }
     }
 
+    /// A latent selection the graph cannot serve: 400, with where to look.
+    pub(crate) fn latents(e: Error) -> Self {
+        let hint = if e.kind() == ErrorKind::NoMatch {
+            " (GET /latents/tensors lists every name)"
+        } else {
+            ""
+        };
+        Self::bad(format!("latents: {}{hint}", e.message()))
+    }
+
     /// The JSON body.
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"code": self.status.as_u16(), "message": self.message, "type": self.kind}})

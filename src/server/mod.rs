@@ -6,10 +6,15 @@
 //! continuous batching, one inference thread, frames through the ring, a
 //! router thread). Nothing here runs on the inference thread.
 
-mod api;
+mod chat;
+mod completion;
 mod error;
+mod info;
+mod metrics;
 mod request;
+mod subscribe;
 mod text;
+mod tokenize;
 mod wire;
 
 use std::net::{IpAddr, SocketAddr};
@@ -18,15 +23,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use serde_json::Value;
 
-pub(crate) use api::subscriber_channel;
 pub use error::ApiError;
+pub(crate) use subscribe::{subscriber_channel, SubscribeQuery};
 pub use wire::{FRAMES_MEDIA_TYPE, KIND_JSON};
 
 use crate::engine::{Model, ModelOptions};
@@ -100,6 +107,45 @@ impl App {
     pub(crate) fn model(&self) -> std::result::Result<&Arc<Model>, ApiError> {
         self.engine().map(Engine::model)
     }
+}
+
+/// The handlers' state.
+pub(crate) type AppState = State<Arc<App>>;
+
+/// `v` as a JSON answer with `status`.
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response {
+    let mut r = (status, serde_json::to_string(v).unwrap_or_default()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+/// The request body, at most `--max-body-kb` of it (413 beyond).
+pub(crate) async fn read_body(app: &App, body: Body) -> std::result::Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, app.cfg.max_body)
+        .await
+        .map_err(|_| ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            kind: "invalid_request_error",
+            message: format!(
+                "request body is larger than {} bytes (or could not be read)",
+                app.cfg.max_body
+            ),
+        })
+}
+
+/// Seconds since the Unix epoch (`created` fields).
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `system_fingerprint` / `build_info`.
+pub(crate) fn fingerprint() -> String {
+    format!("latent-tap-{}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Run the server until SIGINT/SIGTERM; returns after a graceful shutdown.
@@ -244,37 +290,37 @@ async fn shutdown_signal() {
 
 fn routes(app: Arc<App>) -> Router {
     Router::new()
-        .route("/health", get(api::health))
-        .route("/v1/health", get(api::health))
-        .route("/completion", post(api::completion))
-        .route("/completions", post(api::completion))
-        .route("/v1/completions", post(api::oai_completions))
-        .route("/v1/chat/completions", post(api::oai_chat))
-        .route("/chat/completions", post(api::oai_chat))
-        .route("/tokenize", post(api::tokenize))
-        .route("/detokenize", post(api::detokenize))
-        .route("/apply-template", post(api::apply_template))
-        .route("/props", get(api::props))
-        .route("/models", get(api::models))
-        .route("/v1/models", get(api::models))
-        .route("/slots", get(api::slots))
-        .route("/metrics", get(api::metrics))
-        .route("/latents/tensors", get(api::latent_tensors))
-        .route("/latents/subscribe", get(api::subscribe))
-        .route("/embedding", post(api::out_of_scope))
-        .route("/embeddings", post(api::out_of_scope))
-        .route("/v1/embeddings", post(api::out_of_scope))
-        .route("/rerank", post(api::out_of_scope))
-        .route("/reranking", post(api::out_of_scope))
-        .route("/v1/rerank", post(api::out_of_scope))
-        .route("/v1/reranking", post(api::out_of_scope))
-        .route("/infill", post(api::out_of_scope))
+        .route("/health", get(info::health))
+        .route("/v1/health", get(info::health))
+        .route("/completion", post(completion::completion))
+        .route("/completions", post(completion::completion))
+        .route("/v1/completions", post(completion::oai_completions))
+        .route("/v1/chat/completions", post(chat::oai_chat))
+        .route("/chat/completions", post(chat::oai_chat))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/apply-template", post(chat::apply_template))
+        .route("/props", get(info::props))
+        .route("/models", get(info::models))
+        .route("/v1/models", get(info::models))
+        .route("/slots", get(info::slots))
+        .route("/metrics", get(metrics::metrics))
+        .route("/latents/tensors", get(info::latent_tensors))
+        .route("/latents/subscribe", get(subscribe::subscribe))
+        .route("/embedding", post(info::out_of_scope))
+        .route("/embeddings", post(info::out_of_scope))
+        .route("/v1/embeddings", post(info::out_of_scope))
+        .route("/rerank", post(info::out_of_scope))
+        .route("/reranking", post(info::out_of_scope))
+        .route("/v1/rerank", post(info::out_of_scope))
+        .route("/v1/reranking", post(info::out_of_scope))
+        .route("/infill", post(info::out_of_scope))
         .route(
             "/lora-adapters",
-            get(api::out_of_scope).post(api::out_of_scope),
+            get(info::out_of_scope).post(info::out_of_scope),
         )
-        .route("/slots/{id}", post(api::out_of_scope))
-        .fallback(api::not_found)
+        .route("/slots/{id}", post(info::out_of_scope))
+        .fallback(info::not_found)
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(app)

@@ -212,37 +212,88 @@ pub fn latents(v: Option<&Value>) -> Result<Option<LatentRequest>, ApiError> {
     .map(Some)
 }
 
-/// Build a latent request from its four textual settings (JSON or query string).
+/// Build a latent request from its four textual settings (JSON or query string),
+/// unset ones at the `latents` object's defaults.
 pub fn latent_request(
     tensors: Option<&str>,
     layers: Option<&str>,
     rows: Option<&str>,
     dtype: Option<&str>,
 ) -> Result<LatentRequest, ApiError> {
-    let tensors = tensors.unwrap_or("l_out-*");
-    if tensors.split(',').any(|p| p.trim().is_empty()) {
-        return Err(ApiError::bad(format!(
-            "latents 'tensors' has an empty pattern: '{tensors}'"
-        )));
+    LatentFields::parse(tensors, layers, rows, dtype).map(LatentFields::request)
+}
+
+/// The four textual latent settings, checked; unset ones stay `None` (each
+/// endpoint has its defaults; [`LatentFields::request`] applies the `latents`
+/// object's).
+#[derive(Debug, Default)]
+pub struct LatentFields {
+    /// Comma-separated globs (none empty).
+    pub tensors: Option<String>,
+    /// Layer filter.
+    pub layers: Option<LayerFilter>,
+    /// All rows or the last ones.
+    pub rows: Option<Rows>,
+    /// Element type delivered.
+    pub dtype: Option<Dtype>,
+}
+
+impl LatentFields {
+    /// Check `tensors`, `layers`, `rows` and `dtype`; a wrong one is a 400 naming it.
+    pub fn parse(
+        tensors: Option<&str>,
+        layers: Option<&str>,
+        rows: Option<&str>,
+        dtype: Option<&str>,
+    ) -> Result<Self, ApiError> {
+        if let Some(t) = tensors {
+            if t.split(',').any(|p| p.trim().is_empty()) {
+                return Err(ApiError::bad(format!(
+                    "latents 'tensors' has an empty pattern: '{t}'"
+                )));
+            }
+        }
+        let layers = layers
+            .map(LayerFilter::parse)
+            .transpose()
+            .map_err(|e| ApiError::bad(format!("latents 'layers': {e}")))?;
+        let rows = rows
+            .map(|r| {
+                Rows::parse(r).map_err(|_| {
+                    ApiError::bad(format!(
+                        "latents 'rows' must be \"all\" or \"last\", not '{r}'"
+                    ))
+                })
+            })
+            .transpose()?;
+        let dtype = dtype
+            .map(Dtype::parse)
+            .transpose()
+            .map_err(|e| ApiError::bad(format!("latents 'dtype': {e}")))?;
+        Ok(Self {
+            tensors: tensors.map(str::to_string),
+            layers,
+            rows,
+            dtype,
+        })
     }
-    let layers = layers
-        .map(LayerFilter::parse)
-        .transpose()
-        .map_err(|e| ApiError::bad(format!("latents 'layers': {e}")))?;
-    let rows = rows.unwrap_or("all");
-    let rows = Rows::parse(rows).map_err(|_| {
-        ApiError::bad(format!(
-            "latents 'rows' must be \"all\" or \"last\", not '{rows}'"
-        ))
-    })?;
-    let dtype = Dtype::parse(dtype.unwrap_or("f32"))
-        .map_err(|e| ApiError::bad(format!("latents 'dtype': {e}")))?;
-    Ok(LatentRequest {
-        patterns: vec![tensors.to_string()],
-        layers,
-        rows,
-        dtype,
-    })
+
+    /// The glob patterns one by one (none given: empty).
+    pub fn patterns(&self) -> Vec<String> {
+        self.tensors.as_deref().map_or_else(Vec::new, |t| {
+            t.split(',').map(|p| p.trim().to_string()).collect()
+        })
+    }
+
+    /// A latent request with the `latents` object's defaults: `l_out-*`, all rows, f32.
+    pub fn request(self) -> LatentRequest {
+        LatentRequest {
+            patterns: vec![self.tensors.unwrap_or_else(|| "l_out-*".into())],
+            layers: self.layers,
+            rows: self.rows.unwrap_or(Rows::All),
+            dtype: self.dtype.unwrap_or(Dtype::F32),
+        }
+    }
 }
 
 /// A prompt: text (tokenized with BOS and special tokens), token ids, or a

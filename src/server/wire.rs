@@ -15,9 +15,12 @@ pub const FRAMES_MEDIA_TYPE: &str = "application/vnd.latent-tap.frames";
 /// Wire record kind of the JSON summary that closes a binary completion.
 pub const KIND_JSON: u32 = 5;
 
+/// Bytes of the length prefix before every record.
+pub const LEN_PREFIX: usize = 4;
+
 /// One record with its little-endian u32 length prefix.
 pub fn framed(rec: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(rec.len() + 4);
+    let mut out = Vec::with_capacity(LEN_PREFIX + rec.len());
     out.extend_from_slice(&(rec.len() as u32).to_le_bytes());
     out.extend_from_slice(rec);
     out

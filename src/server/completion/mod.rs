@@ -1,0 +1,94 @@
+//! Completions (`/completion`, `/v1/completions`; `/v1/chat/completions` renders
+//! its messages in [`super::chat`] and continues here): a request is prepared
+//! ([`prepare`]), submitted, its events accumulated ([`acc`]) into llama-server's
+//! response objects ([`format`]) and answered as one JSON object, as SSE or as the
+//! binary record stream ([`transport`]).
+
+mod acc;
+mod format;
+mod prepare;
+mod transport;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use self::acc::{latents_computed, Acc};
+use self::format::{native_final, oai_final};
+use self::prepare::{submit, Prepared};
+use self::transport::{binary_response, sse_response};
+use super::error::ApiError;
+use super::wire;
+use super::{json_response, read_body, request, App, AppState};
+use crate::sched::JobEvent;
+
+pub(crate) use self::format::generation_settings;
+pub(crate) use self::prepare::{prepare, Flavor};
+
+/// Submit a prepared request and answer it: one JSON object, SSE or binary records.
+pub(super) async fn run(app: Arc<App>, p: Prepared) -> Result<Response, ApiError> {
+    let (guard, rx) = submit(&app, &p)?;
+    if p.binary {
+        return Ok(binary_response(app, p, guard, rx));
+    }
+    if p.params.stream {
+        return Ok(sse_response(app, p, guard, rx));
+    }
+    let mut rx = rx;
+    let mut acc = Acc::new(&app, &p)?;
+    acc.keep_frames = p.filter.is_some();
+    while let Some(ev) = rx.recv().await {
+        let done = matches!(ev, JobEvent::Done(_));
+        acc.on(ev, &guard);
+        if done {
+            break;
+        }
+    }
+    if let Some(e) = acc.error() {
+        return Err(e);
+    }
+    acc.text.finish();
+    let content = acc.text.content().to_string();
+    let mut v = match p.flavor {
+        Flavor::Native => native_final(&app, &p, &acc, &content, true),
+        _ => oai_final(&app, &p, &acc, &content),
+    };
+    if p.filter.is_some() {
+        v["latents"] = wire::latents_json(&acc.all_frames);
+        v["latents_computed"] = latents_computed(&acc);
+    }
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+pub(crate) async fn completion(State(app): AppState, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let bytes = read_body(&app, body).await?;
+        let m = request::object(&bytes)?;
+        let model = app.model()?.clone();
+        let tokens = request::prompt(&model, m.get("prompt"))?;
+        let p = prepare(&app, &m, Flavor::Native, tokens, &headers)?;
+        run(app.clone(), p).await
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub(crate) async fn oai_completions(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let r = async {
+        let bytes = read_body(&app, body).await?;
+        let m = request::object(&bytes)?;
+        let model = app.model()?.clone();
+        let tokens = request::prompt(&model, m.get("prompt"))?;
+        let p = prepare(&app, &m, Flavor::OaiCmpl, tokens, &headers)?;
+        run(app.clone(), p).await
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
