@@ -121,6 +121,7 @@ pub struct CaptureArgs {
     pub quiet: bool,
 }
 
+/// Load the GGUF model of `--model`, offloading `--gpu-layers` layers.
 pub fn load(a: &ModelArgs) -> Result<std::sync::Arc<Model>> {
     Model::load(
         &a.model,

@@ -20,6 +20,8 @@ pub struct OutDir {
 }
 
 impl OutDir {
+    /// Make `dir` writable (noting the directories created), refuse output names taken
+    /// by directories, and remove stale temporary files of dead runs.
     pub fn prepare(dir: &Path) -> Result<Self> {
         let mut created = Vec::new();
         let mut p = Some(dir);

@@ -20,6 +20,8 @@ use crate::outdir::{OutDir, OUTPUTS};
 use crate::prompts::{read_prompts, Source};
 use crate::stdout::to_stdout;
 
+/// Generate from the prompts in `order`, then write tokens, latents and the
+/// manifest to `--out` (all three or none) and print a summary.
 pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
     // Everything that can be checked without the model is checked first, so a
     // bad value costs no model load and leaves no trace.

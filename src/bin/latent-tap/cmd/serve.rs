@@ -84,6 +84,7 @@ pub struct ServeArgs {
     shutdown_grace: u64,
 }
 
+/// Check the flags, then run the HTTP server until SIGINT/SIGTERM.
 pub fn serve(a: ServeArgs) -> Result<()> {
     use latent_tap::sched::EngineOptions;
     let n_parallel = a.parallel.unwrap_or(4);

@@ -6,6 +6,7 @@ use latent_tap::{Error, ErrorKind, Result};
 
 use crate::stdout::to_stdout;
 
+/// Write a random-weight model to `out` and name it on stdout.
 pub fn synth(out: &Path, layers: usize, embd: usize, seed: u64) -> Result<()> {
     // Bounds live in SynthConfig::validate (one place for the library and the CLI).
     let cfg = latent_tap::synth::SynthConfig {

@@ -9,6 +9,7 @@ use latent_tap::Result;
 use crate::args::{load, ModelArgs};
 use crate::stdout::to_stdout;
 
+/// Probe the graph once and print every node, grouped by layer.
 pub fn tensors(a: ModelArgs) -> Result<()> {
     let opts = ContextOptions {
         n_ctx: 256,
