@@ -1,0 +1,142 @@
+//! Argument structs shared by several subcommands, and the parsers of flag
+//! values whose errors name the flag.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use latent_tap::capture::{CaptureMode, Rows};
+use latent_tap::engine::{Model, ModelOptions};
+use latent_tap::{Error, Result};
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// GGUF model file.
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Compute threads, 1 to 4 × the number of cores (at most 1024); default: all cores.
+    #[arg(long, short = 't', allow_negative_numbers = true)]
+    pub threads: Option<i32>,
+    /// Layers to offload to the GPU (-1: all).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub gpu_layers: i32,
+}
+
+#[derive(Args)]
+pub struct CaptureArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt text; repeat for several sequences decoded in one batch.
+    #[arg(long, short = 'p', conflicts_with = "prompts")]
+    pub prompt: Vec<String>,
+    /// Read a prompt from FILE ('-': standard input), one prompt per -f; may be
+    /// repeated and mixed with -p (sequences follow the command-line order). One
+    /// trailing newline is dropped.
+    #[arg(long, short = 'f', value_name = "FILE", conflicts_with = "prompts")]
+    pub file: Vec<PathBuf>,
+    /// Dataset mode: prompts from FILE ('-': standard input), one per line, plain
+    /// text or JSON Lines (see --prompt-field). Latents stream into size-capped
+    /// shards latents-NNNNN.safetensors (see README, "Capture a dataset").
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// JSON Lines field holding the prompt text (--prompts).
+    #[arg(long, value_name = "NAME")]
+    pub prompt_field: Option<String>,
+    /// Cut each prompt to at most N tokens (--prompts; recorded per prompt in the manifest).
+    #[arg(long, value_name = "N")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Sequences decoded together (--prompts; default 4): a finished one's slot takes the next prompt.
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<usize>,
+    /// Largest shard in MiB (--prompts; default 64; fractions allowed).
+    #[arg(long, value_name = "MB")]
+    pub shard_mb: Option<f64>,
+    /// Continue the stopped run in --out (--prompts): same settings, new shards appended.
+    #[arg(long)]
+    pub resume: bool,
+    /// This machine's block of the prompt file, 0-based (--prompts, with --shard-count).
+    #[arg(long, value_name = "I")]
+    pub shard_index: Option<usize>,
+    /// Number of contiguous blocks the prompt file is split into (--prompts).
+    #[arg(long, value_name = "N")]
+    pub shard_count: Option<usize>,
+    /// Tokens to generate per sequence (0, with --prompts: the prompt only).
+    #[arg(long, short = 'n', default_value_t = 16)]
+    pub n_predict: usize,
+    /// Tensor name patterns (globs, comma-separated), e.g. 'l_out-*,attn_out-3'.
+    #[arg(long, default_value = "l_out-*")]
+    pub tensors: String,
+    /// Layer filter: 4..12 (half-open), 4..=12, 7, or a comma list.
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Rows to keep: all, or last (each sequence's last token per batch).
+    #[arg(long, default_value = "all")]
+    pub rows: String,
+    /// Output element type: f32, f16, bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Alternatives reported per generated token.
+    #[arg(long, default_value_t = 10)]
+    pub top_k: usize,
+    /// Sampling temperature: 0 is greedy, otherwise at least 0.001 (finite).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temp: f32,
+    /// Top-k sampling cut (0: off).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub sample_top_k: i32,
+    /// Top-p sampling cut, 0 to 1 (1: off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u32,
+    /// Context size in tokens.
+    #[arg(long, short = 'c', default_value_t = 4096)]
+    pub ctx_size: u32,
+    /// Logical batch size per llama_decode.
+    #[arg(long, short = 'b', default_value_t = 512)]
+    pub batch_size: u32,
+    /// Physical batch size per graph compute (at most --batch-size).
+    #[arg(long, visible_alias = "ub", default_value_t = 512)]
+    pub ubatch_size: u32,
+    /// Ring capacity in MiB [default: 64; with --prompts: 8 frames of the widest
+    /// selected tensor, at least 4].
+    #[arg(long)]
+    pub ring_mb: Option<usize>,
+    /// Full-ring policy: block (lossless) or drop-newest.
+    #[arg(long, default_value = "block")]
+    pub policy: String,
+    /// Seconds a blocked producer waits before the decode is cancelled (0 to 86400).
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
+    pub block_timeout: f64,
+    /// How tensors leave the graph: auto, callback or deferred (see the README's
+    /// "Capture modes"); auto picks deferred where this build supports it.
+    #[arg(long, default_value = "auto")]
+    pub capture_mode: String,
+    /// Output directory.
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// Load the GGUF model of `--model`, offloading `--gpu-layers` layers.
+pub fn load(a: &ModelArgs) -> Result<std::sync::Arc<Model>> {
+    Model::load(
+        &a.model,
+        &ModelOptions {
+            n_gpu_layers: a.gpu_layers,
+        },
+    )
+}
+
+/// `--rows`, parsed by the library's one spelling; the message names the flag.
+pub fn rows_arg(s: &str) -> Result<Rows> {
+    Rows::parse(s).map_err(|_| Error::invalid(format!("--rows must be all or last, not '{s}'")))
+}
+
+/// `--capture-mode`, with the flag named in the error.
+pub fn capture_mode(s: &str) -> Result<CaptureMode> {
+    CaptureMode::parse(s).map_err(|e| Error::invalid(format!("--capture-mode: {e}")))
+}

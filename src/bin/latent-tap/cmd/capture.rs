@@ -1,0 +1,248 @@
+//! `capture` with `-p` / `-f`: generate and write latents, tokens and a
+//! manifest to --out.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use serde_json::json;
+
+use latent_tap::capture::{ModeReport, Policy, TapCounters};
+use latent_tap::engine::{ContextOptions, ModelOptions, SamplingOptions};
+use latent_tap::output::{collect, write_safetensors, Collected};
+use latent_tap::record::Dtype;
+use latent_tap::select::LayerFilter;
+use latent_tap::session::{CaptureSpec, GenerateOptions, Generator, Progress};
+use latent_tap::settings;
+use latent_tap::{Error, ErrorKind, Result};
+
+use crate::args::{capture_mode, load, rows_arg, CaptureArgs};
+use crate::outdir::{OutDir, OUTPUTS};
+use crate::prompts::{read_prompts, Source};
+use crate::stdout::to_stdout;
+
+/// Generate from the prompts in `order`, then write tokens, latents and the
+/// manifest to `--out` (all three or none) and print a summary.
+pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
+    // Everything that can be checked without the model is checked first, so a
+    // bad value costs no model load and leaves no trace.
+    let dataset_only = [
+        ("--prompt-field", a.prompt_field.is_some()),
+        ("--max-prompt-tokens", a.max_prompt_tokens.is_some()),
+        ("--parallel", a.parallel.is_some()),
+        ("--shard-mb", a.shard_mb.is_some()),
+        ("--resume", a.resume),
+        ("--shard-index", a.shard_index.is_some()),
+        ("--shard-count", a.shard_count.is_some()),
+    ];
+    if let Some((flag, _)) = dataset_only.iter().find(|(_, set)| *set) {
+        return Err(Error::invalid(format!(
+            "{flag} applies to dataset capture only: pass --prompts FILE"
+        )));
+    }
+    let prompts_text = read_prompts(&a, order)?;
+    if a.n_predict == 0 {
+        return Err(Error::invalid(
+            "--n-predict must be at least 1 (0, a prompt-only pass, needs --prompts FILE)",
+        ));
+    }
+    ModelOptions {
+        n_gpu_layers: a.model.gpu_layers,
+    }
+    .validate()?;
+    let rows = rows_arg(&a.rows)?;
+    let policy = match a.policy.as_str() {
+        "block" => Policy::Block {
+            timeout: settings::block_timeout_from_secs(a.block_timeout)?,
+        },
+        "drop-newest" => Policy::DropNewest,
+        p => {
+            return Err(Error::invalid(format!(
+                "--policy must be block or drop-newest, not '{p}'"
+            )))
+        }
+    };
+    let ring_mb = a.ring_mb.unwrap_or(settings::DEFAULT_RING_BYTES >> 20);
+    if ring_mb == 0 {
+        return Err(Error::invalid("--ring-mb must be at least 1"));
+    }
+    let spec = CaptureSpec {
+        patterns: vec![a.tensors.clone()],
+        layers: a.layers.as_deref().map(LayerFilter::parse).transpose()?,
+        rows,
+        dtype: Dtype::parse(&a.dtype)?,
+        ring_bytes: ring_mb
+            .checked_mul(1 << 20)
+            .ok_or_else(|| Error::invalid(format!("--ring-mb {ring_mb} is too large")))?,
+        policy,
+        mode: capture_mode(&a.capture_mode)?,
+    };
+    spec.validate()?;
+    latent_tap::ring::check_memory(spec.ring_bytes)?;
+    let sampling = SamplingOptions {
+        temperature: a.temp,
+        top_k: a.sample_top_k,
+        top_p: a.top_p,
+        min_p: 0.0,
+        seed: a.seed,
+    };
+    let gen_opts = GenerateOptions {
+        n_predict: a.n_predict,
+        sampling: sampling.clone(),
+        top_k: a.top_k,
+    };
+    gen_opts.validate()?;
+    let ctx_opts = ContextOptions {
+        n_ctx: a.ctx_size,
+        n_batch: a.batch_size,
+        n_ubatch: a.ubatch_size,
+        n_seq_max: u32::try_from(prompts_text.len()).unwrap_or(u32::MAX),
+        n_threads: a.model.threads,
+        ..ContextOptions::default()
+    };
+    ctx_opts.validate()?;
+    let mut out_dir = OutDir::prepare(&a.out)?;
+
+    let model = load(&a.model)?;
+    let prompts = prompts_text
+        .iter()
+        .map(|(p, _)| model.tokenize(p, true))
+        .collect::<Result<Vec<_>>>()?;
+    let (mut gen, stream) = Generator::new(model.clone(), &ctx_opts, &spec)?;
+    let selection = gen.selection().to_vec();
+    let skipped = gen.skipped().to_vec();
+    let (n_ctx, n_batch, n_ubatch) = {
+        let c = gen.context();
+        (c.n_ctx(), c.n_batch(), c.n_ubatch())
+    };
+    let dtype = spec.dtype;
+    let consumer = std::thread::spawn({
+        let selection = selection.clone();
+        move || collect(stream, &selection, dtype)
+    });
+    let show = !a.quiet && std::io::stderr().is_terminal();
+    let mut bar = |p: Progress| {
+        if show {
+            let w = (30 * p.done / p.total.max(1)).min(30);
+            eprint!(
+                "\r[{}{}] {}/{} tokens",
+                "#".repeat(w),
+                " ".repeat(30 - w),
+                p.done,
+                p.total
+            );
+        }
+    };
+    let run = gen.run(&prompts, &gen_opts, &mut bar);
+    if show {
+        eprintln!();
+    }
+    drop(gen);
+    let collected = consumer
+        .join()
+        .map_err(|_| Error::new(ErrorKind::Internal, "consumer thread panicked"))??;
+    let stats = run?;
+
+    let tmp = out_dir.temp(OUTPUTS[0]);
+    collected.write_tokens_jsonl(&tmp)?;
+    let tmp = out_dir.temp(OUTPUTS[1]);
+    write_safetensors(
+        &tmp,
+        &collected.tensors,
+        &[("model", model.path().display().to_string())],
+    )?;
+    let tensors: Vec<_> = collected
+        .tensors
+        .iter()
+        .map(|t| json!({"name": t.name, "rows": t.n_rows(), "width": t.width, "dtype": t.dtype, "frames": t.frames, "nonfinite": t.nonfinite}))
+        .collect();
+    let manifest = json!({
+        "model": {"path": model.path(), "arch": model.arch(), "n_layer": model.n_layer(), "n_embd": model.n_embd(), "n_vocab": model.n_vocab()},
+        "prompt": prompts_text.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        "prompt_source": prompts_text.iter().map(|(_, s)| s).collect::<Vec<_>>(),
+        "prompt_tokens": prompts.iter().map(Vec::len).collect::<Vec<_>>(),
+        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed, "n_predict": a.n_predict, "report_top_k": a.top_k},
+        "capture": {"tensors": a.tensors, "layers": a.layers, "rows": rows, "dtype": dtype, "ring_bytes": spec.ring_bytes, "policy": a.policy,
+                    "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "threads": ctx_opts.threads(),
+                    "mode": capture_mode_json(stats.capture_mode, &stats.counters)},
+        "tensors": tensors,
+        "skipped": skipped,
+        "counters": {"frames": stats.counters.frames, "bytes": stats.counters.bytes, "drops": stats.counters.drops, "unaligned": stats.counters.unaligned, "deferred": stats.counters.deferred, "seq_gaps": collected.seq_gaps},
+        "timings": {"prompt_ms": stats.prompt_ms, "ms_per_token": stats.ms_per_token, "decode_ms_per_token": stats.decode_ms_per_token, "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens},
+    });
+    let tmp = out_dir.temp(OUTPUTS[2]);
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("manifest: {e}")))?;
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&json)?;
+            f.sync_all()
+        })
+        .map_err(|e| Error::new(ErrorKind::Io, format!("writing {}: {e}", tmp.display())))?;
+    out_dir.commit()?;
+    if n_ctx != ctx_opts.n_ctx {
+        eprintln!(
+            "warning: context size {} is {} in effect (llama.cpp rounds it)",
+            ctx_opts.n_ctx, n_ctx
+        );
+    }
+
+    to_stdout(|out| report(out, &collected, prompts.len(), &stats, &a.out))
+}
+
+pub fn report(
+    out: &mut dyn Write,
+    collected: &Collected,
+    n_seq: usize,
+    stats: &latent_tap::session::RunStats,
+    dir: &Path,
+) -> std::io::Result<()> {
+    for s in 0..n_seq {
+        let text: String = collected
+            .tokens
+            .iter()
+            .filter(|t| !t.prompt && t.seq == s as i32)
+            .map(|t| t.piece.as_str())
+            .collect();
+        if n_seq == 1 {
+            writeln!(out, "generated: {text:?}")?;
+        } else {
+            writeln!(out, "generated[{s}]: {text:?}")?;
+        }
+    }
+    writeln!(
+        out,
+        "{:<16} {:>6} {:>6} {:>12}",
+        "tensor", "rows", "width", "mean L2"
+    )?;
+    for t in &collected.tensors {
+        let n = t.n_rows();
+        let mean = (0..n)
+            .map(|i| t.row_f32(i).iter().map(|v| v * v).sum::<f32>().sqrt())
+            .sum::<f32>()
+            / n.max(1) as f32;
+        writeln!(out, "{:<16} {:>6} {:>6} {:>12.3}", t.name, n, t.width, mean)?;
+    }
+    writeln!(
+        out,
+        "frames {} bytes {} drops {} | prompt {:.1} ms, {:.2} ms/token ({:.2} in llama_decode) | wrote {}",
+        stats.counters.frames,
+        stats.counters.bytes,
+        stats.counters.drops,
+        stats.prompt_ms,
+        stats.ms_per_token,
+        stats.decode_ms_per_token,
+        dir.display()
+    )
+}
+
+/// The manifest's `capture.mode`: asked for, in effect, why not deferred, and
+/// how many frames each path delivered.
+pub fn capture_mode_json(mode: Option<ModeReport>, c: &TapCounters) -> serde_json::Value {
+    match mode {
+        None => serde_json::Value::Null,
+        Some(m) => json!({
+            "requested": m.requested, "used": m.used, "note": m.note,
+            "frames_deferred": c.deferred, "frames_callback": c.frames - c.deferred,
+        }),
+    }
+}

@@ -1,0 +1,179 @@
+//! `capture --prompts`: a prompt file streamed into size-capped shards.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use serde_json::json;
+
+use latent_tap::engine::{ContextOptions, ModelOptions, SamplingOptions};
+use latent_tap::record::Dtype;
+use latent_tap::select::LayerFilter;
+use latent_tap::settings;
+use latent_tap::{Error, Result};
+
+use crate::args::{capture_mode, load, rows_arg, CaptureArgs};
+use crate::outdir::make_out_dir;
+use crate::signals::{on_signals, SIGNAL, STOP};
+use crate::stdout::to_stdout;
+
+/// `capture --prompts`: stream a prompt file into shards. Returns the exit status
+/// (0, or 128 + the signal that stopped the run).
+pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
+    use latent_tap::dataset::{self, DatasetOptions, PromptSource};
+    use latent_tap::sched::{Engine, EngineOptions, LatentFilter, LatentRequest};
+    if a.shard_index.is_some() && a.shard_count.is_none() {
+        return Err(Error::invalid("--shard-index needs --shard-count"));
+    }
+    let src = match a.prompts.as_deref() {
+        Some(p) if p == Path::new("-") => PromptSource::Stdin,
+        Some(p) => PromptSource::File(p.to_path_buf()),
+        None => return Err(Error::invalid("--prompts FILE is missing")),
+    };
+    ModelOptions {
+        n_gpu_layers: a.model.gpu_layers,
+    }
+    .validate()?;
+    let rows = rows_arg(&a.rows)?;
+    if a.policy != "block" {
+        return Err(Error::invalid(
+            "--prompts captures losslessly: --policy must be block",
+        ));
+    }
+    let dtype = Dtype::parse(&a.dtype)?;
+    let layers = a.layers.as_deref().map(LayerFilter::parse).transpose()?;
+    if !a.tensors.is_empty() && a.tensors.split(',').any(|q| q.trim().is_empty()) {
+        return Err(Error::invalid(format!(
+            "--tensors '{}' holds a blank entry (use '' to capture tokens only)",
+            a.tensors
+        )));
+    }
+    let n_parallel = a.parallel.unwrap_or(4);
+    if n_parallel == 0 || n_parallel > settings::MAX_SEQ as usize {
+        return Err(Error::invalid(format!(
+            "--parallel must be between 1 and {}, not {n_parallel}",
+            settings::MAX_SEQ
+        )));
+    }
+    // No --ring-mb: sized from the selection once the graph is known.
+    let ring_bytes = match a.ring_mb {
+        Some(0) => return Err(Error::invalid("--ring-mb must be at least 1")),
+        Some(mb) => {
+            let b = mb
+                .checked_mul(1 << 20)
+                .ok_or_else(|| Error::invalid(format!("--ring-mb {mb} is too large")))?;
+            latent_tap::ring::check_memory(b)?;
+            Some(b)
+        }
+        None => None,
+    };
+    let shard_bytes = match a.shard_mb {
+        Some(mb) => settings::shard_bytes_from_mb(mb)
+            .map_err(|e| Error::invalid(format!("--shard-mb: {}", e.message())))?,
+        None => settings::DEFAULT_SHARD_BYTES,
+    };
+    let opts = DatasetOptions {
+        dir: a.out.clone(),
+        prompts: src,
+        field: a.prompt_field.clone().unwrap_or_else(|| "text".into()),
+        n_predict: a.n_predict,
+        max_prompt_tokens: a.max_prompt_tokens,
+        sampling: SamplingOptions {
+            temperature: a.temp,
+            top_k: a.sample_top_k,
+            top_p: a.top_p,
+            min_p: 0.0,
+            seed: a.seed,
+        },
+        n_probs: a.top_k,
+        shard_bytes,
+        shard_index: a.shard_index.unwrap_or(0),
+        shard_count: a.shard_count.unwrap_or(1),
+        resume: a.resume,
+        settings: json!({"tensors": a.tensors, "layers": a.layers}),
+    };
+    opts.validate()?;
+    let ctx = ContextOptions {
+        n_ctx: a.ctx_size,
+        n_batch: a.batch_size,
+        n_ubatch: a.ubatch_size,
+        n_seq_max: n_parallel as u32,
+        n_threads: a.model.threads,
+        ..ContextOptions::default()
+    };
+    ctx.validate()?;
+    // The directory: made and probed before the model loads.
+    let show = a.out.display();
+    make_out_dir(&a.out)?;
+    if a.resume {
+        dataset::read_manifest(&a.out)
+            .map_err(|e| Error::invalid(format!("--resume: {}", e.message())))?;
+    } else if dataset::holds_run(&a.out) {
+        return Err(Error::invalid(format!(
+            "'{show}' already holds a capture; continue it with --resume or use a new directory"
+        )));
+    }
+    on_signals()?;
+
+    let model = load(&a.model)?;
+    // `--tensors ''`: tokens only, no eval callback.
+    let request = (!a.tensors.is_empty()).then(|| LatentRequest {
+        patterns: vec![a.tensors.clone()],
+        layers,
+        rows,
+        dtype,
+    });
+    let engine = Engine::start_sized(
+        model.clone(),
+        &EngineOptions {
+            ctx,
+            n_parallel,
+            queue: dataset::window(n_parallel),
+            ring_bytes: ring_bytes.unwrap_or(settings::DEFAULT_RING_BYTES),
+            slot_ctx: Some(a.ctx_size / n_parallel as u32),
+            capture_mode: capture_mode(&a.capture_mode)?,
+        },
+        &|graph, n_ubatch| match ring_bytes {
+            Some(b) => Ok(b),
+            None => latent_tap::dataset::ring_bytes(graph, request.as_ref(), n_ubatch),
+        },
+    )?;
+    let filter = match &request {
+        None => LatentFilter::none(rows, dtype),
+        Some(r) => engine.compile(r)?,
+    };
+    let bar = !a.quiet && std::io::stderr().is_terminal();
+    let mut progress = |p: dataset::Progress| {
+        if bar {
+            eprint!("\r{}/{} prompts", p.done, p.total);
+        }
+    };
+    let out = dataset::capture(&engine, &filter, &opts, &STOP, &mut progress);
+    if bar {
+        eprintln!();
+    }
+    drop(engine);
+    let out = out?;
+    let secs = out.seconds.max(1e-9);
+    let dir = a.out.clone();
+    to_stdout(|w| {
+        writeln!(
+            w,
+            "{} prompts, {} tokens, {} latent bytes in {:.2} s ({:.1} tokens/s, {:.1} MB/s) | {} shards | wrote {}{}",
+            out.prompts,
+            out.tokens,
+            out.bytes,
+            secs,
+            out.tokens as f64 / secs,
+            out.bytes as f64 / secs / 1e6,
+            out.shards,
+            dir.display(),
+            if out.complete { "" } else { " (incomplete: continue with --resume)" }
+        )
+    })?;
+    let sig = SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
+    Ok(if out.interrupted && sig > 0 {
+        128 + sig as u8
+    } else {
+        0
+    })
+}

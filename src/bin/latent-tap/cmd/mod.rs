@@ -1,0 +1,9 @@
+//! One module per subcommand.
+
+pub mod capture;
+pub mod dataset;
+pub mod listen;
+#[cfg(feature = "serve")]
+pub mod serve;
+pub mod synth;
+pub mod tensors;

@@ -1,0 +1,154 @@
+//! `serve`: a llama-server-compatible HTTP API that streams latents with the
+//! tokens.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use latent_tap::engine::ContextOptions;
+use latent_tap::{Error, Result};
+
+use crate::args::capture_mode;
+
+/// `serve` options: llama-server's spellings and meanings for this subset.
+/// (Multi-letter short forms such as `-np` are rewritten to their long form
+/// before parsing; see [`crate::compat::llama_server_args`].)
+#[derive(Args)]
+pub struct ServeArgs {
+    /// GGUF model file.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Address to listen on (a non-loopback address needs --api-key).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed at startup).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Context size in tokens, shared by all slots.
+    #[arg(long, short = 'c', default_value_t = 4096)]
+    ctx_size: u32,
+    /// Parallel slots (-np). Default: 4 slots sharing the whole context (llama-server's
+    /// "auto"); an explicit N gives each slot ctx-size/N positions.
+    #[arg(long)]
+    parallel: Option<u32>,
+    /// Compute threads (default: all cores).
+    #[arg(long, short = 't')]
+    threads: Option<i32>,
+    /// Logical batch size per llama_decode.
+    #[arg(long, short = 'b', default_value_t = 2048)]
+    batch_size: u32,
+    /// Physical batch size per graph compute (-ub).
+    #[arg(long, default_value_t = 512)]
+    ubatch_size: u32,
+    /// Layers to offload to the GPU (-ngl; -1: all).
+    #[arg(long, alias = "gpu-layers", default_value_t = -1, allow_hyphen_values = true)]
+    n_gpu_layers: i32,
+    /// Default token limit per request (-1: until end of generation or the slot is full).
+    #[arg(long, short = 'n', alias = "predict", default_value_t = -1, allow_hyphen_values = true)]
+    n_predict: i64,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Model name reported to clients.
+    #[arg(long, short = 'a')]
+    alias: Option<String>,
+    /// Serve Prometheus metrics at /metrics.
+    #[arg(long)]
+    metrics: bool,
+    /// Header read / idle timeout in seconds (-to).
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Thread polling level 0..=100 while waiting for work (llama-server's --poll).
+    /// The server keeps one persistent CPU thread pool either way; measured on 2
+    /// cores, 50 decodes ~10% faster when idle and 0 is no faster when another
+    /// process keeps a core busy (scripts/bench-serve --busy-core).
+    #[arg(long, default_value_t = 50)]
+    poll: u32,
+    /// Largest request body in KiB.
+    #[arg(long, default_value_t = 8192)]
+    max_body_kb: usize,
+    /// Requests that may wait for a slot before new ones get 503.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Ring capacity in MiB between the inference thread and the router.
+    #[arg(long, default_value_t = 256)]
+    ring_mb: usize,
+    /// How tensors leave the graph: auto, callback or deferred.
+    #[arg(long, default_value = "auto")]
+    capture_mode: String,
+    /// Frame bytes (MiB) a subscriber may have queued before its frames are dropped.
+    #[arg(long, default_value_t = 64)]
+    subscriber_queue_mb: usize,
+    /// Seconds in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace: u64,
+}
+
+/// Check the flags, then run the HTTP server until SIGINT/SIGTERM.
+pub fn serve(a: ServeArgs) -> Result<()> {
+    use latent_tap::sched::EngineOptions;
+    let n_parallel = a.parallel.unwrap_or(4);
+    if n_parallel == 0 {
+        return Err(Error::invalid("--parallel must be at least 1"));
+    }
+    if a.poll > 100 {
+        return Err(Error::invalid(format!(
+            "--poll must be between 0 and 100, not {}",
+            a.poll
+        )));
+    }
+    if a.max_body_kb == 0 || a.ring_mb == 0 || a.subscriber_queue_mb == 0 || a.timeout == 0 {
+        return Err(Error::invalid(
+            "--max-body-kb, --ring-mb, --subscriber-queue-mb and --timeout must be positive",
+        ));
+    }
+    let mb = |v: usize, flag: &str| {
+        v.checked_mul(1 << 20)
+            .ok_or_else(|| Error::invalid(format!("{flag} is too large")))
+    };
+    let cfg = latent_tap::server::ServeConfig {
+        model: a.model,
+        host: a.host,
+        port: a.port,
+        engine: EngineOptions {
+            ctx: ContextOptions {
+                n_ctx: a.ctx_size,
+                n_batch: a.batch_size,
+                n_ubatch: a.ubatch_size,
+                n_threads: a.threads,
+                poll: Some(a.poll),
+                ..ContextOptions::default()
+            },
+            n_parallel: n_parallel as usize,
+            queue: a.queue,
+            ring_bytes: mb(a.ring_mb, "--ring-mb")?,
+            slot_ctx: a.parallel.map(|n| a.ctx_size / n),
+            capture_mode: capture_mode(&a.capture_mode)?,
+        },
+        n_gpu_layers: a.n_gpu_layers,
+        n_predict: a.n_predict,
+        api_key: a.api_key,
+        alias: a.alias,
+        metrics: a.metrics,
+        timeout: std::time::Duration::from_secs(a.timeout),
+        max_body: a
+            .max_body_kb
+            .checked_mul(1024)
+            .ok_or_else(|| Error::invalid("--max-body-kb is too large"))?,
+        shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+        subscriber_queue: mb(a.subscriber_queue_mb, "--subscriber-queue-mb")?,
+        on_listen: None,
+    };
+    if a.n_predict < -1 {
+        return Err(Error::invalid(
+            "--n-predict must be -1 (no limit) or a non-negative number",
+        ));
+    }
+    latent_tap::server::check_exposure(&cfg.host, cfg.api_key.as_deref()).map_err(|e| {
+        Error::invalid(format!(
+            "{}: pass --api-key KEY, or bind 127.0.0.1",
+            e.message()
+        ))
+    })?;
+    latent_tap::server::run(cfg)
+}
