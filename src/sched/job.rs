@@ -1,7 +1,7 @@
 //! What a job and a subscriber ask for and what they get back: requests,
 //! compiled filters, the events a job's sink receives and the sinks' types.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use crate::capture::Rows;
 use crate::engine::{SamplingOptions, Token};
@@ -28,7 +28,9 @@ pub struct LatentRequest {
 pub struct LatentFilter {
     /// Selected display names, in graph order; a frame's `tensor_index` indexes this.
     pub names: Vec<String>,
-    set: HashSet<String>,
+    /// Name → its index in `names` (the first, should a name repeat): one
+    /// lookup per frame and consumer.
+    index: HashMap<String, u32>,
     /// Rows kept.
     pub rows: Rows,
     /// Element type delivered.
@@ -43,19 +45,21 @@ impl LatentFilter {
 
     /// A filter selecting `names` (display names, in graph order).
     pub(crate) fn new(names: Vec<String>, rows: Rows, dtype: Dtype) -> Self {
+        let mut index = HashMap::with_capacity(names.len());
+        for (i, n) in names.iter().enumerate() {
+            index.entry(n.clone()).or_insert(i as u32);
+        }
         Self {
-            set: names.iter().cloned().collect(),
             names,
+            index,
             rows,
             dtype,
         }
     }
 
+    /// The index of tensor `name` in [`LatentFilter::names`], if selected.
     pub(crate) fn index_of(&self, name: &str) -> Option<u32> {
-        if !self.set.contains(name) {
-            return None;
-        }
-        self.names.iter().position(|n| n == name).map(|i| i as u32)
+        self.index.get(name).copied()
     }
 }
 
@@ -261,4 +265,31 @@ pub enum SubmitError {
     Stopped,
     /// The job itself is invalid.
     Invalid(Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latent_filter_index_of_is_the_position_in_names() {
+        let names: Vec<String> = ["l_out-0", "attn_norm-3", "l_out-7", "l_out-0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let f = LatentFilter::new(names, Rows::All, Dtype::F16);
+        assert_eq!(
+            f.index_of("l_out-0"),
+            Some(0),
+            "a repeated name keeps its first index"
+        );
+        assert_eq!(f.index_of("attn_norm-3"), Some(1));
+        assert_eq!(f.index_of("l_out-7"), Some(2));
+        for miss in ["l_out-1", "l_out", "", "L_OUT-0", "l_out-*"] {
+            assert_eq!(f.index_of(miss), None, "{miss:?}");
+        }
+        let none = LatentFilter::none(Rows::Last, Dtype::F32);
+        assert!(none.names.is_empty());
+        assert_eq!(none.index_of("l_out-0"), None);
+    }
 }
