@@ -18,8 +18,8 @@ use llama_cpp_sys_2 as sys;
 use super::event::{lt_event, Next, Reader, EVENT_MIN};
 use super::params::{capture_spec, lt_capture_params};
 use super::{guard, lt_status, nonnull, write_sized, FfiError};
-use crate::capture::{abort_callback, abort_flag_ptr, eval_callback, Tap};
-use crate::engine::{Context, ContextOptions, Model};
+use crate::capture::{self, abort_callback, abort_flag_ptr, eval_callback, Tap};
+use crate::engine::{ContextOptions, Model};
 use crate::record::{RowMeta, TokenHeader, ROW_PROMPT};
 use crate::tokens::token_stats;
 
@@ -150,10 +150,9 @@ pub extern "C" fn lt_tap_new(
             n_ubatch: 8,
             ..ContextOptions::default()
         };
-        let mut ctx = Context::new(model.clone(), &opts, Some(Box::new(Tap::probe())))?;
-        let graph = crate::session::probe_graph_on(&mut ctx)?;
-        let (tap, stream) = crate::session::build_tap(&graph, &spec, n_ubatch as usize)?;
+        let (ctx, graph) = capture::probe_context(model.clone(), &opts)?;
         drop(ctx);
+        let (tap, stream) = capture::arm(Some(&graph), spec.arming(n_ubatch as usize)?)?;
         let mode = super::mode_code(tap.mode().used);
         let t = lt_tap {
             mode,

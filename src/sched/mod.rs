@@ -38,8 +38,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::capture::{CaptureMode, ModeReport, Policy, Rows, Tap, TapSettings};
-use crate::engine::{Context, ContextOptions, Model};
+use crate::capture::{self, Arming, CaptureMode, ModeReport, Policy, Rows, TapSettings};
+use crate::engine::{ContextOptions, Model};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::Dtype;
 use crate::select::{GraphNode, Selection};
@@ -249,31 +249,25 @@ impl Engine {
         }
         let mut ctx_opts = opts.ctx.clone();
         ctx_opts.n_seq_max = opts.n_parallel as u32;
-        let mut ctx = Context::new(model.clone(), &ctx_opts, Some(Box::new(Tap::probe())))?;
-        let graph = crate::session::probe_graph_on(&mut ctx)?;
-        let sentinel = graph
-            .first()
-            .ok_or_else(|| Error::new(ErrorKind::Internal, "the probe saw no named graph node"))?
-            .ggml_name
-            .clone();
+        let (mut ctx, graph) = capture::probe_context(model.clone(), &ctx_opts)?;
         let n_ubatch = ctx.n_ubatch() as usize;
-        let ring_bytes = ring_bytes(&graph, n_ubatch)?;
-        // The same memory check as every other ring (refuse, rather than be OOM-killed later).
-        crate::settings::check_ring_memory(ring_bytes)?;
-        let (producer, consumer) = crate::ring::channel(ring_bytes)
-            .map_err(|e| Error::invalid(format!("ring capacity {ring_bytes}: {e}")))?;
-        let tap = Tap::armed(
-            &sentinel,
-            Selection::empty(),
-            producer,
-            TapSettings {
-                rows: Rows::All,
-                dtype: Dtype::F32,
-                policy: Policy::Block {
-                    timeout: Duration::from_secs(60),
+        // Nothing selected yet: the worker keeps the selection equal to what
+        // jobs and subscribers want (`Tap::reselect`), in f32 with every row.
+        let (tap, stream) = capture::arm(
+            Some(&graph),
+            Arming {
+                patterns: &[],
+                layers: None,
+                ring_bytes: ring_bytes(&graph, n_ubatch)?,
+                settings: TapSettings {
+                    rows: Rows::All,
+                    dtype: Dtype::F32,
+                    policy: Policy::Block {
+                        timeout: Duration::from_secs(60),
+                    },
+                    n_ubatch,
+                    mode: opts.capture_mode,
                 },
-                n_ubatch,
-                mode: opts.capture_mode,
             },
         )?;
         let capture_mode = tap.mode();
@@ -295,7 +289,6 @@ impl Engine {
         });
         let (tx, rx) = mpsc::channel::<Msg>();
         let (ctrl_tx, ctrl_rx) = mpsc::channel::<Ctrl>();
-        let stream = crate::stream::Stream::new(consumer);
         let router = {
             let shared = shared.clone();
             std::thread::Builder::new()
