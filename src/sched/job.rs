@@ -76,7 +76,8 @@ pub struct Job {
     pub n_probs: usize,
     /// Keep generating past end-of-generation tokens.
     pub ignore_eos: bool,
-    /// Latents to deliver with the tokens, compiled by [`Engine::compile`].
+    /// Latents to deliver with the tokens, compiled by
+    /// [`Engine::compile`](super::Engine::compile).
     pub latents: Option<LatentFilter>,
     /// Compute each sampled token's log-probability and entropy over the full
     /// vocabulary even when `n_probs` is 0 (one pass over the logits: ~2-3 ms
@@ -256,7 +257,7 @@ pub enum Offer {
     Closed,
 }
 
-/// Error of [`Engine::submit`].
+/// Error of [`Engine::submit`](super::Engine::submit).
 #[derive(Debug)]
 pub enum SubmitError {
     /// The wait queue is full.

@@ -58,7 +58,7 @@ pub struct EngineOptions {
     /// Slots decoded together.
     pub n_parallel: usize,
     /// Jobs that may wait for a slot; beyond that [`Engine::submit`] answers
-    /// [`ErrorKind::Busy`]-like errors (see [`SubmitError`]).
+    /// [`SubmitError::Busy`].
     pub queue: usize,
     /// Capacity of the engine's ring in bytes.
     pub ring_bytes: usize,
