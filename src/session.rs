@@ -6,11 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::capture::{CaptureMode, ModeReport, Policy, Rows, Tap, TapCounters, TapSettings};
+use crate::capture::{
+    self, Arming, CaptureMode, ModeReport, Policy, Rows, Tap, TapCounters, TapSettings,
+};
 use crate::engine::{Batch, Context, ContextOptions, Model, Sampler, SamplingOptions, Token};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Dtype, RowMeta, TokenHeader, ROW_PROMPT};
-use crate::select::{GraphNode, LayerFilter, SelectedTensor, Selection, SkippedTensor};
+use crate::select::{GraphNode, LayerFilter, SelectedTensor, SkippedTensor};
 use crate::settings;
 use crate::stream::Stream;
 use crate::tokens::token_stats;
@@ -59,33 +61,29 @@ impl CaptureSpec {
     }
 }
 
-/// Compile `spec` against `graph` and arm a tap that writes into a new ring.
-/// Shared by sessions and by C plugin taps.
-pub(crate) fn build_tap(
-    graph: &[GraphNode],
-    spec: &CaptureSpec,
-    n_ubatch: usize,
-) -> Result<(Tap, Stream)> {
-    spec.validate()?;
-    crate::ring::check_memory(spec.ring_bytes)?;
-    let (producer, consumer) = crate::ring::channel(spec.ring_bytes)
-        .map_err(|e| Error::invalid(format!("ring capacity {}: {e}", spec.ring_bytes)))?;
-    let (sel, sentinel) = if spec.captures_nothing() {
-        (Selection::empty(), "")
-    } else {
-        let max = producer.max_record_len();
-        let fits = |n: &GraphNode| {
-            crate::record::frame_len(n_ubatch, n.row_width.unwrap_or(0), spec.dtype) <= max
-        };
-        let sel = Selection::compile_fitting(&spec.patterns, spec.layers.as_ref(), graph, &fits)?;
-        // The first node of every graph compute marks a new ubatch.
-        let first = graph
-            .first()
-            .ok_or_else(|| Error::new(ErrorKind::Internal, "the probe saw no named graph node"))?;
-        (sel, first.ggml_name.as_str())
-    };
-    let tap = Tap::armed(sentinel, sel, producer, settings(spec, n_ubatch))?;
-    Ok((tap, Stream::new(consumer)))
+impl CaptureSpec {
+    /// Check the spec and describe the tap it asks for, for a context whose
+    /// physical batch is `n_ubatch` (see [`crate::capture::arm`]). Shared by
+    /// sessions and by C plugin taps.
+    pub(crate) fn arming(&self, n_ubatch: usize) -> Result<Arming<'_>> {
+        self.validate()?;
+        Ok(Arming {
+            patterns: if self.captures_nothing() {
+                &[]
+            } else {
+                &self.patterns
+            },
+            layers: self.layers.as_ref(),
+            ring_bytes: self.ring_bytes,
+            settings: TapSettings {
+                rows: self.rows,
+                dtype: self.dtype,
+                policy: self.policy,
+                n_ubatch,
+                mode: self.mode,
+            },
+        })
+    }
 }
 
 /// Generation settings.
@@ -131,37 +129,7 @@ pub struct RunStats {
 
 /// List every node the model's graph computes (one-token probe).
 pub fn probe_graph(model: &Arc<Model>, opts: &ContextOptions) -> Result<Vec<GraphNode>> {
-    let mut ctx = Context::new(model.clone(), opts, Some(Box::new(Tap::probe())))?;
-    probe_graph_on(&mut ctx)
-}
-
-/// Probe on a context created with [`Tap::probe`].
-pub(crate) fn probe_graph_on(ctx: &mut Context) -> Result<Vec<GraphNode>> {
-    let bos = ctx
-        .model()
-        .tokenize("", true)?
-        .first()
-        .copied()
-        .unwrap_or(0);
-    let mut batch = Batch::new(2);
-    batch.push(bos, 0, 0, true);
-    ctx.decode(&batch)?;
-    let mut nodes = GraphNode::list_from_raw(ctx.tap().map(Tap::probed_nodes).unwrap_or(&[]));
-    ctx.clear();
-    // A second probe of two tokens in one ubatch tells which nodes have a stable
-    // per-token row (their token axis grows, the rest stays). With 1-token ubatches
-    // it is impossible; the tap then checks widths at run time.
-    if ctx.n_ubatch() >= 2 {
-        ctx.replace_tap(Tap::probe())?;
-        batch.clear();
-        batch.push(bos, 0, 0, true);
-        batch.push(bos, 1, 0, true);
-        ctx.decode(&batch)?;
-        let two = ctx.tap().map(Tap::probed_nodes).unwrap_or(&[]);
-        GraphNode::classify_rows(&mut nodes, two);
-        ctx.clear();
-    }
-    Ok(nodes)
+    crate::engine::probe_context(model.clone(), opts).map(|(_, graph)| graph)
 }
 
 /// A tapped context ready to generate; frames and tokens arrive on the
@@ -196,16 +164,16 @@ impl Generator {
     ) -> Result<(Self, Stream)> {
         let (ctx, stream, graph) = if spec.captures_nothing() {
             // Nothing to capture: no eval callback, so the graph runs untouched.
-            let (tap, stream) = build_tap(&[], spec, opts.n_ubatch.min(opts.n_batch) as usize)?;
+            let n_ubatch = opts.n_ubatch.min(opts.n_batch) as usize;
+            let (tap, stream) = capture::arm(None, spec.arming(n_ubatch)?)?;
             (
                 Context::new(model, opts, Some(Box::new(tap)))?,
                 stream,
                 Vec::new(),
             )
         } else {
-            let mut ctx = Context::new(model, opts, Some(Box::new(Tap::probe())))?;
-            let graph = probe_graph_on(&mut ctx)?;
-            let (tap, stream) = build_tap(&graph, spec, ctx.n_ubatch() as usize)?;
+            let (mut ctx, graph) = crate::engine::probe_context(model, opts)?;
+            let (tap, stream) = capture::arm(Some(&graph), spec.arming(ctx.n_ubatch() as usize)?)?;
             ctx.replace_tap(tap)?;
             (ctx, stream, graph)
         };
@@ -479,16 +447,6 @@ impl Generator {
         let h = TokenHeader::event(step, seq as i32, pos, tok, 0, st.logprob, st.entropy);
         self.tap()?.push_token(h, &st.top, &piece)?;
         Ok(tok)
-    }
-}
-
-fn settings(spec: &CaptureSpec, n_ubatch: usize) -> TapSettings {
-    TapSettings {
-        rows: spec.rows,
-        dtype: spec.dtype,
-        policy: spec.policy,
-        n_ubatch,
-        mode: spec.mode,
     }
 }
 

@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::pair::{Event, TokenRow};
+use crate::record::RequestRecord;
 use crate::record::{self, Dtype, FrameHeader, RowMeta, TokenHeader, ROW_PROMPT};
-use crate::sched::{Offer, RequestRecord, SubscriberSink, KIND_REQUEST};
+use crate::sched::{Offer, SubscriberSink};
 use crate::select::{glob_match, layer_of, LayerFilter};
 
 /// Which frames a subscriber wants.
@@ -142,14 +143,20 @@ impl Hub {
         match ev {
             Event::Begin { id, seq } => {
                 for s in subs.iter_mut() {
-                    let rec = notice(*id, slot(host, *seq), 1, 0, s.drops.load(Ordering::Relaxed));
+                    let rec = RequestRecord::notice(
+                        *id,
+                        slot(host, *seq),
+                        1,
+                        0,
+                        s.drops.load(Ordering::Relaxed),
+                    );
                     deliver(s, rec, false);
                 }
             }
             Event::End(r) => {
                 let generated = r.tokens.iter().filter(|t| !t.prompt).count() as u64;
                 for s in subs.iter_mut() {
-                    let rec = notice(
+                    let rec = RequestRecord::notice(
                         r.id,
                         slot(host, r.seq),
                         2,
@@ -245,19 +252,6 @@ fn deliver(s: &mut Sub, rec: Vec<u8>, droppable: bool) {
         }
         Offer::Closed => s.alive = false,
     }
-}
-
-fn notice(id: u64, seq: i32, event: u32, n_tokens: u64, dropped: u64) -> Vec<u8> {
-    RequestRecord {
-        kind: KIND_REQUEST,
-        header_size: std::mem::size_of::<RequestRecord>() as u32,
-        request_id: id,
-        seq_id: seq,
-        event,
-        dropped,
-        n_tokens,
-    }
-    .to_record()
 }
 
 fn token(seq: i32, row: &TokenRow) -> Vec<u8> {

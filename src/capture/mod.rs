@@ -14,7 +14,12 @@
 //! ubatch, and so which batch rows, a tensor belongs to. A tensor whose token
 //! axis has the ubatch's output count (llama.cpp prunes the last layer to output
 //! rows) maps to the output rows only.
+//!
+//! Getting a tap onto a context (probe the graph, then arm a tap on a new ring
+//! with a selection compiled against it) happens in one place, `arm.rs`, for
+//! sessions, the serving engine and C plugin taps alike.
 
+mod arm;
 mod callback;
 mod config;
 pub(crate) use latent_tap_core::convert;
@@ -22,6 +27,7 @@ mod deferred;
 mod frame;
 mod records;
 
+pub(crate) use arm::{arm, Arming};
 pub use callback::eval_callback;
 use callback::tensor_name;
 pub(crate) use callback::{abort_callback, abort_flag_ptr};

@@ -5,10 +5,12 @@ mod batch;
 mod chat;
 mod context;
 mod model;
+mod probe;
 mod sampler;
 
 pub use batch::Batch;
 pub use chat::apply_chat_template;
 pub use context::{default_threads, Context, ContextOptions};
 pub use model::{Model, ModelOptions, Token};
+pub(crate) use probe::probe_context;
 pub use sampler::{Sampler, SamplingOptions};

@@ -18,8 +18,8 @@ use llama_cpp_sys_2 as sys;
 use super::event::{lt_event, Next, Reader, EVENT_MIN};
 use super::params::{capture_spec, lt_capture_params};
 use super::{guard, lt_status, nonnull, write_sized, FfiError};
-use crate::capture::{abort_callback, abort_flag_ptr, eval_callback, Tap};
-use crate::engine::{Context, ContextOptions, Model};
+use crate::capture::{self, abort_callback, abort_flag_ptr, eval_callback, Tap};
+use crate::engine::{ContextOptions, Model};
 use crate::record::{RowMeta, TokenHeader, ROW_PROMPT};
 use crate::tokens::token_stats;
 
@@ -92,21 +92,37 @@ fn check_batch_index(outputs: &[bool], i: i32) -> Result<(), FfiError> {
     ))
 }
 
+/// Holds a tap's `producing` flag; clears it when dropped, so a panic caught
+/// at the C boundary (see `guard`) does not leave the tap answering LT_BUSY.
+struct Producing<'a>(&'a AtomicBool);
+
+impl Producing<'_> {
+    /// Take `flag`, or LT_BUSY when another thread holds it.
+    fn enter(flag: &AtomicBool) -> Result<Producing<'_>, FfiError> {
+        if flag.swap(true, Ordering::Acquire) {
+            return Err(FfiError::new(
+                lt_status::LT_BUSY,
+                "another thread is feeding this tap",
+            ));
+        }
+        Ok(Producing(flag))
+    }
+}
+
+impl Drop for Producing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Enter the producer side exclusively, or LT_BUSY.
 fn producing<R>(
     t: &lt_tap,
     f: impl FnOnce(&mut Tap) -> Result<R, FfiError>,
 ) -> Result<R, FfiError> {
-    if t.producing.swap(true, Ordering::Acquire) {
-        return Err(FfiError::new(
-            lt_status::LT_BUSY,
-            "another thread is feeding this tap",
-        ));
-    }
+    let _producing = Producing::enter(&t.producing)?;
     // SAFETY: `producing` gives this thread exclusive access to the Tap outside llama_decode.
-    let r = f(unsafe { &mut *t.tap });
-    t.producing.store(false, Ordering::Release);
-    r
+    f(unsafe { &mut *t.tap })
 }
 
 /// Create a tap for `model` (the app's `struct llama_model *`) capturing what
@@ -150,10 +166,9 @@ pub extern "C" fn lt_tap_new(
             n_ubatch: 8,
             ..ContextOptions::default()
         };
-        let mut ctx = Context::new(model.clone(), &opts, Some(Box::new(Tap::probe())))?;
-        let graph = crate::session::probe_graph_on(&mut ctx)?;
-        let (tap, stream) = crate::session::build_tap(&graph, &spec, n_ubatch as usize)?;
+        let (ctx, graph) = crate::engine::probe_context(model.clone(), &opts)?;
         drop(ctx);
+        let (tap, stream) = capture::arm(Some(&graph), spec.arming(n_ubatch as usize)?)?;
         let mode = super::mode_code(tap.mode().used);
         let t = lt_tap {
             mode,
@@ -435,4 +450,42 @@ pub extern "C" fn lt_tap_capture_mode(tap: *const lt_tap, mode: *mut u32) -> lt_
         unsafe { mode.write(t.mode) };
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_while_producing_leaves_the_tap_usable() {
+        let flag = AtomicBool::new(false);
+        // Held: a second producer is refused.
+        let Ok(held) = Producing::enter(&flag) else {
+            panic!("a new tap is busy");
+        };
+        let busy = Producing::enter(&flag).map(|_| ());
+        assert_eq!(busy.map_err(|e| e.0), Err(lt_status::LT_BUSY));
+        drop(held);
+        assert!(!flag.load(Ordering::Acquire));
+        // A panic inside the guarded region, caught at the C boundary as every
+        // entry point catches it: the flag is released on the way out.
+        let st = guard(|| {
+            let _p = Producing::enter(&flag)?;
+            panic!("simulated panic inside a producer-side call");
+        });
+        assert_eq!(st, lt_status::LT_INTERNAL);
+        assert!(!flag.load(Ordering::Acquire), "the panic left the tap busy");
+        let again = Producing::enter(&flag).map(|_| ());
+        assert!(
+            again.is_ok(),
+            "the tap answers LT_BUSY after a caught panic"
+        );
+        // And an error return releases it too.
+        let st = guard(|| {
+            let _p = Producing::enter(&flag)?;
+            Err(FfiError::new(lt_status::LT_INVALID_ARGUMENT, "refused"))
+        });
+        assert_eq!(st, lt_status::LT_INVALID_ARGUMENT);
+        assert!(!flag.load(Ordering::Acquire));
+    }
 }

@@ -13,7 +13,7 @@ use crate::sched::FrameOut;
 pub const FRAMES_MEDIA_TYPE: &str = "application/vnd.latent-tap.frames";
 
 /// Wire record kind of the JSON summary that closes a binary completion.
-pub const KIND_JSON: u32 = 5;
+pub const KIND_JSON: u32 = crate::record::kind::JSON;
 
 /// Bytes of the length prefix before every record.
 pub const LEN_PREFIX: usize = 4;

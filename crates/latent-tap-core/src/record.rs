@@ -389,6 +389,59 @@ impl<'a> Record<'a> {
     }
 }
 
+/// A request notice (kind [`kind::REQUEST`], see docs/PROTOCOL.md): sent to
+/// subscribers when a request takes a slot and when it ends.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// [`kind::REQUEST`].
+    pub kind: u32,
+    /// `size_of::<RequestRecord>()` (40).
+    pub header_size: u32,
+    /// Request id.
+    pub request_id: u64,
+    /// Slot (the `seq_id` of its rows and tokens).
+    pub seq_id: i32,
+    /// [`RequestRecord::BEGIN`] or [`RequestRecord::END`].
+    pub event: u32,
+    /// Frames this subscriber has dropped so far (all requests).
+    pub dropped: u64,
+    /// Prompt tokens (begin) or tokens generated (end).
+    pub n_tokens: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<RequestRecord>() == 40);
+
+impl RequestRecord {
+    /// [`RequestRecord::event`]: the request took its slot.
+    pub const BEGIN: u32 = 1;
+    /// [`RequestRecord::event`]: the request ended.
+    pub const END: u32 = 2;
+
+    /// The encoded notice that request `request_id` in slot `seq_id` begins or
+    /// ends (`event`), with its token count and the subscriber's drops so far.
+    pub fn notice(
+        request_id: u64,
+        seq_id: i32,
+        event: u32,
+        n_tokens: u64,
+        dropped: u64,
+    ) -> Vec<u8> {
+        let r = RequestRecord {
+            kind: kind::REQUEST,
+            header_size: std::mem::size_of::<Self>() as u32,
+            request_id,
+            seq_id,
+            event,
+            dropped,
+            n_tokens,
+        };
+        let mut b = vec![0u8; std::mem::size_of::<Self>()];
+        put(&mut b, 0, &r);
+        b
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

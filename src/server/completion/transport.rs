@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use super::acc::Acc;
 use super::format::{native_final, oai_final};
 use super::prepare::{CancelGuard, Flavor, Prepared};
-use crate::sched::{JobEvent, RequestRecord, KIND_REQUEST};
+use crate::record::RequestRecord;
+use crate::sched::JobEvent;
 use crate::server::wire::{self, FRAMES_MEDIA_TYPE};
 use crate::server::{fingerprint, unix_now, App};
 
@@ -178,16 +179,7 @@ pub(super) fn sse_response(
 }
 
 fn request_record(id: u64, slot: i64, event: u32, n_tokens: u64) -> Vec<u8> {
-    RequestRecord {
-        kind: KIND_REQUEST,
-        header_size: std::mem::size_of::<RequestRecord>() as u32,
-        request_id: id,
-        seq_id: slot as i32,
-        event,
-        dropped: 0,
-        n_tokens,
-    }
-    .to_record()
+    RequestRecord::notice(id, slot as i32, event, n_tokens, 0)
 }
 
 pub(super) fn binary_response(
