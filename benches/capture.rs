@@ -144,7 +144,7 @@ impl Bench {
     fn ms_per_token(&mut self, n: usize) -> f64 {
         let opts = GenerateOptions {
             n_predict: n,
-            top_k: 0,
+            n_probs: 0,
             ..Default::default()
         };
         self.gen

@@ -69,7 +69,7 @@ impl Run {
     fn run(&mut self, prompt: &[i32], n: usize) -> (f64, f64) {
         let opts = GenerateOptions {
             n_predict: n,
-            top_k: 0,
+            n_probs: 0,
             ..Default::default()
         };
         let s = self

@@ -12,7 +12,7 @@
 // they keep their paths here (`latent_tap::ring`, …) for users and for the
 // modules of this crate.
 pub use latent_tap_core::{
-    error, gguf, output, record, ring, run, select, settings, stream, synth, tokens,
+    convert, error, gguf, output, record, ring, run, select, settings, stream, synth, tokens,
 };
 
 pub mod attach;

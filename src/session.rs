@@ -1,6 +1,20 @@
 //! Drives generation on a tapped context: probe the graph, compile the
 //! selection, decode the prompt (chunked by `n_batch`), sample, and emit token
 //! events into the same ring as the frames, so one ordered stream results.
+//!
+//! Why [`Generator`] is not a one-slot use of the scheduler ([`crate::sched`]):
+//! a generator runs on the caller's thread and hands the caller the ring's
+//! reading end itself (the CLI's collector, the C API's pull functions
+//! `lt_session_next`, plugins that read while the host decodes), with the
+//! caller's ring size, full-ring policy (`block` or `drop-newest`), dtype and
+//! rows, and decodes up to 256 prompts as one batch in lockstep. The
+//! scheduler owns two threads, one f32 ring that only its router reads, and
+//! admits jobs into slots at any step; its consumers receive frames already
+//! cut per job. Routing a generator through it would add a thread hop and a
+//! copy per frame and lose `drop-newest` and the caller-owned stream. What the
+//! two share is the mechanism below them: tap arming (`capture::arm`),
+//! the graph probe (`engine::probe_context`), token statistics
+//! ([`crate::tokens`]) and the bounds ([`crate::settings`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,7 +38,7 @@ pub struct CaptureSpec {
     pub patterns: Vec<String>,
     /// Optional layer filter applied after the patterns.
     pub layers: Option<LayerFilter>,
-    /// All rows or each sequence's last row.
+    /// All rows, or only those whose next-token distribution is computed ([`Rows::Last`]).
     pub rows: Rows,
     /// Output element type.
     pub dtype: Dtype,
@@ -94,7 +108,7 @@ pub struct GenerateOptions {
     /// Sampler settings.
     pub sampling: SamplingOptions,
     /// Alternatives reported per generated token.
-    pub top_k: usize,
+    pub n_probs: usize,
 }
 
 impl Default for GenerateOptions {
@@ -102,7 +116,7 @@ impl Default for GenerateOptions {
         Self {
             n_predict: 16,
             sampling: SamplingOptions::default(),
-            top_k: 10,
+            n_probs: 10,
         }
     }
 }
@@ -352,7 +366,7 @@ impl Generator {
                         0,
                         s,
                         i as i32 + 1,
-                        opts.top_k,
+                        opts.n_probs,
                     )?);
                     done += 1;
                     progress(Progress { done, total });
@@ -396,8 +410,14 @@ impl Generator {
             steps += 1;
             for (bi, &s) in live.iter().enumerate() {
                 pos[s] += 1;
-                next[s] =
-                    Some(self.sample(&mut samplers[s], bi as i32, step, s, pos[s], opts.top_k)?);
+                next[s] = Some(self.sample(
+                    &mut samplers[s],
+                    bi as i32,
+                    step,
+                    s,
+                    pos[s],
+                    opts.n_probs,
+                )?);
                 produced[s] += 1;
                 done += 1;
                 progress(Progress { done, total });
@@ -451,12 +471,12 @@ impl Generator {
 }
 
 impl GenerateOptions {
-    /// Check the bounds: `n_predict >= 1`, `top_k <= MAX_REPORT_TOP_K`, and the sampling.
+    /// Check the bounds: `n_predict >= 1`, `n_probs <= MAX_REPORT_TOP_K`, and the sampling.
     pub fn validate(&self) -> Result<()> {
         if self.n_predict == 0 {
             return Err(Error::invalid("n_predict must be at least 1"));
         }
-        settings::check_report_top_k(self.top_k)?;
+        settings::check_report_top_k(self.n_probs)?;
         self.sampling.validate()
     }
 }

@@ -224,7 +224,7 @@ fn expected_from_rust(model_path: &Path) -> Expected {
     let tokens = vec![model.tokenize(PROMPT, true).unwrap()];
     let opts = GenerateOptions {
         n_predict: N_PREDICT,
-        top_k: 3,
+        n_probs: 3,
         ..Default::default()
     };
     gen.run(&tokens, &opts, &mut |_| {}).unwrap();

@@ -15,7 +15,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use latent_tap::attach::wire::{Hello, SeqRm, FORMAT, ROW_OUTPUT};
+use latent_tap::attach::wire::{Hello, SeqRm, PROTOCOL, ROW_OUTPUT};
 use latent_tap::record::{self, Dtype, FrameHeader, RowMeta};
 use latent_tap::ring::{shm, Producer, WriteError};
 use safetensors::SafeTensors;
@@ -79,7 +79,7 @@ impl FakeHost {
 
     fn hello(&self, pid: u32, connection: u32) -> Hello {
         Hello {
-            format: FORMAT.into(),
+            format: PROTOCOL.into(),
             pid,
             exe: "/usr/bin/fake-llama-server".into(),
             map_bytes: self.len as u64,

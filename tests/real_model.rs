@@ -36,7 +36,7 @@ fn run(
     let toks = model.tokenize(prompt, true).unwrap();
     let opts = GenerateOptions {
         n_predict,
-        top_k: 5,
+        n_probs: 5,
         ..Default::default()
     };
     gen.run(&[toks], &opts, &mut |_| {}).expect("run");
@@ -183,4 +183,37 @@ fn rows_last_keeps_one_row_per_step() {
     let (_, c) = run(&model, &ctx, &spec, prompt, 3);
     let t = c.tensor("l_out-3").unwrap();
     assert_eq!(t.pos, vec![n_prompt - 1, n_prompt, n_prompt + 1]);
+}
+
+/// `--rows last` means the rows a sampled token came from, also when the
+/// prompt is decoded in several `n_batch` chunks (it once kept each chunk's
+/// last row, mid-prompt rows included).
+#[test]
+fn rows_last_ignores_batch_chunks_of_the_prompt() {
+    let Some(model) = model() else { return };
+    let spec = CaptureSpec {
+        patterns: vec!["l_out-3".into()],
+        rows: Rows::Last,
+        ..Default::default()
+    };
+    let ctx = ContextOptions {
+        n_ctx: 128,
+        n_batch: 3,
+        n_ubatch: 3,
+        ..Default::default()
+    };
+    let prompt = "One two three four five six seven eight nine ten";
+    let n_prompt = model.tokenize(prompt, true).unwrap().len() as i32;
+    assert!(n_prompt > 6, "the prompt spans at least three chunks");
+    let (_, c) = run(&model, &ctx, &spec, prompt, 2);
+    let t = c.tensor("l_out-3").unwrap();
+    assert_eq!(t.pos, vec![n_prompt - 1, n_prompt]);
+    // Rows::All over the same chunks: every position, once.
+    let all = CaptureSpec {
+        rows: Rows::All,
+        ..spec
+    };
+    let (_, c) = run(&model, &ctx, &all, prompt, 2);
+    let t = c.tensor("l_out-3").unwrap();
+    assert_eq!(t.pos, (0..=n_prompt).collect::<Vec<_>>());
 }

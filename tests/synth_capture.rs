@@ -222,7 +222,7 @@ fn drop_newest_counts_what_it_drops() {
     let toks = vec![f.model.tokenize("drop some frames please", true).unwrap()];
     let opts = GenerateOptions {
         n_predict: 30,
-        top_k: 0,
+        n_probs: 0,
         ..Default::default()
     };
     let consumer = std::thread::spawn(move || {

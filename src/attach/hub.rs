@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::pair::{Event, TokenRow};
+use crate::convert::convert;
 use crate::record::RequestRecord;
 use crate::record::{self, Dtype, FrameHeader, RowMeta, TokenHeader, ROW_PROMPT};
-use crate::sched::{Offer, SubscriberSink};
+use crate::sched::{Subscriber, SubscriberSink, SubscriberStats};
 use crate::select::{glob_match, layer_of, LayerFilter};
 
 /// Which frames a subscriber wants.
@@ -45,9 +46,7 @@ impl SubFilter {
 
 struct Sub {
     filter: SubFilter,
-    sink: Box<dyn SubscriberSink>,
-    drops: Arc<AtomicU64>,
-    alive: bool,
+    sub: Subscriber,
 }
 
 /// Host connections attached at the same time, at most: host numbers fill
@@ -58,6 +57,7 @@ pub const MAX_HOSTS: usize = 1 << 15;
 #[derive(Default)]
 pub struct Hub {
     subs: Mutex<Vec<Sub>>,
+    next_sub: AtomicU64,
     hosts: Mutex<BTreeSet<u16>>,
 }
 
@@ -92,18 +92,23 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// Add a subscriber; it sees everything from now on. Returns its drop counter.
-    pub fn subscribe(&self, filter: SubFilter, sink: Box<dyn SubscriberSink>) -> Arc<AtomicU64> {
-        let drops = Arc::new(AtomicU64::new(0));
+    /// Add a subscriber; it sees everything from now on. Returns its counters.
+    pub fn subscribe(
+        &self,
+        filter: SubFilter,
+        sink: Box<dyn SubscriberSink>,
+    ) -> Arc<SubscriberStats> {
+        let stats = Arc::new(SubscriberStats {
+            id: self.next_sub.fetch_add(1, Ordering::Relaxed),
+            ..SubscriberStats::default()
+        });
         if let Ok(mut v) = self.subs.lock() {
             v.push(Sub {
                 filter,
-                sink,
-                drops: drops.clone(),
-                alive: true,
+                sub: Subscriber::new(sink, stats.clone()),
             });
         }
-        drops
+        stats
     }
 
     /// Subscribers connected.
@@ -143,33 +148,22 @@ impl Hub {
         match ev {
             Event::Begin { id, seq } => {
                 for s in subs.iter_mut() {
-                    let rec = RequestRecord::notice(
-                        *id,
-                        slot(host, *seq),
-                        1,
-                        0,
-                        s.drops.load(Ordering::Relaxed),
-                    );
-                    deliver(s, rec, false);
+                    let rec = RequestRecord::notice(*id, slot(host, *seq), 1, 0, s.sub.drops());
+                    s.sub.deliver(rec, false);
                 }
             }
             Event::End(r) => {
                 let generated = r.tokens.iter().filter(|t| !t.prompt).count() as u64;
                 for s in subs.iter_mut() {
-                    let rec = RequestRecord::notice(
-                        r.id,
-                        slot(host, r.seq),
-                        2,
-                        generated,
-                        s.drops.load(Ordering::Relaxed),
-                    );
-                    deliver(s, rec, false);
+                    let rec =
+                        RequestRecord::notice(r.id, slot(host, r.seq), 2, generated, s.sub.drops());
+                    s.sub.deliver(rec, false);
                 }
             }
             Event::Token { seq, row, .. } => {
                 let rec = token(slot(host, *seq), row);
                 for s in subs.iter_mut() {
-                    deliver(s, rec.clone(), false);
+                    s.sub.deliver(rec.clone(), false);
                 }
             }
             Event::Frame {
@@ -181,7 +175,7 @@ impl Hub {
             } => {
                 let name = frame.name();
                 for s in subs.iter_mut() {
-                    if !s.alive || !s.filter.wants(name) {
+                    if !s.sub.alive || !s.filter.wants(name) {
                         continue;
                     }
                     let keep: Vec<usize> = (0..hi - lo)
@@ -193,8 +187,7 @@ impl Hub {
                     let dtype = s.filter.dtype.unwrap_or(frame.dtype());
                     let width = frame.header.width as usize;
                     let len = record::frame_len(keep.len(), width, dtype);
-                    if !s.sink.has_room(len) {
-                        s.drops.fetch_add(1, Ordering::Relaxed);
+                    if !s.sub.take_or_drop(len) {
                         continue;
                     }
                     let mut buf = vec![0u8; len];
@@ -214,24 +207,16 @@ impl Hub {
                         off += std::mem::size_of::<RowMeta>();
                     }
                     let rb = width * dtype.size();
-                    let mut f32buf = Vec::new();
                     for &k in &keep {
-                        let src = frame.row_bytes(lo + k);
                         let dst = &mut buf[off..off + rb];
-                        if frame.dtype() == dtype {
-                            dst.copy_from_slice(src);
-                        } else {
-                            f32buf.resize(width * 4, 0);
-                            crate::capture::convert_to_f32(src, frame.dtype(), &mut f32buf);
-                            crate::capture::convert_from_f32(&f32buf, dtype, dst);
-                        }
+                        convert(frame.row_bytes(lo + k), frame.dtype(), dst, dtype);
                         off += rb;
                     }
-                    deliver(s, buf, true);
+                    s.sub.deliver(buf, true);
                 }
             }
         }
-        subs.retain(|s| s.alive);
+        subs.retain(|s| s.sub.alive);
     }
 }
 
@@ -239,19 +224,6 @@ impl Hub {
 /// holding number `host` (below [`MAX_HOSTS`], so the id is not negative).
 pub fn slot(host: u16, seq: i32) -> i32 {
     ((u32::from(host & 0x7fff) << 16) | (seq as u32 & 0xffff)) as i32
-}
-
-fn deliver(s: &mut Sub, rec: Vec<u8>, droppable: bool) {
-    if !s.alive {
-        return;
-    }
-    match s.sink.offer(rec, droppable) {
-        Offer::Taken => {}
-        Offer::Full => {
-            s.drops.fetch_add(1, Ordering::Relaxed);
-        }
-        Offer::Closed => s.alive = false,
-    }
 }
 
 fn token(seq: i32, row: &TokenRow) -> Vec<u8> {

@@ -382,7 +382,7 @@ fn new_writer(dir: &Path, opts: &ListenOptions, stats: &Shared) -> Result<Writer
 }
 
 #[derive(Serialize)]
-struct TokenLine<'a> {
+struct HostTokenLine<'a> {
     prompt_index: u64,
     request_id: u64,
     host_pid: u32,
@@ -466,12 +466,7 @@ fn commit(w: &mut Writer, c: Commit, stats: &Shared, sink: &Path) -> Result<()> 
             t.data
         } else {
             let mut d = vec![0u8; t.pos.len() * t.width * out.size()];
-            let mut f32buf = vec![0u8; t.width * 4];
-            let (sb, db) = (t.width * t.dtype.size(), t.width * out.size());
-            for k in 0..t.pos.len() {
-                crate::capture::convert_to_f32(&t.data[k * sb..(k + 1) * sb], t.dtype, &mut f32buf);
-                crate::capture::convert_from_f32(&f32buf, out, &mut d[k * db..(k + 1) * db]);
-            }
+            crate::convert::convert(&t.data, t.dtype, &mut d, out);
             d
         };
         rows[i].data = data;
@@ -480,7 +475,7 @@ fn commit(w: &mut Writer, c: Commit, stats: &Shared, sink: &Path) -> Result<()> 
     }
     let mut lines = Vec::new();
     for t in &req.tokens {
-        let line = TokenLine {
+        let line = HostTokenLine {
             prompt_index: index,
             request_id: req.id,
             host_pid: pid,

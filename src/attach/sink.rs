@@ -7,7 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::wire::{Hello, FORMAT, MAX_HELLO};
+use super::wire::{Hello, MAX_HELLO, PROTOCOL};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ring::{shm, Consumer};
 
@@ -147,19 +147,19 @@ pub fn handshake(stream: UnixStream, timeout: Duration) -> Result<Attached> {
                 if let Some(f) = serde_json::from_slice::<serde_json::Value>(&buf)
                     .ok()
                     .and_then(|v| v.get("format")?.as_str().map(str::to_string))
-                    .filter(|f| f != FORMAT)
+                    .filter(|f| f != PROTOCOL)
                 {
                     return Err(Error::invalid(format!(
-                        "the host speaks '{f}', not '{FORMAT}'"
+                        "the host speaks '{f}', not '{PROTOCOL}'"
                     )));
                 }
                 return Err(Error::invalid(format!("the hello is not valid: {e}")));
             }
         }
     };
-    if hello.format != FORMAT {
+    if hello.format != PROTOCOL {
         return Err(Error::invalid(format!(
-            "the host speaks '{}', not '{FORMAT}'",
+            "the host speaks '{}', not '{PROTOCOL}'",
             hello.format
         )));
     }

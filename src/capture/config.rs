@@ -11,7 +11,11 @@ use crate::record::Dtype;
 pub enum Rows {
     /// Every row (token) the graph computes.
     All,
-    /// Only each sequence's last row of a batch (cheaper for generation).
+    /// Only the rows whose next-token distribution the model computes
+    /// (llama.cpp's outputs): a prompt's last token and every generated token,
+    /// i.e. the rows a sampled token came from. The same meaning in the CLI,
+    /// the C API, `serve`, dataset capture and the `LD_PRELOAD` tap; a prompt
+    /// decoded in several `n_batch` chunks gives one row, not one per chunk.
     Last,
 }
 

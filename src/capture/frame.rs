@@ -6,7 +6,7 @@ use std::ffi::c_void;
 use llama_cpp_sys_2 as sys;
 
 use super::convert::{ggml_type_size, SrcTensor};
-use super::{Mode, Policy, Rows, Tap, PLAN_LAST, PLAN_OUTPUT};
+use super::{Mode, Policy, Rows, Tap, PLAN_OUTPUT};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{self, Dtype, FrameHeader, RowMeta};
 use crate::ring::WriteError;
@@ -53,7 +53,7 @@ impl Tap {
         let mut k = 0u32;
         for (i, &f) in plan.flags[start..end].iter().enumerate() {
             if all || f & PLAN_OUTPUT != 0 {
-                if a.rows == Rows::All || f & PLAN_LAST != 0 {
+                if a.rows == Rows::All || f & PLAN_OUTPUT != 0 {
                     a.pick.push(k | ((i as u32) << 16));
                 }
                 k += 1;

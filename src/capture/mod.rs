@@ -22,7 +22,7 @@
 mod arm;
 mod callback;
 mod config;
-pub(crate) use latent_tap_core::convert;
+use crate::convert;
 mod deferred;
 mod frame;
 mod records;
@@ -46,10 +46,9 @@ use crate::record::{Dtype, RowMeta};
 use crate::ring::Producer;
 use crate::select::Selection;
 
-/// Row flag in the batch plan: llama.cpp computes logits for this token.
+/// Row flag in the batch plan: llama.cpp computes logits for this token
+/// (what [`Rows::Last`] keeps).
 const PLAN_OUTPUT: u8 = 1;
-/// Row flag in the batch plan: last token of its sequence in this batch.
-const PLAN_LAST: u8 = 2;
 
 /// Raw node record of a probe: (ggml name, ggml type, shape).
 pub type ProbeNode = (String, u32, [i64; 4]);
@@ -83,8 +82,6 @@ struct Plan {
     n_ubatch: usize,
     rows: Vec<RowMeta>,
     flags: Vec<u8>,
-    // Scratch: sequences already seen while scanning the batch backwards.
-    seqs: Vec<i32>,
 }
 
 /// The eval-callback target owned by a tapped context.
@@ -151,8 +148,11 @@ impl Tap {
             n_ubatch,
             mode,
         } = settings;
-        if n_ubatch == 0 || n_ubatch > u16::MAX as usize {
-            return Err(Error::invalid("n_ubatch must be between 1 and 65535"));
+        let max = crate::settings::MAX_UBATCH as usize;
+        if n_ubatch == 0 || n_ubatch > max {
+            return Err(Error::invalid(format!(
+                "n_ubatch must be between 1 and {max}"
+            )));
         }
         check_fits(&sel, n_ubatch, dtype, producer.max_record_len())?;
         let n_slots = sel.n_slots();
@@ -233,18 +233,10 @@ impl Tap {
         self.plan.n_ubatch = n_ubatch;
         self.plan.rows.clear();
         self.plan.rows.extend_from_slice(rows);
-        // One backward pass: a row is its sequence's last when no later row has its seq id.
         let plan = &mut self.plan;
         plan.flags.clear();
-        plan.flags.resize(rows.len(), 0);
-        plan.seqs.clear();
-        for (i, (r, &o)) in rows.iter().zip(outputs).enumerate().rev() {
-            let last = !plan.seqs.contains(&r.seq_id);
-            if last {
-                plan.seqs.push(r.seq_id);
-            }
-            plan.flags[i] = (u8::from(o) * PLAN_OUTPUT) | (u8::from(last) * PLAN_LAST);
-        }
+        plan.flags
+            .extend(outputs.iter().map(|&o| u8::from(o) * PLAN_OUTPUT));
         self.ubatch = -1;
     }
 

@@ -1,4 +1,4 @@
-//! Dataset capture: run a file of prompts through a [`crate::sched::Engine`]
+//! Dataset capture: run a file of prompts through a [`crate::sched::Scheduler`]
 //! (continuous batching over its slots) and stream the latents into a run
 //! directory of size-capped safetensors shards.
 //!
@@ -34,7 +34,7 @@ use crate::engine::{SamplingOptions, Token};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{frame_len, Dtype};
 use crate::sched::{
-    Engine, Job, JobEvent, LatentFilter, LatentRequest, StopReason, SubmitError, TokenOut,
+    Job, JobEvent, LatentFilter, LatentRequest, Scheduler, StopReason, SubmitError, TokenOut,
 };
 use crate::select::{GraphNode, Selection};
 use crate::settings;
@@ -99,9 +99,9 @@ pub struct Outcome {
     pub seconds: f64,
 }
 
-/// Progress callback argument.
+/// PromptProgress callback argument.
 #[derive(Debug, Clone, Copy)]
-pub struct Progress {
+pub struct PromptProgress {
     /// Prompts captured (this share, earlier runs included).
     pub done: u64,
     /// Prompts in this share.
@@ -168,11 +168,11 @@ fn commit(w: &mut Writer, index: u64, p: Pending) -> Result<()> {
 /// decode in flight: prompts not finished are dropped, the open shard is
 /// closed and the manifest says `"complete": false`.
 pub fn capture(
-    engine: &Engine,
+    engine: &Scheduler,
     filter: &LatentFilter,
     opts: &DatasetOptions,
     stop: &AtomicBool,
-    progress: &mut dyn FnMut(Progress),
+    progress: &mut dyn FnMut(PromptProgress),
 ) -> Result<Outcome> {
     opts.validate()?;
     let t0 = Instant::now();
@@ -319,11 +319,11 @@ pub fn window(n_parallel: usize) -> usize {
 /// The feed / collect loop. `Ok(Some(end))`: every prompt before `end` is done
 /// (the share's end, or the last line of standard input); `Ok(None)`: stopped.
 fn run(
-    engine: &Engine,
+    engine: &Scheduler,
     filter: &LatentFilter,
     opts: &DatasetOptions,
     stop: &AtomicBool,
-    progress: &mut dyn FnMut(Progress),
+    progress: &mut dyn FnMut(PromptProgress),
     w: &mut Writer,
 ) -> Result<Option<u64>> {
     let model = engine.model().clone();
@@ -381,7 +381,7 @@ fn run(
                     prompt.truncate(max);
                 }
             }
-            if prompt.len() + opts.n_predict.min(1) >= n_ctx_slot {
+            if !engine.prompt_fits(prompt.len()) {
                 return Err(Error::new(
                     ErrorKind::PromptTooLong,
                     format!(
@@ -451,7 +451,7 @@ fn run(
                     } else {
                         commit(w, index, p)?;
                     }
-                    progress(Progress {
+                    progress(PromptProgress {
                         done: index + 1 - range[0],
                         total,
                     });

@@ -13,7 +13,8 @@ use crate::session::{CaptureSpec, GenerateOptions};
 
 /// `lt_capture_params.rows`: every row.
 pub const LT_ROWS_ALL: u32 = 0;
-/// `lt_capture_params.rows`: each sequence's last row per batch.
+/// `lt_capture_params.rows`: only the rows whose next-token distribution is
+/// computed (a prompt's last token and every generated token).
 pub const LT_ROWS_LAST: u32 = 1;
 /// Element type f32 (`dtype` fields).
 pub const LT_DTYPE_F32: u32 = 0;
@@ -35,7 +36,7 @@ const _: () = assert!(LT_ROW_PROMPT == crate::record::ROW_PROMPT);
 pub struct lt_capture_params {
     /// `sizeof(lt_capture_params)`; set by `lt_capture_params_default`.
     pub struct_size: u32,
-    /// Keep: 0 = all rows, 1 = each sequence's last row per batch.
+    /// Keep: 0 = all rows, 1 = the rows whose next-token distribution is computed.
     pub rows: u32,
     /// Comma-separated glob patterns over graph node names, e.g. "l_out-*".
     /// NULL or "" captures nothing (token events only).
@@ -243,7 +244,7 @@ pub(crate) fn generate_options(p: *const lt_sampling_params) -> Result<GenerateO
             min_p: 0.0,
             seed: p.seed,
         },
-        top_k: p.report_top_k as usize,
+        n_probs: p.report_top_k as usize,
     })
 }
 

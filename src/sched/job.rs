@@ -2,12 +2,16 @@
 //! compiled filters, the events a job's sink receives and the sinks' types.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use crate::capture::Rows;
 use crate::engine::{SamplingOptions, Token};
 use crate::error::Error;
 use crate::record::{self, Dtype, FrameHeader, RowMeta, TokenHeader, TopEntry, ROW_PROMPT};
 use crate::select::LayerFilter;
+
+use super::SubscriberStats;
 
 /// Latents a job (or a subscriber) asks for, as given.
 #[derive(Debug, Clone)]
@@ -77,7 +81,7 @@ pub struct Job {
     /// Keep generating past end-of-generation tokens.
     pub ignore_eos: bool,
     /// Latents to deliver with the tokens, compiled by
-    /// [`Engine::compile`](super::Engine::compile).
+    /// [`Scheduler::compile`](super::Scheduler::compile).
     pub latents: Option<LatentFilter>,
     /// Compute each sampled token's log-probability and entropy over the full
     /// vocabulary even when `n_probs` is 0 (one pass over the logits: ~2-3 ms
@@ -246,6 +250,65 @@ pub trait SubscriberSink: Send {
     }
 }
 
+/// A subscriber as its router holds it (the engine's router, `latent-tap
+/// listen`'s hub): the sink, its counters and whether it is still there.
+pub(crate) struct Subscriber {
+    pub(crate) sink: Box<dyn SubscriberSink>,
+    pub(crate) stats: Arc<SubscriberStats>,
+    pub(crate) alive: bool,
+}
+
+impl Subscriber {
+    pub(crate) fn new(sink: Box<dyn SubscriberSink>, stats: Arc<SubscriberStats>) -> Self {
+        Self {
+            sink,
+            stats,
+            alive: true,
+        }
+    }
+
+    /// Offer one record: counted as delivered or (a full queue) dropped; a
+    /// closed sink marks the subscriber gone. True when taken.
+    pub(crate) fn deliver(&mut self, rec: Vec<u8>, droppable: bool) -> bool {
+        if !self.alive {
+            return false;
+        }
+        match self.sink.offer(rec, droppable) {
+            Offer::Taken => {
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Offer::Full => {
+                self.drop_one();
+                false
+            }
+            Offer::Closed => {
+                self.alive = false;
+                false
+            }
+        }
+    }
+
+    /// Whether a droppable record of `len` bytes would be taken now; when not,
+    /// the record counts as dropped (so it need not be built).
+    pub(crate) fn take_or_drop(&mut self, len: usize) -> bool {
+        let room = self.alive && self.sink.has_room(len);
+        if self.alive && !room {
+            self.drop_one();
+        }
+        room
+    }
+
+    fn drop_one(&self) {
+        self.stats.drops.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Frames dropped so far.
+    pub(crate) fn drops(&self) -> u64 {
+        self.stats.drops.load(Ordering::Relaxed)
+    }
+}
+
 /// A subscriber sink's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
@@ -257,7 +320,7 @@ pub enum Offer {
     Closed,
 }
 
-/// Error of [`Engine::submit`](super::Engine::submit).
+/// Error of [`Scheduler::submit`](super::Scheduler::submit).
 #[derive(Debug)]
 pub enum SubmitError {
     /// The wait queue is full.

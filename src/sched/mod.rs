@@ -17,7 +17,7 @@
 //! order. The router applies it exactly between the frames of the old and the
 //! new job. One KV stream (`kv_unified`) keeps llama.cpp's rows in batch order.
 //!
-//! Files: [`Engine`] and its shared state here; what jobs ask for and get back
+//! Files: [`Scheduler`] and its shared state here; what jobs ask for and get back
 //! in `job.rs`; the engine thread in `worker.rs`; the router thread in
 //! `router.rs`; the subscribers' request notice is [`crate::record::RequestRecord`].
 
@@ -32,6 +32,7 @@ pub use job::{
 /// Wire record kind of a subscriber's request notice ([`crate::record::kind::REQUEST`]).
 pub const KIND_REQUEST: u32 = crate::record::kind::REQUEST;
 pub use crate::record::RequestRecord;
+pub(crate) use job::Subscriber;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -51,14 +52,14 @@ use worker::Worker;
 /// leaves the engine's private ring).
 pub const CTRL_FLAG: u32 = 1 << 31;
 
-/// Engine settings.
+/// Scheduler settings.
 #[derive(Debug, Clone)]
-pub struct EngineOptions {
+pub struct SchedulerOptions {
     /// Context settings; `n_seq_max` is set to `n_parallel`.
     pub ctx: ContextOptions,
     /// Slots decoded together.
     pub n_parallel: usize,
-    /// Jobs that may wait for a slot; beyond that [`Engine::submit`] answers
+    /// Jobs that may wait for a slot; beyond that [`Scheduler::submit`] answers
     /// [`SubmitError::Busy`].
     pub queue: usize,
     /// Capacity of the engine's ring in bytes.
@@ -70,7 +71,7 @@ pub struct EngineOptions {
     pub capture_mode: CaptureMode,
 }
 
-impl Default for EngineOptions {
+impl Default for SchedulerOptions {
     fn default() -> Self {
         Self {
             ctx: ContextOptions::default(),
@@ -83,9 +84,9 @@ impl Default for EngineOptions {
     }
 }
 
-/// Engine-wide counters (for metrics).
+/// Scheduler-wide counters (for metrics).
 #[derive(Debug, Default)]
-pub struct EngineStats {
+pub struct SchedulerStats {
     /// Jobs finished.
     pub jobs_done: AtomicU64,
     /// Prompt tokens evaluated.
@@ -139,7 +140,7 @@ pub struct SubscriberStats {
 }
 
 struct Shared {
-    stats: EngineStats,
+    stats: SchedulerStats,
     slots: Mutex<Vec<SlotInfo>>,
     subscribers: Mutex<Vec<Arc<SubscriberStats>>>,
     union_dirty: AtomicBool,
@@ -164,7 +165,7 @@ struct SubEntry {
     stats: Arc<SubscriberStats>,
 }
 
-/// Engine → router messages, one per in-band marker, in the same order.
+/// Scheduler → router messages, one per in-band marker, in the same order.
 enum Ctrl {
     Assign {
         slot: usize,
@@ -185,7 +186,7 @@ enum Ctrl {
 /// A submitted job: its id and a way to cancel it.
 #[derive(Debug)]
 pub struct JobHandle {
-    /// Engine-wide job id.
+    /// Scheduler-wide job id.
     pub id: u64,
     cancel: Arc<AtomicBool>,
 }
@@ -203,7 +204,7 @@ impl JobHandle {
 }
 
 /// The serving engine: a context, its slots, and the two threads.
-pub struct Engine {
+pub struct Scheduler {
     tx: Sender<Msg>,
     shared: Arc<Shared>,
     graph: Vec<GraphNode>,
@@ -218,33 +219,34 @@ pub struct Engine {
     capture_mode: ModeReport,
 }
 
-impl std::fmt::Debug for Engine {
+impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
+        f.debug_struct("Scheduler")
             .field("n_parallel", &self.n_parallel)
             .field("n_ctx", &self.n_ctx)
             .finish_non_exhaustive()
     }
 }
 
-impl Engine {
+impl Scheduler {
     /// Create the context (probing its graph), arm an empty tap and start the
     /// engine and router threads.
-    pub fn start(model: Arc<Model>, opts: &EngineOptions) -> Result<Self> {
+    pub fn start(model: Arc<Model>, opts: &SchedulerOptions) -> Result<Self> {
         Self::start_sized(model, opts, &|_, _| Ok(opts.ring_bytes))
     }
 
-    /// [`Engine::start`], with the ring's capacity chosen once the graph is
-    /// known: `ring_bytes(graph, n_ubatch)` replaces [`EngineOptions::ring_bytes`]
+    /// [`Scheduler::start`], with the ring's capacity chosen once the graph is
+    /// known: `ring_bytes(graph, n_ubatch)` replaces [`SchedulerOptions::ring_bytes`]
     /// (e.g. a few frames of the tensors a caller will select).
     pub fn start_sized(
         model: Arc<Model>,
-        opts: &EngineOptions,
+        opts: &SchedulerOptions,
         ring_bytes: &dyn Fn(&[GraphNode], usize) -> Result<usize>,
     ) -> Result<Self> {
-        if opts.n_parallel == 0 || opts.n_parallel > 256 {
+        let max = crate::settings::MAX_SEQ as usize;
+        if opts.n_parallel == 0 || opts.n_parallel > max {
             return Err(Error::invalid(format!(
-                "parallel slots {} out of range 1..=256",
+                "parallel slots {} out of range 1..={max}",
                 opts.n_parallel
             )));
         }
@@ -276,7 +278,7 @@ impl Engine {
         let n_ctx = ctx.n_ctx();
         let n_ctx_slot = opts.slot_ctx.map_or(n_ctx, |c| c.min(n_ctx)).max(1);
         let shared = Arc::new(Shared {
-            stats: EngineStats::default(),
+            stats: SchedulerStats::default(),
             slots: Mutex::new(
                 (0..opts.n_parallel)
                     .map(|id| SlotInfo {
@@ -350,13 +352,22 @@ impl Engine {
         self.n_ctx_slot
     }
 
+    /// The one rule for whether a prompt of `n_tokens` fits a slot (the
+    /// server, dataset capture and [`Scheduler::submit`] all ask this): it must
+    /// leave a position free, as llama-server's does. The first token is
+    /// sampled from the prompt's last row; each later one takes a position
+    /// until the slot is full.
+    pub fn prompt_fits(&self, n_tokens: usize) -> bool {
+        n_tokens < self.n_ctx_slot as usize
+    }
+
     /// Number of slots.
     pub fn n_parallel(&self) -> usize {
         self.n_parallel
     }
 
     /// Counters.
-    pub fn stats(&self) -> &EngineStats {
+    pub fn stats(&self) -> &SchedulerStats {
         &self.shared.stats
     }
 
@@ -396,7 +407,7 @@ impl Engine {
                 "token id {t} is out of range 0..{n_vocab}"
             ))));
         }
-        if job.prompt.len() >= self.n_ctx_slot as usize {
+        if !self.prompt_fits(job.prompt.len()) {
             return Err(SubmitError::Invalid(Error::new(
                 ErrorKind::PromptTooLong,
                 format!(
@@ -458,7 +469,7 @@ impl Engine {
         self.join();
     }
 
-    /// Ask the engine to stop (see [`Engine::shutdown`]) without waiting; may be
+    /// Ask the engine to stop (see [`Scheduler::shutdown`]) without waiting; may be
     /// called again with `cancel` set to cut running jobs short.
     pub fn begin_shutdown(&self, cancel: bool) {
         let _ = self.tx.send(Msg::Shutdown { cancel });
@@ -474,7 +485,7 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
+impl Drop for Scheduler {
     fn drop(&mut self) {
         self.shutdown(true);
     }

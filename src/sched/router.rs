@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Ctrl, FrameOut, JobDone, JobEvent, JobSink, LatentFilter, Offer, RequestRecord, Shared,
-    StopReason, SubscriberSink, SubscriberStats, TokenOut, CTRL_FLAG,
+    Ctrl, FrameOut, JobDone, JobEvent, JobSink, LatentFilter, RequestRecord, Shared, StopReason,
+    Subscriber, TokenOut, CTRL_FLAG,
 };
 use crate::capture::Rows;
+use crate::convert::convert;
 use crate::error::{Error, ErrorKind};
 use crate::record::{self, Dtype, FrameHeader, Record, ROW_PROMPT};
 use crate::stream::Stream;
@@ -29,10 +30,8 @@ struct Route {
 
 struct Sub {
     filter: LatentFilter,
-    sink: Box<dyn SubscriberSink>,
-    stats: Arc<SubscriberStats>,
+    sub: Subscriber,
     frames: u64,
-    alive: bool,
 }
 
 pub(super) struct Router {
@@ -107,9 +106,9 @@ impl Router {
 
     fn prune(&mut self) {
         let before = self.subs.len();
-        self.subs.retain(|s| s.alive);
+        self.subs.retain(|s| s.sub.alive);
         if self.subs.len() != before {
-            let live: Vec<u64> = self.subs.iter().map(|s| s.stats.id).collect();
+            let live: Vec<u64> = self.subs.iter().map(|s| s.sub.stats.id).collect();
             if let Ok(mut v) = self.shared.subscribers.lock() {
                 v.retain(|s| live.contains(&s.id));
             }
@@ -144,10 +143,8 @@ impl Router {
             }
             Ctrl::Subscribe(s) => self.subs.push(Sub {
                 filter: s.filter,
-                sink: s.sink,
-                stats: s.stats,
+                sub: Subscriber::new(s.sink, s.stats),
                 frames: 0,
-                alive: true,
             }),
             Ctrl::Finish { slot, mut done } => {
                 if let Some(mut r) = self.routes[slot].take() {
@@ -163,9 +160,8 @@ impl Router {
 
     fn notify_subs(&mut self, id: u64, slot: usize, event: u32, n_tokens: u64) {
         for s in &mut self.subs {
-            let dropped = s.stats.drops.load(Ordering::Relaxed);
-            let rec = RequestRecord::notice(id, slot as i32, event, n_tokens, dropped);
-            deliver(s, rec, false);
+            let rec = RequestRecord::notice(id, slot as i32, event, n_tokens, s.sub.drops());
+            s.sub.deliver(rec, false);
         }
     }
 
@@ -174,7 +170,7 @@ impl Router {
         if !self.subs.is_empty() {
             let rec = t.to_record();
             for s in &mut self.subs {
-                deliver(s, rec.clone(), false);
+                s.sub.deliver(rec.clone(), false);
             }
         }
         if let Some(r) = self.routes.get_mut(slot).and_then(Option::as_mut) {
@@ -232,9 +228,8 @@ impl Router {
                 };
                 // Behind already: count the drop without copying the rows.
                 let most = record::frame_len(hi - lo, f.header.width as usize, s.filter.dtype);
-                if s.alive && !s.sink.has_room(most) {
+                if !s.sub.take_or_drop(most) {
                     s.frames += 1;
-                    s.stats.drops.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 if let Some(out) = cut(
@@ -249,31 +244,11 @@ impl Router {
                 ) {
                     s.frames += 1;
                     let n = out.data.len() as u64;
-                    if deliver(s, out.to_record(), true) {
+                    if s.sub.deliver(out.to_record(), true) {
                         stats.frame_bytes_out.fetch_add(n, Ordering::Relaxed);
                     }
                 }
             }
-        }
-    }
-}
-
-fn deliver(s: &mut Sub, rec: Vec<u8>, droppable: bool) -> bool {
-    if !s.alive {
-        return false;
-    }
-    match s.sink.offer(rec, droppable) {
-        Offer::Taken => {
-            s.stats.delivered.fetch_add(1, Ordering::Relaxed);
-            true
-        }
-        Offer::Full => {
-            s.stats.drops.fetch_add(1, Ordering::Relaxed);
-            false
-        }
-        Offer::Closed => {
-            s.alive = false;
-            false
         }
     }
 }
@@ -304,17 +279,9 @@ fn cut(
     let width = f.header.width as usize;
     let src_dt = f.dtype();
     let mut data = vec![0u8; keep.len() * width * dtype.size()];
-    let mut f32buf = Vec::new();
     for (k, &r) in keep.iter().enumerate() {
-        let src = f.row_bytes(r);
         let dst = &mut data[k * width * dtype.size()..(k + 1) * width * dtype.size()];
-        if src_dt == dtype {
-            dst.copy_from_slice(src);
-        } else {
-            f32buf.resize(width * 4, 0);
-            crate::capture::convert_to_f32(src, src_dt, &mut f32buf);
-            crate::capture::convert_from_f32(&f32buf, dtype, dst);
-        }
+        convert(f.row_bytes(r), src_dt, dst, dtype);
     }
     let first = &f.rows[keep[0]];
     // Job step: 0 for prompt rows (and the decode that samples the first token),
@@ -345,7 +312,9 @@ mod tests {
     use std::sync::mpsc;
     use std::sync::Mutex;
 
-    use super::super::{EngineStats, SlotInfo, SubEntry};
+    use super::super::{
+        Offer, SchedulerStats, SlotInfo, SubEntry, SubscriberSink, SubscriberStats,
+    };
     use super::*;
     use crate::record::{kind, RowMeta, TokenHeader};
     use crate::ring::Producer;
@@ -517,7 +486,7 @@ mod tests {
     /// close the ring and run the router to its end.
     fn route(n_slots: usize, input: Vec<In>) -> Arc<Shared> {
         let shared = Arc::new(Shared {
-            stats: EngineStats::default(),
+            stats: SchedulerStats::default(),
             slots: Mutex::new(
                 (0..n_slots)
                     .map(|id| SlotInfo {

@@ -2,7 +2,7 @@
 //! latents of every layer next to the tokens, to the requester (JSON, SSE or
 //! binary records) and to subscribers of every request.
 //!
-//! Layers: HTTP (axum on hyper, tokio) → [`crate::sched::Engine`] (slots,
+//! Layers: HTTP (axum on hyper, tokio) → [`crate::sched::Scheduler`] (slots,
 //! continuous batching, one inference thread, frames through the ring, a
 //! router thread). Nothing here runs on the inference thread.
 
@@ -38,7 +38,7 @@ pub use wire::{FRAMES_MEDIA_TYPE, KIND_JSON};
 
 use crate::engine::{Model, ModelOptions};
 use crate::error::{Error, ErrorKind, Result};
-use crate::sched::{Engine, EngineOptions};
+use crate::sched::{Scheduler, SchedulerOptions};
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
@@ -49,8 +49,8 @@ pub struct ServeConfig {
     pub host: String,
     /// Port (0: any free port; the chosen one is printed).
     pub port: u16,
-    /// Engine (context, slots, queue, ring).
-    pub engine: EngineOptions,
+    /// Scheduler (context, slots, queue, ring).
+    pub engine: SchedulerOptions,
     /// Layers offloaded to a GPU.
     pub n_gpu_layers: i32,
     /// Default token limit of a request (-1: none).
@@ -89,13 +89,13 @@ pub fn check_exposure(host: &str, api_key: Option<&str>) -> Result<()> {
 
 pub(crate) struct App {
     pub(crate) cfg: ServeConfig,
-    pub(crate) engine: OnceLock<Engine>,
+    pub(crate) engine: OnceLock<Scheduler>,
     pub(crate) model_name: String,
     pub(crate) shutting_down: AtomicBool,
 }
 
 impl App {
-    pub(crate) fn engine(&self) -> std::result::Result<&Engine, ApiError> {
+    pub(crate) fn engine(&self) -> std::result::Result<&Scheduler, ApiError> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ApiError::unavailable("the server is shutting down"));
         }
@@ -105,7 +105,7 @@ impl App {
     }
 
     pub(crate) fn model(&self) -> std::result::Result<&Arc<Model>, ApiError> {
-        self.engine().map(Engine::model)
+        self.engine().map(Scheduler::model)
     }
 }
 
@@ -195,7 +195,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
                     n_gpu_layers: app.cfg.n_gpu_layers,
                 },
             )?;
-            let engine = Engine::start(model, &app.cfg.engine)?;
+            let engine = Scheduler::start(model, &app.cfg.engine)?;
             println!(
                 "latent-tap serve: model ready ({} slots, context {} tokens, {} per slot)",
                 engine.n_parallel(),

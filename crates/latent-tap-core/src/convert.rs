@@ -110,24 +110,61 @@ pub fn convert_run(src: &[u8], src_ty: u32, dst: &mut [u8], out: Dtype) -> usize
     overflow
 }
 
-/// Convert `src` elements of `dtype` to f32 bytes in `dst` (4 bytes per element).
-pub fn convert_to_f32(src: &[u8], dtype: Dtype, dst: &mut [u8]) {
-    let ty = match dtype {
+/// The ggml type id of a frame dtype.
+pub fn ggml_type_of(dtype: Dtype) -> u32 {
+    match dtype {
         Dtype::F32 => GGML_F32,
         Dtype::F16 => GGML_F16,
         Dtype::BF16 => GGML_BF16,
-    };
-    convert_run(src, ty, dst, Dtype::F32);
+    }
+}
+
+/// Convert `src` elements of `from` into `dst` elements of `to` (a copy when
+/// they are the same), directly, without an intermediate buffer. Returns how
+/// many finite values overflowed to infinity.
+pub fn convert(src: &[u8], from: Dtype, dst: &mut [u8], to: Dtype) -> usize {
+    convert_run(src, ggml_type_of(from), dst, to)
+}
+
+/// Convert `src` elements of `dtype` to f32 bytes in `dst` (4 bytes per element).
+pub fn convert_to_f32(src: &[u8], dtype: Dtype, dst: &mut [u8]) {
+    convert(src, dtype, dst, Dtype::F32);
 }
 
 /// Convert f32 bytes in `src` to `dtype` elements in `dst` (`dtype.size()` bytes each).
 pub fn convert_from_f32(src: &[u8], dtype: Dtype, dst: &mut [u8]) {
-    convert_run(src, GGML_F32, dst, dtype);
+    convert(src, Dtype::F32, dst, dtype);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_dtype_converts_to_any_directly() {
+        let vals = [1.5f32, -2.25, 0.0, 1e-3];
+        let all = [Dtype::F32, Dtype::F16, Dtype::BF16];
+        for from in all {
+            let mut src = vec![0u8; vals.len() * from.size()];
+            let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            convert_from_f32(&f32b, from, &mut src);
+            for to in all {
+                // Direct, and through f32 (what callers did before): the same bytes.
+                let mut direct = vec![0u8; vals.len() * to.size()];
+                assert_eq!(convert(&src, from, &mut direct, to), 0);
+                let mut via = vec![0u8; vals.len() * 4];
+                convert_to_f32(&src, from, &mut via);
+                let mut expect = vec![0u8; vals.len() * to.size()];
+                convert_from_f32(&via, to, &mut expect);
+                assert_eq!(direct, expect, "{from:?} -> {to:?}");
+            }
+        }
+        let mut h = [0u8; 2];
+        assert_eq!(
+            convert(&1e6f32.to_ne_bytes(), Dtype::F32, &mut h, Dtype::F16),
+            1
+        );
+    }
 
     fn f32s(b: &[u8]) -> Vec<f32> {
         b.chunks_exact(4)

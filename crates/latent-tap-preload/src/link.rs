@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::config::Config;
 use crate::ring::{self, Producer};
-use crate::wire::{Hello, FORMAT, MAX_HELLO};
+use crate::wire::{Hello, MAX_HELLO, PROTOCOL};
 
 /// An attached listener.
 #[derive(Debug)]
@@ -107,7 +107,7 @@ impl Link {
             }
         };
         let hello = Hello {
-            format: FORMAT.into(),
+            format: PROTOCOL.into(),
             pid: std::process::id(),
             exe: std::fs::read_link("/proc/self/exe")
                 .map(|p| p.display().to_string())

@@ -134,7 +134,7 @@ pub(crate) fn prepare(
         }
     }
     let slot_ctx = engine.n_ctx_slot() as usize;
-    if tokens.len() >= slot_ctx {
+    if !engine.prompt_fits(tokens.len()) {
         return Err(ApiError {
             status: StatusCode::BAD_REQUEST,
             kind: "exceed_context_size_error",

@@ -41,7 +41,7 @@ pub struct TokenRow {
 
 /// One tensor's rows of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorRows {
+pub struct RequestRows {
     /// Elements per row.
     pub width: usize,
     /// Element type.
@@ -62,7 +62,7 @@ pub struct Request {
     /// Its rows, in position order.
     pub tokens: Vec<TokenRow>,
     /// Its latents per tensor name, in order of first appearance.
-    pub tensors: Vec<(String, TensorRows)>,
+    pub tensors: Vec<(String, RequestRows)>,
 }
 
 /// What pairing reports, in stream order.
@@ -264,7 +264,7 @@ impl Pairer {
                 None => {
                     st.req.tensors.push((
                         name.to_string(),
-                        TensorRows {
+                        RequestRows {
                             width,
                             dtype,
                             data: Vec::new(),

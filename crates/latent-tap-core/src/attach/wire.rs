@@ -30,7 +30,7 @@
 use serde::{Deserialize, Serialize};
 
 /// [`Hello::format`] of this protocol.
-pub const FORMAT: &str = "latent-tap-attach/2";
+pub const PROTOCOL: &str = "latent-tap-attach/2";
 /// Largest hello message, in bytes.
 pub const MAX_HELLO: usize = 4096;
 /// How often an unattached host tries to connect, at most.
@@ -124,7 +124,7 @@ impl SeqRm {
 /// First message of a host, sent with the ring's memfd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    /// [`FORMAT`].
+    /// [`PROTOCOL`].
     pub format: String,
     /// The host's process id.
     pub pid: u32,

@@ -933,7 +933,6 @@ pub fn check_memory(bytes: usize) -> crate::Result<()> {
     Ok(())
 }
 
-/// Rings in memory shared between processes (e.g. a `memfd` mapped by both).
 pub mod shm;
 
 #[cfg(test)]

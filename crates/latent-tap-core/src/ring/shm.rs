@@ -1,7 +1,7 @@
 //! Rings in memory shared between processes (e.g. a `memfd` mapped by both).
 //!
 //! The mapping holds a small preamble (magic, version, layout sizes), the
-//! [`Control`] block and then the arena. The producing process lays it out
+//! `Control` block and then the arena. The producing process lays it out
 //! with [`producer`]; the consuming process validates it with
 //! [`consumer`]. Both must be built from this source (the preamble's
 //! layout check refuses anything else). The protocol is the in-process one:

@@ -88,7 +88,7 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
     let gen_opts = GenerateOptions {
         n_predict: a.n_predict,
         sampling: sampling.clone(),
-        top_k: a.top_k,
+        n_probs: a.top_k,
     };
     gen_opts.validate()?;
     let ctx_opts = ContextOptions {

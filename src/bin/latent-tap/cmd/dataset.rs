@@ -20,7 +20,7 @@ use crate::stdout::to_stdout;
 /// (0, or 128 + the signal that stopped the run).
 pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
     use latent_tap::dataset::{self, DatasetOptions, PromptSource};
-    use latent_tap::sched::{Engine, EngineOptions, LatentFilter, LatentRequest};
+    use latent_tap::sched::{LatentFilter, LatentRequest, Scheduler, SchedulerOptions};
     if a.shard_index.is_some() && a.shard_count.is_none() {
         return Err(Error::invalid("--shard-index needs --shard-count"));
     }
@@ -122,9 +122,9 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
         rows,
         dtype,
     });
-    let engine = Engine::start_sized(
+    let engine = Scheduler::start_sized(
         model.clone(),
-        &EngineOptions {
+        &SchedulerOptions {
             ctx,
             n_parallel,
             queue: dataset::window(n_parallel),
@@ -142,7 +142,7 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
         Some(r) => engine.compile(r)?,
     };
     let bar = !a.quiet && std::io::stderr().is_terminal();
-    let mut progress = |p: dataset::Progress| {
+    let mut progress = |p: dataset::PromptProgress| {
         if bar {
             eprint!("\r{}/{} prompts", p.done, p.total);
         }

@@ -86,7 +86,7 @@ pub struct ServeArgs {
 
 /// Check the flags, then run the HTTP server until SIGINT/SIGTERM.
 pub fn serve(a: ServeArgs) -> Result<()> {
-    use latent_tap::sched::EngineOptions;
+    use latent_tap::sched::SchedulerOptions;
     let n_parallel = a.parallel.unwrap_or(4);
     if n_parallel == 0 {
         return Err(Error::invalid("--parallel must be at least 1"));
@@ -110,7 +110,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         model: a.model,
         host: a.host,
         port: a.port,
-        engine: EngineOptions {
+        engine: SchedulerOptions {
             ctx: ContextOptions {
                 n_ctx: a.ctx_size,
                 n_batch: a.batch_size,
