@@ -56,7 +56,8 @@ struct llama_batch;
 #define LT_ROWS_ALL 0
 
 /**
- * `lt_capture_params.rows`: each sequence's last row per batch.
+ * `lt_capture_params.rows`: only the rows whose next-token distribution is
+ * computed (a prompt's last token and every generated token).
  */
 #define LT_ROWS_LAST 1
 
@@ -195,7 +196,7 @@ typedef struct {
    */
   uint32_t struct_size;
   /**
-   * Keep: 0 = all rows, 1 = each sequence's last row per batch.
+   * Keep: 0 = all rows, 1 = the rows whose next-token distribution is computed.
    */
   uint32_t rows;
   /**
