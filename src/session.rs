@@ -23,9 +23,11 @@ use std::time::{Duration, Instant};
 use crate::capture::{
     self, Arming, CaptureMode, ModeReport, Policy, Rows, Tap, TapCounters, TapSettings,
 };
-use crate::engine::{Batch, Context, ContextOptions, Model, Sampler, SamplingOptions, Token};
+use crate::engine::{
+    Context, ContextOptions, LabelledBatch, Model, Sampler, SamplingOptions, Token,
+};
 use crate::error::{Error, ErrorKind, Result};
-use crate::record::{Dtype, RowMeta, TokenHeader, ROW_PROMPT};
+use crate::record::{Dtype, TokenHeader, ROW_PROMPT};
 use crate::select::{GraphNode, LayerFilter, SelectedTensor, SkippedTensor};
 use crate::settings;
 use crate::stream::Stream;
@@ -154,9 +156,7 @@ pub struct Generator {
     selection: Vec<SelectedTensor>,
     skipped: Vec<SkippedTensor>,
     graph: Vec<GraphNode>,
-    batch: Batch,
-    rows: Vec<RowMeta>,
-    outputs: Vec<bool>,
+    lb: LabelledBatch,
     cancel: Arc<AtomicBool>,
 }
 
@@ -203,9 +203,7 @@ impl Generator {
                 selection,
                 skipped,
                 graph,
-                batch: Batch::new(n_batch),
-                rows: Vec::with_capacity(n_batch),
-                outputs: Vec::with_capacity(n_batch),
+                lb: LabelledBatch::new(n_batch),
                 cancel: Arc::new(AtomicBool::new(false)),
             },
             stream,
@@ -343,19 +341,10 @@ impl Generator {
         let mut ubatch_base = 0;
         let mut done = 0usize;
         for chunk in flat.chunks(self.ctx.n_batch() as usize) {
-            self.batch.clear();
-            self.rows.clear();
-            self.outputs.clear();
+            self.lb.clear();
             for &(s, i, t) in chunk {
                 let last = i + 1 == prompts[s].len();
-                self.batch.push(t, i as i32, s as i32, last);
-                self.rows.push(RowMeta {
-                    seq_id: s as i32,
-                    pos: i as i32,
-                    token: t,
-                    flags: ROW_PROMPT,
-                });
-                self.outputs.push(last);
+                self.lb.push(t, i as i32, s as i32, last, ROW_PROMPT);
             }
             ubatch_base += self.decode(0, ubatch_base)?;
             for (bi, &(s, i, _)) in chunk.iter().enumerate() {
@@ -381,9 +370,7 @@ impl Generator {
         let mut pos: Vec<i32> = prompts.iter().map(|p| p.len() as i32).collect();
         let mut produced = vec![1usize; n_seq];
         for step in 1..opts.n_predict as u32 {
-            self.batch.clear();
-            self.rows.clear();
-            self.outputs.clear();
+            self.lb.clear();
             let mut live = Vec::new();
             for s in 0..n_seq {
                 let Some(tok) = next[s] else { continue };
@@ -391,14 +378,7 @@ impl Generator {
                     next[s] = None;
                     continue;
                 }
-                self.batch.push(tok, pos[s], s as i32, true);
-                self.rows.push(RowMeta {
-                    seq_id: s as i32,
-                    pos: pos[s],
-                    token: tok,
-                    flags: 0,
-                });
-                self.outputs.push(true);
+                self.lb.push(tok, pos[s], s as i32, true, 0);
                 live.push(s);
             }
             if live.is_empty() || self.cancel.load(Ordering::Relaxed) {
@@ -439,16 +419,7 @@ impl Generator {
 
     /// Decode the current batch; returns the number of ubatches computed.
     fn decode(&mut self, step: u32, ubatch_base: u32) -> Result<u32> {
-        let n_ubatch = self.ctx.n_ubatch() as usize;
-        let (rows, outputs) = (
-            std::mem::take(&mut self.rows),
-            std::mem::take(&mut self.outputs),
-        );
-        self.tap()?
-            .begin_decode(step, ubatch_base, n_ubatch, &rows, &outputs);
-        (self.rows, self.outputs) = (rows, outputs);
-        self.ctx.decode(&self.batch)?;
-        Ok(self.tap()?.ubatches_seen())
+        self.ctx.decode_labelled(&self.lb, step, ubatch_base)
     }
 
     /// Sample from output row `i`, emit the token event, return the token.

@@ -3,6 +3,7 @@
 use llama_cpp_sys_2 as sys;
 
 use super::model::Token;
+use crate::record::RowMeta;
 
 /// A batch of tokens for `llama_decode`, one sequence id per token.
 #[derive(Debug)]
@@ -66,5 +67,54 @@ impl Drop for Batch {
     fn drop(&mut self) {
         // SAFETY: the arrays were allocated by llama_batch_init and are freed once.
         unsafe { sys::llama_batch_free(self.raw) }
+    }
+}
+
+/// A batch with what the tap needs to label its rows: each token's
+/// [`RowMeta`] (sequence, position, token, flags) and whether llama.cpp
+/// computes its next-token distribution. Built the same way by the generator
+/// (`session`) and the scheduler's engine thread; decoded with
+/// [`super::Context::decode_labelled`].
+#[derive(Debug)]
+pub(crate) struct LabelledBatch {
+    pub(crate) batch: Batch,
+    pub(crate) rows: Vec<RowMeta>,
+    pub(crate) outputs: Vec<bool>,
+}
+
+impl LabelledBatch {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            batch: Batch::new(capacity),
+            rows: Vec::with_capacity(capacity),
+            outputs: Vec::with_capacity(capacity),
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.batch.clear();
+        self.rows.clear();
+        self.outputs.clear();
+    }
+
+    /// Add `token` at `pos` of sequence `seq` (`flags`: [`crate::record::ROW_PROMPT`]
+    /// for prompt tokens); `output`: compute its next-token distribution.
+    pub(crate) fn push(&mut self, token: Token, pos: i32, seq: i32, output: bool, flags: u32) {
+        self.batch.push(token, pos, seq, output);
+        self.rows.push(RowMeta {
+            seq_id: seq,
+            pos,
+            token,
+            flags,
+        });
+        self.outputs.push(output);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.batch.is_empty()
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use llama_cpp_sys_2 as sys;
 
-use super::batch::Batch;
+use super::batch::{Batch, LabelledBatch};
 use super::model::{Model, Token};
 use crate::capture::Tap;
 use crate::error::{Error, ErrorKind, Result};
@@ -219,6 +219,24 @@ impl Context {
 
     pub(crate) fn tap(&self) -> Option<&Tap> {
         self.tap.as_deref()
+    }
+
+    /// Tell the tap how the rows of `lb` are labelled, decode it, and return
+    /// the number of ubatches llama.cpp computed. `step` and `ubatch_base`
+    /// number the frames (see `Tap::begin_decode`).
+    pub(crate) fn decode_labelled(
+        &mut self,
+        lb: &LabelledBatch,
+        step: u32,
+        ubatch_base: u32,
+    ) -> Result<u32> {
+        let n_ubatch = self.n_ubatch() as usize;
+        self.tap
+            .as_deref_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "context has no tap"))?
+            .begin_decode(step, ubatch_base, n_ubatch, &lb.rows, &lb.outputs);
+        self.decode(&lb.batch)?;
+        Ok(self.tap().map_or(0, Tap::ubatches_seen))
     }
 
     /// Run one `llama_decode`. The batch must not exceed `n_batch` (llama.cpp

@@ -9,6 +9,7 @@ mod probe;
 mod sampler;
 
 pub use batch::Batch;
+pub(crate) use batch::LabelledBatch;
 pub use chat::apply_chat_template;
 pub use context::{default_threads, Context, ContextOptions};
 pub use model::{Model, ModelOptions, Token};

@@ -146,6 +146,24 @@ struct Shared {
     union_dirty: AtomicBool,
 }
 
+impl Shared {
+    fn new(n_slots: usize) -> Self {
+        Shared {
+            stats: SchedulerStats::default(),
+            slots: Mutex::new(
+                (0..n_slots)
+                    .map(|id| SlotInfo {
+                        id,
+                        ..SlotInfo::default()
+                    })
+                    .collect(),
+            ),
+            subscribers: Mutex::new(Vec::new()),
+            union_dirty: AtomicBool::new(false),
+        }
+    }
+}
+
 enum Msg {
     Job(Box<Queued>),
     Subscribe(Box<SubEntry>),
@@ -277,19 +295,7 @@ impl Scheduler {
         ctx.replace_tap(tap)?;
         let n_ctx = ctx.n_ctx();
         let n_ctx_slot = opts.slot_ctx.map_or(n_ctx, |c| c.min(n_ctx)).max(1);
-        let shared = Arc::new(Shared {
-            stats: SchedulerStats::default(),
-            slots: Mutex::new(
-                (0..opts.n_parallel)
-                    .map(|id| SlotInfo {
-                        id,
-                        ..SlotInfo::default()
-                    })
-                    .collect(),
-            ),
-            subscribers: Mutex::new(Vec::new()),
-            union_dirty: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(opts.n_parallel));
         let (tx, rx) = mpsc::channel::<Msg>();
         let (ctrl_tx, ctrl_rx) = mpsc::channel::<Ctrl>();
         let router = {

@@ -312,9 +312,7 @@ mod tests {
     use std::sync::mpsc;
     use std::sync::Mutex;
 
-    use super::super::{
-        Offer, SchedulerStats, SlotInfo, SubEntry, SubscriberSink, SubscriberStats,
-    };
+    use super::super::{Offer, SubEntry, SubscriberSink, SubscriberStats};
     use super::*;
     use crate::record::{kind, RowMeta, TokenHeader};
     use crate::ring::Producer;
@@ -485,19 +483,7 @@ mod tests {
     /// Feed `input` to a router with `n_slots` slots the way the engine does,
     /// close the ring and run the router to its end.
     fn route(n_slots: usize, input: Vec<In>) -> Arc<Shared> {
-        let shared = Arc::new(Shared {
-            stats: SchedulerStats::default(),
-            slots: Mutex::new(
-                (0..n_slots)
-                    .map(|id| SlotInfo {
-                        id,
-                        ..SlotInfo::default()
-                    })
-                    .collect(),
-            ),
-            subscribers: Mutex::new(Vec::new()),
-            union_dirty: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(n_slots));
         let (mut producer, consumer) = crate::ring::channel(1 << 16).unwrap();
         let (tx, rx) = mpsc::channel();
         for i in input {

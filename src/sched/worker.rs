@@ -13,9 +13,9 @@ use super::{
     SubscriberStats, CTRL_FLAG,
 };
 use crate::capture::Tap;
-use crate::engine::{Batch, Context, Sampler, Token};
+use crate::engine::{Context, LabelledBatch, Sampler, Token};
 use crate::error::{Error, ErrorKind, Result};
-use crate::record::{RowMeta, TokenHeader, TopEntry, ROW_PROMPT};
+use crate::record::{TokenHeader, TopEntry, ROW_PROMPT};
 use crate::select::{GraphNode, Selection};
 use crate::tokens::token_stats;
 
@@ -46,9 +46,7 @@ pub(super) struct Worker {
     slots: Vec<Option<Active>>,
     pending: VecDeque<Box<Queued>>,
     sub_filters: Vec<(Arc<SubscriberStats>, LatentFilter)>,
-    batch: Batch,
-    rows: Vec<RowMeta>,
-    outputs: Vec<bool>,
+    lb: LabelledBatch,
     n_ctx_slot: u32,
     decodes: u32,
     union: Vec<String>,
@@ -73,9 +71,7 @@ impl Worker {
             slots: (0..n_parallel).map(|_| None).collect(),
             pending: VecDeque::new(),
             sub_filters: Vec::new(),
-            batch: Batch::new(n_batch),
-            rows: Vec::with_capacity(n_batch),
-            outputs: Vec::with_capacity(n_batch),
+            lb: LabelledBatch::new(n_batch),
             n_ctx_slot,
             decodes: 0,
             union: Vec::new(),
@@ -368,26 +364,17 @@ impl Worker {
     /// One decode over every active slot.
     fn step(&mut self) {
         let n_batch = self.ctx.n_batch() as usize;
-        self.batch.clear();
-        self.rows.clear();
-        self.outputs.clear();
+        self.lb.clear();
         // Generating slots first (one token each), then prompt chunks.
         for (s, slot) in self.slots.iter_mut().enumerate() {
             let Some(a) = slot else { continue };
             a.out_index = None;
             if let Some(tok) = a.next {
-                if self.batch.len() >= n_batch {
+                if self.lb.len() >= n_batch {
                     continue;
                 }
-                a.out_index = Some(self.batch.len() as i32);
-                self.batch.push(tok, a.pos, s as i32, true);
-                self.rows.push(RowMeta {
-                    seq_id: s as i32,
-                    pos: a.pos,
-                    token: tok,
-                    flags: 0,
-                });
-                self.outputs.push(true);
+                a.out_index = Some(self.lb.len() as i32);
+                self.lb.push(tok, a.pos, s as i32, true, 0);
             }
         }
         for (s, slot) in self.slots.iter_mut().enumerate() {
@@ -395,39 +382,23 @@ impl Worker {
             if a.next.is_some() || a.fed >= a.job.prompt.len() {
                 continue;
             }
-            while a.fed < a.job.prompt.len() && self.batch.len() < n_batch {
+            while a.fed < a.job.prompt.len() && self.lb.len() < n_batch {
                 let i = a.fed;
                 let last = i + 1 == a.job.prompt.len();
                 let t = a.job.prompt[i];
                 if last {
-                    a.out_index = Some(self.batch.len() as i32);
+                    a.out_index = Some(self.lb.len() as i32);
                 }
-                self.batch.push(t, i as i32, s as i32, last);
-                self.rows.push(RowMeta {
-                    seq_id: s as i32,
-                    pos: i as i32,
-                    token: t,
-                    flags: ROW_PROMPT,
-                });
-                self.outputs.push(last);
+                self.lb.push(t, i as i32, s as i32, last, ROW_PROMPT);
                 a.fed += 1;
             }
         }
-        if self.batch.is_empty() {
+        if self.lb.is_empty() {
             return;
         }
         let step = self.decodes;
         self.decodes = self.decodes.wrapping_add(1);
-        let n_ubatch = self.ctx.n_ubatch() as usize;
-        let (rows, outputs) = (
-            std::mem::take(&mut self.rows),
-            std::mem::take(&mut self.outputs),
-        );
-        let r = self
-            .tap()
-            .map(|t| t.begin_decode(step, 0, n_ubatch, &rows, &outputs));
-        (self.rows, self.outputs) = (rows, outputs);
-        let r = r.and_then(|()| self.ctx.decode(&self.batch));
+        let r = self.ctx.decode_labelled(&self.lb, step, 0).map(|_| ());
         self.shared.stats.decodes.fetch_add(1, Ordering::Relaxed);
         if let Some(t) = self.ctx.tap() {
             let c = t.counters();
@@ -439,7 +410,7 @@ impl Worker {
         }
         if let Err(e) = r {
             // Every job in this batch failed; their KV cells are freed by finish.
-            let in_batch: Vec<usize> = self.rows.iter().map(|r| r.seq_id as usize).collect();
+            let in_batch: Vec<usize> = self.lb.rows.iter().map(|r| r.seq_id as usize).collect();
             for s in 0..self.slots.len() {
                 if in_batch.contains(&s) {
                     self.finish(s, StopReason::Error, Some(e.clone()));
