@@ -140,3 +140,9 @@ pub fn rows_arg(s: &str) -> Result<Rows> {
 pub fn capture_mode(s: &str) -> Result<CaptureMode> {
     CaptureMode::parse(s).map_err(|e| Error::invalid(format!("--capture-mode: {e}")))
 }
+
+/// Bytes of `mb` MiB given to `flag`; one error for a value that overflows.
+pub fn mib(flag: &str, mb: usize) -> Result<usize> {
+    mb.checked_mul(1 << 20)
+        .ok_or_else(|| Error::invalid(format!("{flag} {mb} is too large")))
+}

@@ -70,9 +70,7 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         layers: a.layers.as_deref().map(LayerFilter::parse).transpose()?,
         rows,
         dtype: Dtype::parse(&a.dtype)?,
-        ring_bytes: ring_mb
-            .checked_mul(1 << 20)
-            .ok_or_else(|| Error::invalid(format!("--ring-mb {ring_mb} is too large")))?,
+        ring_bytes: crate::args::mib("--ring-mb", ring_mb)?,
         policy,
         mode: capture_mode(&a.capture_mode)?,
     };

@@ -58,9 +58,7 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
     let ring_bytes = match a.ring_mb {
         Some(0) => return Err(Error::invalid("--ring-mb must be at least 1")),
         Some(mb) => {
-            let b = mb
-                .checked_mul(1 << 20)
-                .ok_or_else(|| Error::invalid(format!("--ring-mb {mb} is too large")))?;
+            let b = crate::args::mib("--ring-mb", mb)?;
             latent_tap::ring::check_memory(b)?;
             Some(b)
         }

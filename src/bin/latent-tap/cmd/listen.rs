@@ -99,10 +99,7 @@ pub fn listen(a: ListenArgs) -> Result<()> {
         out: a.out.clone(),
         shard_bytes,
         serve,
-        subscriber_queue: a
-            .subscriber_queue_mb
-            .checked_mul(1 << 20)
-            .ok_or_else(|| Error::invalid("--subscriber-queue-mb is too large"))?,
+        subscriber_queue: crate::args::mib("--subscriber-queue-mb", a.subscriber_queue_mb)?,
         progress: (!a.quiet).then(|| std::time::Duration::from_secs_f64(a.progress_secs)),
         verbose: !a.quiet,
         hello_timeout: std::time::Duration::from_secs(5),

@@ -102,10 +102,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             "--max-body-kb, --ring-mb, --subscriber-queue-mb and --timeout must be positive",
         ));
     }
-    let mb = |v: usize, flag: &str| {
-        v.checked_mul(1 << 20)
-            .ok_or_else(|| Error::invalid(format!("{flag} is too large")))
-    };
     let cfg = latent_tap::server::ServeConfig {
         model: a.model,
         host: a.host,
@@ -121,7 +117,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             },
             n_parallel: n_parallel as usize,
             queue: a.queue,
-            ring_bytes: mb(a.ring_mb, "--ring-mb")?,
+            ring_bytes: crate::args::mib("--ring-mb", a.ring_mb)?,
             slot_ctx: a.parallel.map(|n| a.ctx_size / n),
             capture_mode: capture_mode(&a.capture_mode)?,
         },
@@ -136,7 +132,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .checked_mul(1024)
             .ok_or_else(|| Error::invalid("--max-body-kb is too large"))?,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
-        subscriber_queue: mb(a.subscriber_queue_mb, "--subscriber-queue-mb")?,
+        subscriber_queue: crate::args::mib("--subscriber-queue-mb", a.subscriber_queue_mb)?,
         on_listen: None,
     };
     if a.n_predict < -1 {
