@@ -1,0 +1,138 @@
+//! `latent-tap serve` where llama-server's own behaviour is the reference:
+//! streamed chunks that concatenate to the non-streamed answer (no token or
+//! text twice).
+
+mod common;
+use common::http::{json_of, post, sse_events, Server};
+use common::synth_model;
+
+use serde_json::{json, Value};
+
+/// One answer's (text, tokens, probabilities) as llama-server shapes it, from a
+/// non-streamed object or one SSE event of any completion endpoint.
+fn parts(v: &Value) -> (String, Vec<Value>, Vec<Value>) {
+    let arr = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let choice = &v["choices"][0];
+    if v.get("choices").is_none() {
+        // /completion
+        return (
+            v["content"].as_str().unwrap().to_string(),
+            arr(&v["tokens"]),
+            arr(&v["completion_probabilities"]),
+        );
+    }
+    let text = [
+        &choice["text"],
+        &choice["message"]["content"],
+        &choice["delta"]["content"],
+    ]
+    .iter()
+    .find_map(|t| t.as_str())
+    .unwrap_or("")
+    .to_string();
+    (text, Vec::new(), arr(&choice["logprobs"]["content"]))
+}
+
+/// A stop string that begins with the answer's last character and never
+/// completes: the end of the text is held back until generation ends.
+fn held_back_stop(text: &str) -> String {
+    let c = text.chars().last().expect("the answer has text");
+    format!("{c}\u{1}\u{2}never")
+}
+
+#[test]
+fn streamed_chunks_concatenate_to_the_non_streamed_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let s = Server::start(&m, &[]);
+    let common = json!({"max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let requests = [
+        (
+            "/completion",
+            json!({"prompt": "abc", "return_tokens": true, "n_probs": 2}),
+        ),
+        ("/v1/completions", json!({"prompt": "abc", "logprobs": 2})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "logprobs": true, "top_logprobs": 2}),
+        ),
+    ];
+    for (path, req) in requests {
+        let mut req = req;
+        for (k, v) in common.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        let plain = json_of(&post(&s.url(path), &req, &[]).1);
+        let stop = held_back_stop(&parts(&plain).0);
+        for stop in [Value::Null, json!(stop)] {
+            let mut req = req.clone();
+            req["stop"] = stop.clone();
+            let (st, b) = post(&s.url(path), &req, &[]);
+            assert_eq!(st, 200, "{path}: {}", String::from_utf8_lossy(&b));
+            let whole = json_of(&b);
+            let (text, tokens, probs) = parts(&whole);
+            assert_eq!(
+                text,
+                parts(&plain).0,
+                "{path}: the stop string never matches"
+            );
+            assert_eq!(probs.len(), 12, "{path}: one probability entry per token");
+            if path == "/completion" {
+                assert_eq!(tokens.len(), 12);
+            }
+            req["stream"] = json!(true);
+            let (st, b) = post(&s.url(path), &req, &[]);
+            assert_eq!(st, 200);
+            let mut ev = sse_events(&b);
+            if path != "/completion" {
+                assert_eq!(ev.pop().as_deref(), Some("[DONE]"));
+            }
+            let events: Vec<Value> = ev.iter().map(|e| json_of(e.as_bytes())).collect();
+            let (mut stext, mut stokens, mut sprobs) = (String::new(), Vec::new(), Vec::new());
+            for e in &events {
+                let (t, k, p) = parts(e);
+                stext.push_str(&t);
+                stokens.extend(k);
+                sprobs.extend(p);
+            }
+            assert_eq!(stext, text, "{path} stop={stop}: streamed text");
+            assert_eq!(stokens, tokens, "{path} stop={stop}: streamed tokens");
+            assert_eq!(sprobs, probs, "{path} stop={stop}: streamed probabilities");
+            // The final event carries no text and no token of its own.
+            let (last, finish) = match path {
+                "/completion" => {
+                    let last = events.last().unwrap();
+                    assert_eq!(last["stop"], true);
+                    assert_eq!(last["content"], "");
+                    assert_eq!(last["tokens"], json!([]));
+                    assert!(last.get("completion_probabilities").is_none());
+                    (last, None)
+                }
+                "/v1/completions" => {
+                    let last = events.last().unwrap();
+                    assert_eq!(last["choices"][0]["text"], "");
+                    assert_eq!(last["choices"][0]["logprobs"], Value::Null);
+                    (last, Some(&last["choices"][0]["finish_reason"]))
+                }
+                _ => {
+                    let last = events
+                        .iter()
+                        .rfind(|e| !e["choices"][0]["finish_reason"].is_null())
+                        .unwrap();
+                    assert_eq!(last["choices"][0]["delta"], json!({}));
+                    (last, Some(&last["choices"][0]["finish_reason"]))
+                }
+            };
+            if let Some(f) = finish {
+                assert_eq!(f, "length", "{path}: {last}");
+            }
+            if !stop.is_null() {
+                // The held-back end comes in a chunk of its own, before the final one.
+                let i = events.iter().position(|e| std::ptr::eq(e, last)).unwrap();
+                let (t, k, _) = parts(&events[i - 1]);
+                assert!(!t.is_empty() && text.ends_with(&t), "{path}: tail {t:?}");
+                assert!(k.is_empty(), "{path}: the tail chunk has no token");
+            }
+        }
+    }
+}
