@@ -1,9 +1,9 @@
 //! `latent-tap serve` where llama-server's own behaviour is the reference:
 //! streamed chunks that concatenate to the non-streamed answer (no token or
-//! text twice).
+//! text twice) and a wrong method on a known path (404 in the JSON error shape).
 
 mod common;
-use common::http::{json_of, post, sse_events, Server};
+use common::http::{call, get, json_of, post, sse_events, Server};
 use common::synth_model;
 
 use serde_json::{json, Value};
@@ -135,4 +135,39 @@ fn streamed_chunks_concatenate_to_the_non_streamed_answer() {
             }
         }
     }
+}
+
+#[test]
+fn wrong_method_on_a_known_path_is_404_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let s = Server::start(&m, &[]);
+    let want =
+        json!({"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}});
+    let (st, b) = get(&s.url("/nope"), &[]);
+    assert_eq!((st, json_of(&b)), (404, want.clone()));
+    for (method, path) in [
+        ("GET", "/completion"),
+        ("DELETE", "/v1/chat/completions"),
+        ("GET", "/v1/completions"),
+        ("PUT", "/tokenize"),
+        ("POST", "/health"),
+        ("POST", "/props"),
+        ("PATCH", "/slots"),
+        ("GET", "/slots/0"),
+        ("POST", "/latents/subscribe"),
+        ("DELETE", "/nope"),
+    ] {
+        let (st, b) = call(method, &s.url(path), &[]);
+        assert_eq!(st, 404, "{method} {path}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(json_of(&b), want, "{method} {path}");
+    }
+    // The routes themselves still answer.
+    assert_eq!(get(&s.url("/health"), &[]).0, 200);
+    let (st, _) = post(
+        &s.url("/completion"),
+        &json!({"prompt": "a", "n_predict": 1}),
+        &[],
+    );
+    assert_eq!(st, 200);
 }

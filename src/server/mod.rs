@@ -32,8 +32,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::Value;
 
+pub(crate) use error::not_found;
 pub use error::ApiError;
-pub(crate) use subscribe::{subscriber_channel, SubscribeQuery};
+pub(crate) use subscribe::{subscriber_channel, RawQuery, SubscribeQuery};
 pub use wire::{FRAMES_MEDIA_TYPE, KIND_JSON};
 
 use crate::engine::{Model, ModelOptions};
@@ -320,7 +321,9 @@ fn routes(app: Arc<App>) -> Router {
             get(info::out_of_scope).post(info::out_of_scope),
         )
         .route("/slots/{id}", post(info::out_of_scope))
-        .fallback(info::not_found)
+        // After every route: a known path with another method gets the same 404.
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(app)
