@@ -1,10 +1,15 @@
 //! `latent-tap serve` where llama-server's own behaviour is the reference:
 //! streamed chunks that concatenate to the non-streamed answer (no token or
-//! text twice) and a wrong method on a known path (404 in the JSON error shape).
+//! text twice), a wrong method on a known path (404 in the JSON error shape)
+//! and clients that half-close their connection.
 
 mod common;
 use common::http::{call, get, json_of, post, sse_events, Server};
 use common::synth_model;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -170,4 +175,66 @@ fn wrong_method_on_a_known_path_is_404_json() {
         &[],
     );
     assert_eq!(st, 200);
+}
+
+/// Send one raw request to `/completion`, shut down the write side (as `nc -N`
+/// does) and read the whole answer.
+fn half_closed(addr: &str, body: &str) -> String {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        c,
+        "POST /completion HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn half_closed_requests_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let s = Server::start(&m, &[]);
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let a = half_closed(&addr, "{bad json");
+        statuses.push(a.lines().next().unwrap_or("").to_string());
+        let body = a.split("\r\n\r\n").nth(1).unwrap_or("");
+        if a.starts_with("HTTP/1.1 400") {
+            let v = json_of(body.as_bytes());
+            assert_eq!(v["error"]["code"], 400);
+            assert!(v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("invalid JSON"));
+        }
+    }
+    let bad = statuses
+        .iter()
+        .filter(|l| !l.starts_with("HTTP/1.1 400"))
+        .count();
+    assert_eq!(
+        bad, 0,
+        "every half-closed request answered 400: {statuses:?}"
+    );
+    let a = half_closed(
+        &addr,
+        r#"{"prompt": "hi", "n_predict": 3, "temperature": 0, "ignore_eos": true}"#,
+    );
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    let v = json_of(a.split("\r\n\r\n").nth(1).unwrap().as_bytes());
+    assert_eq!(v["tokens_predicted"], 3);
+    // Streamed: every chunk arrives, through the final one.
+    let a = half_closed(
+        &addr,
+        r#"{"prompt": "hi", "n_predict": 3, "temperature": 0, "ignore_eos": true, "stream": true}"#,
+    );
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    assert_eq!(a.matches("data: ").count(), 4, "{a}");
+    assert!(a.contains(r#""stop":true"#), "{a}");
 }

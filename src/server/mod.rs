@@ -227,9 +227,17 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let svc = hyper_util::service::TowerToHyperService::new(router.clone());
                 let mut b = hyper::server::conn::http1::Builder::new();
+                // half_close: a client that sends its request and then shuts down its
+                // write side (`nc -N`, `shutdown(SHUT_WR)`) still gets its answer;
+                // without it hyper takes the EOF for a disconnect and drops the
+                // connection before answering. A client that is really gone is found
+                // when a write fails: a streamed answer (SSE, binary) is cancelled
+                // within its next chunks, a JSON answer runs to its end (a FIN cannot
+                // be told from a half-close without writing).
                 b.timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(cfg.timeout)
-                    .keep_alive(true);
+                    .keep_alive(true)
+                    .half_close(true);
                 let conn = b.serve_connection(io, svc);
                 let fut = graceful.watch(conn);
                 tokio::spawn(async move {
