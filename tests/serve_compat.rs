@@ -1,15 +1,16 @@
 //! `latent-tap serve` where llama-server's own behaviour is the reference:
 //! streamed chunks that concatenate to the non-streamed answer (no token or
-//! text twice), a wrong method on a known path (404 in the JSON error shape)
-//! and clients that half-close their connection.
+//! text twice), a wrong method on a known path (404 in the JSON error shape),
+//! clients that half-close their connection, and chat templates
+//! (`--chat-template`, `--chat-template-file`).
 
 mod common;
 use common::http::{call, get, json_of, post, sse_events, Server};
-use common::synth_model;
+use common::{bin, real_model, synth_model};
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -237,4 +238,150 @@ fn half_closed_requests_are_answered() {
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
     assert_eq!(a.matches("data: ").count(), 4, "{a}");
     assert!(a.contains(r#""stop":true"#), "{a}");
+}
+
+/// Start `serve` expecting it to refuse: its one-line error.
+fn refused(model: &std::path::Path, extra: &[&str]) -> String {
+    let o = bin()
+        .args(["serve", "--port", "0", "-m"])
+        .arg(model)
+        .args(extra)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{extra:?} was accepted: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    err
+}
+
+/// stderr once it contains `needle` (the reader thread may lag a little).
+fn stderr_with(s: &Server, needle: &str) -> String {
+    let t0 = Instant::now();
+    loop {
+        let e = s.stderr();
+        if e.contains(needle) || t0.elapsed() > Duration::from_secs(10) {
+            return e;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Gemma's Jinja chat template, as Gemma 3 GGUFs that have one carry it (short).
+const GEMMA_JINJA: &str = "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
+#[test]
+fn chat_template_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    // Bad values: one clear line at start-up, naming the flag.
+    let e = refused(&m, &["--chat-template", "nope"]);
+    assert!(
+        e.contains("--chat-template 'nope'") && e.contains("gemma") && e.contains("chatml"),
+        "{e}"
+    );
+    let missing = dir.path().join("missing.jinja");
+    let e = refused(&m, &["--chat-template-file", missing.to_str().unwrap()]);
+    assert!(
+        e.contains("--chat-template-file") && e.contains("cannot read"),
+        "{e}"
+    );
+    let other = dir.path().join("other.jinja");
+    std::fs::write(&other, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+    let e = refused(&m, &["--chat-template-file", other.to_str().unwrap()]);
+    assert!(
+        e.contains("--chat-template-file")
+            && e.contains("Jinja")
+            && e.contains("--chat-template NAME"),
+        "{e}"
+    );
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}]});
+    let gemma_prompt = "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n";
+    // No template in the model and none given: chatml, and one warning naming the flags.
+    let s = Server::start(&m, &[]);
+    let err = stderr_with(&s, "warning");
+    assert_eq!(err.matches("warning").count(), 1, "{err}");
+    assert!(
+        err.contains("no chat template") && err.contains("--chat-template NAME"),
+        "{err}"
+    );
+    assert_eq!(
+        json_of(&get(&s.url("/props"), &[]).1)["chat_template"],
+        "chatml"
+    );
+    drop(s);
+    // By name.
+    let s = Server::start(&m, &["--chat-template", "gemma"]);
+    let props = json_of(&get(&s.url("/props"), &[]).1);
+    assert_eq!(props["chat_template"], "gemma");
+    let r = json_of(&post(&s.url("/apply-template"), &chat, &[]).1);
+    assert_eq!(r["prompt"], gemma_prompt);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!s.stderr().contains("warning"), "{}", s.stderr());
+    drop(s);
+    // From a file llama.cpp recognises by its content.
+    let file = dir.path().join("gemma.jinja");
+    std::fs::write(&file, GEMMA_JINJA).unwrap();
+    let s = Server::start(&m, &["--chat-template-file", file.to_str().unwrap()]);
+    let props = json_of(&get(&s.url("/props"), &[]).1);
+    assert_eq!(props["chat_template"], GEMMA_JINJA);
+    let r = json_of(&post(&s.url("/apply-template"), &chat, &[]).1);
+    assert_eq!(r["prompt"], gemma_prompt);
+}
+
+/// With `--chat-template gemma` the real Gemma 3 GGUF (which carries no
+/// template) gets Gemma's turns, whose end-of-turn token ends generation. The
+/// model file is the *base* 270M model: it gives `<end_of_turn>` no weight
+/// (not in its top 100 after a short answer), so whether an answer stops
+/// before `max_tokens` is not asserted; that the token would stop it is.
+#[test]
+fn real_model_chat_renders_the_gemma_template() {
+    let Some(m) = real_model() else { return };
+    let s = Server::start(&m, &["--chat-template", "gemma"]);
+    assert!(!s.stderr().contains("warning"), "{}", s.stderr());
+    let props = json_of(&get(&s.url("/props"), &[]).1);
+    assert_eq!(props["chat_template"], "gemma");
+    let chat = json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 8, "temperature": 0,
+    });
+    let rendered = json_of(&post(&s.url("/apply-template"), &chat, &[]).1)["prompt"].clone();
+    assert_eq!(
+        rendered,
+        "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
+    );
+    // The turn markers are Gemma's special tokens, not text.
+    let t = json_of(
+        &post(
+            &s.url("/tokenize"),
+            &json!({"content": rendered, "add_special": true, "with_pieces": true}),
+            &[],
+        )
+        .1,
+    );
+    let pieces: Vec<&str> = t["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["piece"].as_str().unwrap())
+        .collect();
+    assert_eq!(pieces[..4], ["<bos>", "<start_of_turn>", "user", "\n"]);
+    assert_eq!(pieces.iter().filter(|p| **p == "<end_of_turn>").count(), 1);
+    let (st, b) = post(&s.url("/v1/chat/completions"), &chat, &[]);
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    let c = json_of(&b);
+    assert_eq!(
+        c["usage"]["prompt_tokens"],
+        pieces.len(),
+        "the rendered prompt was sent"
+    );
+    let content = c["choices"][0]["message"]["content"].as_str().unwrap();
+    eprintln!("answer: {content:?} ({})", c["choices"][0]["finish_reason"]);
+    assert!(!content.is_empty() && !content.contains("<end_of_turn>"));
+    // The end-of-turn token ends generation (EOS as well).
+    let model = latent_tap::engine::Model::load(&m, &Default::default()).unwrap();
+    for text in ["<end_of_turn>", "<eos>"] {
+        let ids = model.tokenize_ext(text, false, true).unwrap();
+        assert_eq!(ids.len(), 1, "{text}");
+        assert!(model.is_eog(ids[0]), "{text} ends generation");
+    }
 }

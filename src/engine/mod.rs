@@ -9,7 +9,7 @@ mod probe;
 mod sampler;
 
 pub use batch::Batch;
-pub use chat::apply_chat_template;
+pub use chat::{apply_chat_template, builtin_chat_templates, chat_template_supported};
 pub use context::{default_threads, Context, ContextOptions};
 pub use model::{Model, ModelOptions, Token};
 pub(crate) use probe::probe_context;

@@ -51,7 +51,7 @@ pub(crate) async fn props(State(app): AppState) -> Response {
                 "endpoint_slots": true,
                 "endpoint_props": false,
                 "endpoint_metrics": app.cfg.metrics,
-                "chat_template": model.chat_template().unwrap_or_else(|| "chatml".into()),
+                "chat_template": app.chat_template(model),
                 "bos_token": tok_text(bos),
                 "build_info": fingerprint(),
                 "is_sleeping": false,

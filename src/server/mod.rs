@@ -32,6 +32,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::Value;
 
+pub use chat::chat_template_option;
 pub(crate) use error::not_found;
 pub use error::ApiError;
 pub(crate) use subscribe::{subscriber_channel, RawQuery, SubscribeQuery};
@@ -70,6 +71,10 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Bytes of frames a subscriber may have queued before its frames are dropped.
     pub subscriber_queue: usize,
+    /// Chat template for `/v1/chat/completions` (a llama.cpp built-in name, or a
+    /// template text it recognises; see [`chat_template_option`]); `None`: the
+    /// model's, else `chatml`.
+    pub chat_template: Option<String>,
     /// Called once with the bound address (tests use port 0).
     pub on_listen: Option<fn(SocketAddr)>,
 }
@@ -107,6 +112,16 @@ impl App {
 
     pub(crate) fn model(&self) -> std::result::Result<&Arc<Model>, ApiError> {
         self.engine().map(Scheduler::model)
+    }
+
+    /// The chat template in use: `--chat-template`/`--chat-template-file`, else
+    /// the model's, else `chatml` (llama-server's fallback).
+    pub(crate) fn chat_template(&self, model: &Model) -> String {
+        self.cfg
+            .chat_template
+            .clone()
+            .or_else(|| model.chat_template())
+            .unwrap_or_else(|| "chatml".into())
     }
 }
 
@@ -196,6 +211,9 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
                     n_gpu_layers: app.cfg.n_gpu_layers,
                 },
             )?;
+            if let Some(w) = chat::template_warning(app.cfg.chat_template.as_deref(), &model) {
+                eprintln!("latent-tap serve: warning: {w}");
+            }
             let engine = Scheduler::start(model, &app.cfg.engine)?;
             println!(
                 "latent-tap serve: model ready ({} slots, context {} tokens, {} per slot)",
