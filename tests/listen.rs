@@ -723,6 +723,20 @@ fn observers_subscribe_to_every_host() {
     assert!(ureq::get(&format!("{url}/latents/subscribe?bogus=1"))
         .call()
         .is_err());
+    // Unknown paths and wrong methods: llama-server's 404 in the JSON error shape.
+    for (method, path) in [
+        ("GET", "/nope"),
+        ("POST", "/health"),
+        ("DELETE", "/latents/subscribe"),
+    ] {
+        match ureq::request(method, &format!("{url}{path}")).call() {
+            Err(ureq::Error::Status(404, r)) => {
+                let v: Value = r.into_json().unwrap();
+                assert_eq!(v["error"]["type"], "not_found_error", "{method} {path}");
+            }
+            other => panic!("{method} {path}: {other:?}"),
+        }
+    }
     let resp = ureq::get(&format!("{url}/latents/subscribe?tensors=l_out-1"))
         .call()
         .unwrap();

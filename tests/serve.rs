@@ -4,127 +4,18 @@
 //! input, API keys and graceful shutdown.
 
 mod common;
+use common::http::{get, json_of, post, post_raw, sse_events, Server};
 use common::{bin, synth_model};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 const FRAMES: &str = "application/vnd.latent-tap.frames";
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Self {
-        let mut child = bin()
-            .args(["serve", "--port", "0", "-t", "2", "-m"])
-            .arg(model)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_string();
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while out.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        let s = Self {
-            child,
-            url: format!("http://{addr}"),
-        };
-        let t0 = Instant::now();
-        loop {
-            match ureq::get(&s.url("/health")).call() {
-                Ok(r) if r.status() == 200 => break,
-                _ if t0.elapsed() > Duration::from_secs(120) => panic!("server never became ready"),
-                _ => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-        s
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// POST JSON; returns (status, body bytes) for any status.
-fn post(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
-    post_raw(url, &serde_json::to_vec(body).unwrap(), headers)
-}
-
-fn post_raw(url: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
-    let mut req = ureq::post(url).set("Content-Type", "application/json");
-    for (k, v) in headers {
-        req = req.set(k, v);
-    }
-    let resp = match req.send_bytes(body) {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{url}: {e}"),
-    };
-    let status = resp.status();
-    let mut buf = Vec::new();
-    resp.into_reader().read_to_end(&mut buf).unwrap();
-    (status, buf)
-}
-
-fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
-    let mut req = ureq::get(url);
-    for (k, v) in headers {
-        req = req.set(k, v);
-    }
-    let resp = match req.call() {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{url}: {e}"),
-    };
-    let status = resp.status();
-    let mut buf = Vec::new();
-    resp.into_reader().read_to_end(&mut buf).unwrap();
-    (status, buf)
-}
-
-fn json_of(b: &[u8]) -> Value {
-    serde_json::from_slice(b).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(b)))
-}
-
-fn sse_events(b: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(b)
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
-        .collect()
-}
 
 fn b64(s: &str) -> Vec<u8> {
     use base64::Engine as _;
@@ -445,9 +336,10 @@ fn latents_json_sse_binary_equal_cli_capture_bit_for_bit() {
         if let Some(l) = v.get("latents") {
             rows_from_json(l, &mut ss);
         }
-        if v["stop"] == false {
-            stoks.push(v["tokens"][0].as_i64().unwrap());
-            content.push_str(v["content"].as_str().unwrap());
+        content.push_str(v["content"].as_str().unwrap());
+        let chunk_tokens = v["tokens"].as_array().unwrap();
+        stoks.extend(chunk_tokens.iter().map(|t| t.as_i64().unwrap()));
+        if v["stop"] == false && !chunk_tokens.is_empty() {
             let steps: Vec<i64> = v["latents"]["l_out-0"]["step"]
                 .as_array()
                 .unwrap()
@@ -467,6 +359,11 @@ fn latents_json_sse_binary_equal_cli_capture_bit_for_bit() {
     let last = json_of(events.last().unwrap().as_bytes());
     assert_eq!(last["stop"], true);
     assert_eq!(last["content"], "");
+    assert_eq!(
+        last["tokens"],
+        json!([]),
+        "the final event repeats no token"
+    );
     // Binary records.
     let (st, b) = post(&s.url("/completion"), &req, &[("Accept", FRAMES)]);
     assert_eq!(st, 200);
@@ -624,9 +521,13 @@ fn sixteen_streams_on_four_slots_match_solo_runs() {
         let mut rows = Rows::new();
         for e in &ev {
             let v = json_of(e.as_bytes());
-            if v["stop"] == false {
-                toks.push(v["tokens"][0].as_i64().unwrap());
-            }
+            toks.extend(
+                v["tokens"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_i64().unwrap()),
+            );
             if let Some(l) = v.get("latents") {
                 rows_from_json(l, &mut rows);
             }

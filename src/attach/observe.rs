@@ -2,12 +2,11 @@
 //! `latent-tap serve`): `GET /latents/subscribe` streams every tapped host's
 //! records ([`super::hub`]), `GET /health` answers with the listener's state.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -17,7 +16,7 @@ use serde_json::json;
 use super::hub::{Hub, SubFilter};
 use crate::capture::Rows;
 use crate::error::{Error, ErrorKind, Result};
-use crate::server::{json_response, subscriber_channel, SubscribeQuery};
+use crate::server::{json_response, not_found, subscriber_channel, RawQuery, SubscribeQuery};
 
 /// What the HTTP side shares with the listener.
 #[derive(Debug)]
@@ -76,6 +75,8 @@ pub fn serve(
         let app = Router::new()
             .route("/health", get(health))
             .route("/latents/subscribe", get(subscribe))
+            .fallback(not_found)
+            .method_not_allowed_fallback(not_found)
             .with_state(st);
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -94,11 +95,8 @@ async fn health(State(st): State<Arc<Observe>>) -> Response {
     json_response(StatusCode::OK, &body)
 }
 
-async fn subscribe(
-    State(st): State<Arc<Observe>>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    let q = match SubscribeQuery::parse(&q, st.queue) {
+async fn subscribe(State(st): State<Arc<Observe>>, q: RawQuery) -> Response {
+    let q = match SubscribeQuery::extract(q, st.queue) {
         Ok(q) => q,
         Err(e) => return e.into_response(),
     };

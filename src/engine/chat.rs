@@ -64,3 +64,55 @@ pub fn apply_chat_template(
     }
     Err(Error::invalid("chat template output did not converge"))
 }
+
+/// The names of llama.cpp's built-in chat templates (`chatml`, `gemma`,
+/// `llama3`, …), as [`apply_chat_template`] accepts them.
+pub fn builtin_chat_templates() -> Vec<String> {
+    // SAFETY: a NULL output with length 0 only asks for the count.
+    let n = unsafe { sys::llama_chat_builtin_templates(std::ptr::null_mut(), 0) };
+    let mut names: Vec<*const c_char> = vec![std::ptr::null(); n.max(0) as usize];
+    // SAFETY: `names` has room for `names.len()` pointers; llama.cpp fills them
+    // with static NUL-terminated strings.
+    let n = unsafe { sys::llama_chat_builtin_templates(names.as_mut_ptr(), names.len()) };
+    names
+        .iter()
+        .take(n.max(0) as usize)
+        .filter(|p| !p.is_null())
+        .map(|&p| {
+            // SAFETY: non-NULL entries are llama.cpp's static NUL-terminated names.
+            let name = unsafe { std::ffi::CStr::from_ptr(p) };
+            name.to_string_lossy().into_owned()
+        })
+        .collect()
+}
+
+/// Whether llama.cpp's built-in engine can render with `tmpl`: a built-in name,
+/// or a template text it recognises by its content (it cannot run Jinja).
+pub fn chat_template_supported(tmpl: &str) -> bool {
+    apply_chat_template(tmpl, &[("user".into(), "hi".into())], true).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_names_and_recognised_texts() {
+        let names = builtin_chat_templates();
+        for n in ["chatml", "gemma", "llama3"] {
+            assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
+            assert!(chat_template_supported(n));
+        }
+        let msgs = [("user".to_string(), "Hi".to_string())];
+        assert_eq!(
+            apply_chat_template("gemma", &msgs, true).unwrap(),
+            "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+        );
+        // Recognised by content (Gemma's Jinja template mentions its turn markers).
+        assert!(chat_template_supported(
+            "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+        ));
+        assert!(!chat_template_supported("gemmaa"));
+        assert!(!chat_template_supported("{{ messages }}"));
+    }
+}

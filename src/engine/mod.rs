@@ -10,7 +10,7 @@ mod sampler;
 
 pub use batch::Batch;
 pub(crate) use batch::LabelledBatch;
-pub use chat::apply_chat_template;
+pub use chat::{apply_chat_template, builtin_chat_templates, chat_template_supported};
 pub use context::{default_threads, Context, ContextOptions};
 pub use model::{Model, ModelOptions, Token};
 pub(crate) use probe::probe_context;

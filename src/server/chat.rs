@@ -11,7 +11,82 @@ use super::completion::{self, Flavor};
 use super::error::ApiError;
 use super::request;
 use super::{json_response, read_body, App, AppState};
-use crate::engine::apply_chat_template;
+use crate::engine::{apply_chat_template, builtin_chat_templates, chat_template_supported, Model};
+use crate::error::{Error, Result};
+
+/// The chat template `serve` was given: `--chat-template NAME` (one of
+/// llama.cpp's built-in templates) or `--chat-template-file FILE` (a template
+/// text llama.cpp's built-in engine recognises by its content; Jinja is not
+/// run). `None`: neither given. Anything else is a start-up error naming the flag.
+pub fn chat_template_option(
+    name: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> Result<Option<String>> {
+    match (name, file) {
+        (Some(_), Some(_)) => Err(Error::invalid(
+            "--chat-template and --chat-template-file are mutually exclusive; pass one",
+        )),
+        (Some(n), None) => {
+            let names = builtin_chat_templates();
+            if names.iter().any(|x| x == n) {
+                Ok(Some(n.to_string()))
+            } else {
+                Err(Error::invalid(format!(
+                    "--chat-template '{n}' is not one of llama.cpp's built-in templates: {}",
+                    names.join(", ")
+                )))
+            }
+        }
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).map_err(|e| {
+                Error::invalid(format!(
+                    "--chat-template-file {}: cannot read it: {e}",
+                    f.display()
+                ))
+            })?;
+            if text.trim().is_empty() {
+                return Err(Error::invalid(format!(
+                    "--chat-template-file {}: the file is empty",
+                    f.display()
+                )));
+            }
+            if !chat_template_supported(&text) {
+                return Err(Error::invalid(format!(
+                    "--chat-template-file {}: latent-tap serve cannot run Jinja templates, and \
+                     llama.cpp's built-in engine does not recognise this one; pass \
+                     --chat-template NAME instead (one of: {})",
+                    f.display(),
+                    builtin_chat_templates().join(", ")
+                )));
+            }
+            Ok(Some(text))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Said once at start-up when chat requests would not render as the model
+/// expects: the model has no template (and none was given), or llama.cpp's
+/// built-in engine does not recognise the model's.
+pub(crate) fn template_warning(given: Option<&str>, model: &Model) -> Option<String> {
+    if given.is_some() {
+        return None;
+    }
+    match model.chat_template() {
+        None => Some(
+            "the model has no chat template: /v1/chat/completions renders messages as chatml; \
+             pass --chat-template NAME (e.g. gemma, llama3) or --chat-template-file FILE"
+                .into(),
+        ),
+        Some(t) if !chat_template_supported(&t) => Some(
+            "llama.cpp's built-in engine does not recognise the model's chat template \
+             (latent-tap serve cannot run Jinja): /v1/chat/completions will answer 400; \
+             pass --chat-template NAME or --chat-template-file FILE"
+                .into(),
+        ),
+        Some(_) => None,
+    }
+}
 
 /// Messages → `(role, text)`; content may be a string or text parts.
 fn messages(m: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiError> {
@@ -71,10 +146,7 @@ fn render_chat(app: &App, m: &Map<String, Value>) -> Result<String, ApiError> {
     let msgs = messages(m)?;
     let add_gen = request::boolean(m, "add_generation_prompt")?.unwrap_or(true)
         && msgs.last().map_or(true, |(r, _)| r != "assistant");
-    let tmpl = model
-        .chat_template()
-        .unwrap_or_else(|| "chatml".to_string());
-    let mut text = apply_chat_template(&tmpl, &msgs, add_gen)?;
+    let mut text = apply_chat_template(&app.chat_template(model), &msgs, add_gen)?;
     // llama-server strips a rendered BOS when the tokenizer adds one itself.
     let bos = model.tokenize_ext("", true, false)?;
     if let Some(&b) = bos.first() {
@@ -114,4 +186,61 @@ pub(crate) async fn apply_template(State(app): AppState, body: Body) -> Response
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_template_flags() {
+        assert_eq!(chat_template_option(None, None).unwrap(), None);
+        assert_eq!(
+            chat_template_option(Some("gemma"), None)
+                .unwrap()
+                .as_deref(),
+            Some("gemma")
+        );
+        let e = chat_template_option(Some("gemmaa"), None).unwrap_err();
+        let m = e.message();
+        assert!(
+            m.contains("--chat-template 'gemmaa'") && m.contains("gemma, ") && m.contains("llama3"),
+            "{m}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.jinja");
+        let m = chat_template_option(None, Some(&missing))
+            .unwrap_err()
+            .message()
+            .to_string();
+        assert!(
+            m.starts_with("--chat-template-file ") && m.contains("cannot read"),
+            "{m}"
+        );
+        // Gemma's Jinja template: recognised by content, used as given.
+        let gemma = dir.path().join("gemma.jinja");
+        let text = "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}";
+        std::fs::write(&gemma, text).unwrap();
+        assert_eq!(
+            chat_template_option(None, Some(&gemma)).unwrap().as_deref(),
+            Some(text)
+        );
+        let other = dir.path().join("other.jinja");
+        std::fs::write(&other, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+        let m = chat_template_option(None, Some(&other))
+            .unwrap_err()
+            .message()
+            .to_string();
+        assert!(
+            m.contains("--chat-template-file")
+                && m.contains("Jinja")
+                && m.contains("--chat-template NAME"),
+            "{m}"
+        );
+        let empty = dir.path().join("empty.jinja");
+        std::fs::write(&empty, "\n").unwrap();
+        assert!(chat_template_option(None, Some(&empty)).is_err());
+        let both = chat_template_option(Some("gemma"), Some(&gemma)).unwrap_err();
+        assert!(both.message().contains("mutually exclusive"));
+    }
 }

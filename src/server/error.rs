@@ -99,6 +99,14 @@ impl From<Error> for ApiError {
     }
 }
 
+/// llama-server's answer to a path it does not serve, and to a method a known
+/// path does not take (`GET /completion`): 404 `File Not Found` in the error shape.
+/// Both routers (`serve`, `listen --serve`) use it as `fallback` and
+/// `method_not_allowed_fallback`.
+pub(crate) async fn not_found() -> Response {
+    ApiError::not_found("File Not Found").into_response()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, axum::Json(self.body())).into_response()

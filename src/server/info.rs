@@ -1,5 +1,5 @@
 //! What the server says about itself: `/health`, `/props`, `/models`, `/slots`,
-//! `/latents/tensors`, and the answers to unknown and unsupported paths.
+//! `/latents/tensors`, and the answer to unsupported llama-server features.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -21,13 +21,6 @@ pub(crate) async fn health(State(app): AppState) -> Response {
             &json!({"error": {"message": e.message, "type": e.kind, "code": e.status.as_u16()}}),
         ),
     }
-}
-
-pub(crate) async fn not_found() -> Response {
-    json_response(
-        StatusCode::NOT_FOUND,
-        &json!({"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}}),
-    )
 }
 
 pub(crate) async fn out_of_scope() -> Response {
@@ -58,7 +51,7 @@ pub(crate) async fn props(State(app): AppState) -> Response {
                 "endpoint_slots": true,
                 "endpoint_props": false,
                 "endpoint_metrics": app.cfg.metrics,
-                "chat_template": model.chat_template().unwrap_or_else(|| "chatml".into()),
+                "chat_template": app.chat_template(model),
                 "bos_token": tok_text(bos),
                 "build_info": fingerprint(),
                 "is_sleeping": false,

@@ -32,8 +32,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::Value;
 
+pub use chat::chat_template_option;
+pub(crate) use error::not_found;
 pub use error::ApiError;
-pub(crate) use subscribe::{subscriber_channel, SubscribeQuery};
+pub(crate) use subscribe::{subscriber_channel, RawQuery, SubscribeQuery};
 pub use wire::{FRAMES_MEDIA_TYPE, KIND_JSON};
 
 use crate::engine::{Model, ModelOptions};
@@ -69,6 +71,10 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Bytes of frames a subscriber may have queued before its frames are dropped.
     pub subscriber_queue: usize,
+    /// Chat template for `/v1/chat/completions` (a llama.cpp built-in name, or a
+    /// template text it recognises; see [`chat_template_option`]); `None`: the
+    /// model's, else `chatml`.
+    pub chat_template: Option<String>,
     /// Called once with the bound address (tests use port 0).
     pub on_listen: Option<fn(SocketAddr)>,
 }
@@ -106,6 +112,16 @@ impl App {
 
     pub(crate) fn model(&self) -> std::result::Result<&Arc<Model>, ApiError> {
         self.engine().map(Scheduler::model)
+    }
+
+    /// The chat template in use: `--chat-template`/`--chat-template-file`, else
+    /// the model's, else `chatml` (llama-server's fallback).
+    pub(crate) fn chat_template(&self, model: &Model) -> String {
+        self.cfg
+            .chat_template
+            .clone()
+            .or_else(|| model.chat_template())
+            .unwrap_or_else(|| "chatml".into())
     }
 }
 
@@ -195,6 +211,9 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
                     n_gpu_layers: app.cfg.n_gpu_layers,
                 },
             )?;
+            if let Some(w) = chat::template_warning(app.cfg.chat_template.as_deref(), &model) {
+                eprintln!("latent-tap serve: warning: {w}");
+            }
             let engine = Scheduler::start(model, &app.cfg.engine)?;
             println!(
                 "latent-tap serve: model ready ({} slots, context {} tokens, {} per slot)",
@@ -226,9 +245,17 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let svc = hyper_util::service::TowerToHyperService::new(router.clone());
                 let mut b = hyper::server::conn::http1::Builder::new();
+                // half_close: a client that sends its request and then shuts down its
+                // write side (`nc -N`, `shutdown(SHUT_WR)`) still gets its answer;
+                // without it hyper takes the EOF for a disconnect and drops the
+                // connection before answering. A client that is really gone is found
+                // when a write fails: a streamed answer (SSE, binary) is cancelled
+                // within its next chunks, a JSON answer runs to its end (a FIN cannot
+                // be told from a half-close without writing).
                 b.timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(cfg.timeout)
-                    .keep_alive(true);
+                    .keep_alive(true)
+                    .half_close(true);
                 let conn = b.serve_connection(io, svc);
                 let fut = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -320,7 +347,9 @@ fn routes(app: Arc<App>) -> Router {
             get(info::out_of_scope).post(info::out_of_scope),
         )
         .route("/slots/{id}", post(info::out_of_scope))
-        .fallback(info::not_found)
+        // After every route: a known path with another method gets the same 404.
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(app)

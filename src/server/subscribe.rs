@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -84,7 +85,19 @@ pub(crate) struct SubscribeQuery {
     pub(crate) queue: usize,
 }
 
+/// The subscribe query as axum extracts it; a rejection is answered by
+/// [`SubscribeQuery::extract`] in the JSON error shape, not axum's plain text.
+pub(crate) type RawQuery = Result<Query<HashMap<String, String>>, QueryRejection>;
+
 impl SubscribeQuery {
+    /// [`SubscribeQuery::parse`] on an extracted query string; a query axum
+    /// cannot read is a 400 like any other bad parameter.
+    pub(crate) fn extract(q: RawQuery, default_queue: usize) -> Result<Self, ApiError> {
+        let Query(q) =
+            q.map_err(|e| ApiError::bad(format!("bad query string: {}", e.body_text())))?;
+        Self::parse(&q, default_queue)
+    }
+
     /// Parse the query string's parameters; `default_queue` (bytes) when
     /// `queue_mb` is absent. Unknown parameters and bad values are 400s.
     pub(crate) fn parse(
@@ -117,13 +130,10 @@ impl SubscribeQuery {
     }
 }
 
-pub(crate) async fn subscribe(
-    State(app): AppState,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
+pub(crate) async fn subscribe(State(app): AppState, q: RawQuery) -> Response {
     let r = (|| {
         let engine = app.engine()?;
-        let q = SubscribeQuery::parse(&q, app.cfg.subscriber_queue)?;
+        let q = SubscribeQuery::extract(q, app.cfg.subscriber_queue)?;
         let filter = engine
             .compile(&q.latents.request())
             .map_err(ApiError::latents)?;

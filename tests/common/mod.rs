@@ -1,6 +1,7 @@
 //! Helpers shared by integration tests.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod reference;
 
 use std::path::{Path, PathBuf};

@@ -6,8 +6,6 @@
 const UNSUPPORTED_LLAMA_SERVER_FLAGS: &[&str] = &[
     "--jinja",
     "--no-jinja",
-    "--chat-template",
-    "--chat-template-file",
     "--lora",
     "--lora-scaled",
     "--mmproj",

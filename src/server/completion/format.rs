@@ -69,18 +69,20 @@ pub(crate) fn generation_settings(p: &GenParams) -> Value {
     })
 }
 
-/// The final `/completion` object (content given separately: "" for a stream's last chunk).
-pub(super) fn native_final(
-    app: &App,
-    p: &Prepared,
-    acc: &Acc,
-    content: &str,
-    with_probs: bool,
-) -> Value {
+/// The final `/completion` object. As llama-server's, a stream's final event
+/// (`stream`) carries no `content`, `tokens` or `completion_probabilities`: the
+/// chunks before it had them.
+pub(super) fn native_final(app: &App, p: &Prepared, acc: &Acc, stream: bool) -> Value {
+    let content = if stream { "" } else { acc.text.content() };
+    let tokens = if p.return_tokens && !stream {
+        acc.tokens.clone()
+    } else {
+        Vec::new()
+    };
     let mut v = json!({
         "index": 0,
         "content": content,
-        "tokens": if p.return_tokens { acc.tokens.clone() } else { Vec::new() },
+        "tokens": tokens,
         "id_slot": acc.slot,
         "stop": true,
         "model": app.model_name,
@@ -95,15 +97,27 @@ pub(super) fn native_final(
         "tokens_cached": (acc.n_prompt + acc.n_gen()).saturating_sub(1),
         "timings": acc.timings(),
     });
-    if with_probs && p.params.n_probs > 0 {
+    if !stream && p.params.n_probs > 0 {
         v["completion_probabilities"] = Value::Array(acc.probs.clone());
     }
     v
 }
 
-pub(super) fn oai_final(app: &App, p: &Prepared, acc: &Acc, content: &str) -> Value {
+/// The whole answer of a request that is not streamed as SSE (JSON, or the
+/// summary that closes a binary stream).
+pub(super) fn final_object(app: &App, p: &Prepared, acc: &Acc) -> Value {
+    match p.flavor {
+        Flavor::Native => native_final(app, p, acc, false),
+        _ => oai_final(app, p, acc, false),
+    }
+}
+
+/// The final OpenAI object. As llama-server's, a stream's final `/v1/completions`
+/// event (`stream`) has `"text": ""` and no `logprobs`: the chunks before it had them.
+pub(super) fn oai_final(app: &App, p: &Prepared, acc: &Acc, stream: bool) -> Value {
     let created = unix_now();
-    let logprobs = (p.params.n_probs > 0).then(|| json!({"content": acc.probs}));
+    let content = if stream { "" } else { acc.text.content() };
+    let logprobs = (!stream && p.params.n_probs > 0).then(|| json!({"content": acc.probs}));
     if p.flavor == Flavor::OaiChat {
         let mut choice = json!({
             "finish_reason": acc.finish_reason(),

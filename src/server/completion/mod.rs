@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use self::acc::{latents_computed, Acc};
-use self::format::{native_final, oai_final};
+use self::format::final_object;
 use self::prepare::{submit, Prepared};
 use self::transport::{binary_response, sse_response};
 use super::error::ApiError;
@@ -51,11 +51,7 @@ pub(super) async fn run(app: Arc<App>, p: Prepared) -> Result<Response, ApiError
         return Err(e);
     }
     acc.text.finish();
-    let content = acc.text.content().to_string();
-    let mut v = match p.flavor {
-        Flavor::Native => native_final(&app, &p, &acc, &content, true),
-        _ => oai_final(&app, &p, &acc, &content),
-    };
+    let mut v = final_object(&app, &p, &acc);
     if p.filter.is_some() {
         v["latents"] = wire::latents_json(&acc.all_frames);
         v["latents_computed"] = latents_computed(&acc);

@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::acc::Acc;
-use super::format::{native_final, oai_final};
+use super::format::{final_object, native_final, oai_final};
 use super::prepare::{CancelGuard, Flavor, Prepared};
+use crate::engine::Token;
 use crate::record::RequestRecord;
 use crate::sched::JobEvent;
 use crate::server::wire::{self, FRAMES_MEDIA_TYPE};
@@ -32,6 +33,120 @@ fn sse(v: &Value) -> Bytes {
     ))
 }
 
+/// Builds one request's SSE chunks in llama-server's shapes.
+struct Chunks<'a> {
+    app: &'a App,
+    p: &'a Prepared,
+    created: u64,
+    sent_role: bool,
+}
+
+impl Chunks<'_> {
+    /// An OpenAI chunk around `choices`.
+    fn base(&self, choices: Value) -> Value {
+        let object = if self.p.flavor == Flavor::OaiChat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        json!({
+            "choices": choices,
+            "created": self.created,
+            "id": self.p.id,
+            "model": self.app.model_name,
+            "system_fingerprint": fingerprint(),
+            "object": object,
+        })
+    }
+
+    /// The chunks that carry `delta` (the text a token released, or text held
+    /// back until the end), the token that produced it, its probabilities and
+    /// its step's latents. Each token and each piece of text is sent once, so
+    /// the chunks concatenate to the non-streamed answer.
+    fn partial(
+        &mut self,
+        acc: &Acc,
+        delta: &str,
+        token: Option<Token>,
+        prob: Option<&Value>,
+        latents: Option<Value>,
+    ) -> Vec<Value> {
+        let mut chunks = Vec::new();
+        match self.p.flavor {
+            Flavor::Native => {
+                let mut c = json!({
+                    "index": 0,
+                    "content": delta,
+                    "tokens": token.into_iter().collect::<Vec<_>>(),
+                    "stop": false,
+                    "id_slot": acc.slot,
+                    "tokens_predicted": acc.n_gen(),
+                    "tokens_evaluated": acc.n_prompt,
+                });
+                if let Some(pr) = prob {
+                    c["completion_probabilities"] = json!([pr]);
+                }
+                chunks.push(c);
+            }
+            Flavor::OaiCmpl => {
+                let lp = prob.map(|pr| json!({"content": [pr]}));
+                chunks.push(self.base(
+                    json!([{"text": delta, "index": 0, "logprobs": lp, "finish_reason": null}]),
+                ));
+            }
+            Flavor::OaiChat => {
+                if !self.sent_role {
+                    self.sent_role = true;
+                    chunks.push(self.base(json!([{"finish_reason": null, "index": 0, "delta": {"role": "assistant", "content": null}}])));
+                }
+                // A token whose text is held back still sends its logprobs and latents.
+                if !delta.is_empty() || prob.is_some() || latents.is_some() {
+                    let mut c = self.base(
+                        json!([{"finish_reason": null, "index": 0, "delta": {"content": delta}}]),
+                    );
+                    if let Some(pr) = prob {
+                        c["choices"][0]["logprobs"] = json!({"content": [pr]});
+                    }
+                    chunks.push(c);
+                }
+            }
+        }
+        if let (Some(l), Some(last)) = (latents, chunks.last_mut()) {
+            last["latents"] = l;
+        }
+        chunks
+    }
+
+    /// The closing chunks: llama-server's final object (no text or tokens of
+    /// its own), with the latents no token carried.
+    fn finals(&self, acc: &Acc, latents: Option<Value>) -> Vec<Value> {
+        let mut finals = Vec::new();
+        match self.p.flavor {
+            Flavor::Native => finals.push(native_final(self.app, self.p, acc, true)),
+            Flavor::OaiCmpl => finals.push(oai_final(self.app, self.p, acc, true)),
+            Flavor::OaiChat => {
+                finals.push(self.base(
+                    json!([{"finish_reason": acc.finish_reason(), "index": 0, "delta": {}}]),
+                ));
+            }
+        }
+        if let (Some(l), Some(first)) = (latents, finals.first_mut()) {
+            first["latents"] = l;
+        }
+        if self.p.flavor == Flavor::OaiChat {
+            if self.p.include_usage {
+                let mut u = self.base(json!([]));
+                u["usage"] = acc.usage();
+                finals.push(u);
+            }
+            if let Some(last) = finals.last_mut() {
+                last["timings"] = acc.timings();
+            }
+        }
+        finals
+    }
+}
+
 pub(super) fn sse_response(
     app: Arc<App>,
     p: Prepared,
@@ -43,64 +158,18 @@ pub(super) fn sse_response(
         let Ok(mut acc) = Acc::new(&app, &p) else {
             return;
         };
-        let created = unix_now();
-        let chunk_base = |choices: Value| {
-            json!({
-                "choices": choices,
-                "created": created,
-                "id": p.id,
-                "model": app.model_name,
-                "system_fingerprint": fingerprint(),
-                "object": if p.flavor == Flavor::OaiChat { "chat.completion.chunk" } else { "text_completion" },
-            })
+        let mut chunks = Chunks {
+            app: &app,
+            p: &p,
+            created: unix_now(),
+            sent_role: false,
         };
-        let mut sent_role = false;
         while let Some(ev) = rx.recv().await {
             let done = matches!(ev, JobEvent::Done(_));
-            let step = acc.on(ev, &guard);
-            if let Some(s) = step {
+            if let Some(s) = acc.on(ev, &guard) {
                 let latents = (!s.frames.is_empty()).then(|| wire::latents_json(&s.frames));
-                let mut chunks = Vec::new();
-                match p.flavor {
-                    Flavor::Native => {
-                        let mut c = json!({
-                            "index": 0,
-                            "content": s.delta,
-                            "tokens": [s.token],
-                            "stop": false,
-                            "id_slot": -1,
-                            "tokens_predicted": acc.n_gen(),
-                            "tokens_evaluated": acc.n_prompt,
-                        });
-                        if let Some(pr) = &s.prob {
-                            c["completion_probabilities"] = json!([pr]);
-                        }
-                        chunks.push(c);
-                    }
-                    Flavor::OaiCmpl => {
-                        let lp = s.prob.as_ref().map(|pr| json!({"content": [pr]}));
-                        chunks.push(chunk_base(json!([{"text": s.delta, "index": 0, "logprobs": lp, "finish_reason": null}])));
-                    }
-                    Flavor::OaiChat => {
-                        if !sent_role {
-                            sent_role = true;
-                            chunks.push(chunk_base(json!([{"finish_reason": null, "index": 0, "delta": {"role": "assistant", "content": null}}])));
-                        }
-                        if !s.delta.is_empty() || latents.is_some() {
-                            let mut c = chunk_base(
-                                json!([{"finish_reason": null, "index": 0, "delta": {"content": s.delta}}]),
-                            );
-                            if let Some(pr) = &s.prob {
-                                c["choices"][0]["logprobs"] = json!({"content": [pr]});
-                            }
-                            chunks.push(c);
-                        }
-                    }
-                }
-                if let (Some(l), Some(last)) = (latents, chunks.last_mut()) {
-                    last["latents"] = l;
-                }
-                for c in &chunks {
+                let cs = chunks.partial(&acc, &s.delta, Some(s.token), s.prob.as_ref(), latents);
+                for c in &cs {
                     if out.send(sse(c)).await.is_err() {
                         return; // client gone: the guard cancels the job
                     }
@@ -114,50 +183,17 @@ pub(super) fn sse_response(
             let _ = out.send(sse(&e.body())).await;
             return;
         }
+        // Text held back (a possible stop string, incomplete UTF-8) is sent in a
+        // chunk of its own: the final object has none, as llama-server's.
         let tail = acc.text.finish();
+        let mut all = Vec::new();
+        if !tail.is_empty() {
+            all.extend(chunks.partial(&acc, &tail, None, None, None));
+        }
         let leftover = std::mem::take(&mut acc.pending);
         let latents = (!leftover.is_empty()).then(|| wire::latents_json(&leftover));
-        let mut finals = Vec::new();
-        match p.flavor {
-            Flavor::Native => {
-                let mut v = native_final(&app, &p, &acc, &tail, false);
-                if let Some(l) = latents {
-                    v["latents"] = l;
-                }
-                finals.push(v);
-            }
-            Flavor::OaiCmpl => {
-                let mut v = oai_final(&app, &p, &acc, &tail);
-                v["choices"][0]["logprobs"] = Value::Null;
-                if let Some(l) = latents {
-                    v["latents"] = l;
-                }
-                finals.push(v);
-            }
-            Flavor::OaiChat => {
-                if !tail.is_empty() {
-                    finals.push(chunk_base(
-                        json!([{"finish_reason": null, "index": 0, "delta": {"content": tail}}]),
-                    ));
-                }
-                let mut v = chunk_base(
-                    json!([{"finish_reason": acc.finish_reason(), "index": 0, "delta": {}}]),
-                );
-                if let Some(l) = latents {
-                    v["latents"] = l;
-                }
-                finals.push(v);
-                if p.include_usage {
-                    let mut u = chunk_base(json!([]));
-                    u["usage"] = acc.usage();
-                    finals.push(u);
-                }
-                if let Some(last) = finals.last_mut() {
-                    last["timings"] = acc.timings();
-                }
-            }
-        }
-        for v in &finals {
+        all.extend(chunks.finals(&acc, latents));
+        for v in &all {
             if out.send(sse(v)).await.is_err() {
                 return;
             }
@@ -222,11 +258,7 @@ pub(super) fn binary_response(
             }
         }
         let _ = acc.text.finish();
-        let content = acc.text.content().to_string();
-        let mut summary = match p.flavor {
-            Flavor::Native => native_final(&app, &p, &acc, &content, true),
-            _ => oai_final(&app, &p, &acc, &content),
-        };
+        let mut summary = final_object(&app, &p, &acc);
         if let Some(e) = acc.error() {
             summary = e.body();
         }

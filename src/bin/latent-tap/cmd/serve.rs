@@ -79,6 +79,19 @@ pub struct ServeArgs {
     /// Frame bytes (MiB) a subscriber may have queued before its frames are dropped.
     #[arg(long, default_value_t = 64)]
     subscriber_queue_mb: usize,
+    /// Chat template for /v1/chat/completions, by name: one of llama.cpp's built-in
+    /// templates (chatml, gemma, llama3, mistral-v7, phi4, …; an unknown name lists
+    /// them). Default: the model's own, else chatml (warned at start-up). Models
+    /// without a template (e.g. the Gemma 3 GGUFs) need it to stop at the end of
+    /// their turn: --chat-template gemma.
+    #[arg(long, value_name = "NAME")]
+    chat_template: Option<String>,
+    /// Chat template from a file. latent-tap serve cannot run Jinja: the file must
+    /// be a template llama.cpp's built-in engine recognises by its content (e.g. a
+    /// known model family's Jinja template, such as Gemma's or Llama 3's); others
+    /// are refused at start-up.
+    #[arg(long, value_name = "FILE")]
+    chat_template_file: Option<PathBuf>,
     /// Seconds in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10)]
     shutdown_grace: u64,
@@ -132,7 +145,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .checked_mul(1024)
             .ok_or_else(|| Error::invalid("--max-body-kb is too large"))?,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+<<<<<<< HEAD
         subscriber_queue: crate::args::mib("--subscriber-queue-mb", a.subscriber_queue_mb)?,
+=======
+        subscriber_queue: mb(a.subscriber_queue_mb, "--subscriber-queue-mb")?,
+        chat_template: latent_tap::server::chat_template_option(
+            a.chat_template.as_deref(),
+            a.chat_template_file.as_deref(),
+        )?,
+>>>>>>> compat
         on_listen: None,
     };
     if a.n_predict < -1 {
