@@ -4,120 +4,18 @@
 //! input, API keys and graceful shutdown.
 
 mod common;
+use common::server::{get, json_of, post, post_raw, Server};
 use common::{bin, synth_model};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 const FRAMES: &str = "application/vnd.latent-tap.frames";
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Self {
-        let mut child = bin()
-            .args(["serve", "--port", "0", "-t", "2", "-m"])
-            .arg(model)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_string();
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while out.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        let s = Self {
-            child,
-            url: format!("http://{addr}"),
-        };
-        let t0 = Instant::now();
-        loop {
-            match ureq::get(&s.url("/health")).call() {
-                Ok(r) if r.status() == 200 => break,
-                _ if t0.elapsed() > Duration::from_secs(120) => panic!("server never became ready"),
-                _ => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-        s
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// POST JSON; returns (status, body bytes) for any status.
-fn post(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
-    post_raw(url, &serde_json::to_vec(body).unwrap(), headers)
-}
-
-fn post_raw(url: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
-    let mut req = ureq::post(url).set("Content-Type", "application/json");
-    for (k, v) in headers {
-        req = req.set(k, v);
-    }
-    let resp = match req.send_bytes(body) {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{url}: {e}"),
-    };
-    let status = resp.status();
-    let mut buf = Vec::new();
-    resp.into_reader().read_to_end(&mut buf).unwrap();
-    (status, buf)
-}
-
-fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
-    let mut req = ureq::get(url);
-    for (k, v) in headers {
-        req = req.set(k, v);
-    }
-    let resp = match req.call() {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{url}: {e}"),
-    };
-    let status = resp.status();
-    let mut buf = Vec::new();
-    resp.into_reader().read_to_end(&mut buf).unwrap();
-    (status, buf)
-}
-
-fn json_of(b: &[u8]) -> Value {
-    serde_json::from_slice(b).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(b)))
-}
 
 fn sse_events(b: &[u8]) -> Vec<String> {
     String::from_utf8_lossy(b)

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod reference;
+pub mod server;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
