@@ -44,7 +44,7 @@ use crate::capture::{self, Arming, CaptureMode, ModeReport, Policy, Rows, TapSet
 use crate::engine::{ContextOptions, Model};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::Dtype;
-use crate::select::{GraphNode, Selection};
+use crate::select::GraphNode;
 use router::Router;
 use worker::Worker;
 
@@ -208,6 +208,10 @@ pub struct Scheduler {
     tx: Sender<Msg>,
     shared: Arc<Shared>,
     graph: Vec<GraphNode>,
+    /// Rows of a graph compute and the ring's largest record: what a selected
+    /// frame must fit ([`Scheduler::compile`]).
+    n_ubatch: usize,
+    max_record: usize,
     model: Arc<Model>,
     n_ctx: u32,
     n_ctx_slot: u32,
@@ -274,6 +278,7 @@ impl Scheduler {
             },
         )?;
         let capture_mode = tap.mode();
+        let max_record = tap.max_record_len();
         ctx.replace_tap(tap)?;
         let n_ctx = ctx.n_ctx();
         let n_ctx_slot = opts.slot_ctx.map_or(n_ctx, |c| c.min(n_ctx)).max(1);
@@ -315,6 +320,8 @@ impl Scheduler {
             tx,
             shared,
             graph,
+            n_ubatch,
+            max_record,
             model,
             n_ctx,
             n_ctx_slot,
@@ -389,11 +396,25 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
-    /// Compile a latent request against the graph (errors list close names).
+    /// Compile a latent request against the graph with the tap's own rule
+    /// ([`capture::fitting_selection`]; the engine's ring carries f32 frames of
+    /// a whole ubatch): nodes a glob matched that cannot be delivered are left
+    /// out and listed in [`LatentFilter::skipped`]; a node named exactly that
+    /// cannot be is an error, as is a pattern that matches nothing (its
+    /// message lists close names).
     pub fn compile(&self, req: &LatentRequest) -> Result<LatentFilter> {
-        let sel = Selection::compile(&req.patterns, req.layers.as_ref(), &self.graph)?;
+        let sel = capture::fitting_selection(
+            &req.patterns,
+            req.layers.as_ref(),
+            &self.graph,
+            self.n_ubatch,
+            Dtype::F32,
+            self.max_record,
+        )?;
         let names: Vec<String> = sel.tensors().iter().map(|t| t.name.clone()).collect();
-        Ok(LatentFilter::new(names, req.rows, req.dtype))
+        let mut f = LatentFilter::new(names, req.rows, req.dtype);
+        f.skipped = sel.skipped().to_vec();
+        Ok(f)
     }
 
     /// Queue a job. Its events go to `sink` on the router thread.

@@ -74,10 +74,10 @@ impl ApiError {
 
     /// A latent selection the graph cannot serve: 400, with where to look.
     pub(crate) fn latents(e: Error) -> Self {
-        let hint = if e.kind() == ErrorKind::NoMatch {
-            " (GET /latents/tensors lists every name)"
-        } else {
-            ""
+        let hint = match e.kind() {
+            ErrorKind::NoMatch => " (GET /latents/tensors lists every name)",
+            ErrorKind::FrameTooLarge => " (the server's --ring-mb and --ubatch-size)",
+            _ => "",
         };
         Self::bad(format!("latents: {}{hint}", e.message()))
     }

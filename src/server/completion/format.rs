@@ -98,13 +98,22 @@ pub(super) fn native_final(
     if with_probs && p.params.n_probs > 0 {
         v["completion_probabilities"] = Value::Array(acc.probs.clone());
     }
+    add_latents_skipped(p, &mut v);
     v
+}
+
+/// With `latents` asked for, the final object says which matched nodes were
+/// left out and why: `"latents_skipped": [{"name", "reason"}]` (empty when none).
+pub(super) fn add_latents_skipped(p: &Prepared, v: &mut Value) {
+    if let Some(f) = &p.filter {
+        v["latents_skipped"] = json!(f.skipped);
+    }
 }
 
 pub(super) fn oai_final(app: &App, p: &Prepared, acc: &Acc, content: &str) -> Value {
     let created = unix_now();
     let logprobs = (p.params.n_probs > 0).then(|| json!({"content": acc.probs}));
-    if p.flavor == Flavor::OaiChat {
+    let mut v = if p.flavor == Flavor::OaiChat {
         let mut choice = json!({
             "finish_reason": acc.finish_reason(),
             "index": 0,
@@ -134,5 +143,7 @@ pub(super) fn oai_final(app: &App, p: &Prepared, acc: &Acc, content: &str) -> Va
             "id": p.id,
             "timings": acc.timings(),
         })
-    }
+    };
+    add_latents_skipped(p, &mut v);
+    v
 }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::acc::Acc;
-use super::format::{native_final, oai_final};
+use super::format::{add_latents_skipped, native_final, oai_final};
 use super::prepare::{CancelGuard, Flavor, Prepared};
 use crate::record::RequestRecord;
 use crate::sched::JobEvent;
@@ -146,6 +146,7 @@ pub(super) fn sse_response(
                 if let Some(l) = latents {
                     v["latents"] = l;
                 }
+                add_latents_skipped(&p, &mut v);
                 finals.push(v);
                 if p.include_usage {
                     let mut u = chunk_base(json!([]));
