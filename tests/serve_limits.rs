@@ -8,6 +8,10 @@ mod common;
 use common::server::{json_of, post, Server};
 use common::synth_model;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
 use serde_json::{json, Value};
 
 /// Status, `error.type` and `error.message` of an error answer.
@@ -168,4 +172,167 @@ fn chat_content_parts_of_a_wrong_type_are_400s_naming_the_field() {
         &[],
     ));
     assert_eq!(v["choices"][0]["index"], 0);
+}
+
+/// One raw HTTP/1.1 exchange: send `head` (and `body` in `pieces` separated by
+/// `pause`), then read until the server closes the connection or `wait` passes.
+/// Returns the status, the lowercased head, the body and whether the server
+/// closed the connection, with the time from the last byte sent to the close.
+struct Raw {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+    closed: bool,
+    took: Duration,
+}
+
+fn raw(url: &str, head: &str, pieces: &[&[u8]], pause: Duration, wait: Duration) -> Raw {
+    let addr = url.trim_start_matches("http://");
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(wait)).unwrap();
+    c.write_all(head.as_bytes()).unwrap();
+    for p in pieces {
+        std::thread::sleep(pause);
+        // The server may already have answered and closed.
+        if c.write_all(p).is_err() {
+            break;
+        }
+    }
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false, // read timeout: still open
+        }
+    };
+    let took = t0.elapsed();
+    let text = String::from_utf8_lossy(&got).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Raw {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: body.as_bytes().to_vec(),
+        closed,
+        took,
+    }
+}
+
+fn post_head(path: &str, content_length: usize) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {content_length}\r\n\r\n"
+    )
+}
+
+#[test]
+fn bodies_over_the_limit_or_late_are_refused_at_once_and_the_connection_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    // The idle timeout (-to) stays long: only the body timeout may end these.
+    let s = Server::start(
+        &m,
+        &[
+            "-np",
+            "1",
+            "--max-body-kb",
+            "64",
+            "--body-timeout",
+            "1",
+            "--timeout",
+            "600",
+        ],
+    );
+    let none = Duration::ZERO;
+    let wait = Duration::from_secs(10);
+    let error = |r: &Raw, status: u16, needle: &str| {
+        assert_eq!(r.status, status, "{}", r.head);
+        let v = json_of(&r.body);
+        assert_eq!(v["error"]["code"], status);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "'{needle}' not in '{msg}'");
+        assert!(r.head.contains("connection: close"), "{}", r.head);
+        assert!(r.closed, "the server kept the connection open");
+    };
+    // 9 MiB announced, nothing sent: 413 before the body timeout could fire.
+    for path in ["/completion", "/v1/chat/completions", "/tokenize"] {
+        let r = raw(&s.url, &post_head(path, 9 << 20), &[], none, wait);
+        error(&r, 413, "request body is larger than 65536 bytes");
+        assert!(r.took < Duration::from_millis(900), "{path}: {:?}", r.took);
+    }
+    // 100 bytes announced, 10 sent: 408 after the body timeout (1 s), not the idle one.
+    let r = raw(
+        &s.url,
+        &post_head("/completion", 100),
+        &[b"{\"prompt\":"],
+        none,
+        wait,
+    );
+    error(&r, 408, "request body did not arrive within 1 s");
+    assert!(r.took >= Duration::from_millis(900), "{:?}", r.took);
+    assert!(r.took < Duration::from_secs(5), "{:?}", r.took);
+    // A trickle (a byte every 300 ms) is cut off too: the timeout is for the whole body.
+    let trickle: Vec<&[u8]> = b"{\"prompt\": \"Hi\", \"n_predict\": 1}"
+        .chunks(1)
+        .take(6)
+        .collect();
+    let r = raw(
+        &s.url,
+        &post_head("/completion", 32),
+        &trickle,
+        Duration::from_millis(300),
+        wait,
+    );
+    error(&r, 408, "did not arrive within 1 s");
+    // Chunked bodies that keep coming stop at the limit.
+    let head = "POST /completion HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let chunk = format!("{:x}\r\n{}\r\n", 40 << 10, " ".repeat(40 << 10));
+    let r = raw(
+        &s.url,
+        head,
+        &[chunk.as_bytes(), chunk.as_bytes()],
+        none,
+        wait,
+    );
+    error(&r, 413, "larger than 65536 bytes");
+    // A body that arrives in time, in pieces, is answered as usual.
+    let body = br#"{"prompt": "Hi", "n_predict": 1, "temperature": 0}"#;
+    let (a, b) = body.split_at(10);
+    let r = raw(
+        &s.url,
+        &format!(
+            "POST /completion HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        ),
+        &[a, b],
+        Duration::from_millis(300),
+        wait,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(json_of(&r.body)["tokens_predicted"], 1);
+    // The flag's bounds.
+    for bad in ["0", "-1", "3601", "nan"] {
+        let o = common::bin()
+            .args(["serve", "--port", "0", "-m"])
+            .arg(&m)
+            .args(["--body-timeout", bad])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{bad}");
+        assert!(
+            err.contains("body timeout") && err.contains("at most 3600 s"),
+            "{bad}: {err}"
+        );
+    }
 }

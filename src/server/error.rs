@@ -27,6 +27,25 @@ impl ApiError {
         }
     }
 
+    /// `status` with type `invalid_request_error` (413, 408).
+    pub fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind: "invalid_request_error",
+            message: message.into(),
+        }
+    }
+
+    /// True for the answers after which the request's body is left unread (a
+    /// body over the limit, or one that did not arrive in time): the response
+    /// says `Connection: close` and the connection ends after it.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+        )
+    }
+
     /// 501 `not_supported_error`.
     pub fn unsupported(message: impl Into<String>) -> Self {
         Self {
@@ -101,6 +120,13 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if self.closes_connection() {
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        r
     }
 }

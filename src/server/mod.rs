@@ -65,6 +65,9 @@ pub struct ServeConfig {
     pub timeout: Duration,
     /// Largest request body.
     pub max_body: usize,
+    /// How long a request body may take to arrive in full (408 beyond; see
+    /// [`crate::settings::check_body_timeout`]).
+    pub body_timeout: Duration,
     /// How long in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
     pub shutdown_grace: Duration,
     /// Bytes of frames a subscriber may have queued before its frames are dropped.
@@ -122,17 +125,49 @@ pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response {
     r
 }
 
-/// The request body, at most `--max-body-kb` of it (413 beyond).
+/// The request body, at most `--max-body-kb` of it: a larger announced
+/// `Content-Length` is refused before any of it is read, and a body that keeps
+/// coming is cut off at the limit (413); one that has not arrived in full
+/// within `--body-timeout` is a 408. Both close the connection
+/// ([`ApiError::closes_connection`]).
 pub(crate) async fn read_body(app: &App, body: Body) -> std::result::Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, app.cfg.max_body)
+    use axum::body::HttpBody as _;
+    use futures_util::StreamExt as _;
+    let max = app.cfg.max_body;
+    let too_large = || {
+        ApiError::with_status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {max} bytes"),
+        )
+    };
+    // hyper's body reports an announced Content-Length as its exact size.
+    if body.size_hint().lower() > max as u64 {
+        return Err(too_large());
+    }
+    let read = async {
+        let mut chunks = body.into_data_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::bad(format!("request body could not be read: {e}")))?;
+            if buf.len() + chunk.len() > max {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(buf))
+    };
+    let timeout = app.cfg.body_timeout;
+    tokio::time::timeout(timeout, read)
         .await
-        .map_err(|_| ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            kind: "invalid_request_error",
-            message: format!(
-                "request body is larger than {} bytes (or could not be read)",
-                app.cfg.max_body
-            ),
+        .unwrap_or_else(|_| {
+            Err(ApiError::with_status(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body did not arrive within {} s",
+                    timeout.as_secs_f64()
+                ),
+            ))
         })
 }
 
@@ -151,6 +186,7 @@ pub(crate) fn fingerprint() -> String {
 /// Run the server until SIGINT/SIGTERM; returns after a graceful shutdown.
 pub fn run(cfg: ServeConfig) -> Result<()> {
     check_exposure(&cfg.host, cfg.api_key.as_deref())?;
+    crate::settings::check_body_timeout(cfg.body_timeout)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
