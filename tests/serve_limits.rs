@@ -336,3 +336,106 @@ fn bodies_over_the_limit_or_late_are_refused_at_once_and_the_connection_closed()
         );
     }
 }
+
+/// Texts that pack many bytes into few tokens: control-token text, runs of
+/// spaces, words, multi-byte characters, and bytes outside any merge.
+fn dense_texts() -> Vec<String> {
+    vec![
+        "<start_of_turn>user\n<end_of_turn><bos><eos></s><s><unk>".repeat(20),
+        " ".repeat(4000),
+        "\n".repeat(500) + &"\t".repeat(500),
+        "the quick brown fox jumps over the lazy dog ".repeat(50),
+        "internationalization responsibilities ".repeat(40),
+        "日本語のテキスト🙂🙂 Ωμέγα ".repeat(40),
+        "=".repeat(3000) + &"-".repeat(3000) + &"*".repeat(3000),
+        "<unused0><unused1><start_of_image>".repeat(30),
+    ]
+}
+
+/// [`Model::max_token_text_bytes`] is a bound the tokenizer never beats: text
+/// never becomes fewer tokens than its bytes over the longest token's text.
+#[test]
+fn the_tokens_a_prompt_needs_are_bounded_below_without_tokenizing() {
+    use latent_tap::engine::{Model, ModelOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let mut models = vec![synth_model(dir.path())];
+    models.extend(common::real_model());
+    for path in &models {
+        let model = Model::load(path, &ModelOptions { n_gpu_layers: 0 }).unwrap();
+        let t0 = Instant::now();
+        let max = model
+            .max_token_text_bytes()
+            .expect("SentencePiece vocabularies have a bound");
+        eprintln!(
+            "{}: longest token text {max} bytes (vocabulary scanned in {:?})",
+            path.display(),
+            t0.elapsed()
+        );
+        if path.ends_with("synth.gguf") {
+            // "<unk>": the byte tokens and "▁" stand for one byte each.
+            assert_eq!(max, 5);
+        }
+        for text in dense_texts() {
+            let n = model.tokenize_ext(&text, false, true).unwrap().len();
+            assert!(
+                n * max >= text.len(),
+                "{}: {n} tokens × {max} < {} bytes for {:?}",
+                path.display(),
+                text.len(),
+                &text[..40.min(text.len())]
+            );
+        }
+    }
+}
+
+#[test]
+fn prompts_far_longer_than_the_context_are_refused_before_tokenizing() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    // Slots of 256 positions; the synthetic vocabulary's longest token text is
+    // 5 bytes, so text of 5 × 255 + 1 = 1276 bytes or more cannot fit (a
+    // prompt must leave a position free).
+    let s = Server::start(&m, &["-c", "256", "-np", "1", "--max-body-kb", "16384"]);
+    let refused = |url: &str, body: &Value| {
+        let (st, kind, msg) = error_of(post(&s.url(url), body, &[]));
+        assert_eq!(
+            (st, kind.as_str()),
+            (400, "exceed_context_size_error"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("exceeds the available context size (256 tokens), try increasing it"));
+        msg
+    };
+    // 8 MiB: refused from its length alone ("at least"; tokenizing would say
+    // 8388609 tokens), in well under the seconds tokenizing it takes.
+    let big = "y".repeat(8 << 20);
+    let t0 = Instant::now();
+    let msg = refused("/completion", &json!({"prompt": big, "n_predict": 1}));
+    let took = t0.elapsed();
+    eprintln!("8 MiB prompt refused in {took:?}");
+    assert!(
+        msg.starts_with("request (at least 1677722 tokens)"),
+        "{msg}"
+    );
+    // Text and ids together: 1275 bytes (255 tokens at least) and 5 ids.
+    let mixed = json!({"prompt": ["y".repeat(1275), 3, 4, 5, 6, 7], "max_tokens": 1});
+    let msg = refused("/v1/completions", &mixed);
+    assert!(msg.starts_with("request (at least 260 tokens)"), "{msg}");
+    // At the edge the bound refuses 1276 bytes (256 tokens at least) …
+    let msg = refused("/completion", &json!({"prompt": "y".repeat(1276)}));
+    assert!(msg.starts_with("request (at least 256 tokens)"), "{msg}");
+    // … and lets 1275 through to the tokenizer, which counts BOS + 1275.
+    let msg = refused("/completion", &json!({"prompt": "y".repeat(1275)}));
+    assert!(msg.starts_with("request (1276 tokens)"), "{msg}");
+    // Chat: the rendered prompt is bounded the same way.
+    let chat = json!({"messages": [{"role": "user", "content": big}], "max_tokens": 1});
+    let msg = refused("/v1/chat/completions", &chat);
+    assert!(msg.starts_with("request (at least 16777"), "{msg}");
+    // What fits is answered: 254 bytes of text + BOS = 255 tokens.
+    let v = ok_json(post(
+        &s.url("/completion"),
+        &json!({"prompt": "y".repeat(254), "n_predict": 1, "temperature": 0}),
+        &[],
+    ));
+    assert_eq!(v["tokens_evaluated"], 255);
+}

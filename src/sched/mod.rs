@@ -212,6 +212,8 @@ pub struct Scheduler {
     /// frame must fit ([`Scheduler::compile`]).
     n_ubatch: usize,
     max_record: usize,
+    /// [`Model::max_token_text_bytes`], found once.
+    max_token_bytes: Option<usize>,
     model: Arc<Model>,
     n_ctx: u32,
     n_ctx_slot: u32,
@@ -322,6 +324,7 @@ impl Scheduler {
             graph,
             n_ubatch,
             max_record,
+            max_token_bytes: model.max_token_text_bytes(),
             model,
             n_ctx,
             n_ctx_slot,
@@ -366,6 +369,15 @@ impl Scheduler {
     /// until the slot is full.
     pub fn prompt_fits(&self, n_tokens: usize) -> bool {
         n_tokens < self.n_ctx_slot as usize
+    }
+
+    /// The fewest tokens prompt text of `text_bytes` bytes can become, known
+    /// without tokenizing it: every token stands for at most the vocabulary's
+    /// longest text ([`Model::max_token_text_bytes`]; 0 where that gives no
+    /// bound). A prompt for which [`Scheduler::prompt_fits`] refuses this many
+    /// can be refused before it is tokenized (an 8 MB prompt takes seconds).
+    pub fn fewest_tokens(&self, text_bytes: usize) -> usize {
+        fewest_tokens(text_bytes, self.max_token_bytes)
     }
 
     /// Number of slots.
@@ -509,5 +521,28 @@ impl Scheduler {
 impl Drop for Scheduler {
     fn drop(&mut self) {
         self.shutdown(true);
+    }
+}
+
+/// `text_bytes` bytes of text, when no token stands for more than `max_token_bytes`.
+fn fewest_tokens(text_bytes: usize, max_token_bytes: Option<usize>) -> usize {
+    max_token_bytes.map_or(0, |m| text_bytes.div_ceil(m.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fewest_tokens;
+
+    #[test]
+    fn fewest_tokens_is_the_text_at_the_longest_token_rounded_up() {
+        assert_eq!(fewest_tokens(0, Some(5)), 0);
+        assert_eq!(fewest_tokens(1, Some(5)), 1);
+        assert_eq!(fewest_tokens(5, Some(5)), 1);
+        assert_eq!(fewest_tokens(6, Some(5)), 2);
+        // An 8 MiB prompt with Gemma 3's longest token text (48 bytes).
+        assert_eq!(fewest_tokens(8 << 20, Some(48)), 174_763);
+        // No bound known: nothing is refused before tokenizing.
+        assert_eq!(fewest_tokens(usize::MAX, None), 0);
+        assert_eq!(fewest_tokens(usize::MAX, Some(1)), usize::MAX);
     }
 }

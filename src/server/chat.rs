@@ -103,6 +103,7 @@ pub(crate) async fn oai_chat(State(app): AppState, headers: HeaderMap, body: Bod
         let bytes = read_body(&app, body).await?;
         let m = request::object(&bytes)?;
         let text = render_chat(&app, &m)?;
+        request::fits_before_tokenizing(app.engine()?, text.len(), 0)?;
         let model = app.model()?.clone();
         let tokens = model.tokenize_ext(&text, true, true)?;
         if tokens.is_empty() {

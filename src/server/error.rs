@@ -91,6 +91,19 @@ impl ApiError {
         }
     }
 
+    /// 400 `exceed_context_size_error`: a prompt of `n_tokens` tokens (`at_least`:
+    /// a lower bound, found without tokenizing) does not fit a slot of `n_ctx_slot`.
+    pub(crate) fn exceeds_context(n_tokens: usize, at_least: bool, n_ctx_slot: u32) -> Self {
+        let n = if at_least { "at least " } else { "" };
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "exceed_context_size_error",
+            message: format!(
+                "request ({n}{n_tokens} tokens) exceeds the available context size ({n_ctx_slot} tokens), try increasing it"
+            ),
+        }
+    }
+
     /// A latent selection the graph cannot serve: 400, with where to look.
     pub(crate) fn latents(e: Error) -> Self {
         let hint = match e.kind() {
