@@ -129,11 +129,12 @@ pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response {
 /// `Content-Length` is refused before any of it is read, and a body that keeps
 /// coming is cut off at the limit (413); one that has not arrived in full
 /// within `--body-timeout` is a 408. Both close the connection
-/// ([`ApiError::closes_connection`]).
+/// ([`ApiError::closes_connection`]); after a 413 the rest of the body is read
+/// and discarded for up to `--body-timeout` first ([`discard_rest`]).
 pub(crate) async fn read_body(app: &App, body: Body) -> std::result::Result<Bytes, ApiError> {
     use axum::body::HttpBody as _;
     use futures_util::StreamExt as _;
-    let max = app.cfg.max_body;
+    let (max, timeout) = (app.cfg.max_body, app.cfg.body_timeout);
     let too_large = || {
         ApiError::with_status(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -141,12 +142,14 @@ pub(crate) async fn read_body(app: &App, body: Body) -> std::result::Result<Byte
         )
     };
     // hyper's body reports an announced Content-Length as its exact size.
-    if body.size_hint().lower() > max as u64 {
+    let announced = body.size_hint().lower();
+    let mut chunks = body.into_data_stream();
+    if announced > max as u64 {
+        discard_rest(chunks, timeout);
         return Err(too_large());
     }
+    let mut buf = Vec::new();
     let read = async {
-        let mut chunks = body.into_data_stream();
-        let mut buf = Vec::new();
         while let Some(chunk) = chunks.next().await {
             let chunk =
                 chunk.map_err(|e| ApiError::bad(format!("request body could not be read: {e}")))?;
@@ -155,20 +158,36 @@ pub(crate) async fn read_body(app: &App, body: Body) -> std::result::Result<Byte
             }
             buf.extend_from_slice(&chunk);
         }
-        Ok(Bytes::from(buf))
+        Ok(())
     };
-    let timeout = app.cfg.body_timeout;
-    tokio::time::timeout(timeout, read)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ApiError::with_status(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "request body did not arrive within {} s",
-                    timeout.as_secs_f64()
-                ),
-            ))
-        })
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(())) => Ok(Bytes::from(buf)),
+        Ok(Err(e)) => {
+            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                discard_rest(chunks, timeout);
+            }
+            Err(e)
+        }
+        Err(_) => Err(ApiError::with_status(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body did not arrive within {} s",
+                timeout.as_secs_f64()
+            ),
+        )),
+    }
+}
+
+/// A lingering close: the answer goes out at once while what the client still
+/// sends of a refused body is read and thrown away (for at most `within`), so a
+/// client that writes its whole body before it reads gets the answer instead of
+/// a connection reset. The connection closes when the body ends or `within` passes.
+fn discard_rest(mut chunks: axum::body::BodyDataStream, within: Duration) {
+    use futures_util::StreamExt as _;
+    tokio::spawn(async move {
+        let drain = async { while let Some(Ok(_)) = chunks.next().await {} };
+        let _ = tokio::time::timeout(within, drain).await;
+    });
 }
 
 /// Seconds since the Unix epoch (`created` fields).
