@@ -3,8 +3,9 @@
 //! computes is probed (`engine::probe_context`), arm a tap on a new ring with a
 //! selection compiled against that graph.
 
-use super::{Tap, TapSettings};
+use super::{check_fits, Tap, TapSettings};
 use crate::error::{Error, ErrorKind, Result};
+use crate::record::Dtype;
 use crate::select::{GraphNode, LayerFilter, Selection};
 use crate::stream::Stream;
 
@@ -46,13 +47,40 @@ pub(crate) fn arm(graph: Option<&[GraphNode]>, a: Arming<'_>) -> Result<(Tap, St
     let sel = if a.patterns.is_empty() {
         Selection::empty()
     } else {
-        let max = producer.max_record_len();
         let (n_ubatch, dtype) = (a.settings.n_ubatch, a.settings.dtype);
-        let fits = |n: &GraphNode| {
-            crate::record::frame_len(n_ubatch, n.row_width.unwrap_or(0), dtype) <= max
-        };
-        Selection::compile_fitting(a.patterns, a.layers, graph.unwrap_or(&[]), &fits)?
+        let max = producer.max_record_len();
+        fitting_selection(
+            a.patterns,
+            a.layers,
+            graph.unwrap_or(&[]),
+            n_ubatch,
+            dtype,
+            max,
+        )?
     };
     let tap = Tap::armed(sentinel, sel, producer, a.settings)?;
     Ok((tap, Stream::new(consumer)))
+}
+
+/// The one rule for what a tap on a ring whose largest record is `max_record`
+/// can capture (arming a tap here, and the serving engine's per-request
+/// selections): `patterns` compiled against `graph`, skipping (and listing in
+/// [`Selection::skipped`]) the nodes a glob matched whose frame of `n_ubatch`
+/// rows of `dtype` does not fit; a node named exactly whose frame does not fit
+/// is an [`ErrorKind::FrameTooLarge`] error giving the sizes, as is a selection
+/// where no matched node fits.
+pub(crate) fn fitting_selection(
+    patterns: &[String],
+    layers: Option<&LayerFilter>,
+    graph: &[GraphNode],
+    n_ubatch: usize,
+    dtype: Dtype,
+    max_record: usize,
+) -> Result<Selection> {
+    let fits = |n: &GraphNode| {
+        crate::record::frame_len(n_ubatch, n.row_width.unwrap_or(0), dtype) <= max_record
+    };
+    let sel = Selection::compile_fitting(patterns, layers, graph, &fits)?;
+    check_fits(&sel, n_ubatch, dtype, max_record)?;
+    Ok(sel)
 }

@@ -27,7 +27,7 @@ mod deferred;
 mod frame;
 mod records;
 
-pub(crate) use arm::{arm, Arming};
+pub(crate) use arm::{arm, fitting_selection, Arming};
 pub use callback::eval_callback;
 use callback::tensor_name;
 pub(crate) use callback::{abort_callback, abort_flag_ptr};
@@ -198,6 +198,15 @@ impl Tap {
         match &self.mode {
             Mode::Probe(_) => &[],
             Mode::Capture(a) => a.sel.tensors(),
+        }
+    }
+
+    /// The largest record its ring takes (0 while probing): what a frame must
+    /// fit (see [`fitting_selection`]).
+    pub(crate) fn max_record_len(&self) -> usize {
+        match &self.mode {
+            Mode::Probe(_) => 0,
+            Mode::Capture(a) => a.producer.max_record_len(),
         }
     }
 

@@ -224,6 +224,40 @@ impl Model {
         }
     }
 
+    /// The most bytes of prompt text one token can stand for, when every byte
+    /// of a prompt ends up in some token: the longest text a token renders to
+    /// (control tokens included, as prompts parse them). `None` when the
+    /// tokenizer may drop or merge text: WordPiece and Unigram (they collapse
+    /// whitespace), RWKV and other types, a token that strips the whitespace
+    /// next to it (lstrip/rstrip), and a BPE vocabulary without a token for
+    /// every byte (llama.cpp's BPE drops a byte it has no token for).
+    /// SentencePiece gives every byte it has no piece for a byte token. One pass
+    /// over the vocabulary (what [`crate::sched::Scheduler`] does once).
+    pub fn max_token_text_bytes(&self) -> Option<usize> {
+        let vocab = self.vocab();
+        // SAFETY: valid vocab pointer.
+        let kind = unsafe { sys::llama_vocab_type(vocab) };
+        if kind != sys::LLAMA_VOCAB_TYPE_SPM && kind != sys::LLAMA_VOCAB_TYPE_BPE {
+            return None;
+        }
+        let strips = sys::LLAMA_TOKEN_ATTR_LSTRIP | sys::LLAMA_TOKEN_ATTR_RSTRIP;
+        let mut bytes = [false; 256];
+        let mut longest = 0;
+        for t in 0..self.n_vocab() as Token {
+            // SAFETY: valid vocab pointer; t is in range.
+            if unsafe { sys::llama_vocab_get_attr(vocab, t) } & strips != 0 {
+                return None;
+            }
+            let piece = self.token_bytes_special(t);
+            if let [b] = piece[..] {
+                bytes[b as usize] = true;
+            }
+            longest = longest.max(piece.len());
+        }
+        let every_byte = kind == sys::LLAMA_VOCAB_TYPE_SPM || bytes.iter().all(|&b| b);
+        (every_byte && longest > 0).then_some(longest)
+    }
+
     /// The token's text, lossily decoded as UTF-8.
     pub fn token_piece(&self, token: Token) -> String {
         String::from_utf8_lossy(&self.token_bytes(token)).into_owned()

@@ -9,7 +9,7 @@ use crate::capture::Rows;
 use crate::engine::{SamplingOptions, Token};
 use crate::error::Error;
 use crate::record::{self, Dtype, FrameHeader, RowMeta, TokenHeader, TopEntry, ROW_PROMPT};
-use crate::select::LayerFilter;
+use crate::select::{LayerFilter, SkippedTensor};
 
 use super::SubscriberStats;
 
@@ -39,6 +39,9 @@ pub struct LatentFilter {
     pub rows: Rows,
     /// Element type delivered.
     pub dtype: Dtype,
+    /// Nodes a glob matched that are not delivered, with the reason (see
+    /// [`Scheduler::compile`](super::Scheduler::compile)).
+    pub skipped: Vec<SkippedTensor>,
 }
 
 impl LatentFilter {
@@ -58,6 +61,7 @@ impl LatentFilter {
             index,
             rows,
             dtype,
+            skipped: Vec::new(),
         }
     }
 

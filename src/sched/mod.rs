@@ -44,7 +44,7 @@ use crate::capture::{self, Arming, CaptureMode, ModeReport, Policy, Rows, TapSet
 use crate::engine::{ContextOptions, Model};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::Dtype;
-use crate::select::{GraphNode, Selection};
+use crate::select::GraphNode;
 use router::Router;
 use worker::Worker;
 
@@ -226,6 +226,12 @@ pub struct Scheduler {
     tx: Sender<Msg>,
     shared: Arc<Shared>,
     graph: Vec<GraphNode>,
+    /// Rows of a graph compute and the ring's largest record: what a selected
+    /// frame must fit ([`Scheduler::compile`]).
+    n_ubatch: usize,
+    max_record: usize,
+    /// [`Model::max_token_text_bytes`], found once.
+    max_token_bytes: Option<usize>,
     model: Arc<Model>,
     n_ctx: u32,
     n_ctx_slot: u32,
@@ -292,6 +298,7 @@ impl Scheduler {
             },
         )?;
         let capture_mode = tap.mode();
+        let max_record = tap.max_record_len();
         ctx.replace_tap(tap)?;
         let n_ctx = ctx.n_ctx();
         let n_ctx_slot = opts.slot_ctx.map_or(n_ctx, |c| c.min(n_ctx)).max(1);
@@ -321,6 +328,9 @@ impl Scheduler {
             tx,
             shared,
             graph,
+            n_ubatch,
+            max_record,
+            max_token_bytes: model.max_token_text_bytes(),
             model,
             n_ctx,
             n_ctx_slot,
@@ -367,6 +377,15 @@ impl Scheduler {
         n_tokens < self.n_ctx_slot as usize
     }
 
+    /// The fewest tokens prompt text of `text_bytes` bytes can become, known
+    /// without tokenizing it: every token stands for at most the vocabulary's
+    /// longest text ([`Model::max_token_text_bytes`]; 0 where that gives no
+    /// bound). A prompt for which [`Scheduler::prompt_fits`] refuses this many
+    /// can be refused before it is tokenized (an 8 MB prompt takes seconds).
+    pub fn fewest_tokens(&self, text_bytes: usize) -> usize {
+        fewest_tokens(text_bytes, self.max_token_bytes)
+    }
+
     /// Number of slots.
     pub fn n_parallel(&self) -> usize {
         self.n_parallel
@@ -395,11 +414,25 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
-    /// Compile a latent request against the graph (errors list close names).
+    /// Compile a latent request against the graph with the tap's own rule
+    /// ([`capture::fitting_selection`]; the engine's ring carries f32 frames of
+    /// a whole ubatch): nodes a glob matched that cannot be delivered are left
+    /// out and listed in [`LatentFilter::skipped`]; a node named exactly that
+    /// cannot be is an error, as is a pattern that matches nothing (its
+    /// message lists close names).
     pub fn compile(&self, req: &LatentRequest) -> Result<LatentFilter> {
-        let sel = Selection::compile(&req.patterns, req.layers.as_ref(), &self.graph)?;
+        let sel = capture::fitting_selection(
+            &req.patterns,
+            req.layers.as_ref(),
+            &self.graph,
+            self.n_ubatch,
+            Dtype::F32,
+            self.max_record,
+        )?;
         let names: Vec<String> = sel.tensors().iter().map(|t| t.name.clone()).collect();
-        Ok(LatentFilter::new(names, req.rows, req.dtype))
+        let mut f = LatentFilter::new(names, req.rows, req.dtype);
+        f.skipped = sel.skipped().to_vec();
+        Ok(f)
     }
 
     /// Queue a job. Its events go to `sink` on the router thread.
@@ -494,5 +527,28 @@ impl Scheduler {
 impl Drop for Scheduler {
     fn drop(&mut self) {
         self.shutdown(true);
+    }
+}
+
+/// `text_bytes` bytes of text, when no token stands for more than `max_token_bytes`.
+fn fewest_tokens(text_bytes: usize, max_token_bytes: Option<usize>) -> usize {
+    max_token_bytes.map_or(0, |m| text_bytes.div_ceil(m.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fewest_tokens;
+
+    #[test]
+    fn fewest_tokens_is_the_text_at_the_longest_token_rounded_up() {
+        assert_eq!(fewest_tokens(0, Some(5)), 0);
+        assert_eq!(fewest_tokens(1, Some(5)), 1);
+        assert_eq!(fewest_tokens(5, Some(5)), 1);
+        assert_eq!(fewest_tokens(6, Some(5)), 2);
+        // An 8 MiB prompt with Gemma 3's longest token text (48 bytes).
+        assert_eq!(fewest_tokens(8 << 20, Some(48)), 174_763);
+        // No bound known: nothing is refused before tokenizing.
+        assert_eq!(fewest_tokens(usize::MAX, None), 0);
+        assert_eq!(fewest_tokens(usize::MAX, Some(1)), usize::MAX);
     }
 }

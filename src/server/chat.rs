@@ -96,7 +96,7 @@ fn messages(m: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiError> {
         Some(_) => return Err(ApiError::bad("Expected 'messages' to be an array")),
     };
     let mut out = Vec::new();
-    for msg in arr {
+    for (i, msg) in arr.iter().enumerate() {
         let Some(o) = msg.as_object() else {
             return Err(ApiError::bad("each message must be an object"));
         };
@@ -108,16 +108,8 @@ fn messages(m: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiError> {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => {
                 let mut s = String::new();
-                for part in parts {
-                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                        (Some("text"), Some(t)) => s.push_str(t),
-                        (t, _) => {
-                            return Err(ApiError::unsupported(format!(
-                                "message content part of type {} is not supported by latent-tap serve (text only)",
-                                t.unwrap_or("?")
-                            )))
-                        }
-                    }
+                for (j, part) in parts.iter().enumerate() {
+                    s.push_str(text_part(part, i, j)?);
                 }
                 s
             }
@@ -139,6 +131,26 @@ fn messages(m: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiError> {
         return Err(ApiError::bad("'messages' must not be empty"));
     }
     Ok(out)
+}
+
+/// The text of content part `j` of message `i`, `{"type": "text", "text": "…"}`:
+/// a malformed part is a 400 naming the field; a well-formed part of another
+/// type (`image_url`…) is a feature this server lacks, 501.
+fn text_part(part: &Value, i: usize, j: usize) -> Result<&str, ApiError> {
+    let at = || format!("messages[{i}].content[{j}]");
+    let Some(o) = part.as_object() else {
+        return Err(ApiError::bad(format!("{} must be an object", at())));
+    };
+    match o.get("type") {
+        Some(Value::String(t)) if t == "text" => match o.get("text") {
+            Some(Value::String(text)) => Ok(text),
+            _ => Err(ApiError::bad(format!("{}.text must be a string", at()))),
+        },
+        Some(Value::String(t)) => Err(ApiError::unsupported(format!(
+            "message content part of type {t} is not supported by latent-tap serve (text only)"
+        ))),
+        _ => Err(ApiError::bad(format!("{}.type must be a string", at()))),
+    }
 }
 
 fn render_chat(app: &App, m: &Map<String, Value>) -> Result<String, ApiError> {
@@ -163,6 +175,7 @@ pub(crate) async fn oai_chat(State(app): AppState, headers: HeaderMap, body: Bod
         let bytes = read_body(&app, body).await?;
         let m = request::object(&bytes)?;
         let text = render_chat(&app, &m)?;
+        request::fits_before_tokenizing(app.engine()?, text.len(), 0)?;
         let model = app.model()?.clone();
         let tokens = model.tokenize_ext(&text, true, true)?;
         if tokens.is_empty() {

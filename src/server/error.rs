@@ -27,6 +27,25 @@ impl ApiError {
         }
     }
 
+    /// `status` with type `invalid_request_error` (413, 408).
+    pub fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind: "invalid_request_error",
+            message: message.into(),
+        }
+    }
+
+    /// True for the answers after which the request's body is left unread (a
+    /// body over the limit, or one that did not arrive in time): the response
+    /// says `Connection: close` and the connection ends after it.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+        )
+    }
+
     /// 501 `not_supported_error`.
     pub fn unsupported(message: impl Into<String>) -> Self {
         Self {
@@ -72,12 +91,25 @@ impl ApiError {
         }
     }
 
+    /// 400 `exceed_context_size_error`: a prompt of `n_tokens` tokens (`at_least`:
+    /// a lower bound, found without tokenizing) does not fit a slot of `n_ctx_slot`.
+    pub(crate) fn exceeds_context(n_tokens: usize, at_least: bool, n_ctx_slot: u32) -> Self {
+        let n = if at_least { "at least " } else { "" };
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "exceed_context_size_error",
+            message: format!(
+                "request ({n}{n_tokens} tokens) exceeds the available context size ({n_ctx_slot} tokens), try increasing it"
+            ),
+        }
+    }
+
     /// A latent selection the graph cannot serve: 400, with where to look.
     pub(crate) fn latents(e: Error) -> Self {
-        let hint = if e.kind() == ErrorKind::NoMatch {
-            " (GET /latents/tensors lists every name)"
-        } else {
-            ""
+        let hint = match e.kind() {
+            ErrorKind::NoMatch => " (GET /latents/tensors lists every name)",
+            ErrorKind::FrameTooLarge => " (the server's --ring-mb and --ubatch-size)",
+            _ => "",
         };
         Self::bad(format!("latents: {}{hint}", e.message()))
     }
@@ -109,6 +141,13 @@ pub(crate) async fn not_found() -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if self.closes_connection() {
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        r
     }
 }

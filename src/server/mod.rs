@@ -67,6 +67,9 @@ pub struct ServeConfig {
     pub timeout: Duration,
     /// Largest request body.
     pub max_body: usize,
+    /// How long a request body may take to arrive in full (408 beyond; see
+    /// [`crate::settings::check_body_timeout`]).
+    pub body_timeout: Duration,
     /// How long in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
     pub shutdown_grace: Duration,
     /// Bytes of frames a subscriber may have queued before its frames are dropped.
@@ -138,18 +141,69 @@ pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response {
     r
 }
 
-/// The request body, at most `--max-body-kb` of it (413 beyond).
+/// The request body, at most `--max-body-kb` of it: a larger announced
+/// `Content-Length` is refused before any of it is read, and a body that keeps
+/// coming is cut off at the limit (413); one that has not arrived in full
+/// within `--body-timeout` is a 408. Both close the connection
+/// ([`ApiError::closes_connection`]); after a 413 the rest of the body is read
+/// and discarded for up to `--body-timeout` first ([`discard_rest`]).
 pub(crate) async fn read_body(app: &App, body: Body) -> std::result::Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, app.cfg.max_body)
-        .await
-        .map_err(|_| ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            kind: "invalid_request_error",
-            message: format!(
-                "request body is larger than {} bytes (or could not be read)",
-                app.cfg.max_body
+    use axum::body::HttpBody as _;
+    use futures_util::StreamExt as _;
+    let (max, timeout) = (app.cfg.max_body, app.cfg.body_timeout);
+    let too_large = || {
+        ApiError::with_status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {max} bytes"),
+        )
+    };
+    // hyper's body reports an announced Content-Length as its exact size.
+    let announced = body.size_hint().lower();
+    let mut chunks = body.into_data_stream();
+    if announced > max as u64 {
+        discard_rest(chunks, timeout);
+        return Err(too_large());
+    }
+    let mut buf = Vec::new();
+    let read = async {
+        while let Some(chunk) = chunks.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::bad(format!("request body could not be read: {e}")))?;
+            if buf.len() + chunk.len() > max {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(())) => Ok(Bytes::from(buf)),
+        Ok(Err(e)) => {
+            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                discard_rest(chunks, timeout);
+            }
+            Err(e)
+        }
+        Err(_) => Err(ApiError::with_status(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body did not arrive within {} s",
+                timeout.as_secs_f64()
             ),
-        })
+        )),
+    }
+}
+
+/// A lingering close: the answer goes out at once while what the client still
+/// sends of a refused body is read and thrown away (for at most `within`), so a
+/// client that writes its whole body before it reads gets the answer instead of
+/// a connection reset. The connection closes when the body ends or `within` passes.
+fn discard_rest(mut chunks: axum::body::BodyDataStream, within: Duration) {
+    use futures_util::StreamExt as _;
+    tokio::spawn(async move {
+        let drain = async { while let Some(Ok(_)) = chunks.next().await {} };
+        let _ = tokio::time::timeout(within, drain).await;
+    });
 }
 
 /// Seconds since the Unix epoch (`created` fields).
@@ -167,6 +221,7 @@ pub(crate) fn fingerprint() -> String {
 /// Run the server until SIGINT/SIGTERM; returns after a graceful shutdown.
 pub fn run(cfg: ServeConfig) -> Result<()> {
     check_exposure(&cfg.host, cfg.api_key.as_deref())?;
+    crate::settings::check_body_timeout(cfg.body_timeout)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -5,9 +5,9 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::capture::Rows;
-use crate::engine::{Model, SamplingOptions, Token};
+use crate::engine::{SamplingOptions, Token};
 use crate::record::Dtype;
-use crate::sched::LatentRequest;
+use crate::sched::{LatentRequest, Scheduler};
 use crate::select::LayerFilter;
 
 /// Most alternatives a request may ask for per token.
@@ -296,9 +296,27 @@ impl LatentFields {
     }
 }
 
+/// Refuse, before tokenizing, a prompt of `text_bytes` bytes of text and
+/// `n_ids` token ids that could not fit a slot even if every token stood for
+/// the vocabulary's longest text ([`Scheduler::fewest_tokens`]): the usual
+/// `exceed_context_size_error`, with the bound as "at least N tokens".
+pub fn fits_before_tokenizing(
+    engine: &Scheduler,
+    text_bytes: usize,
+    n_ids: usize,
+) -> Result<(), ApiError> {
+    let fewest = engine.fewest_tokens(text_bytes).saturating_add(n_ids);
+    if engine.prompt_fits(fewest) {
+        return Ok(());
+    }
+    Err(ApiError::exceeds_context(fewest, true, engine.n_ctx_slot()))
+}
+
 /// A prompt: text (tokenized with BOS and special tokens), token ids, or a
-/// mix of both in one array.
-pub fn prompt(model: &Model, v: Option<&Value>) -> Result<Vec<Token>, ApiError> {
+/// mix of both in one array. One far longer than a slot is refused before it
+/// is tokenized ([`fits_before_tokenizing`]).
+pub fn prompt(engine: &Scheduler, v: Option<&Value>) -> Result<Vec<Token>, ApiError> {
+    let model = engine.model();
     let n_vocab = model.n_vocab() as i64;
     let id = |v: &Value| -> Result<Token, ApiError> {
         let t = v
@@ -311,6 +329,15 @@ pub fn prompt(model: &Model, v: Option<&Value>) -> Result<Vec<Token>, ApiError> 
         }
         Ok(t as Token)
     };
+    let (text_bytes, n_ids) = match v {
+        Some(Value::String(s)) => (s.len(), 0),
+        Some(Value::Array(a)) => a.iter().fold((0, 0), |(b, n), v| match v {
+            Value::String(s) => (b + s.len(), n),
+            _ => (b, n + 1),
+        }),
+        _ => (0, 0),
+    };
+    fits_before_tokenizing(engine, text_bytes, n_ids)?;
     let toks = match v {
         None | Some(Value::Null) => return Err(ApiError::bad("'prompt' is required")),
         Some(Value::String(s)) => model.tokenize_ext(s, true, true)?,

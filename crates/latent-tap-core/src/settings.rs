@@ -42,6 +42,11 @@ pub const DATASET_RING_FRAMES: usize = 8;
 /// Smallest ring a dataset capture sizes for itself (4 MiB).
 pub const MIN_DATASET_RING_BYTES: usize = 4 << 20;
 
+/// How long `serve` waits for a request body to arrive in full, by default.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest `serve` may be told to wait for a request body.
+pub const MAX_BODY_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Default size cap of a dataset shard (64 MiB).
 pub const DEFAULT_SHARD_BYTES: usize = 64 << 20;
 /// Smallest dataset shard cap (4 KiB).
@@ -211,6 +216,31 @@ pub fn block_timeout_from_secs(secs: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// The time a request body may take to arrive in full: more than 0, at most
+/// [`MAX_BODY_TIMEOUT`].
+pub fn check_body_timeout(timeout: Duration) -> Result<()> {
+    if timeout.is_zero() || timeout > MAX_BODY_TIMEOUT {
+        return Err(body_timeout_range(timeout.as_secs_f64()));
+    }
+    Ok(())
+}
+
+/// A body timeout from seconds (as a user types it, fractions allowed), checked
+/// as in [`check_body_timeout`].
+pub fn body_timeout_from_secs(secs: f64) -> Result<Duration> {
+    if !(secs.is_finite() && secs > 0.0 && secs <= MAX_BODY_TIMEOUT.as_secs_f64()) {
+        return Err(body_timeout_range(secs));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn body_timeout_range(secs: f64) -> Error {
+    Error::invalid(format!(
+        "body timeout {secs} s is out of range: more than 0, at most {} s",
+        MAX_BODY_TIMEOUT.as_secs()
+    ))
+}
+
 /// A shard cap from MiB (as a user types it, fractions allowed).
 pub fn shard_bytes_from_mb(mb: f64) -> Result<usize> {
     let bytes = mb * (1u64 << 20) as f64;
@@ -309,6 +339,17 @@ mod tests {
         assert!(check_context(256, 512, 512, 257).is_err());
         assert!(check_context(256, 512, 1024, 1).is_err());
         assert!(check_context(256, 1 << 17, 1 << 17, 1).is_err());
+        for secs in [0.0, -1.0, 3600.5, f64::NAN, f64::INFINITY] {
+            assert!(body_timeout_from_secs(secs).is_err(), "{secs}");
+        }
+        assert_eq!(
+            body_timeout_from_secs(0.25).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(body_timeout_from_secs(3600.0).unwrap(), MAX_BODY_TIMEOUT);
+        assert!(check_body_timeout(DEFAULT_BODY_TIMEOUT).is_ok());
+        assert!(check_body_timeout(Duration::ZERO).is_err());
+        assert!(check_body_timeout(MAX_BODY_TIMEOUT + Duration::from_millis(1)).is_err());
         assert!(check_shards(MIN_SHARD_BYTES, 0, 2, true).is_err());
         assert!(check_shards(MIN_SHARD_BYTES, 1, 2, false).is_ok());
         assert!(check_shards(MIN_SHARD_BYTES, 2, 2, false).is_err());

@@ -100,7 +100,16 @@ pub(super) fn native_final(app: &App, p: &Prepared, acc: &Acc, stream: bool) -> 
     if !stream && p.params.n_probs > 0 {
         v["completion_probabilities"] = Value::Array(acc.probs.clone());
     }
+    add_latents_skipped(p, &mut v);
     v
+}
+
+/// With `latents` asked for, the final object says which matched nodes were
+/// left out and why: `"latents_skipped": [{"name", "reason"}]` (empty when none).
+pub(super) fn add_latents_skipped(p: &Prepared, v: &mut Value) {
+    if let Some(f) = &p.filter {
+        v["latents_skipped"] = json!(f.skipped);
+    }
 }
 
 /// The whole answer of a request that is not streamed as SSE (JSON, or the
@@ -118,7 +127,7 @@ pub(super) fn oai_final(app: &App, p: &Prepared, acc: &Acc, stream: bool) -> Val
     let created = unix_now();
     let content = if stream { "" } else { acc.text.content() };
     let logprobs = (!stream && p.params.n_probs > 0).then(|| json!({"content": acc.probs}));
-    if p.flavor == Flavor::OaiChat {
+    let mut v = if p.flavor == Flavor::OaiChat {
         let mut choice = json!({
             "finish_reason": acc.finish_reason(),
             "index": 0,
@@ -148,5 +157,7 @@ pub(super) fn oai_final(app: &App, p: &Prepared, acc: &Acc, stream: bool) -> Val
             "id": p.id,
             "timings": acc.timings(),
         })
-    }
+    };
+    add_latents_skipped(p, &mut v);
+    v
 }

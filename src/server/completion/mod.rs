@@ -63,8 +63,7 @@ pub(crate) async fn completion(State(app): AppState, headers: HeaderMap, body: B
     let r = async {
         let bytes = read_body(&app, body).await?;
         let m = request::object(&bytes)?;
-        let model = app.model()?.clone();
-        let tokens = request::prompt(&model, m.get("prompt"))?;
+        let tokens = request::prompt(app.engine()?, m.get("prompt"))?;
         let p = prepare(&app, &m, Flavor::Native, tokens, &headers)?;
         run(app.clone(), p).await
     }
@@ -80,8 +79,7 @@ pub(crate) async fn oai_completions(
     let r = async {
         let bytes = read_body(&app, body).await?;
         let m = request::object(&bytes)?;
-        let model = app.model()?.clone();
-        let tokens = request::prompt(&model, m.get("prompt"))?;
+        let tokens = request::prompt(app.engine()?, m.get("prompt"))?;
         let p = prepare(&app, &m, Flavor::OaiCmpl, tokens, &headers)?;
         run(app.clone(), p).await
     }

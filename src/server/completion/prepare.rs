@@ -1,7 +1,7 @@
 //! A completion request, read and checked: its tokens, generation settings,
 //! latent selection and transport; then submitted to the engine.
 
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
@@ -133,16 +133,12 @@ pub(crate) fn prepare(
             }
         }
     }
-    let slot_ctx = engine.n_ctx_slot() as usize;
     if !engine.prompt_fits(tokens.len()) {
-        return Err(ApiError {
-            status: StatusCode::BAD_REQUEST,
-            kind: "exceed_context_size_error",
-            message: format!(
-                "request ({} tokens) exceeds the available context size ({slot_ctx} tokens), try increasing it",
-                tokens.len()
-            ),
-        });
+        return Err(ApiError::exceeds_context(
+            tokens.len(),
+            false,
+            engine.n_ctx_slot(),
+        ));
     }
     let filter = params
         .latents

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::acc::Acc;
-use super::format::{final_object, native_final, oai_final};
+use super::format::{add_latents_skipped, final_object, native_final, oai_final};
 use super::prepare::{CancelGuard, Flavor, Prepared};
 use crate::engine::Token;
 use crate::record::RequestRecord;
@@ -125,9 +125,10 @@ impl Chunks<'_> {
             Flavor::Native => finals.push(native_final(self.app, self.p, acc, true)),
             Flavor::OaiCmpl => finals.push(oai_final(self.app, self.p, acc, true)),
             Flavor::OaiChat => {
-                finals.push(self.base(
-                    json!([{"finish_reason": acc.finish_reason(), "index": 0, "delta": {}}]),
-                ));
+                let mut v = self
+                    .base(json!([{"finish_reason": acc.finish_reason(), "index": 0, "delta": {}}]));
+                add_latents_skipped(self.p, &mut v);
+                finals.push(v);
             }
         }
         if let (Some(l), Some(first)) = (latents, finals.first_mut()) {

@@ -64,9 +64,13 @@ pub struct ServeArgs {
     /// process keeps a core busy (scripts/bench-serve --busy-core).
     #[arg(long, default_value_t = 50)]
     poll: u32,
-    /// Largest request body in KiB.
+    /// Largest request body in KiB (a larger Content-Length is refused before the body is read).
     #[arg(long, default_value_t = 8192)]
     max_body_kb: usize,
+    /// Seconds a request body may take to arrive in full (fractions allowed; more
+    /// than 0, at most 3600): a slower one gets 408 and the connection is closed.
+    #[arg(long, default_value_t = latent_tap::settings::DEFAULT_BODY_TIMEOUT.as_secs_f64(), allow_hyphen_values = true)]
+    body_timeout: f64,
     /// Requests that may wait for a slot before new ones get 503.
     #[arg(long, default_value_t = 64)]
     queue: usize,
@@ -140,20 +144,17 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         alias: a.alias,
         metrics: a.metrics,
         timeout: std::time::Duration::from_secs(a.timeout),
+        body_timeout: latent_tap::settings::body_timeout_from_secs(a.body_timeout)?,
         max_body: a
             .max_body_kb
             .checked_mul(1024)
             .ok_or_else(|| Error::invalid("--max-body-kb is too large"))?,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
-<<<<<<< HEAD
         subscriber_queue: crate::args::mib("--subscriber-queue-mb", a.subscriber_queue_mb)?,
-=======
-        subscriber_queue: mb(a.subscriber_queue_mb, "--subscriber-queue-mb")?,
         chat_template: latent_tap::server::chat_template_option(
             a.chat_template.as_deref(),
             a.chat_template_file.as_deref(),
         )?,
->>>>>>> compat
         on_listen: None,
     };
     if a.n_predict < -1 {
