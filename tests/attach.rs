@@ -117,14 +117,29 @@ fn fake(broken: bool) -> PathBuf {
                 ],
                 &dir,
             );
+            if !broken {
+                // The same program loading libllama with dlopen after start-up.
+                let lib = format!("-DFAKE_DLOPEN=\"{}\"", dir.join("libllama.so").display());
+                cc(&["-o", "fake_host_dl", &h, &lib, "-ldl"], &dir);
+            }
             dir.join("fake_host")
         })
         .clone()
 }
 
+/// The fake host that `dlopen`s libllama (`RTLD_NOW | RTLD_LOCAL`) after start.
+fn fake_dl() -> PathBuf {
+    fake(false).with_file_name("fake_host_dl")
+}
+
 /// Runs the fake host for `steps` decode steps.
 fn host(broken: bool, steps: u32, sleep_ms: u32, env: &[(&str, &str)], tap: bool) -> Output {
-    let mut c = Command::new(fake(broken));
+    run_host(&fake(broken), steps, sleep_ms, env, tap)
+}
+
+/// Runs the fake host program `exe`.
+fn run_host(exe: &Path, steps: u32, sleep_ms: u32, env: &[(&str, &str)], tap: bool) -> Output {
+    let mut c = Command::new(exe);
     c.args([steps.to_string(), sleep_ms.to_string()])
         .env("FAKE_HOST_CB", "1")
         .env_remove("LD_PRELOAD");
@@ -184,19 +199,53 @@ fn a_host_missing_a_symbol_is_a_logged_no_op() {
 }
 
 #[test]
-fn a_program_without_shared_llama_cpp_is_a_logged_no_op() {
-    // latent-tap itself links llama.cpp statically: nothing to interpose.
+fn a_program_without_shared_llama_cpp_runs_untouched() {
+    // latent-tap itself links llama.cpp statically: nothing to interpose
+    // (and nothing looked up: the host's functions are found when first
+    // called, which never happens here).
+    let plain = bin().arg("--help").output().unwrap();
     let out = bin()
         .arg("--help")
         .env("LD_PRELOAD", preload())
         .output()
         .unwrap();
     assert!(out.status.success());
+    assert_eq!(plain.stdout, out.stdout);
     let log = stderr(&out);
-    assert!(
-        log.contains("is not in this process (not a shared-library llama.cpp program?)"),
-        "{log}"
-    );
+    assert!(log.contains("latent-tap: loaded"), "{log}");
+    assert!(!log.contains("the tap is off"), "{log}");
+}
+
+/// A host that loads llama.cpp after start-up (`dlopen(RTLD_NOW |
+/// RTLD_LOCAL)` and `dlsym`, as ctypes does for llama-cpp-python): the
+/// preload's functions find the host's when first called; without a listener
+/// the output is the plain run's, with one the rows arrive labelled and exact.
+#[test]
+fn a_host_that_dlopens_llama_cpp_late_is_served() {
+    let sock = tmp_sock("dl");
+    let _ = std::fs::remove_file(&sock);
+    let env = [("LATENT_TAP_SINK", sock.to_str().unwrap())];
+    let plain = run_host(&fake_dl(), 3, 0, &[], false);
+    assert_eq!(plain.stdout, host(false, 3, 0, &[], false).stdout);
+    let untapped = run_host(&fake_dl(), 3, 0, &env, true);
+    assert_eq!(plain.stdout, untapped.stdout);
+    let log = stderr(&untapped);
+    assert!(!log.contains("not in this process"), "{log}");
+    assert!(!log.contains("attached"), "{log}");
+
+    let out = std::env::temp_dir().join(format!("lt-attach-dl-{}", std::process::id()));
+    let l = Listen::start(&sock, &out);
+    let tapped = run_host(&fake_dl(), 3, 0, &env, true);
+    let run = l.stop();
+    assert_eq!(plain.stdout, tapped.stdout);
+    let log = stderr(&tapped);
+    assert!(log.contains("listener 1 attached"), "{log}");
+    assert_eq!(run.rows["l_out-0"].len(), 19, "{log}");
+    assert_eq!(run.rows["l_out-2"].len(), 8);
+    assert_eq!(assert_exact(&run), 46);
+    assert_eq!(run.tokens.len(), 19);
+    assert_eq!(run.manifest["attach"]["requests"], 2);
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]

@@ -94,7 +94,7 @@ impl Config {
                     ))
                 })?,
         };
-        let log = get("LATENT_TAP_LOG").map_or(true, |v| v.trim() != "0");
+        let log = get("LATENT_TAP_LOG").is_none_or(|v| v.trim() != "0");
         Ok(Self {
             patterns,
             tensors,
