@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::config::Config;
 use crate::host::{self, Host, Tensor, TYPE_I32};
 use crate::labels::{GraphRows, Mismatch};
-use crate::link::Link;
+use crate::link::{ConnectError, Link};
 use crate::wire::{CONNECT_INTERVAL_MS, LIVENESS_INTERVAL_MS};
 
 use super::callback::{host_cb, sched_entry, tap_callback, Sched};
@@ -118,7 +118,8 @@ unsafe fn prepare(st: &mut State, h: &Host, cfg: &Config, graph: *mut c_void) ->
                 st.link = Some(link);
             }
             Ok(None) => {}
-            Err(e) => log(&format!(
+            Err(ConnectError::Refused(why)) => turn_off(st, why),
+            Err(ConnectError::Failed(e)) => log(&format!(
                 "could not attach to the listener at {}: {e}",
                 cfg.sink
             )),
