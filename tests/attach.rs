@@ -117,14 +117,66 @@ fn fake(broken: bool) -> PathBuf {
                 ],
                 &dir,
             );
+            if !broken {
+                // The same program loading libllama with dlopen after start-up.
+                let lib = format!("-DFAKE_DLOPEN=\"{}\"", dir.join("libllama.so").display());
+                cc(&["-o", "fake_host_dl", &h, &lib, "-ldl"], &dir);
+            }
             dir.join("fake_host")
         })
         .clone()
 }
 
+/// The fake host that `dlopen`s libllama (`RTLD_NOW | RTLD_LOCAL`) after start.
+fn fake_dl() -> PathBuf {
+    fake(false).with_file_name("fake_host_dl")
+}
+
 /// Runs the fake host for `steps` decode steps.
 fn host(broken: bool, steps: u32, sleep_ms: u32, env: &[(&str, &str)], tap: bool) -> Output {
-    let mut c = Command::new(fake(broken));
+    run_host(&fake(broken), steps, sleep_ms, env, tap)
+}
+
+/// Runs the fake host program `exe`.
+fn run_host(exe: &Path, steps: u32, sleep_ms: u32, env: &[(&str, &str)], tap: bool) -> Output {
+    run_host_as(None, exe, steps, sleep_ms, env, tap)
+}
+
+/// `setpriv` (util-linux) running a command as the unprivileged uid/gid 65534.
+const OTHER_UID: u32 = 65534;
+fn as_other_user() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    c
+}
+
+/// Whether the tests can run programs as another user (root with setpriv).
+fn other_user_available() -> bool {
+    // SAFETY: plain getter.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && as_other_user()
+        .arg("true")
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs the fake host program `exe`, as `OTHER_UID` with `other`.
+fn run_host_as(
+    other: Option<()>,
+    exe: &Path,
+    steps: u32,
+    sleep_ms: u32,
+    env: &[(&str, &str)],
+    tap: bool,
+) -> Output {
+    let mut c = match other {
+        Some(()) => {
+            let mut c = as_other_user();
+            c.arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     c.args([steps.to_string(), sleep_ms.to_string()])
         .env("FAKE_HOST_CB", "1")
         .env_remove("LD_PRELOAD");
@@ -184,19 +236,53 @@ fn a_host_missing_a_symbol_is_a_logged_no_op() {
 }
 
 #[test]
-fn a_program_without_shared_llama_cpp_is_a_logged_no_op() {
-    // latent-tap itself links llama.cpp statically: nothing to interpose.
+fn a_program_without_shared_llama_cpp_runs_untouched() {
+    // latent-tap itself links llama.cpp statically: nothing to interpose
+    // (and nothing looked up: the host's functions are found when first
+    // called, which never happens here).
+    let plain = bin().arg("--help").output().unwrap();
     let out = bin()
         .arg("--help")
         .env("LD_PRELOAD", preload())
         .output()
         .unwrap();
     assert!(out.status.success());
+    assert_eq!(plain.stdout, out.stdout);
     let log = stderr(&out);
-    assert!(
-        log.contains("is not in this process (not a shared-library llama.cpp program?)"),
-        "{log}"
-    );
+    assert!(log.contains("latent-tap: loaded"), "{log}");
+    assert!(!log.contains("the tap is off"), "{log}");
+}
+
+/// A host that loads llama.cpp after start-up (`dlopen(RTLD_NOW |
+/// RTLD_LOCAL)` and `dlsym`, as ctypes does for llama-cpp-python): the
+/// preload's functions find the host's when first called; without a listener
+/// the output is the plain run's, with one the rows arrive labelled and exact.
+#[test]
+fn a_host_that_dlopens_llama_cpp_late_is_served() {
+    let sock = tmp_sock("dl");
+    let _ = std::fs::remove_file(&sock);
+    let env = [("LATENT_TAP_SINK", sock.to_str().unwrap())];
+    let plain = run_host(&fake_dl(), 3, 0, &[], false);
+    assert_eq!(plain.stdout, host(false, 3, 0, &[], false).stdout);
+    let untapped = run_host(&fake_dl(), 3, 0, &env, true);
+    assert_eq!(plain.stdout, untapped.stdout);
+    let log = stderr(&untapped);
+    assert!(!log.contains("not in this process"), "{log}");
+    assert!(!log.contains("attached"), "{log}");
+
+    let out = std::env::temp_dir().join(format!("lt-attach-dl-{}", std::process::id()));
+    let l = Listen::start(&sock, &out);
+    let tapped = run_host(&fake_dl(), 3, 0, &env, true);
+    let run = l.stop();
+    assert_eq!(plain.stdout, tapped.stdout);
+    let log = stderr(&tapped);
+    assert!(log.contains("listener 1 attached"), "{log}");
+    assert_eq!(run.rows["l_out-0"].len(), 19, "{log}");
+    assert_eq!(run.rows["l_out-2"].len(), 8);
+    assert_eq!(assert_exact(&run), 46);
+    assert_eq!(run.tokens.len(), 19);
+    assert_eq!(run.manifest["attach"]["requests"], 2);
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -304,17 +390,54 @@ struct Listen {
     out: PathBuf,
 }
 
+/// How a test listener runs.
+#[derive(Default)]
+struct ListenHow<'a> {
+    args: &'a [&'a str],
+    /// As `OTHER_UID` (its --out directory is made theirs).
+    other_user: bool,
+    /// Under umask 000.
+    umask0: bool,
+    /// Its stderr goes here.
+    stderr: Option<std::fs::File>,
+}
+
 impl Listen {
     fn start(sock: &Path, out: &Path) -> Self {
+        Self::start_how(sock, out, ListenHow::default())
+    }
+
+    fn start_how(sock: &Path, out: &Path, how: ListenHow) -> Self {
+        use std::os::unix::process::CommandExt;
         let _ = std::fs::remove_dir_all(out);
-        let child = bin()
-            .args(["listen", "-q", "--sink"])
+        let mut c = if how.other_user {
+            std::fs::create_dir_all(out).unwrap();
+            std::os::unix::fs::chown(out, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+            let mut c = as_other_user();
+            c.arg(env!("CARGO_BIN_EXE_latent-tap"));
+            c
+        } else {
+            bin()
+        };
+        c.args(["listen", "-q", "--sink"])
             .arg(sock)
             .arg("--out")
             .arg(out)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+            .args(how.args)
+            .stdout(std::process::Stdio::null());
+        if let Some(f) = how.stderr {
+            c.stderr(f);
+        }
+        if how.umask0 {
+            // SAFETY: umask is async-signal-safe; nothing else runs in the child.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::umask(0);
+                    Ok(())
+                });
+            }
+        }
+        let child = c.spawn().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !out.join("manifest.json").exists() || !sock.exists() {
             assert!(std::time::Instant::now() < deadline, "listen did not start");
@@ -555,4 +678,151 @@ fn a_listener_killed_mid_stream_leaves_the_host_serving_and_the_next_one_attache
     assert_exact(&run);
     let _ = std::fs::remove_dir_all(&out1);
     let _ = std::fs::remove_dir_all(&out2);
+}
+
+// ---------------------------------------------------------------------------
+// Who may talk to whom.
+
+#[test]
+fn the_listeners_socket_is_its_users_only_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let sock = tmp_sock("umask");
+    let out = std::env::temp_dir().join(format!("lt-attach-umask-{}", std::process::id()));
+    let l = Listen::start_how(
+        &sock,
+        &out,
+        ListenHow {
+            umask0: true,
+            ..Default::default()
+        },
+    );
+    let mode = std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .permissions()
+        .mode();
+    let pid = l.child.id();
+    l.kill();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // The private directory it was bound in is gone.
+    let prefix = format!(".lt{pid}.");
+    assert!(!std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with(&prefix)));
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_file(&sock);
+}
+
+/// A host running as another user than the listener's socket: the preload
+/// sends nothing, says so once, and the host runs untouched.
+#[test]
+fn the_preload_refuses_a_socket_of_another_user() {
+    if !other_user_available() {
+        eprintln!("skipped: needs root and setpriv");
+        return;
+    }
+    let sock = tmp_sock("other-sock");
+    let out = std::env::temp_dir().join(format!("lt-attach-os-{}", std::process::id()));
+    let l = Listen::start(&sock, &out);
+    let env = [("LATENT_TAP_SINK", sock.to_str().unwrap())];
+    let plain = run_host_as(Some(()), &fake(false), 3, 0, &env, false);
+    let tapped = run_host_as(Some(()), &fake(false), 3, 0, &env, true);
+    let run = l.stop();
+    assert_eq!(plain.stdout, tapped.stdout);
+    let log = stderr(&tapped);
+    assert!(
+        log.contains("belongs to uid 0, not to this program's uid 65534")
+            && log.contains("the tap is off"),
+        "{log}"
+    );
+    assert_eq!(log.matches("belongs to uid").count(), 1, "{log}");
+    assert!(run.rows.is_empty());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A listener running as another user: the preload refuses it unless
+/// LATENT_TAP_ALLOW_UID names that user; then the listener refuses the host
+/// (another uid than its own, no --allow-uid) and logs its uid and pid.
+#[test]
+fn another_users_listener_is_refused_and_refuses() {
+    if !other_user_available() {
+        eprintln!("skipped: needs root and setpriv");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("lt-attach-ol-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+    let sock = dir.join("s.sock");
+    let out = dir.join("out");
+    let err_path = std::env::temp_dir().join(format!("lt-attach-ol-{}.err", std::process::id()));
+    let l = Listen::start_how(
+        &sock,
+        &out,
+        ListenHow {
+            other_user: true,
+            stderr: Some(std::fs::File::create(&err_path).unwrap()),
+            ..Default::default()
+        },
+    );
+    let env = [("LATENT_TAP_SINK", sock.to_str().unwrap())];
+    let plain = host(false, 3, 0, &env, false);
+    let refused = host(false, 3, 0, &env, true);
+    assert_eq!(plain.stdout, refused.stdout);
+    let log = stderr(&refused);
+    assert!(
+        log.contains("belongs to uid 65534, not to this program's uid 0")
+            && log.contains("the tap is off"),
+        "{log}"
+    );
+    let allowed_env = [
+        ("LATENT_TAP_SINK", sock.to_str().unwrap()),
+        ("LATENT_TAP_ALLOW_UID", "65534"),
+    ];
+    let tapped = host(false, 3, 0, &allowed_env, true);
+    assert_eq!(plain.stdout, tapped.stdout);
+    let run = l.stop();
+    assert!(run.rows.is_empty());
+    let lerr = std::fs::read_to_string(&err_path).unwrap();
+    assert!(
+        lerr.contains("refused a host: pid ")
+            && lerr.contains("runs as uid 0, this listener as uid 65534"),
+        "{lerr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&err_path);
+}
+
+/// `listen --allow-uid` admits another user's host (which names the
+/// listener's user in LATENT_TAP_ALLOW_UID): tapped, exact.
+#[test]
+fn listen_allow_uid_admits_another_users_host() {
+    if !other_user_available() {
+        eprintln!("skipped: needs root and setpriv");
+        return;
+    }
+    let sock = tmp_sock("allow");
+    let out = std::env::temp_dir().join(format!("lt-attach-allow-{}", std::process::id()));
+    let l = Listen::start_how(
+        &sock,
+        &out,
+        ListenHow {
+            args: &["--allow-uid", "65534"],
+            ..Default::default()
+        },
+    );
+    let env = [
+        ("LATENT_TAP_SINK", sock.to_str().unwrap()),
+        ("LATENT_TAP_ALLOW_UID", "0"),
+    ];
+    let tapped = run_host_as(Some(()), &fake(false), 3, 0, &env, true);
+    let run = l.stop();
+    assert_eq!(tapped.stdout, host(false, 3, 0, &[], false).stdout);
+    assert!(
+        stderr(&tapped).contains("listener 1 attached"),
+        "{}",
+        stderr(&tapped)
+    );
+    assert_eq!(assert_exact(&run), 46);
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -59,6 +59,10 @@ pub struct ListenOptions {
     pub verbose: bool,
     /// How long a host may take to send its hello.
     pub hello_timeout: Duration,
+    /// Users besides this listener's own whose hosts are accepted
+    /// (`SO_PEERCRED`). Empty: the socket is 0600; otherwise 0666, and the
+    /// peer check is what keeps other users out.
+    pub allow_uids: Vec<u32>,
 }
 
 /// Receives the listener's log lines (any thread).
@@ -177,7 +181,14 @@ pub fn run(
 ) -> Result<Outcome> {
     let stats: Shared = Arc::new(Mutex::new(ListenStats::default()));
     // Socket and HTTP port first: a listener that cannot start leaves no run behind.
-    let sink = Sink::bind(&opts.sink)?;
+    let mode = if opts.allow_uids.is_empty() {
+        0o600
+    } else {
+        0o666
+    };
+    let sink = Sink::bind(&opts.sink, mode)?;
+    // SAFETY: plain getter.
+    let me = unsafe { libc::geteuid() };
     let hub = Arc::new(Hub::default());
     let attached = Arc::new(AtomicUsize::new(0));
     let next_id = Arc::new(AtomicU64::new(0));
@@ -264,6 +275,22 @@ pub fn run(
                 attached.clone(),
             );
             s.spawn(move || {
+                let refuse = |why: String| {
+                    if let Ok(mut st) = stats.lock() {
+                        st.refused += 1;
+                    }
+                    log(&format!("latent-tap listen: refused a host: {why}"));
+                };
+                match sink::peer_cred(&stream) {
+                    Ok((_, uid)) if uid == me || opts.allow_uids.contains(&uid) => {}
+                    Ok((pid, uid)) => {
+                        return refuse(format!(
+                            "pid {pid} runs as uid {uid}, this listener as uid {me} \
+                             (--allow-uid {uid} admits it)"
+                        ))
+                    }
+                    Err(e) => return refuse(e.to_string()),
+                }
                 let a = match sink::handshake(stream, opts.hello_timeout) {
                     Ok(a) => a,
                     Err(e) => {

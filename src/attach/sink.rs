@@ -27,8 +27,9 @@ fn io_err(what: String, e: std::io::Error) -> Error {
 impl Sink {
     /// Bind a Unix stream socket at `path`. A socket file left by a listener
     /// that is gone is replaced; a live listener's socket, or a path that is
-    /// not a socket, is refused.
-    pub fn bind(path: &Path) -> Result<Self> {
+    /// not a socket, is refused. The socket file has `mode` (0600: only this
+    /// user may connect) whatever the umask.
+    pub fn bind(path: &Path, mode: u32) -> Result<Self> {
         let show = path.display();
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
@@ -48,8 +49,7 @@ impl Sink {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(format!("inspecting {show}"), e)),
         }
-        let listener =
-            UnixListener::bind(path).map_err(|e| io_err(format!("binding {show}"), e))?;
+        let listener = bind_private(path, mode)?;
         listener
             .set_nonblocking(true)
             .map_err(|e| io_err(format!("setting up {show}"), e))?;
@@ -83,6 +83,68 @@ impl Sink {
             Err(e) => Err(io_err(format!("accepting on {}", self.path.display()), e)),
         }
     }
+}
+
+/// Binds `path` with permissions `mode` from the start: bound in a fresh
+/// 0700 directory beside it (nobody else can reach the socket there), given
+/// its mode, then renamed into place.
+fn bind_private(path: &Path, mode: u32) -> Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let show = path.display();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = parent.join(format!(
+        ".lt{}.{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| io_err(format!("creating {}", dir.display()), e))?;
+    let tmp = dir.join("s");
+    let r = (|| {
+        let l = UnixListener::bind(&tmp).map_err(|e| io_err(format!("binding {show}"), e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| io_err(format!("setting the mode of {show}"), e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io_err(format!("binding {show}"), e))?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    r
+}
+
+/// Process id and user id of the process at the other end of `s`
+/// (`SO_PEERCRED`: as it was when it connected).
+pub fn peer_cred(s: &UnixStream) -> Result<(u32, u32)> {
+    let mut c = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `c` and `len` are valid out-parameters of the size given.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(c) as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io_err(
+            "reading the host's credentials".into(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok((c.pid as u32, c.uid))
 }
 
 impl Drop for Sink {

@@ -5,6 +5,10 @@
 // everything its own eval callback saw (FAKE_HOST_CB=1), which must not
 // change under the tap.
 //   fake_host STEPS SLEEP_MS
+// Built with -DFAKE_DLOPEN=\"DIR/libllama.so\" (fake_host_dl), it is not
+// linked against libllama/libggml-base: it loads them after start-up with
+// dlopen(RTLD_NOW | RTLD_LOCAL) and calls them through dlsym'ed pointers, as
+// Python's ctypes does for llama-cpp-python.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,11 +30,33 @@ static bool host_cb(struct ggml_tensor * t, bool ask, void * ud) {
     return true;
 }
 
+#ifdef FAKE_DLOPEN
+#include <dlfcn.h>
+static void (*p_set_host_cb)(ggml_backend_sched_eval_callback);
+static bool (*p_seq_rm)(llama_memory_t, llama_seq_id, llama_pos, llama_pos);
+static int32_t (*p_decode)(struct llama_context *, struct llama_batch);
+#define fake_set_host_cb p_set_host_cb
+#define llama_memory_seq_rm p_seq_rm
+#define llama_decode p_decode
+
+static int load_llama(void) {
+    void * h = dlopen(FAKE_DLOPEN, RTLD_NOW | RTLD_LOCAL);
+    if (!h) { fprintf(stderr, "dlopen: %s\n", dlerror()); return 0; }
+    *(void **) &p_set_host_cb = dlsym(h, "fake_set_host_cb");
+    *(void **) &p_seq_rm = dlsym(h, "llama_memory_seq_rm");
+    *(void **) &p_decode = dlsym(h, "llama_decode");
+    if (!p_set_host_cb || !p_seq_rm || !p_decode) { fprintf(stderr, "dlsym: %s\n", dlerror()); return 0; }
+    return 1;
+}
+#else
 void fake_set_host_cb(ggml_backend_sched_eval_callback cb);
+static int load_llama(void) { return 1; }
+#endif
 
 int main(int argc, char ** argv) {
     int steps = argc > 1 ? atoi(argv[1]) : 6;
     int sleep_ms = argc > 2 ? atoi(argv[2]) : 0;
+    if (!load_llama()) return 1;
     if (getenv("FAKE_HOST_CB")) {
         // Reach the fake scheduler the way llama.cpp's context would: the fake
         // llama sets NULL first; the host's own callback goes on top.

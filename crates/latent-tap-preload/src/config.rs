@@ -32,6 +32,9 @@ pub struct Config {
     pub ring_bytes: usize,
     /// Write log lines to stderr.
     pub log: bool,
+    /// Users besides the host's own whose listener (and socket file) the tap
+    /// may send to (`LATENT_TAP_ALLOW_UID`, comma-separated).
+    pub allow_uids: Vec<u32>,
 }
 
 impl Config {
@@ -94,7 +97,21 @@ impl Config {
                     ))
                 })?,
         };
-        let log = get("LATENT_TAP_LOG").map_or(true, |v| v.trim() != "0");
+        let log = get("LATENT_TAP_LOG").is_none_or(|v| v.trim() != "0");
+        let allow_uids = match get("LATENT_TAP_ALLOW_UID") {
+            None => Vec::new(),
+            Some(s) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(|u| u.parse::<u32>())
+                .collect::<std::result::Result<Vec<u32>, _>>()
+                .map_err(|_| {
+                    Error::invalid(format!(
+                        "LATENT_TAP_ALLOW_UID={s}: use user ids (numbers), comma-separated"
+                    ))
+                })?,
+        };
         Ok(Self {
             patterns,
             tensors,
@@ -105,6 +122,7 @@ impl Config {
             sink,
             ring_bytes: ring_mb << 20,
             log,
+            allow_uids,
         })
     }
 
@@ -161,6 +179,9 @@ mod tests {
         assert_eq!(c.select(b"l_out-7"), None);
         assert!(c.last_only);
         assert_eq!(c.dtype, Dtype::BF16);
+        assert!(c.allow_uids.is_empty());
+        let c = cfg(&[("LATENT_TAP_ALLOW_UID", "0, 1000")]).unwrap();
+        assert_eq!(c.allow_uids, [0, 1000]);
     }
 
     #[test]
@@ -172,6 +193,7 @@ mod tests {
             ("LATENT_TAP_RING_MB", "lots"),
             ("LATENT_TAP_TENSORS", " , "),
             ("LATENT_TAP_LAYERS", "x-"),
+            ("LATENT_TAP_ALLOW_UID", "root"),
         ] {
             let e = cfg(&[(k, v)]).unwrap_err();
             assert!(e.message().contains(k), "{k}={v}: {}", e.message());

@@ -1,8 +1,9 @@
 //! The host's llama.cpp/ggml as this library sees it: a mirror of the few
 //! public structs it reads, and the functions it calls, all resolved at run
-//! time with `dlsym` (this library links no llama.cpp of its own).
+//! time with `dlsym` (this library links no llama.cpp of its own; see
+//! [`crate::resolve`]).
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_void};
 use std::sync::OnceLock;
 
 /// `GGML_MAX_DIMS`.
@@ -78,19 +79,6 @@ pub struct LlamaEmbd {
 /// `ggml_backend_sched_eval_callback`.
 pub type EvalCallback = Option<unsafe extern "C" fn(*mut Tensor, bool, *mut c_void) -> bool>;
 
-/// Looks `name` up after this library in the search order (the host's
-/// definition of a function this library also exports).
-pub fn next(name: &CStr) -> *mut c_void {
-    // SAFETY: `name` is NUL-terminated; dlsym has no other preconditions.
-    unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) }
-}
-
-/// Looks `name` up in the whole process.
-pub fn global(name: &CStr) -> *mut c_void {
-    // SAFETY: as in `next`.
-    unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) }
-}
-
 macro_rules! host_fns {
     ($( $field:ident : $name:literal => fn($($arg:ty),*) $(-> $ret:ty)? ;)*) => {
         /// The host's ggml functions this library calls.
@@ -104,15 +92,13 @@ macro_rules! host_fns {
             fn resolve() -> Result<Self, &'static str> {
                 Ok(Self {
                     $( $field: {
-                        let p = next($name);
-                        let p = if p.is_null() { global($name) } else { p };
-                        if p.is_null() {
+                        let Some(p) = crate::resolve::resolve($name, 0) else {
                             return Err($name.to_str().unwrap_or("?"));
-                        }
+                        };
                         // SAFETY: the symbol is the host's function of this
                         // name, whose C signature (ggml.h / ggml-backend.h)
                         // is the one declared here.
-                        unsafe { std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) $(-> $ret)?>(p) }
+                        unsafe { std::mem::transmute::<usize, unsafe extern "C" fn($($arg),*) $(-> $ret)?>(p) }
                     }, )*
                 })
             }
@@ -133,8 +119,10 @@ host_fns! {
     get_name: c"ggml_get_name" => fn(*const Tensor) -> *const c_char;
 }
 
-/// The host's functions, resolved once; `Err` names the first missing one
-/// (the host is not a shared-library llama.cpp build this library can serve).
+/// The host's functions, resolved once, at the first graph the host computes
+/// (by then it has loaded ggml, however late); `Err` names the first missing
+/// one (the host is not a shared-library llama.cpp build this library can
+/// serve).
 pub fn host() -> Result<&'static Host, &'static str> {
     static HOST: OnceLock<Result<Host, &'static str>> = OnceLock::new();
     HOST.get_or_init(Host::resolve).as_ref().map_err(|e| *e)

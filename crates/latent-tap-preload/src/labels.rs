@@ -137,8 +137,8 @@ impl Batch {
             return Err(Mismatch::Short { need: n, left });
         }
         let agrees = |l: &Label, row: usize| {
-            g.tokens.get(row).map_or(true, |&t| t == l.token)
-                && (l.pos == POS_UNSET || g.pos.get(row).map_or(true, |&p| p == l.pos))
+            g.tokens.get(row).is_none_or(|&t| t == l.token)
+                && (l.pos == POS_UNSET || g.pos.get(row).is_none_or(|&p| p == l.pos))
         };
         // Batch order: the next n unused labels.
         let next: Vec<usize> = (self.taken..self.labels.len())

@@ -10,8 +10,8 @@
 //! How it hooks in (no help from the host): the library defines a few
 //! functions the host calls across shared-library boundaries, so the dynamic
 //! linker binds the host's calls to these definitions first, and each one
-//! calls the host's own definition (`dlsym(RTLD_NEXT)`) after noting what it
-//! needs:
+//! calls the host's own definition (found at its first call, however late the
+//! host loaded llama.cpp: [`resolve`]) after noting what it needs:
 //! - `llama_decode` and the extended batch API (`llama_batch_ext_*`,
 //!   `llama_process`): the labels (token, position, sequence, output) of each
 //!   batch;
@@ -37,6 +37,7 @@ pub mod config;
 pub mod host;
 pub mod labels;
 pub mod link;
+pub mod resolve;
 mod tap;
 
 pub use tap::interpose;

@@ -29,11 +29,58 @@ fn errno() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
+/// Why [`Link::connect`] did not attach.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The socket file or the listener belongs to another user the host's
+    /// environment does not allow: the tap stays off.
+    Refused(String),
+    /// A listener is there but the ring could not be set up (worth a log line).
+    Failed(String),
+}
+
+impl From<String> for ConnectError {
+    fn from(s: String) -> Self {
+        Self::Failed(s)
+    }
+}
+
+impl From<&str> for ConnectError {
+    fn from(s: &str) -> Self {
+        Self::Failed(s.into())
+    }
+}
+
+/// `Err` unless `uid` is this process's user or one `cfg` allows.
+fn check_uid(cfg: &Config, what: &str, uid: u32) -> Result<(), ConnectError> {
+    // SAFETY: plain getter.
+    let me = unsafe { libc::geteuid() };
+    if uid == me || cfg.allow_uids.contains(&uid) {
+        return Ok(());
+    }
+    Err(ConnectError::Refused(format!(
+        "{what} {} belongs to uid {uid}, not to this program's uid {me} \
+         (LATENT_TAP_ALLOW_UID={uid} allows it)",
+        cfg.sink
+    )))
+}
+
 impl Link {
-    /// Connect to the listener at `cfg.sink` if one is there. `Ok(None)`: no
-    /// listener (nothing to report); `Err`: a listener is there but the ring
-    /// could not be set up (worth a log line).
-    pub fn connect(cfg: &Config, connection: u32) -> Result<Option<Self>, String> {
+    /// Connect to the listener at `cfg.sink` if one is there and it is this
+    /// user's (or an allowed user's). `Ok(None)`: no listener (nothing to
+    /// report).
+    pub fn connect(cfg: &Config, connection: u32) -> Result<Option<Self>, ConnectError> {
+        let Ok(cpath) = std::ffi::CString::new(cfg.sink.as_bytes()) else {
+            return Err("sink path holds a NUL byte".into());
+        };
+        // SAFETY: all-zero is a valid stat buffer.
+        let mut sb: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: NUL-terminated path; `sb` is a valid out-parameter.
+        if unsafe { libc::stat(cpath.as_ptr(), &mut sb) } != 0 {
+            // No socket there (yet).
+            return Ok(None);
+        }
+        check_uid(cfg, "the socket", sb.st_uid)?;
         // SAFETY: plain socket(2).
         let fd = unsafe {
             libc::socket(
@@ -43,7 +90,7 @@ impl Link {
             )
         };
         if fd < 0 {
-            return Err(format!("socket: {}", errno()));
+            return Err(format!("socket: {}", errno()).into());
         }
         // SAFETY: `fd` is a new descriptor owned by nobody else.
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -69,17 +116,37 @@ impl Link {
             // No listener (ENOENT, ECONNREFUSED) or its backlog is full (EAGAIN).
             return Ok(None);
         }
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` and `clen` are valid out-parameters of the size given.
+        let r = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                std::ptr::addr_of_mut!(cred) as *mut c_void,
+                &mut clen,
+            )
+        };
+        if r != 0 {
+            return Err(format!("reading the listener's credentials: {}", errno()).into());
+        }
+        check_uid(cfg, "the listener at", cred.uid)?;
         let len = ring::shm::mapping_len(cfg.ring_bytes).ok_or("ring too large")?;
         // SAFETY: NUL-terminated name; flags are valid.
         let mfd = unsafe { libc::memfd_create(c"latent-tap-ring".as_ptr(), libc::MFD_CLOEXEC) };
         if mfd < 0 {
-            return Err(format!("memfd_create: {}", errno()));
+            return Err(format!("memfd_create: {}", errno()).into());
         }
         // SAFETY: new descriptor owned by nobody else.
         let mfd = unsafe { OwnedFd::from_raw_fd(mfd) };
         // SAFETY: plain ftruncate on our memfd.
         if unsafe { libc::ftruncate(mfd.as_raw_fd(), len as libc::off_t) } != 0 {
-            return Err(format!("sizing the ring ({len} bytes): {}", errno()));
+            return Err(format!("sizing the ring ({len} bytes): {}", errno()).into());
         }
         // SAFETY: a fresh shared mapping of the whole memfd.
         let base = unsafe {
@@ -93,7 +160,7 @@ impl Link {
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(format!("mapping the ring: {}", errno()));
+            return Err(format!("mapping the ring: {}", errno()).into());
         }
         // SAFETY: the mapping is new, zero-filled (fresh memfd), page-aligned,
         // readable and writable; only this producer touches it in this
@@ -103,7 +170,7 @@ impl Link {
             Err(e) => {
                 // SAFETY: the mapping made above, not handed to anyone.
                 unsafe { libc::munmap(base, len) };
-                return Err(e.to_string());
+                return Err(e.to_string().into());
             }
         };
         let hello = Hello {

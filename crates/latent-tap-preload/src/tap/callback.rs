@@ -88,7 +88,7 @@ pub(super) unsafe extern "C" fn tap_callback(t: *mut Tensor, ask: bool, ud: *mut
         mine || theirs
     } else if HOST_WANTED.get() {
         // SAFETY: as above; the host asked for this node.
-        hcb.map_or(true, |f| unsafe { f(t, false, hud) })
+        hcb.is_none_or(|f| unsafe { f(t, false, hud) })
     } else {
         true
     }

@@ -2,12 +2,12 @@
 
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Config;
 use crate::host::{self, Host, Tensor, TYPE_I32};
 use crate::labels::{GraphRows, Mismatch};
-use crate::link::Link;
+use crate::link::{ConnectError, Link};
 use crate::wire::{CONNECT_INTERVAL_MS, LIVENESS_INTERVAL_MS};
 
 use super::callback::{host_cb, sched_entry, tap_callback, Sched};
@@ -118,7 +118,8 @@ unsafe fn prepare(st: &mut State, h: &Host, cfg: &Config, graph: *mut c_void) ->
                 st.link = Some(link);
             }
             Ok(None) => {}
-            Err(e) => log(&format!(
+            Err(ConnectError::Refused(why)) => turn_off(st, why),
+            Err(ConnectError::Failed(e)) => log(&format!(
                 "could not attach to the listener at {}: {e}",
                 cfg.sink
             )),
@@ -184,9 +185,19 @@ pub(super) unsafe fn around_compute(
     graph: *mut c_void,
     real: unsafe extern "C" fn(*mut c_void, *mut c_void) -> i32,
 ) -> i32 {
-    let Ok(h) = host::host() else {
-        // SAFETY: the host's function, called with the host's arguments.
-        return unsafe { real(sched, graph) };
+    let h = match host::host() {
+        Ok(h) => h,
+        Err(missing) => {
+            static LOGGED: AtomicBool = AtomicBool::new(false);
+            if !LOGGED.swap(true, Ordering::Relaxed) {
+                log(&format!(
+                    "{missing} is not in this process (not a shared-library llama.cpp program?): \
+                     the tap is off, the program runs untouched"
+                ));
+            }
+            // SAFETY: the host's function, called with the host's arguments.
+            return unsafe { real(sched, graph) };
+        }
     };
     let mut guard = STATE.try_lock().ok();
     let entry = sched_entry(sched);

@@ -1,7 +1,9 @@
 //! The interposed functions (exported C symbols).
 
-use std::ffi::{c_void, CStr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::resolve::resolve;
 
 use crate::host::{self, EvalCallback};
 use crate::labels::POS_UNSET;
@@ -15,15 +17,72 @@ use super::compute::around_compute;
 /// `GGML_STATUS_FAILED`.
 const STATUS_FAILED: i32 = -1;
 
-/// The host's definition of `name`, resolved once per call site.
+/// Every interposed function: the host's definition it forwards to (0: not
+/// found yet), by name.
+macro_rules! interposed {
+    ($($f:ident),* $(,)?) => {
+        #[allow(non_upper_case_globals)]
+        mod slot {
+            use std::sync::atomic::AtomicUsize;
+            $( pub(super) static $f: AtomicUsize = AtomicUsize::new(0); )*
+        }
+
+        /// For `dlsym`: this library's function of that name and its slot.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+        fn lookup(name: &[u8]) -> Option<(usize, &'static AtomicUsize)> {
+            $( if name == stringify!($f).as_bytes() {
+                return Some(($f as *const () as usize, &slot::$f));
+            } )*
+            None
+        }
+    };
+}
+
+interposed!(
+    ggml_backend_sched_set_eval_callback,
+    ggml_backend_sched_graph_compute_async,
+    ggml_backend_sched_graph_compute,
+    llama_decode,
+    llama_process,
+    llama_batch_ext_init,
+    llama_batch_ext_free,
+    llama_batch_ext_clear,
+    llama_batch_ext_add,
+    llama_batch_ext_add_token,
+    llama_batch_ext_add_embd,
+    llama_batch_ext_add_seq,
+    llama_batch_ext_set_pos,
+    llama_batch_ext_set_output_logits,
+    llama_batch_ext_set_output_embd,
+    llama_memory_seq_rm,
+    llama_memory_clear,
+);
+
+/// The host's definition of `$f`, resolved at its first call (the host may
+/// load llama.cpp long after this library) and kept; `None` (logged once):
+/// the process has none.
 macro_rules! real {
-    ($name:literal, $ty:ty) => {{
-        static P: AtomicUsize = AtomicUsize::new(0);
-        let mut p = P.load(Ordering::Acquire);
+    ($f:ident, $ty:ty) => {{
+        let mut p = slot::$f.load(Ordering::Acquire);
         if p == 0 {
-            const NAME: &CStr = $name;
-            p = host::next(NAME) as usize;
-            P.store(p, Ordering::Release);
+            const NAME: &CStr =
+                match CStr::from_bytes_with_nul(concat!(stringify!($f), "\0").as_bytes()) {
+                    Ok(n) => n,
+                    Err(_) => panic!("bad name"),
+                };
+            p = resolve(NAME, $f as *const () as usize).unwrap_or(0);
+            if p == 0 {
+                static LOGGED: AtomicBool = AtomicBool::new(false);
+                if !LOGGED.swap(true, Ordering::Relaxed) {
+                    super::log(&format!(
+                        "{} is not in this process: the call fails as the host's would without it",
+                        stringify!($f)
+                    ));
+                }
+            } else {
+                let _ = slot::$f.compare_exchange(0, p, Ordering::AcqRel, Ordering::Acquire);
+                p = slot::$f.load(Ordering::Acquire);
+            }
         }
         // SAFETY: 0 or the host's function of this name, whose C signature
         // (llama.h, ggml-backend.h) is `$ty`.
@@ -31,16 +90,61 @@ macro_rules! real {
     }};
 }
 
-/// Calls the host's `name` with `args`, or evaluates to `default` when the
+/// Calls the host's `$f` with `args`, or evaluates to `default` when the
 /// host has no such function.
 macro_rules! call_real {
-    ($name:literal, $ty:ty, $default:expr; $($arg:expr),*) => {
-        match real!($name, $ty) {
+    ($f:ident, $ty:ty, $default:expr; $($arg:expr),*) => {
+        match real!($f, $ty) {
             // SAFETY: the host's function with the host's arguments.
             Some(f) => unsafe { f($($arg),*) },
             None => $default,
         }
     };
+}
+
+/// `dlsym`: glibc's, except that a host looking up an interposed llama.cpp
+/// function in its own handle (ctypes: `dlsym(libllama, "llama_decode")`)
+/// gets this library's (see [`crate::resolve`]). `RTLD_NEXT` lookups must
+/// see their caller's return address, so they jump straight to glibc's.
+///
+/// # Safety
+///
+/// As glibc's.
+#[cfg(target_arch = "x86_64")]
+#[unsafe(naked)]
+#[no_mangle]
+pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    // RTLD_NEXT is (void *) -1. A tail jump keeps the caller's return
+    // address, which glibc reads to know whose "next" is meant; everything
+    // else goes to `dlsym_rust`.
+    std::arch::naked_asm!(
+        "cmp rdi, -1",
+        "jne 2f",
+        "mov rax, qword ptr [rip + {real}]",
+        "test rax, rax",
+        "jz 2f",
+        "jmp rax",
+        "2:",
+        "jmp {imp}",
+        real = sym REAL_DLSYM_FOR_ASM,
+        imp = sym dlsym_rust,
+    )
+}
+
+/// glibc's `dlsym` for the `RTLD_NEXT` jump of [`dlsym`] (0 until known).
+static REAL_DLSYM_FOR_ASM: AtomicUsize = AtomicUsize::new(0);
+
+/// Set [`REAL_DLSYM_FOR_ASM`] (at load, before the host runs).
+pub(super) fn init_dlsym() {
+    if let Some(f) = crate::resolve::real_dlsym() {
+        REAL_DLSYM_FOR_ASM.store(f as usize, Ordering::Release);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe extern "C" fn dlsym_rust(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    // SAFETY: the caller's arguments, as dlsym's.
+    unsafe { crate::resolve::dlsym_impl(handle, name, lookup) }
 }
 
 type ComputeFn = unsafe extern "C" fn(*mut c_void, *mut c_void) -> i32;
@@ -62,7 +166,7 @@ pub unsafe extern "C" fn ggml_backend_sched_set_eval_callback(
         e.ours.store(false, Ordering::Release);
     }
     if let Some(f) = real!(
-        c"ggml_backend_sched_set_eval_callback",
+        ggml_backend_sched_set_eval_callback,
         unsafe extern "C" fn(*mut c_void, EvalCallback, *mut c_void)
     ) {
         // SAFETY: the host's function with the host's arguments.
@@ -80,7 +184,7 @@ pub unsafe extern "C" fn ggml_backend_sched_graph_compute_async(
     sched: *mut c_void,
     graph: *mut c_void,
 ) -> i32 {
-    match real!(c"ggml_backend_sched_graph_compute_async", ComputeFn) {
+    match real!(ggml_backend_sched_graph_compute_async, ComputeFn) {
         // SAFETY: the host's function with the host's arguments.
         Some(f) => unsafe { around_compute(sched, graph, f) },
         None => STATUS_FAILED,
@@ -97,7 +201,7 @@ pub unsafe extern "C" fn ggml_backend_sched_graph_compute(
     sched: *mut c_void,
     graph: *mut c_void,
 ) -> i32 {
-    match real!(c"ggml_backend_sched_graph_compute", ComputeFn) {
+    match real!(ggml_backend_sched_graph_compute, ComputeFn) {
         // SAFETY: the host's function with the host's arguments.
         Some(f) => unsafe { around_compute(sched, graph, f) },
         None => STATUS_FAILED,
@@ -112,7 +216,7 @@ pub unsafe extern "C" fn ggml_backend_sched_graph_compute(
 #[no_mangle]
 pub unsafe extern "C" fn llama_decode(ctx: *mut c_void, batch: host::LlamaBatch) -> i32 {
     record_llama_batch(&batch);
-    let r = call_real!(c"llama_decode", unsafe extern "C" fn(*mut c_void, host::LlamaBatch) -> i32, -2; ctx, batch);
+    let r = call_real!(llama_decode, unsafe extern "C" fn(*mut c_void, host::LlamaBatch) -> i32, -2; ctx, batch);
     end_batch();
     r
 }
@@ -125,7 +229,7 @@ pub unsafe extern "C" fn llama_decode(ctx: *mut c_void, batch: host::LlamaBatch)
 #[no_mangle]
 pub unsafe extern "C" fn llama_process(ctx: *mut c_void, typ: i32, batch: *mut c_void) -> i32 {
     begin_ext_batch(batch);
-    let r = call_real!(c"llama_process", unsafe extern "C" fn(*mut c_void, i32, *mut c_void) -> i32, -2; ctx, typ, batch);
+    let r = call_real!(llama_process, unsafe extern "C" fn(*mut c_void, i32, *mut c_void) -> i32, -2; ctx, typ, batch);
     end_batch();
     r
 }
@@ -138,7 +242,7 @@ pub unsafe extern "C" fn llama_process(ctx: *mut c_void, typ: i32, batch: *mut c
 #[no_mangle]
 pub unsafe extern "C" fn llama_batch_ext_init(ctx: *mut c_void) -> *mut c_void {
     let b = match real!(
-        c"llama_batch_ext_init",
+        llama_batch_ext_init,
         unsafe extern "C" fn(*mut c_void) -> *mut c_void
     ) {
         // SAFETY: the host's function with the host's arguments.
@@ -160,7 +264,7 @@ pub unsafe extern "C" fn llama_batch_ext_init(ctx: *mut c_void) -> *mut c_void {
 #[no_mangle]
 pub unsafe extern "C" fn llama_batch_ext_free(b: *mut c_void) {
     forget_shadow(b);
-    if let Some(f) = real!(c"llama_batch_ext_free", unsafe extern "C" fn(*mut c_void)) {
+    if let Some(f) = real!(llama_batch_ext_free, unsafe extern "C" fn(*mut c_void)) {
         // SAFETY: the host's function with the host's arguments.
         unsafe { f(b) }
     }
@@ -174,7 +278,7 @@ pub unsafe extern "C" fn llama_batch_ext_free(b: *mut c_void) {
 #[no_mangle]
 pub unsafe extern "C" fn llama_batch_ext_clear(b: *mut c_void) {
     with_shadow(b, |s| s.reset());
-    if let Some(f) = real!(c"llama_batch_ext_clear", unsafe extern "C" fn(*mut c_void)) {
+    if let Some(f) = real!(llama_batch_ext_clear, unsafe extern "C" fn(*mut c_void)) {
         // SAFETY: the host's function with the host's arguments.
         unsafe { f(b) }
     }
@@ -200,7 +304,8 @@ fn added(b: *mut c_void, idx: i32, seq: i32, token: i32) {
 /// As llama.cpp's.
 #[no_mangle]
 pub unsafe extern "C" fn llama_batch_ext_add(b: *mut c_void, seq: i32) -> i32 {
-    let r = call_real!(c"llama_batch_ext_add", unsafe extern "C" fn(*mut c_void, i32) -> i32, -1; b, seq);
+    let r =
+        call_real!(llama_batch_ext_add, unsafe extern "C" fn(*mut c_void, i32) -> i32, -1; b, seq);
     added(b, r, seq, -1);
     r
 }
@@ -212,7 +317,7 @@ pub unsafe extern "C" fn llama_batch_ext_add(b: *mut c_void, seq: i32) -> i32 {
 /// As llama.cpp's.
 #[no_mangle]
 pub unsafe extern "C" fn llama_batch_ext_add_token(b: *mut c_void, seq: i32, id: i32) -> i32 {
-    let r = call_real!(c"llama_batch_ext_add_token", unsafe extern "C" fn(*mut c_void, i32, i32) -> i32, -1; b, seq, id);
+    let r = call_real!(llama_batch_ext_add_token, unsafe extern "C" fn(*mut c_void, i32, i32) -> i32, -1; b, seq, id);
     added(b, r, seq, id);
     r
 }
@@ -228,7 +333,7 @@ pub unsafe extern "C" fn llama_batch_ext_add_embd(
     seq: i32,
     embd: host::LlamaEmbd,
 ) -> i32 {
-    let r = call_real!(c"llama_batch_ext_add_embd", unsafe extern "C" fn(*mut c_void, i32, host::LlamaEmbd) -> i32, -1; b, seq, embd);
+    let r = call_real!(llama_batch_ext_add_embd, unsafe extern "C" fn(*mut c_void, i32, host::LlamaEmbd) -> i32, -1; b, seq, embd);
     added(b, r, seq, -1);
     r
 }
@@ -240,7 +345,7 @@ pub unsafe extern "C" fn llama_batch_ext_add_embd(
 /// As llama.cpp's.
 #[no_mangle]
 pub unsafe extern "C" fn llama_batch_ext_add_seq(b: *mut c_void, idx: i32, seq: i32) -> bool {
-    let r = call_real!(c"llama_batch_ext_add_seq", unsafe extern "C" fn(*mut c_void, i32, i32) -> bool, false; b, idx, seq);
+    let r = call_real!(llama_batch_ext_add_seq, unsafe extern "C" fn(*mut c_void, i32, i32) -> bool, false; b, idx, seq);
     if r && idx >= 0 {
         with_shadow(b, |s| s.at(idx as usize).multi_seq = true);
     }
@@ -258,7 +363,7 @@ pub unsafe extern "C" fn llama_batch_ext_set_pos(
     idx: i32,
     pos: *const i32,
 ) -> bool {
-    let r = call_real!(c"llama_batch_ext_set_pos", unsafe extern "C" fn(*mut c_void, i32, *const i32) -> bool, false; b, idx, pos);
+    let r = call_real!(llama_batch_ext_set_pos, unsafe extern "C" fn(*mut c_void, i32, *const i32) -> bool, false; b, idx, pos);
     if r && idx >= 0 && !pos.is_null() {
         // SAFETY: llama.h: `pos` points at (at least) one position.
         let p = unsafe { *pos };
@@ -278,7 +383,7 @@ pub unsafe extern "C" fn llama_batch_ext_set_output_logits(
     idx: i32,
     v: bool,
 ) -> bool {
-    let r = call_real!(c"llama_batch_ext_set_output_logits", unsafe extern "C" fn(*mut c_void, i32, bool) -> bool, false; b, idx, v);
+    let r = call_real!(llama_batch_ext_set_output_logits, unsafe extern "C" fn(*mut c_void, i32, bool) -> bool, false; b, idx, v);
     if r && idx >= 0 {
         with_shadow(b, |s| s.at(idx as usize).output = v);
     }
@@ -296,7 +401,7 @@ pub unsafe extern "C" fn llama_batch_ext_set_output_embd(
     idx: i32,
     v: bool,
 ) -> bool {
-    let r = call_real!(c"llama_batch_ext_set_output_embd", unsafe extern "C" fn(*mut c_void, i32, bool) -> bool, false; b, idx, v);
+    let r = call_real!(llama_batch_ext_set_output_embd, unsafe extern "C" fn(*mut c_void, i32, bool) -> bool, false; b, idx, v);
     if r && idx >= 0 {
         with_shadow(b, |s| s.at(idx as usize).output = v);
     }
@@ -310,7 +415,7 @@ pub unsafe extern "C" fn llama_batch_ext_set_output_embd(
 /// As llama.cpp's.
 #[no_mangle]
 pub unsafe extern "C" fn llama_memory_seq_rm(mem: *mut c_void, seq: i32, p0: i32, p1: i32) -> bool {
-    let r = call_real!(c"llama_memory_seq_rm", unsafe extern "C" fn(*mut c_void, i32, i32, i32) -> bool, false; mem, seq, p0, p1);
+    let r = call_real!(llama_memory_seq_rm, unsafe extern "C" fn(*mut c_void, i32, i32, i32) -> bool, false; mem, seq, p0, p1);
     if r {
         note_seq_rm(seq, p0, p1);
     }
@@ -324,10 +429,7 @@ pub unsafe extern "C" fn llama_memory_seq_rm(mem: *mut c_void, seq: i32, p0: i32
 /// As llama.cpp's.
 #[no_mangle]
 pub unsafe extern "C" fn llama_memory_clear(mem: *mut c_void, data: bool) {
-    if let Some(f) = real!(
-        c"llama_memory_clear",
-        unsafe extern "C" fn(*mut c_void, bool)
-    ) {
+    if let Some(f) = real!(llama_memory_clear, unsafe extern "C" fn(*mut c_void, bool)) {
         // SAFETY: the host's function with the host's arguments.
         unsafe { f(mem, data) }
     }

@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
 use crate::config::Config;
-use crate::host;
 use crate::labels::{Batch, GraphRows, Label};
 use crate::link::Link;
 use crate::select::NameHasher;
@@ -30,7 +29,7 @@ pub mod interpose;
 
 /// Log a line on stderr (unless `LATENT_TAP_LOG=0`).
 fn log(msg: &str) {
-    if config().map_or(true, |c| c.log) {
+    if config().is_none_or(|c| c.log) {
         eprintln!("latent-tap: {msg}");
     }
 }
@@ -131,23 +130,21 @@ fn turn_off(st: &mut State, why: String) {
     }
 }
 
-/// Log once at load whether this process can be tapped at all.
+/// At load: note glibc's `dlsym` and log the settings. Nothing of the host
+/// is looked up here: a program may load llama.cpp long after start-up
+/// (ctypes), so the host's functions are found when first called and the
+/// version guard runs at the first graph.
 extern "C" fn at_load() {
     let _ = catch_unwind(|| {
+        interpose::init_dlsym();
         let Some(cfg) = config() else { return };
-        match host::host() {
-            Ok(_) => log(&format!(
-                "loaded: tensors {}, layers {}, rows {}; frames go to a listener at {}",
-                cfg.tensors,
-                cfg.layers_text,
-                if cfg.last_only { "last" } else { "all" },
-                cfg.sink
-            )),
-            Err(missing) => log(&format!(
-                "{missing} is not in this process (not a shared-library llama.cpp program?): \
-                 the tap is off, the program runs untouched"
-            )),
-        }
+        log(&format!(
+            "loaded: tensors {}, layers {}, rows {}; frames go to a listener at {}",
+            cfg.tensors,
+            cfg.layers_text,
+            if cfg.last_only { "last" } else { "all" },
+            cfg.sink
+        ));
     });
 }
 

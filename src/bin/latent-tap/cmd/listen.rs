@@ -40,6 +40,12 @@ pub struct ListenArgs {
     /// No progress or attach lines (refusals and errors are still printed).
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// Also accept hosts running as this user id (repeatable). Without it the
+    /// socket is readable and writable by this user only and other users'
+    /// hosts are refused; with it the socket is open to all users and each
+    /// host's user (SO_PEERCRED) is checked.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uid: Vec<u32>,
 }
 
 /// `listen`: receive tapped hosts until SIGINT/SIGTERM, then finish the run.
@@ -103,6 +109,7 @@ pub fn listen(a: ListenArgs) -> Result<()> {
         progress: (!a.quiet).then(|| std::time::Duration::from_secs_f64(a.progress_secs)),
         verbose: !a.quiet,
         hello_timeout: std::time::Duration::from_secs(5),
+        allow_uids: a.allow_uid.clone(),
     };
     let log: listen::Log = std::sync::Arc::new(|line: &str| eprintln!("{line}"));
     let out = listen::run(&opts, &STOP, log, &mut |addr| {
