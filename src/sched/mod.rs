@@ -415,7 +415,7 @@ impl Scheduler {
     }
 
     /// Compile a latent request against the graph with the tap's own rule
-    /// ([`capture::fitting_selection`]; the engine's ring carries f32 frames of
+    /// (`capture::fitting_selection`; the engine's ring carries f32 frames of
     /// a whole ubatch): nodes a glob matched that cannot be delivered are left
     /// out and listed in [`LatentFilter::skipped`]; a node named exactly that
     /// cannot be is an error, as is a pattern that matches nothing (its
