@@ -127,6 +127,28 @@ mod tests {
     use super::*;
     use std::error::Error as _;
 
+    /// `ErrorKind::ALL` must hold every kind: the C mapping's one-to-one check
+    /// (`every_error_kind_has_its_own_status` in the main crate) walks it. The
+    /// match below is exhaustive, so a new kind does not compile here until it
+    /// gets a number; the assertion then fails until it is in `ALL` too.
+    #[test]
+    fn all_holds_every_kind_once() {
+        let number = |k: ErrorKind| match k {
+            ErrorKind::InvalidArgument => 0,
+            ErrorKind::ModelLoad => 1,
+            ErrorKind::NoMatch => 2,
+            ErrorKind::PromptTooLong => 3,
+            ErrorKind::Decode => 4,
+            ErrorKind::RingTimeout => 5,
+            ErrorKind::FrameTooLarge => 6,
+            ErrorKind::Io => 7,
+            ErrorKind::Internal => 8,
+        };
+        let mut seen: Vec<usize> = ErrorKind::ALL.iter().map(|&k| number(k)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..9).collect::<Vec<_>>());
+    }
+
     #[test]
     fn io_errors_keep_their_cause() {
         let e = Error::io(
