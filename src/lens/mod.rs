@@ -26,6 +26,13 @@ pub use latent_tap_core::lens::{
     Translators,
 };
 
+/// Check that the GGUF at `path` has what a lens needs (final norm, an
+/// unembedding ggml's CPU backend multiplies, the norm's epsilon) without
+/// reading the unembedding.
+pub fn check_model_file(path: impl AsRef<Path>) -> Result<()> {
+    weights::read_meta(path.as_ref()).map(|_| ())
+}
+
 /// Rows projected per ggml graph (bounds the logits buffer: rows × n_vocab f32).
 pub const BATCH_ROWS: usize = 32;
 
