@@ -492,6 +492,7 @@ fn live_page_fills_the_grid_as_chunks_stream() {
         10,
         "return document.getElementById('model-line').textContent.includes('fake')",
     );
+    b.type_into("#prompt", "The capital of France is");
     b.click("#want_latents");
     let seen = generate_and_watch(&b, non_null, 3, rows);
     // Three steps, each its own chunk: the grid grew in (at least) three stages.
@@ -522,4 +523,47 @@ fn live_page_fills_the_grid_as_chunks_stream() {
     assert_eq!(&v[v.len() - 2..], &[7.0, 2.0]);
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
+}
+
+/// `lens.html` and `lens.png` of the fixture, kept as artifacts (no browser needed).
+#[test]
+fn static_files_of_the_fixture() {
+    let data = fixture();
+    let dir = artifacts();
+    latent_tap::view::heatmap_png(&data, &dir.join("fixture-lens.png")).unwrap();
+    let html = latent_tap::view::static_html(&data);
+    std::fs::write(dir.join("fixture-lens.html"), &html).unwrap();
+    let png = std::fs::read(dir.join("fixture-lens.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(html.contains("id=\"lens-data\"") && !html.contains("<img"));
+}
+
+/// `GET /` on `serve`: the page, with its content type and cache headers, and
+/// without the API key (the page holds no data; what it asks for needs the key).
+#[test]
+fn serve_answers_the_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::synth_model(dir.path());
+    let s = common::http::Server::start(&m, &["--api-key", "k3y"]);
+    let r = ureq::get(&s.url("/")).call().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(r.header("cache-control"), Some("no-cache"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    assert!(r
+        .header("content-security-policy")
+        .unwrap()
+        .contains("connect-src 'self'"));
+    let body = r.into_string().unwrap();
+    assert_eq!(body, latent_tap::view::page());
+    assert!(body.contains("<table id=\"grid\">"));
+    match ureq::get(&s.url("/props")).call() {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("/props without the key: {other:?}"),
+    }
+    // Another method on the page's path: the server's usual 404.
+    match ureq::post(&s.url("/")).send_string("") {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("POST /: {other:?}"),
+    }
 }
