@@ -380,12 +380,12 @@ fn fake_serve(data: Value, delay: Duration) -> FakeServe {
     FakeServe { url }
 }
 
-/// Generate on the page at `url` and check the grid fills live; returns the
-/// filled-cell counts seen while it streamed.
-fn generate_and_watch(b: &Browser, expect_cells: usize, layers: usize, columns: usize) -> Vec<u64> {
+/// Press Generate and watch the grid: returns the filled-cell counts seen while
+/// the tokens streamed (ending at the final count) and the number of columns.
+fn generate_and_watch(b: &Browser) -> (Vec<u64>, usize) {
     // Record the filled-cell count at every change of the grid (the page is not
     // instrumented: a MutationObserver the test installs).
-    b.js("window.__seen = []; new MutationObserver(() => { const n = document.querySelectorAll('#grid-body td.cell.filled').length; if (window.__seen[window.__seen.length - 1] !== n) window.__seen.push(n); }).observe(document.getElementById('grid-body'), {childList: true, subtree: true}); return true");
+    b.js("window.__seen = []; if (window.__obs) window.__obs.disconnect(); window.__obs = new MutationObserver(() => { const n = document.querySelectorAll('#grid-body td.cell.filled').length; if (window.__seen[window.__seen.length - 1] !== n) window.__seen.push(n); }); window.__obs.observe(document.getElementById('grid-body'), {childList: true, subtree: true}); return true");
     b.click("#generate");
     // Sample it from here too while the tokens stream.
     let mut polled = Vec::new();
@@ -411,19 +411,37 @@ fn generate_and_watch(b: &Browser, expect_cells: usize, layers: usize, columns: 
         "done",
         "{status}"
     );
-    assert_eq!(b.js(FILLED), json!(expect_cells), "{status}");
-    assert_eq!(
-        b.js("return document.querySelectorAll('#grid-body td.cell').length"),
-        json!(layers * columns)
-    );
     let seen: Vec<u64> = serde_json::from_value(b.js("return window.__seen")).unwrap();
+    let filled = b.js(FILLED).as_u64().unwrap();
     assert!(
         seen.windows(2).all(|w| w[0] < w[1]),
         "the grid only grows: {seen:?}"
     );
-    assert_eq!(seen.last().copied(), Some(expect_cells as u64));
-    eprintln!("filled cells seen by the observer: {seen:?}; polled: {polled:?}");
-    seen
+    assert_eq!(seen.last().copied(), Some(filled), "{seen:?}");
+    let columns = b
+        .js("return document.querySelectorAll('#head-row th').length - 1")
+        .as_u64()
+        .unwrap() as usize;
+    let layers = b
+        .js("return document.querySelectorAll('#grid-body tr').length - 1")
+        .as_u64()
+        .unwrap() as usize;
+    assert_eq!(
+        b.js("return document.querySelectorAll('#grid-body td.cell').length"),
+        json!(layers * columns)
+    );
+    eprintln!("{status}: filled cells seen by the observer: {seen:?}; polled: {polled:?}");
+    (seen, columns)
+}
+
+/// The number of tokens the page says it generated.
+fn tokens_done(b: &Browser) -> usize {
+    let s = b.js("return document.getElementById('status').textContent");
+    let s = s.as_str().unwrap();
+    s.strip_prefix("Done: ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token count in {s:?}"))
 }
 
 /// Hover and keyboard focus show a cell's top-k; a token's column shows its curve.
@@ -494,7 +512,10 @@ fn live_page_fills_the_grid_as_chunks_stream() {
     );
     b.type_into("#prompt", "The capital of France is");
     b.click("#want_latents");
-    let seen = generate_and_watch(&b, non_null, 3, rows);
+    let (seen, columns) = generate_and_watch(&b);
+    assert_eq!(columns, rows);
+    assert_eq!(b.js(FILLED), json!(non_null));
+    assert_eq!(tokens_done(&b), 2);
     // Three steps, each its own chunk: the grid grew in (at least) three stages.
     assert!(seen.len() >= 3, "{seen:?}");
     check_interaction(&b, 5);
@@ -566,4 +587,94 @@ fn serve_answers_the_page() {
         Err(ureq::Error::Status(404, _)) => {}
         other => panic!("POST /: {other:?}"),
     }
+}
+
+/// The page on `serve` with the synthetic model: the real `lens` field, streamed.
+#[test]
+fn live_page_on_serve_fills_layers_by_tokens() {
+    let Some(b) = Browser::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::synth_model(dir.path());
+    let s = common::http::Server::start(&m, &[]);
+    let n_layer = latent_tap::synth::SynthConfig::default().n_layer;
+    b.goto(&s.url("/"));
+    b.wait_for(
+        "the props",
+        10,
+        &format!(
+            "return document.getElementById('model-line').textContent.includes('{n_layer} layers')"
+        ),
+    );
+    b.type_into("#prompt", "hello world");
+    b.type_into("#n_predict", "48");
+    // Generated rows only: every column has every layer.
+    b.js("document.getElementById('rows').value = 'last'; return true");
+    let (seen, columns) = generate_and_watch(&b);
+    let n = tokens_done(&b);
+    assert!(n >= 1);
+    assert_eq!(columns, n, "one column per generated token");
+    assert_eq!(b.js(FILLED), json!(n_layer * n), "layers × tokens");
+    if n >= 8 {
+        assert!(
+            seen.len() >= 3,
+            "the grid grew while tokens streamed: {seen:?}"
+        );
+    }
+    check_interaction(&b, 5);
+    b.screenshot("live-synth.png");
+    // Prompt and generated rows: the last layer has only the output rows.
+    b.js("document.getElementById('rows').value = 'all'; return true");
+    let (_, columns) = generate_and_watch(&b);
+    let n = tokens_done(&b);
+    let n_prompt = 1 + "hello world".len(); // BOS + one token per byte
+    assert_eq!(columns, n_prompt + n - 1);
+    let none = b.js("return document.querySelectorAll('#grid-body td.cell.none').length");
+    assert_eq!(
+        none,
+        json!(n_prompt - 1),
+        "the last layer's prompt rows (but the last) do not exist"
+    );
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+}
+
+/// The README's screenshot: the real model on "The capital of France is"
+/// (`target/view-artifacts/real-model.png`; `docs/img/lens-view.png` is a copy).
+#[test]
+fn live_page_on_the_real_model() {
+    let Some(model) = common::real_model() else {
+        return;
+    };
+    let Some(b) = Browser::start() else { return };
+    let s = common::http::Server::start(&model, &["--chat-template", "gemma"]);
+    b.post("/window/rect", json!({"width": 1360, "height": 1000}));
+    b.goto(&s.url("/"));
+    b.wait_for(
+        "the props",
+        30,
+        "return document.getElementById('model-line').textContent.includes('18 layers')",
+    );
+    b.type_into("#prompt", "The capital of France is");
+    b.type_into("#n_predict", "6");
+    let (_, columns) = generate_and_watch(&b);
+    let n = tokens_done(&b);
+    assert_eq!(
+        columns,
+        6 + n - 1,
+        "BOS + 5 prompt tokens, then the generated ones"
+    );
+    // The last prompt position: the model's answer and where it forms.
+    let last_prompt = b.find("#head-row th:nth-child(7) button");
+    b.post(&format!("/element/{last_prompt}/click"), json!({}));
+    let curve = b.wait_for("the curve", 5, "const c = document.getElementById('curve'); return c.querySelector('polyline') ? c.textContent : null");
+    eprintln!("{curve}");
+    b.hover("#grid-body tr:nth-child(2) td:nth-child(7)");
+    b.wait_for(
+        "the top-k",
+        5,
+        "return !!document.querySelector('#details table.topk')",
+    );
+    b.screenshot("real-model.png");
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
 }
