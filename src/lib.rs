@@ -25,5 +25,7 @@ pub mod sched;
 #[cfg(feature = "serve")]
 pub mod server;
 pub mod session;
+#[cfg(feature = "view")]
+pub mod view;
 
 pub use error::{Error, ErrorKind, Result};

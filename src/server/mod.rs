@@ -11,6 +11,7 @@ mod completion;
 mod error;
 mod info;
 mod metrics;
+mod page;
 mod request;
 mod subscribe;
 mod text;
@@ -389,6 +390,7 @@ async fn shutdown_signal() {
 
 fn routes(app: Arc<App>) -> Router {
     Router::new()
+        .route("/", get(page::index))
         .route("/health", get(info::health))
         .route("/v1/health", get(info::health))
         .route("/completion", post(completion::completion))
@@ -443,7 +445,8 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         return next.run(req).await;
     };
     let path = req.uri().path();
-    if path == "/health" || path == "/v1/health" {
+    // `/` is the page, which holds no data; its requests carry the key.
+    if path == "/health" || path == "/v1/health" || path == "/" {
         return next.run(req).await;
     }
     if bearer(req.headers()).is_some_and(|got| same_key(got.as_bytes(), key.as_bytes())) {
