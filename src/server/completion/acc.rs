@@ -4,11 +4,13 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use super::budget;
 use super::prepare::{CancelGuard, Prepared};
 use crate::engine::{Model, Token};
 use crate::sched::{FrameOut, JobDone, JobEvent, StopReason, TokenOut};
 use crate::server::error::ApiError;
 use crate::server::text::TextState;
+use crate::server::wire::Gather;
 use crate::server::App;
 
 /// What one sampled token adds to a response.
@@ -29,8 +31,15 @@ pub(super) struct Acc {
     pub(super) tokens: Vec<Token>,
     pub(super) probs: Vec<Value>,
     pub(super) pending: Vec<FrameOut>,
-    pub(super) all_frames: Vec<FrameOut>,
+    pub(super) all_frames: Gather,
     pub(super) keep_frames: bool,
+    /// Latent bytes held now (`pending` and `all_frames`), their budget, and
+    /// the message once they passed it (the job is then cancelled).
+    held: usize,
+    limit: usize,
+    over_budget: Option<String>,
+    /// Latent bytes this request received in all.
+    pub(super) seen: usize,
     pub(super) has_new_line: bool,
     pub(super) done: Option<JobDone>,
 }
@@ -51,8 +60,12 @@ impl Acc {
             tokens: Vec::new(),
             probs: Vec::new(),
             pending: Vec::new(),
-            all_frames: Vec::new(),
+            all_frames: Gather::default(),
             keep_frames: false,
+            held: 0,
+            limit: app.cfg.max_latents,
+            over_budget: None,
+            seen: 0,
             has_new_line: false,
             done: None,
         })
@@ -66,13 +79,21 @@ impl Acc {
                 None
             }
             JobEvent::Frame(f) => {
+                let n = f.data.len();
+                self.seen += n;
+                self.held += n;
                 self.pending.push(f);
+                if self.held > self.limit && self.over_budget.is_none() {
+                    self.over_budget = Some(budget::exceeded(self.limit, !self.keep_frames));
+                    guard.0.cancel();
+                }
                 None
             }
             JobEvent::Token(t) if t.prompt => None,
             JobEvent::Token(t) => {
                 if self.text.stopped.is_some() {
                     // Sampled after the stop string was seen: not part of the answer.
+                    self.held -= frame_bytes(&self.pending);
                     self.pending.clear();
                     return None;
                 }
@@ -88,7 +109,12 @@ impl Acc {
                 }
                 let frames = std::mem::take(&mut self.pending);
                 if self.keep_frames {
-                    self.all_frames.extend(frames.iter().cloned());
+                    for f in &frames {
+                        self.all_frames.push(f);
+                    }
+                } else {
+                    // Handed on to the caller (an SSE chunk), no longer held here.
+                    self.held -= frame_bytes(&frames);
                 }
                 Some(Step {
                     token: t.token,
@@ -99,7 +125,9 @@ impl Acc {
             }
             JobEvent::Done(d) => {
                 if self.keep_frames {
-                    self.all_frames.append(&mut self.pending);
+                    for f in self.pending.drain(..) {
+                        self.all_frames.push(&f);
+                    }
                 }
                 self.done = Some(d);
                 None
@@ -143,16 +171,30 @@ impl Acc {
         }
     }
 
+    /// How the request failed, if it did: over its latents budget (400), an
+    /// error of the engine or of the answer's window (see `budget::Events`), or
+    /// cut short by a shutdown (503; a job the engine ends while stopping carries
+    /// that error, a stop string or a client that left does not).
     pub(super) fn error(&self) -> Option<ApiError> {
-        let d = self.done.as_ref()?;
-        if d.reason != StopReason::Error {
-            return None;
+        if let Some(m) = &self.over_budget {
+            return Some(ApiError::bad(m.clone()));
         }
-        let msg = d
-            .error
-            .as_ref()
-            .map_or("generation failed".into(), |e| e.message().to_string());
-        Some(ApiError::internal(msg))
+        let d = self.done.as_ref()?;
+        match (d.reason, &d.error) {
+            (StopReason::Error, Some(e)) => Some(ApiError::from(e.clone())),
+            (StopReason::Error, None) => Some(ApiError::internal("generation failed")),
+            (StopReason::Cancelled, Some(_)) if self.text.stopped.is_none() => {
+                let cut = if self.slot >= 0 {
+                    ": the request was cut short at the end of the shutdown grace period"
+                } else {
+                    ""
+                };
+                Some(ApiError::unavailable(format!(
+                    "the server is shutting down{cut}"
+                )))
+            }
+            _ => None,
+        }
     }
 
     pub(super) fn n_gen(&self) -> usize {
@@ -187,6 +229,10 @@ impl Acc {
             "prompt_tokens_details": {"cached_tokens": 0},
         })
     }
+}
+
+fn frame_bytes(frames: &[FrameOut]) -> usize {
+    frames.iter().map(|f| f.data.len()).sum()
 }
 
 /// Which positions' latents were computed: every one (no prefix is ever reused,
