@@ -52,6 +52,11 @@ fn assert_advice(msg: &str, budget: &str) {
     }
 }
 
+fn summary_is_ok(recs: &[(u32, Vec<u8>)]) -> bool {
+    recs.last()
+        .is_some_and(|(k, r)| *k == 5 && json_record(r).get("error").is_none())
+}
+
 /// Records of a binary stream: (kind, record bytes).
 fn records(mut b: &[u8]) -> Vec<(u32, Vec<u8>)> {
     let mut out = Vec::new();
@@ -130,7 +135,7 @@ fn latents_over_the_budget_are_refused_before_the_work_or_stopped_when_reached()
     assert!(row > 1000, "{row}");
     // A prompt of token ids (exactly its length) with a token limit: the JSON
     // answer's size is known before it runs, and refused with the estimate.
-    let n_prompt = (2 << 20) / row + 10;
+    let n_prompt = (4 << 20) / row + 10;
     let prompt: Vec<i64> = (0..n_prompt as i64).map(|i| 1 + i % 200).collect();
     let (st, kind, msg) = error_of(post(
         &url,
@@ -181,9 +186,15 @@ fn latents_over_the_budget_are_refused_before_the_work_or_stopped_when_reached()
     assert_eq!(st, 200);
     let recs = records(&b);
     let frame_bytes: usize = recs.iter().filter(|r| r.0 == 1).map(|r| r.1.len()).sum();
-    assert!(frame_bytes > 2 << 20, "{frame_bytes}");
+    // More than the budget went out (the estimate is an upper bound: the last
+    // layer and `result_*` have only the sampled rows).
+    assert!(frame_bytes > 3 << 19, "{frame_bytes}");
+    assert!(
+        summary_is_ok(&recs),
+        "{:?}",
+        json_record(&recs.last().unwrap().1)
+    );
     let summary = json_record(&recs.last().unwrap().1);
-    assert!(summary.get("error").is_none(), "{summary}");
     assert_eq!(summary["tokens_predicted"], 4);
     // No token limit and a short prompt: nothing to refuse before; the answer
     // grows a row per token until it passes the budget, and is stopped there.
@@ -361,6 +372,13 @@ fn a_large_answer_takes_about_its_budget_and_gives_it_back() {
     drop((b, v));
     let peak = if reset { mem_of(pid).1 } else { polled };
     let grew = peak.saturating_sub(base);
+    eprintln!(
+        "latents {} MiB: idle {} MiB, peak +{} MiB (VmHWM reset: {reset}, polled peak {} MiB)",
+        raw / MIB,
+        base / MIB,
+        grew / MIB,
+        polled / MIB
+    );
     let allowed = budget * 4 / 3 + 48 * MIB;
     assert!(
         grew <= allowed,
@@ -379,6 +397,7 @@ fn a_large_answer_takes_about_its_budget_and_gives_it_back() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    eprintln!("idle after: {} MiB", after / MIB);
     assert!(
         after <= base + 24 * MIB,
         "idle RSS {} MiB after the answer, {} MiB before",
@@ -414,9 +433,15 @@ fn shutdown_answers_503_in_the_grace_period_and_cut_streams_end_with_an_error() 
     // In the grace period: the listener is open and says 503.
     let t0 = Instant::now();
     let health = loop {
-        let (st, b) = get(&s.url("/health"), &[]);
+        // A connection the server took just before the signal may be closed
+        // unanswered (its graceful shutdown): try again.
+        let (st, b) = match ureq::get(&s.url("/health")).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(st, r)) => (st, r.into_string().unwrap()),
+            Err(_) => (0, String::new()),
+        };
         if st == 503 {
-            break json_of(&b);
+            break json_of(b.as_bytes());
         }
         assert!(
             t0.elapsed() < Duration::from_secs(2),

@@ -1,11 +1,30 @@
 //! Giving memory back after a large request. glibc's malloc keeps memory a
 //! request freed in its arenas (the router thread allocates the frames, the HTTP
 //! threads free them), so a server that answered one large request would keep its
-//! peak RSS while idle. After a request that held more than [`TRIM_AFTER`] bytes of
-//! latents the server calls `malloc_trim(0)`, which hands every arena's free pages
-//! back to the system (docs/PROTOCOL.md, "Memory").
+//! peak RSS while idle. Two measures (docs/PROTOCOL.md, "Memory"):
+//! - [`fix_mmap_threshold`]: buffers of [`MMAP_THRESHOLD`] or more (frames, a
+//!   tensor's gathered rows, an answer) are always mapped on their own, so freeing
+//!   one returns it to the system at once. glibc would otherwise raise the
+//!   threshold to the largest buffer freed so far (up to 32 MiB) and keep later
+//!   ones in its heap.
+//! - after a request that held or streamed more than [`TRIM_AFTER`] bytes of
+//!   latents, `malloc_trim(0)`, which hands every arena's free pages back.
 
 use axum::body::Bytes;
+
+/// Allocations from this size on are mapped on their own (256 KiB).
+pub(crate) const MMAP_THRESHOLD: usize = 256 << 10;
+
+/// Fix glibc's mmap threshold at [`MMAP_THRESHOLD`] for this process (the
+/// `serve` process: called once when it starts).
+pub(crate) fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; M_MMAP_THRESHOLD takes
+    // any size up to 32 MiB on 64-bit.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
+    }
+}
 
 /// Latent bytes a request must have held or streamed for a trim after it.
 pub(crate) const TRIM_AFTER: usize = 16 << 20;

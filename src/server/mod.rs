@@ -226,6 +226,7 @@ pub(crate) fn fingerprint() -> String {
 pub fn run(cfg: ServeConfig) -> Result<()> {
     check_exposure(&cfg.host, cfg.api_key.as_deref())?;
     crate::settings::check_body_timeout(cfg.body_timeout)?;
+    mem::fix_mmap_threshold();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

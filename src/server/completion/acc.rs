@@ -81,8 +81,18 @@ impl Acc {
             JobEvent::Frame(f) => {
                 let n = f.data.len();
                 self.seen += n;
-                self.held += n;
-                self.pending.push(f);
+                if self.keep_frames {
+                    // Gathered for the JSON answer at once (the frame is freed).
+                    // A step's frames come before its token: frames arriving
+                    // after the stop string was seen are not part of the answer.
+                    if self.text.stopped.is_none() {
+                        self.all_frames.push(&f);
+                        self.held += n;
+                    }
+                } else {
+                    self.held += n;
+                    self.pending.push(f);
+                }
                 if self.held > self.limit && self.over_budget.is_none() {
                     self.over_budget = Some(budget::exceeded(self.limit, !self.keep_frames));
                     guard.0.cancel();
@@ -108,14 +118,8 @@ impl Acc {
                     self.probs.push(p.clone());
                 }
                 let frames = std::mem::take(&mut self.pending);
-                if self.keep_frames {
-                    for f in &frames {
-                        self.all_frames.push(f);
-                    }
-                } else {
-                    // Handed on to the caller (an SSE chunk), no longer held here.
-                    self.held -= frame_bytes(&frames);
-                }
+                // Handed on to the caller (an SSE chunk), no longer held here.
+                self.held -= frame_bytes(&frames);
                 Some(Step {
                     token: t.token,
                     delta,
@@ -124,11 +128,6 @@ impl Acc {
                 })
             }
             JobEvent::Done(d) => {
-                if self.keep_frames {
-                    for f in self.pending.drain(..) {
-                        self.all_frames.push(&f);
-                    }
-                }
                 self.done = Some(d);
                 None
             }

@@ -176,7 +176,11 @@ impl Drop for CancelGuard {
 pub(super) fn submit(app: &App, p: &Prepared) -> Result<(CancelGuard, Events), ApiError> {
     let engine = app.engine()?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let window = Window::new(app.cfg.max_latents, !p.binary && !p.params.stream);
+    // A graph compute hands on all its frames at once: the window holds two.
+    let ubatch = p.tokens.len().min(app.cfg.engine.ctx.n_ubatch as usize);
+    let row = p.filter.as_ref().map_or(0, |f| f.row_bytes());
+    let limit = app.cfg.max_latents.max(2 * ubatch * row);
+    let window = Window::new(limit, !p.binary && !p.params.stream);
     let job = Job {
         prompt: p.tokens.clone(),
         n_predict: p.params.n_predict.unwrap_or(usize::MAX),
