@@ -109,6 +109,18 @@ fn dechunk(raw: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Bytes read from `c` until `done` says the accumulated bytes are enough.
+fn read_until(c: &mut TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !done(&got) {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
 fn idle(s: &Server) -> bool {
     let v = json_of(&get(&s.url("/slots"), &[]).1);
     v.as_array()
@@ -416,15 +428,18 @@ fn shutdown_answers_503_in_the_grace_period_and_cut_streams_end_with_an_error() 
     let dir = tempfile::tempdir().unwrap();
     let m = synth_model(dir.path());
     // A context so long that generating to its end outlasts the grace period.
-    let mut s = Server::start(&m, &["-c", "131072", "-np", "2", "--shutdown-grace", "3"]);
+    let mut s = Server::start(&m, &["-c", "131072", "-np", "2", "--shutdown-grace", "5"]);
     let long = json!({"prompt": "go", "ignore_eos": true, "stream": true, "n_probs": 5});
     let mut sse = raw_post(&s.url(""), "/completion", &long, "text/event-stream");
     let mut bin = raw_post(&s.url(""), "/completion", &long, FRAMES);
-    // Both are running: their first bytes arrived.
-    let mut first = [0u8; 64];
-    for c in [&mut sse, &mut bin] {
-        c.read_exact(&mut first).unwrap();
-    }
+    // Both are running (in a slot, not queued): the SSE stream's first token
+    // event and the binary stream's first record (REQUEST begin) arrived.
+    let sse_first = read_until(&mut sse, |b| b.windows(6).any(|w| w == b"data: "));
+    let bin_first = read_until(&mut bin, |b| {
+        b.windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .is_some_and(|i| b.len() > i + 4 + 64)
+    });
     let pid = s.pid().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -442,7 +457,11 @@ fn shutdown_answers_503_in_the_grace_period_and_cut_streams_end_with_an_error() 
                     .source()
                     .and_then(|e| e.downcast_ref::<std::io::Error>())
                     .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
-                assert!(!refused, "the listener closed before answering 503: {t}");
+                assert!(
+                    !refused,
+                    "the listener closed before answering 503: {t}; server stderr:\n{}",
+                    s.stderr()
+                );
                 // A connection the server took just before the signal may be
                 // closed unanswered (its graceful shutdown): try again.
                 (0, String::new())
@@ -462,7 +481,7 @@ fn shutdown_answers_503_in_the_grace_period_and_cut_streams_end_with_an_error() 
     ));
     assert_eq!((st, kind.as_str()), (503, "unavailable_error"), "{msg}");
     // The streams are cut at the end of the grace period, with an error.
-    let mut raw = first.to_vec();
+    let mut raw = sse_first;
     sse.read_to_end(&mut raw).unwrap();
     let events = sse_events(&dechunk(&raw));
     let last = json_of(events.last().unwrap().as_bytes());
@@ -476,7 +495,7 @@ fn shutdown_answers_503_in_the_grace_period_and_cut_streams_end_with_an_error() 
         "a cut stream has no ordinary last chunk"
     );
     assert!(events.len() > 2, "{}", events.len());
-    let mut raw = first.to_vec();
+    let mut raw = bin_first;
     bin.read_to_end(&mut raw).unwrap();
     let recs = records(&dechunk(&raw));
     let (kind, last) = recs.last().unwrap();
