@@ -42,6 +42,9 @@ pub struct LatentFilter {
     /// Nodes a glob matched that are not delivered, with the reason (see
     /// [`Scheduler::compile`](super::Scheduler::compile)).
     pub skipped: Vec<SkippedTensor>,
+    /// Elements per row of each selected tensor (as `names`), where known (set
+    /// by [`Scheduler::compile`](super::Scheduler::compile); empty otherwise).
+    pub widths: Vec<usize>,
 }
 
 impl LatentFilter {
@@ -62,7 +65,14 @@ impl LatentFilter {
             rows,
             dtype,
             skipped: Vec::new(),
+            widths: Vec::new(),
         }
+    }
+
+    /// Bytes of one row of every selected tensor in the delivered dtype (0 when
+    /// the widths are not known): what one token position adds to the latents.
+    pub fn row_bytes(&self) -> usize {
+        self.widths.iter().sum::<usize>() * self.dtype.size()
     }
 
     /// The index of tensor `name` in [`LatentFilter::names`], if selected.

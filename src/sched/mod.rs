@@ -432,6 +432,7 @@ impl Scheduler {
         let names: Vec<String> = sel.tensors().iter().map(|t| t.name.clone()).collect();
         let mut f = LatentFilter::new(names, req.rows, req.dtype);
         f.skipped = sel.skipped().to_vec();
+        f.widths = sel.tensors().iter().map(|t| t.row_width).collect();
         Ok(f)
     }
 

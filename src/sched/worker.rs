@@ -255,7 +255,12 @@ impl Worker {
                 .as_ref()
                 .is_some_and(|a| a.cancel.load(Ordering::Relaxed))
             {
-                self.finish(s, StopReason::Cancelled, None);
+                // While stopping, say so: a job cut by a shutdown is told from
+                // one its caller cancelled (a stop string, a client that left).
+                let why = self
+                    .stopping
+                    .then(|| Error::new(ErrorKind::Internal, "the engine is stopping"));
+                self.finish(s, StopReason::Cancelled, why);
             }
         }
     }

@@ -10,6 +10,7 @@ mod chat;
 mod completion;
 mod error;
 mod info;
+mod mem;
 mod metrics;
 mod page;
 mod request;
@@ -73,6 +74,9 @@ pub struct ServeConfig {
     pub body_timeout: Duration,
     /// How long in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
     pub shutdown_grace: Duration,
+    /// Bytes of latents one request may hold (`--max-latents-mb`; see
+    /// `completion::budget`).
+    pub max_latents: usize,
     /// Bytes of frames a subscriber may have queued before its frames are dropped.
     pub subscriber_queue: usize,
     /// Chat template for `/v1/chat/completions` (a llama.cpp built-in name, or a
@@ -238,6 +242,7 @@ pub(crate) fn fingerprint() -> String {
 pub fn run(cfg: ServeConfig) -> Result<()> {
     check_exposure(&cfg.host, cfg.api_key.as_deref())?;
     crate::settings::check_body_timeout(cfg.body_timeout)?;
+    mem::fix_mmap_threshold();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -338,8 +343,8 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
             _ = &mut signal => break,
         }
     }
-    // Stop accepting; let in-flight requests finish, then cancel what is left.
-    drop(listener);
+    // Let in-flight requests finish, then cancel what is left. Meanwhile the
+    // listener stays open: `/health` and new requests are answered 503.
     eprintln!(
         "latent-tap serve: shutting down (in-flight requests get {:?})",
         cfg.shutdown_grace
@@ -348,13 +353,36 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     if let Some(e) = app.engine.get() {
         e.begin_shutdown(false);
     }
-    let grace = cfg.shutdown_grace;
-    let done = tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_ok();
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    let grace_end = tokio::time::sleep(cfg.shutdown_grace);
+    tokio::pin!(grace_end);
+    let done = loop {
+        tokio::select! {
+            _ = &mut drained => break true,
+            _ = &mut grace_end => break false,
+            conn = listener.accept() => {
+                let Ok((stream, _)) = conn else { continue };
+                // One answer (503) per connection; not waited for.
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(cfg.timeout.min(Duration::from_secs(5)))
+                    .keep_alive(false);
+                let conn = b.serve_connection(
+                    hyper_util::rt::TokioIo::new(stream),
+                    hyper_util::service::TowerToHyperService::new(router.clone()),
+                );
+                tokio::spawn(conn);
+            }
+        }
+    };
+    drop(listener);
     if let Some(e) = app.engine.get() {
         if !done {
+            // Cut what still runs: each answer ends with its error (503), which
+            // gets a moment to reach its client.
             e.begin_shutdown(true);
+            let _ = tokio::time::timeout(CUT_FLUSH, &mut drained).await;
         }
         let app2 = app.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -366,6 +394,9 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     }
     Ok(())
 }
+
+/// How long streams cut at the end of the grace period get to send their error.
+const CUT_FLUSH: Duration = Duration::from_secs(2);
 
 async fn shutdown_signal() {
     let ctrl_c = async {

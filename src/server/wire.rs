@@ -98,3 +98,82 @@ pub fn latents_json(frames: &[FrameOut]) -> Value {
     }
     Value::Object(out)
 }
+
+/// A request's latents gathered for its JSON answer as they arrive: one buffer
+/// per tensor (the frames are not kept), written out by [`Gather::write`]
+/// straight into the answer, each tensor's rows freed once written, so the
+/// answer is built without a second full copy of the latents.
+#[derive(Debug, Default)]
+pub struct Gather {
+    /// By `tensor_index`: the name and its rows so far.
+    tensors: Vec<Option<(String, Gathered)>>,
+}
+
+impl Gather {
+    /// Add one frame's rows.
+    pub fn push(&mut self, f: &FrameOut) {
+        let ix = f.header.tensor_index as usize;
+        if self.tensors.len() <= ix {
+            self.tensors.resize_with(ix + 1, || None);
+        }
+        let (_, g) = self.tensors[ix].get_or_insert_with(|| {
+            let g = Gathered {
+                width: f.header.width,
+                dtype: f.dtype().name(),
+                ..Gathered::default()
+            };
+            (f.name().to_string(), g)
+        });
+        for r in &f.rows {
+            g.pos.push(r.pos);
+            g.step.push(f.header.step);
+        }
+        g.data.extend_from_slice(&f.data);
+    }
+
+    /// Append `{name: {shape, dtype, pos, step, data}, …}` (as [`latents_json`],
+    /// tensors in graph order) to `out`, base64 written in place.
+    pub fn write(self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        // base64 text, the row lists (at most 12 bytes a row each) and the keys.
+        let need: usize = self
+            .tensors
+            .iter()
+            .flatten()
+            .map(|(n, g)| g.data.len().div_ceil(3) * 4 + g.pos.len() * 24 + n.len() + 96)
+            .sum();
+        out.reserve(need + 2);
+        out.push(b'{');
+        let mut first = true;
+        for (name, g) in self.tensors.into_iter().flatten() {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            // Writing JSON into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &name);
+            let _ = write!(
+                out,
+                ":{{\"shape\":[{},{}],\"dtype\":\"{}\",\"pos\":",
+                g.pos.len(),
+                g.width,
+                g.dtype
+            );
+            let _ = serde_json::to_writer(&mut *out, &g.pos);
+            out.extend_from_slice(b",\"step\":");
+            let _ = serde_json::to_writer(&mut *out, &g.step);
+            out.extend_from_slice(b",\"data\":\"");
+            {
+                let mut enc = base64::write::EncoderWriter::new(
+                    &mut *out,
+                    &base64::engine::general_purpose::STANDARD,
+                );
+                let _ = enc.write_all(&g.data);
+                let _ = enc.finish();
+            }
+            drop(g);
+            out.extend_from_slice(b"\"}");
+        }
+        out.push(b'}');
+    }
+}

@@ -51,6 +51,21 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest `serve` may be told to wait for a request body.
 pub const MAX_BODY_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// Latents one `serve` request may hold, by default (MiB; `--max-latents-mb`).
+pub const DEFAULT_LATENTS_BUDGET_MB: usize = 256;
+/// Largest `--max-latents-mb` (64 GiB).
+pub const MAX_LATENTS_BUDGET_MB: usize = 64 << 10;
+
+/// A request's latents budget from MiB (as a user types it): 1..=[`MAX_LATENTS_BUDGET_MB`].
+pub fn latents_budget_from_mb(mb: usize) -> Result<usize> {
+    if !(1..=MAX_LATENTS_BUDGET_MB).contains(&mb) {
+        return Err(Error::invalid(format!(
+            "latents budget {mb} MiB is out of range 1..={MAX_LATENTS_BUDGET_MB} MiB"
+        )));
+    }
+    Ok(mb << 20)
+}
+
 /// Default size cap of a dataset shard (64 MiB).
 pub const DEFAULT_SHARD_BYTES: usize = 64 << 20;
 /// Smallest dataset shard cap (4 KiB).
@@ -331,6 +346,12 @@ mod tests {
         for (p, ok) in [(1.0, true), (0.0, true), (2.0, false), (-1.0, false)] {
             assert_eq!(check_sampling(0.0, p, 0, 0.0).is_ok(), ok, "top_p {p}");
         }
+        assert!(latents_budget_from_mb(0)
+            .unwrap_err()
+            .message()
+            .contains("0 MiB"));
+        assert!(latents_budget_from_mb(MAX_LATENTS_BUDGET_MB + 1).is_err());
+        assert_eq!(latents_budget_from_mb(256).unwrap(), 256 << 20);
         assert!(block_timeout_from_secs(f64::INFINITY).is_err());
         assert!(block_timeout_from_secs(1e300).is_err());
         assert!(block_timeout_from_secs(f64::NAN).is_err());

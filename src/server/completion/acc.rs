@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use super::budget;
 use super::lens::Split;
 use super::prepare::{CancelGuard, Prepared};
 use crate::engine::{Model, Token};
@@ -11,6 +12,7 @@ use crate::sched::LatentFilter;
 use crate::sched::{FrameOut, JobDone, JobEvent, StopReason, TokenOut};
 use crate::server::error::ApiError;
 use crate::server::text::TextState;
+use crate::server::wire::Gather;
 use crate::server::App;
 
 /// What one sampled token adds to a response.
@@ -33,8 +35,15 @@ pub(super) struct Acc {
     pub(super) tokens: Vec<Token>,
     pub(super) probs: Vec<Value>,
     pub(super) pending: Vec<FrameOut>,
-    pub(super) all_frames: Vec<FrameOut>,
+    pub(super) all_frames: Gather,
     pub(super) keep_frames: bool,
+    /// Latent bytes held now (`pending` and `all_frames`), their budget, and
+    /// the message once they passed it (the job is then cancelled).
+    held: usize,
+    limit: usize,
+    over_budget: Option<String>,
+    /// Latent bytes this request received in all.
+    pub(super) seen: usize,
     pub(super) has_new_line: bool,
     pub(super) done: Option<JobDone>,
     /// The prompt's tokens (lens targets).
@@ -42,6 +51,8 @@ pub(super) struct Acc {
     /// The requester's own latents filter, when a lens shares the job's.
     user_filter: Option<LatentFilter>,
     split: Option<Split>,
+    /// The lens's rows not yet handed on (counted in `held`), and for the
+    /// JSON answer all of them (counted too: they stay until the answer).
     pub(super) lens_pending: Vec<FrameOut>,
     pub(super) all_lens_frames: Vec<FrameOut>,
 }
@@ -62,8 +73,12 @@ impl Acc {
             tokens: Vec::new(),
             probs: Vec::new(),
             pending: Vec::new(),
-            all_frames: Vec::new(),
+            all_frames: Gather::default(),
             keep_frames: false,
+            held: 0,
+            limit: app.cfg.max_latents,
+            over_budget: None,
+            seen: 0,
             has_new_line: false,
             done: None,
             prompt: p.tokens.clone(),
@@ -82,16 +97,23 @@ impl Acc {
                 None
             }
             JobEvent::Frame(f) => {
-                match &self.split {
-                    None => self.pending.push(f),
+                self.seen += f.data.len();
+                // With a lens, the job's frames carry the lens's `l_out-N` rows
+                // and the requester's own selection: split them.
+                let f = match &self.split {
+                    None => Some(f),
                     Some(s) => {
-                        if let Some(l) = s.lens_frame(&f) {
-                            self.lens_pending.push(l);
-                        }
-                        if let Some(u) = s.user_frame(self.user_filter.as_ref(), &f) {
-                            self.pending.push(u);
-                        }
+                        let user = s.user_frame(self.user_filter.as_ref(), &f);
+                        self.keep_lens_frame(&f);
+                        user
                     }
+                };
+                if let Some(f) = f {
+                    self.hold(f);
+                }
+                if self.held > self.limit && self.over_budget.is_none() {
+                    self.over_budget = Some(budget::exceeded(self.limit, !self.keep_frames));
+                    guard.0.cancel();
                 }
                 None
             }
@@ -99,6 +121,7 @@ impl Acc {
             JobEvent::Token(t) => {
                 if self.text.stopped.is_some() {
                     // Sampled after the stop string was seen: not part of the answer.
+                    self.held -= frame_bytes(&self.pending) + frame_bytes(&self.lens_pending);
                     self.pending.clear();
                     self.lens_pending.clear();
                     return None;
@@ -114,12 +137,14 @@ impl Acc {
                     self.probs.push(p.clone());
                 }
                 let frames = std::mem::take(&mut self.pending);
-                if self.keep_frames {
-                    self.all_frames.extend(frames.iter().cloned());
-                }
+                // Handed on to the caller (an SSE chunk), no longer held here.
+                self.held -= frame_bytes(&frames);
                 let lens_frames = std::mem::take(&mut self.lens_pending);
                 if self.keep_frames {
+                    // Kept for the JSON answer's lens (still held).
                     self.all_lens_frames.extend(lens_frames.iter().cloned());
+                } else {
+                    self.held -= frame_bytes(&lens_frames);
                 }
                 Some(Step {
                     token: t.token,
@@ -131,12 +156,54 @@ impl Acc {
             }
             JobEvent::Done(d) => {
                 if self.keep_frames {
-                    self.all_frames.append(&mut self.pending);
                     self.all_lens_frames.append(&mut self.lens_pending);
                 }
                 self.done = Some(d);
                 None
             }
+        }
+    }
+
+    /// Hold one of the requester's frames: gathered for the JSON answer at once
+    /// (the frame is then freed), or kept until its step's token (streams).
+    fn hold(&mut self, f: FrameOut) {
+        let n = f.data.len();
+        if self.keep_frames {
+            // A step's frames come before its token: frames arriving after the
+            // stop string was seen are not part of the answer.
+            if self.text.stopped.is_none() {
+                self.all_frames.push(&f);
+                self.held += n;
+            }
+        } else {
+            self.held += n;
+            self.pending.push(f);
+        }
+    }
+
+    /// Keep the lens's part of a frame (nothing without a lens request).
+    pub(super) fn keep_lens_frame(&mut self, f: &FrameOut) {
+        if let Some(l) = self.split.as_ref().and_then(|s| s.lens_frame(f)) {
+            self.held += l.data.len();
+            self.lens_pending.push(l);
+        }
+    }
+
+    /// The prompt, then every token generated so far.
+    pub(super) fn all_tokens(&self) -> Vec<Token> {
+        let mut t = self.prompt.clone();
+        t.extend_from_slice(&self.tokens);
+        t
+    }
+
+    /// The FRAME record of a frame as the requester asked for it (`None`: the
+    /// lens's alone), for the binary stream.
+    pub(super) fn user_record(&self, f: &FrameOut) -> Option<Vec<u8>> {
+        match &self.split {
+            None => Some(f.to_record()),
+            Some(s) => s
+                .user_frame(self.user_filter.as_ref(), f)
+                .map(|u| u.to_record()),
         }
     }
 
@@ -176,33 +243,29 @@ impl Acc {
         }
     }
 
+    /// How the request failed, if it did: over its latents budget (400), an
+    /// error of the engine or of the answer's window (see `budget::Events`), or
+    /// cut short by a shutdown (503; a job the engine ends while stopping carries
+    /// that error, a stop string or a client that left does not).
     pub(super) fn error(&self) -> Option<ApiError> {
-        let d = self.done.as_ref()?;
-        if d.reason != StopReason::Error {
-            return None;
+        if let Some(m) = &self.over_budget {
+            return Some(ApiError::bad(m.clone()));
         }
-        let msg = d
-            .error
-            .as_ref()
-            .map_or("generation failed".into(), |e| e.message().to_string());
-        Some(ApiError::internal(msg))
-    }
-
-    /// The prompt, then every token generated so far.
-    pub(super) fn all_tokens(&self) -> Vec<Token> {
-        let mut t = self.prompt.clone();
-        t.extend_from_slice(&self.tokens);
-        t
-    }
-
-    /// The FRAME record of a frame as the requester asked for it (`None`: the
-    /// lens's alone), for the binary stream.
-    pub(super) fn user_record(&self, f: &FrameOut) -> Option<Vec<u8>> {
-        match &self.split {
-            None => Some(f.to_record()),
-            Some(s) => s
-                .user_frame(self.user_filter.as_ref(), f)
-                .map(|u| u.to_record()),
+        let d = self.done.as_ref()?;
+        match (d.reason, &d.error) {
+            (StopReason::Error, Some(e)) => Some(ApiError::from(e.clone())),
+            (StopReason::Error, None) => Some(ApiError::internal("generation failed")),
+            (StopReason::Cancelled, Some(_)) if self.text.stopped.is_none() => {
+                let cut = if self.slot >= 0 {
+                    ": the request was cut short at the end of the shutdown grace period"
+                } else {
+                    ""
+                };
+                Some(ApiError::unavailable(format!(
+                    "the server is shutting down{cut}"
+                )))
+            }
+            _ => None,
         }
     }
 
@@ -238,6 +301,10 @@ impl Acc {
             "prompt_tokens_details": {"cached_tokens": 0},
         })
     }
+}
+
+fn frame_bytes(frames: &[FrameOut]) -> usize {
+    frames.iter().map(|f| f.data.len()).sum()
 }
 
 /// Which positions' latents were computed: every one (no prefix is ever reused,

@@ -5,6 +5,7 @@
 //! binary record stream ([`transport`]).
 
 mod acc;
+mod budget;
 mod format;
 mod lens;
 mod prepare;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use self::acc::{latents_computed, Acc};
@@ -22,7 +23,7 @@ use self::format::final_object;
 use self::prepare::{submit, Prepared};
 use self::transport::{binary_response, sse_response};
 use super::error::ApiError;
-use super::wire;
+use super::mem;
 use super::{json_response, read_body, request, App, AppState};
 use crate::sched::JobEvent;
 
@@ -32,6 +33,7 @@ pub(crate) use self::prepare::{prepare, Flavor};
 
 /// Submit a prepared request and answer it: one JSON object, SSE or binary records.
 pub(super) async fn run(app: Arc<App>, p: Prepared) -> Result<Response, ApiError> {
+    budget::check(&p, app.cfg.max_latents, app.engine()?.n_ctx_slot() as usize)?;
     // Loaded (once) before the job starts, so a model the lens cannot read is a
     // clear error, not a failed stream.
     let lens = match p.lens {
@@ -56,20 +58,38 @@ pub(super) async fn run(app: Arc<App>, p: Prepared) -> Result<Response, ApiError
         }
     }
     if let Some(e) = acc.error() {
+        let seen = acc.seen;
+        drop(acc);
+        mem::trim_after(seen);
         return Err(e);
     }
     acc.text.finish();
     let mut v = final_object(&app, &p, &acc);
-    if p.filter.is_some() {
-        v["latents"] = wire::latents_json(&acc.all_frames);
-        v["latents_computed"] = latents_computed(&acc);
-    }
     if let (Some(lens), Some(plan)) = (lens, p.lens.clone()) {
         let frames = std::mem::take(&mut acc.all_lens_frames);
         v["lens"] =
             self::lens::lens_json(lens, plan, acc.model.clone(), frames, acc.all_tokens()).await?;
     }
-    Ok(json_response(StatusCode::OK, &v))
+    if p.filter.is_none() {
+        return Ok(json_response(StatusCode::OK, &v));
+    }
+    // The latents go straight into the answer's buffer (no second copy of them).
+    let computed = latents_computed(&acc);
+    let latents = std::mem::take(&mut acc.all_frames);
+    drop(acc);
+    let mut out = serde_json::to_vec(&v).map_err(|e| ApiError::internal(e.to_string()))?;
+    out.pop(); // the object's closing brace
+    out.extend_from_slice(b",\"latents\":");
+    latents.write(&mut out);
+    out.extend_from_slice(b",\"latents_computed\":");
+    serde_json::to_writer(&mut out, &computed).map_err(|e| ApiError::internal(e.to_string()))?;
+    out.push(b'}');
+    let mut r = Response::new(Body::from(mem::body_bytes(out)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    Ok(r)
 }
 
 pub(crate) async fn completion(State(app): AppState, headers: HeaderMap, body: Body) -> Response {

@@ -5,6 +5,7 @@ use axum::http::{header, HeaderMap};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
+use super::budget::{Events, Window};
 use crate::engine::Token;
 use crate::sched::{Job, JobEvent, JobHandle, LatentFilter, SubmitError};
 use crate::server::error::ApiError;
@@ -180,12 +181,14 @@ impl Drop for CancelGuard {
     }
 }
 
-pub(super) fn submit(
-    app: &App,
-    p: &Prepared,
-) -> Result<(CancelGuard, mpsc::UnboundedReceiver<JobEvent>), ApiError> {
+pub(super) fn submit(app: &App, p: &Prepared) -> Result<(CancelGuard, Events), ApiError> {
     let engine = app.engine()?;
     let (tx, rx) = mpsc::unbounded_channel();
+    // A graph compute hands on all its frames at once: the window holds two.
+    let ubatch = p.tokens.len().min(app.cfg.engine.ctx.n_ubatch as usize);
+    let row = p.filter.as_ref().map_or(0, |f| f.row_bytes());
+    let limit = app.cfg.max_latents.max(2 * ubatch * row);
+    let window = Window::new(limit, !p.binary && !p.params.stream);
     let job = Job {
         prompt: p.tokens.clone(),
         n_predict: p.params.n_predict.unwrap_or(usize::MAX),
@@ -196,9 +199,18 @@ pub(super) fn submit(
         // Binary token records carry logprob and entropy; JSON shows them only with n_probs.
         token_stats: p.binary,
     };
-    let sink = Box::new(move |ev: JobEvent| tx.send(ev).is_ok());
+    let w = window.clone();
+    let sink = Box::new(move |ev: JobEvent| {
+        // A frame past the window cancels the job (see `Events`).
+        if let JobEvent::Frame(f) = &ev {
+            if !w.add(f.data.len()) {
+                return false;
+            }
+        }
+        tx.send(ev).is_ok()
+    });
     match engine.submit(job, sink) {
-        Ok(h) => Ok((CancelGuard(h), rx)),
+        Ok(h) => Ok((CancelGuard(h), Events::new(rx, window))),
         Err(SubmitError::Busy) => Err(ApiError::unavailable(
             "the server is busy: every slot is in use and the wait queue is full",
         )),

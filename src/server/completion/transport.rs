@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::acc::Acc;
+use super::budget::{Events, Window};
 use super::format::{add_latents_skipped, final_object, native_final, oai_final};
 use super::lens::lens_json;
 use super::prepare::{CancelGuard, Flavor, Prepared};
@@ -19,14 +20,39 @@ use crate::lens::Lens;
 use crate::record::RequestRecord;
 use crate::sched::FrameOut;
 use crate::sched::JobEvent;
+use crate::server::mem;
 use crate::server::wire::{self, FRAMES_MEDIA_TYPE};
 use crate::server::{fingerprint, unix_now, App};
 
-fn stream_body(rx: mpsc::Receiver<Bytes>) -> Body {
-    let s = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+/// The sending side of a streamed answer: what waits to be written counts in
+/// the request's [`Window`] until the body hands it to the connection.
+struct Out {
+    tx: mpsc::Sender<Bytes>,
+    window: Arc<Window>,
+}
+
+impl Out {
+    async fn send(&self, b: Bytes) -> Result<(), ()> {
+        let n = b.len();
+        // Counted, not refused: only the router's side cuts a slow reader off.
+        let _ = self.window.add(n);
+        self.tx.send(b).await.map_err(|_| self.window.sub(n))
+    }
+}
+
+/// A streamed answer's body and its sender; `depth` chunks may wait.
+fn stream_body(depth: usize, window: Arc<Window>) -> (Out, Body) {
+    let (tx, rx) = mpsc::channel::<Bytes>(depth);
+    let w = window.clone();
+    let s = futures_util::stream::unfold(rx, move |mut rx| {
+        let w = w.clone();
+        async move {
+            let b = rx.recv().await?;
+            w.sub(b.len());
+            Some((Ok::<_, Infallible>(b), rx))
+        }
     });
-    Body::from_stream(s)
+    (Out { tx, window }, Body::from_stream(s))
 }
 
 fn sse(v: &Value) -> Bytes {
@@ -184,10 +210,10 @@ pub(super) fn sse_response(
     app: Arc<App>,
     p: Prepared,
     guard: CancelGuard,
-    mut rx: mpsc::UnboundedReceiver<JobEvent>,
+    mut rx: Events,
     lens: Option<Arc<Lens>>,
 ) -> Response {
-    let (out, body_rx) = mpsc::channel::<Bytes>(64);
+    let (out, body) = stream_body(64, rx.window.clone());
     tokio::spawn(async move {
         let Ok(mut acc) = Acc::new(&app, &p) else {
             return;
@@ -228,6 +254,7 @@ pub(super) fn sse_response(
                 break;
             }
         }
+        mem::trim_after(acc.seen);
         if let Some(e) = acc.error() {
             let _ = out.send(sse(&e.body())).await;
             return;
@@ -260,7 +287,7 @@ pub(super) fn sse_response(
         }
         drop(guard);
     });
-    let mut r = Response::new(stream_body(body_rx));
+    let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -279,26 +306,38 @@ pub(super) fn binary_response(
     app: Arc<App>,
     p: Prepared,
     guard: CancelGuard,
-    mut rx: mpsc::UnboundedReceiver<JobEvent>,
+    mut rx: Events,
     lens: Option<Arc<Lens>>,
 ) -> Response {
-    let (out, body_rx) = mpsc::channel::<Bytes>(256);
+    let (out, body) = stream_body(256, rx.window.clone());
     tokio::spawn(async move {
         let Ok(mut acc) = Acc::new(&app, &p) else {
             return;
         };
         let id = guard.0.id;
         let mut frames = 0u64;
+        let mut seen = 0usize;
         while let Some(ev) = rx.recv().await {
+            // The requester's frames go out as they come, never held; only a
+            // lens's rows wait in `acc` for their step's token.
+            if let JobEvent::Frame(f) = ev {
+                seen += f.data.len();
+                // After a stop string, later steps are not part of the answer (as in JSON/SSE).
+                if acc.text.stopped.is_none() {
+                    acc.keep_lens_frame(&f);
+                    if let Some(rec) = acc.user_record(&f) {
+                        frames += 1;
+                        drop(f);
+                        if out.send(Bytes::from(wire::framed(&rec))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                continue;
+            }
             let rec = match &ev {
                 JobEvent::Started { slot } => {
                     Some(request_record(id, *slot as i64, 1, p.tokens.len() as u64))
-                }
-                // After a stop string, later steps are not part of the answer (as in JSON/SSE).
-                JobEvent::Frame(f) if acc.text.stopped.is_none() => {
-                    let r = acc.user_record(f);
-                    frames += u64::from(r.is_some());
-                    r
                 }
                 JobEvent::Frame(_) => None,
                 JobEvent::Token(t) if acc.text.stopped.is_none() => Some(t.to_record()),
@@ -338,6 +377,7 @@ pub(super) fn binary_response(
                 break;
             }
         }
+        mem::trim_after(seen);
         let _ = acc.text.finish();
         let mut summary = final_object(&app, &p, &acc);
         if let Some(e) = acc.error() {
@@ -355,7 +395,7 @@ pub(super) fn binary_response(
         }
         drop(guard);
     });
-    let mut r = Response::new(stream_body(body_rx));
+    let mut r = Response::new(body);
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(FRAMES_MEDIA_TYPE),

@@ -99,6 +99,12 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10)]
     shutdown_grace: u64,
+    /// Latents one request may hold in MiB (rows × widths × dtype size): a JSON
+    /// answer's whole selection, an SSE chunk's step, a slow reader's backlog. A
+    /// request that would need more is refused with 400 before it runs, or
+    /// stopped when it gets there (1..=65536).
+    #[arg(long, default_value_t = latent_tap::settings::DEFAULT_LATENTS_BUDGET_MB)]
+    max_latents_mb: usize,
 }
 
 /// Check the flags, then run the HTTP server until SIGINT/SIGTERM.
@@ -150,6 +156,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .checked_mul(1024)
             .ok_or_else(|| Error::invalid("--max-body-kb is too large"))?,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+        max_latents: latent_tap::settings::latents_budget_from_mb(a.max_latents_mb)
+            .map_err(|e| Error::invalid(format!("--max-latents-mb: {}", e.message())))?,
         subscriber_queue: crate::args::mib("--subscriber-queue-mb", a.subscriber_queue_mb)?,
         chat_template: latent_tap::server::chat_template_option(
             a.chat_template.as_deref(),
