@@ -258,8 +258,8 @@ fn static_lens_html_renders_offline_and_escapes_pieces() {
     assert!(text.as_str().unwrap().contains("</script><img"), "{text}");
     // The form is hidden: a static file never calls a server.
     assert_eq!(
-        b.js("return document.getElementById('gen-form').hidden"),
-        json!(true)
+        b.js("return getComputedStyle(document.getElementById('gen-form')).display"),
+        json!("none")
     );
     // Click the column of " France" (pos 4, target " is"): its curve.
     b.click("#head-row th:nth-child(6) button");

@@ -272,7 +272,6 @@
     resetGrid(lens.layers || []);
     for (const t of data.tokens || []) st.inputs.set(t.pos, t.piece);
     for (const r of lens.rows || []) addRow(r);
-    $("output").textContent = data.prompt || "";
     status(`${st.cols.length} positions × ${st.layers.length} layers (static file).`, "done");
   }
 
