@@ -20,6 +20,7 @@ pub mod capture;
 pub mod dataset;
 pub mod engine;
 pub mod ffi;
+pub mod lens;
 pub mod sched;
 #[cfg(feature = "serve")]
 pub mod server;

@@ -62,6 +62,7 @@ pub(crate) async fn props(State(app): AppState) -> Response {
                     "binary_media_type": FRAMES_MEDIA_TYPE,
                     "capture_mode": engine.capture_mode(),
                 },
+                "lens": crate::server::completion::lens_props(&app, engine),
             }),
         ))
     })();

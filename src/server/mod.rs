@@ -102,6 +102,10 @@ pub(crate) struct App {
     pub(crate) engine: OnceLock<Scheduler>,
     pub(crate) model_name: String,
     pub(crate) shutting_down: AtomicBool,
+    /// The logit lens, loaded by the first request that asks for one.
+    pub(crate) lens: tokio::sync::OnceCell<Arc<crate::lens::Lens>>,
+    /// Whether the model file has what the lens needs (checked once, for `/props`).
+    pub(crate) lens_available: OnceLock<bool>,
 }
 
 impl App {
@@ -116,6 +120,17 @@ impl App {
 
     pub(crate) fn model(&self) -> std::result::Result<&Arc<Model>, ApiError> {
         self.engine().map(Scheduler::model)
+    }
+
+    /// Threads the lens computes on: the engine's (it runs beside the decode,
+    /// on a blocking-pool thread).
+    pub(crate) fn lens_threads(&self) -> usize {
+        self.cfg
+            .engine
+            .ctx
+            .n_threads
+            .unwrap_or_else(crate::settings::default_threads)
+            .max(1) as usize
     }
 
     /// The chat template in use: `--chat-template`/`--chat-template-file`, else
@@ -249,6 +264,8 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         engine: OnceLock::new(),
         model_name,
         shutting_down: AtomicBool::new(false),
+        lens: tokio::sync::OnceCell::new(),
+        lens_available: OnceLock::new(),
     });
     println!(
         "latent-tap serve: listening on http://{local} (loading model {})",

@@ -50,6 +50,14 @@ pub fn json_record(v: &Value) -> Vec<u8> {
     b
 }
 
+/// A lens record: `{kind=7, header_size=16, len: u64}` then `len` bytes of
+/// UTF-8 JSON, the `lens` object of one step's rows (see `docs/PROTOCOL.md`).
+pub fn lens_record(v: &Value) -> Vec<u8> {
+    let mut b = json_record(v);
+    b[..4].copy_from_slice(&crate::record::kind::LENS.to_le_bytes());
+    b
+}
+
 /// Rows of one tensor gathered from frames, for JSON.
 #[derive(Debug, Default)]
 struct Gathered {

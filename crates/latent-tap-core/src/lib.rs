@@ -13,6 +13,8 @@
 //! - [`stream`]: the reader side of a ring; [`tokens`]: token statistics;
 //! - [`output`]: collectors and safetensors writing; [`run`]: the run-directory
 //!   format that dataset capture and `latent-tap listen` write;
+//! - [`lens`]: the llama-free half of the logit lens (options, statistics,
+//!   translators, JSON);
 //! - [`gguf`]: the GGUF pre-check; [`synth`]: synthetic GGUF models for tests;
 //! - [`attach`]: the attach wire and the pairing of rows with tokens.
 #![warn(missing_docs)]
@@ -21,6 +23,7 @@ pub mod attach;
 pub mod convert;
 pub mod error;
 pub mod gguf;
+pub mod lens;
 pub mod output;
 pub mod record;
 pub mod ring;

@@ -24,6 +24,10 @@ pub mod kind {
     /// The host removed positions of a sequence (attach wire:
     /// [`crate::attach::wire::SeqRm`]).
     pub const SEQ_RM: u32 = 6;
+    /// The logit lens of one step's rows (`serve`'s binary completions with a
+    /// `lens` request): the JSON record's layout, the `lens` object as payload
+    /// (docs/PROTOCOL.md).
+    pub const LENS: u32 = 7;
 }
 
 /// Element type of a frame's payload.

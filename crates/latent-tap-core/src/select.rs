@@ -148,6 +148,13 @@ impl LayerFilter {
     pub fn contains(&self, layer: i32) -> bool {
         self.ranges.iter().any(|&(a, b)| (a..=b).contains(&layer))
     }
+
+    /// The smallest and the largest layer named (inclusive).
+    pub fn bounds(&self) -> (i32, i32) {
+        let lo = self.ranges.iter().map(|r| r.0).min().unwrap_or(0);
+        let hi = self.ranges.iter().map(|r| r.1).max().unwrap_or(-1);
+        (lo, hi)
+    }
 }
 
 /// `*` matches any run of characters except `#`; `?` matches one character.

@@ -31,6 +31,10 @@ pub const MAX_BLOCK_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub const MIN_TEMPERATURE: f32 = 1e-3;
 /// Most alternatives reported per generated token (`top_k` of a report).
 pub const MAX_REPORT_TOP_K: usize = 1 << 20;
+/// Most alternatives the logit lens reports per (layer, row).
+pub const MAX_LENS_TOP_K: usize = 20;
+/// Alternatives the logit lens reports when none is asked for.
+pub const DEFAULT_LENS_TOP_K: usize = 5;
 
 /// Ring capacity of a capture when the caller gives none and nothing sizes it
 /// from the selection (64 MiB).
@@ -164,6 +168,16 @@ pub fn check_report_top_k(k: usize) -> Result<()> {
     if k > MAX_REPORT_TOP_K {
         return Err(Error::invalid(format!(
             "report top-k {k} is out of range 0..={MAX_REPORT_TOP_K}"
+        )));
+    }
+    Ok(())
+}
+
+/// Alternatives the logit lens reports per cell: `1..=MAX_LENS_TOP_K`.
+pub fn check_lens_top_k(k: usize) -> Result<()> {
+    if !(1..=MAX_LENS_TOP_K).contains(&k) {
+        return Err(Error::invalid(format!(
+            "lens top_k {k} is out of range 1..={MAX_LENS_TOP_K}"
         )));
     }
     Ok(())

@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use super::lens::Split;
 use super::prepare::{CancelGuard, Prepared};
 use crate::engine::{Model, Token};
+use crate::sched::LatentFilter;
 use crate::sched::{FrameOut, JobDone, JobEvent, StopReason, TokenOut};
 use crate::server::error::ApiError;
 use crate::server::text::TextState;
@@ -17,6 +19,8 @@ pub(super) struct Step {
     pub(super) delta: String,
     pub(super) prob: Option<Value>,
     pub(super) frames: Vec<FrameOut>,
+    /// The step's rows for the lens (empty without a lens request).
+    pub(super) lens_frames: Vec<FrameOut>,
 }
 
 /// Accumulates a job's events into llama-server's response fields.
@@ -33,6 +37,13 @@ pub(super) struct Acc {
     pub(super) keep_frames: bool,
     pub(super) has_new_line: bool,
     pub(super) done: Option<JobDone>,
+    /// The prompt's tokens (lens targets).
+    pub(super) prompt: Vec<Token>,
+    /// The requester's own latents filter, when a lens shares the job's.
+    user_filter: Option<LatentFilter>,
+    split: Option<Split>,
+    pub(super) lens_pending: Vec<FrameOut>,
+    pub(super) all_lens_frames: Vec<FrameOut>,
 }
 
 fn piece_json(model: &Model, id: Token) -> (String, Vec<u8>) {
@@ -55,6 +66,11 @@ impl Acc {
             keep_frames: false,
             has_new_line: false,
             done: None,
+            prompt: p.tokens.clone(),
+            user_filter: p.filter.clone(),
+            split: p.lens.clone().map(|l| Split::new(l, p.tokens.len())),
+            lens_pending: Vec::new(),
+            all_lens_frames: Vec::new(),
         })
     }
 
@@ -66,7 +82,17 @@ impl Acc {
                 None
             }
             JobEvent::Frame(f) => {
-                self.pending.push(f);
+                match &self.split {
+                    None => self.pending.push(f),
+                    Some(s) => {
+                        if let Some(l) = s.lens_frame(&f) {
+                            self.lens_pending.push(l);
+                        }
+                        if let Some(u) = s.user_frame(self.user_filter.as_ref(), &f) {
+                            self.pending.push(u);
+                        }
+                    }
+                }
                 None
             }
             JobEvent::Token(t) if t.prompt => None,
@@ -74,6 +100,7 @@ impl Acc {
                 if self.text.stopped.is_some() {
                     // Sampled after the stop string was seen: not part of the answer.
                     self.pending.clear();
+                    self.lens_pending.clear();
                     return None;
                 }
                 let delta = self.text.push(&t.piece);
@@ -90,16 +117,22 @@ impl Acc {
                 if self.keep_frames {
                     self.all_frames.extend(frames.iter().cloned());
                 }
+                let lens_frames = std::mem::take(&mut self.lens_pending);
+                if self.keep_frames {
+                    self.all_lens_frames.extend(lens_frames.iter().cloned());
+                }
                 Some(Step {
                     token: t.token,
                     delta,
                     prob,
                     frames,
+                    lens_frames,
                 })
             }
             JobEvent::Done(d) => {
                 if self.keep_frames {
                     self.all_frames.append(&mut self.pending);
+                    self.all_lens_frames.append(&mut self.lens_pending);
                 }
                 self.done = Some(d);
                 None
@@ -153,6 +186,22 @@ impl Acc {
             .as_ref()
             .map_or("generation failed".into(), |e| e.message().to_string());
         Some(ApiError::internal(msg))
+    }
+
+    /// The prompt, then every token generated so far.
+    pub(super) fn all_tokens(&self) -> Vec<Token> {
+        let mut t = self.prompt.clone();
+        t.extend_from_slice(&self.tokens);
+        t
+    }
+
+    /// The requester's form of a frame (`None`: the lens's alone), for the
+    /// binary stream.
+    pub(super) fn user_frame(&self, f: &FrameOut) -> Option<FrameOut> {
+        match &self.split {
+            None => Some(f.clone()),
+            Some(s) => s.user_frame(self.user_filter.as_ref(), f),
+        }
     }
 
     pub(super) fn n_gen(&self) -> usize {

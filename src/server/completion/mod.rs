@@ -6,6 +6,7 @@
 
 mod acc;
 mod format;
+mod lens;
 mod prepare;
 mod transport;
 
@@ -26,20 +27,27 @@ use super::{json_response, read_body, request, App, AppState};
 use crate::sched::JobEvent;
 
 pub(crate) use self::format::generation_settings;
+pub(crate) use self::lens::props as lens_props;
 pub(crate) use self::prepare::{prepare, Flavor};
 
 /// Submit a prepared request and answer it: one JSON object, SSE or binary records.
 pub(super) async fn run(app: Arc<App>, p: Prepared) -> Result<Response, ApiError> {
+    // Loaded (once) before the job starts, so a model the lens cannot read is a
+    // clear error, not a failed stream.
+    let lens = match p.lens {
+        Some(_) => Some(self::lens::lens(&app).await?),
+        None => None,
+    };
     let (guard, rx) = submit(&app, &p)?;
     if p.binary {
-        return Ok(binary_response(app, p, guard, rx));
+        return Ok(binary_response(app, p, guard, rx, lens));
     }
     if p.params.stream {
-        return Ok(sse_response(app, p, guard, rx));
+        return Ok(sse_response(app, p, guard, rx, lens));
     }
     let mut rx = rx;
     let mut acc = Acc::new(&app, &p)?;
-    acc.keep_frames = p.filter.is_some();
+    acc.keep_frames = p.filter.is_some() || p.lens.is_some();
     while let Some(ev) = rx.recv().await {
         let done = matches!(ev, JobEvent::Done(_));
         acc.on(ev, &guard);
@@ -55,6 +63,11 @@ pub(super) async fn run(app: Arc<App>, p: Prepared) -> Result<Response, ApiError
     if p.filter.is_some() {
         v["latents"] = wire::latents_json(&acc.all_frames);
         v["latents_computed"] = latents_computed(&acc);
+    }
+    if let (Some(lens), Some(plan)) = (lens, p.lens.clone()) {
+        let frames = std::mem::take(&mut acc.all_lens_frames);
+        v["lens"] =
+            self::lens::lens_json(lens, plan, acc.model.clone(), frames, acc.all_tokens()).await?;
     }
     Ok(json_response(StatusCode::OK, &v))
 }

@@ -63,6 +63,10 @@ pub(crate) struct Prepared {
     pub(super) tokens: Vec<Token>,
     pub(super) params: GenParams,
     pub(super) filter: Option<LatentFilter>,
+    /// The `lens` request, if any.
+    pub(super) lens: Option<std::sync::Arc<super::lens::LensPlan>>,
+    /// What the job captures: `filter`, plus the lens's rows.
+    pub(super) job_filter: Option<LatentFilter>,
     pub(super) flavor: Flavor,
     pub(super) include_usage: bool,
     pub(super) return_tokens: bool,
@@ -146,6 +150,8 @@ pub(crate) fn prepare(
         .map(|l| engine.compile(l))
         .transpose()
         .map_err(ApiError::latents)?;
+    let lens = super::lens::plan(engine, m)?;
+    let job_filter = super::lens::job_filter(engine, filter.as_ref(), lens.as_ref())?;
     let include_usage = m
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
@@ -154,6 +160,8 @@ pub(crate) fn prepare(
     Ok(Prepared {
         tokens,
         filter,
+        lens: lens.map(std::sync::Arc::new),
+        job_filter,
         flavor,
         include_usage,
         return_tokens: request::boolean(m, "return_tokens")?.unwrap_or(false),
@@ -184,7 +192,7 @@ pub(super) fn submit(
         sampling: p.params.sampling.clone(),
         n_probs: p.params.n_probs,
         ignore_eos: p.params.ignore_eos,
-        latents: p.filter.clone(),
+        latents: p.job_filter.clone(),
         // Binary token records carry logprob and entropy; JSON shows them only with n_probs.
         token_stats: p.binary,
     };

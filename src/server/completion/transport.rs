@@ -12,9 +12,12 @@ use tokio::sync::mpsc;
 
 use super::acc::Acc;
 use super::format::{add_latents_skipped, final_object, native_final, oai_final};
+use super::lens::lens_json;
 use super::prepare::{CancelGuard, Flavor, Prepared};
 use crate::engine::Token;
+use crate::lens::Lens;
 use crate::record::RequestRecord;
+use crate::sched::FrameOut;
 use crate::sched::JobEvent;
 use crate::server::wire::{self, FRAMES_MEDIA_TYPE};
 use crate::server::{fingerprint, unix_now, App};
@@ -70,6 +73,7 @@ impl Chunks<'_> {
         token: Option<Token>,
         prob: Option<&Value>,
         latents: Option<Value>,
+        lens: Option<Value>,
     ) -> Vec<Value> {
         let mut chunks = Vec::new();
         match self.p.flavor {
@@ -100,7 +104,7 @@ impl Chunks<'_> {
                     chunks.push(self.base(json!([{"finish_reason": null, "index": 0, "delta": {"role": "assistant", "content": null}}])));
                 }
                 // A token whose text is held back still sends its logprobs and latents.
-                if !delta.is_empty() || prob.is_some() || latents.is_some() {
+                if !delta.is_empty() || prob.is_some() || latents.is_some() || lens.is_some() {
                     let mut c = self.base(
                         json!([{"finish_reason": null, "index": 0, "delta": {"content": delta}}]),
                     );
@@ -114,12 +118,15 @@ impl Chunks<'_> {
         if let (Some(l), Some(last)) = (latents, chunks.last_mut()) {
             last["latents"] = l;
         }
+        if let (Some(l), Some(last)) = (lens, chunks.last_mut()) {
+            last["lens"] = l;
+        }
         chunks
     }
 
     /// The closing chunks: llama-server's final object (no text or tokens of
     /// its own), with the latents no token carried.
-    fn finals(&self, acc: &Acc, latents: Option<Value>) -> Vec<Value> {
+    fn finals(&self, acc: &Acc, latents: Option<Value>, lens: Option<Value>) -> Vec<Value> {
         let mut finals = Vec::new();
         match self.p.flavor {
             Flavor::Native => finals.push(native_final(self.app, self.p, acc, true)),
@@ -133,6 +140,9 @@ impl Chunks<'_> {
         }
         if let (Some(l), Some(first)) = (latents, finals.first_mut()) {
             first["latents"] = l;
+        }
+        if let (Some(l), Some(first)) = (lens, finals.first_mut()) {
+            first["lens"] = l;
         }
         if self.p.flavor == Flavor::OaiChat {
             if self.p.include_usage {
@@ -148,11 +158,34 @@ impl Chunks<'_> {
     }
 }
 
+/// The `lens` object of `frames` (`None` without a lens or rows).
+async fn step_lens(
+    lens: &Option<Arc<Lens>>,
+    p: &Prepared,
+    acc: &Acc,
+    frames: Vec<FrameOut>,
+) -> Result<Option<Value>, crate::server::error::ApiError> {
+    match (lens, &p.lens) {
+        (Some(l), Some(plan)) if !frames.is_empty() => Ok(Some(
+            lens_json(
+                l.clone(),
+                plan.clone(),
+                acc.model.clone(),
+                frames,
+                acc.all_tokens(),
+            )
+            .await?,
+        )),
+        _ => Ok(None),
+    }
+}
+
 pub(super) fn sse_response(
     app: Arc<App>,
     p: Prepared,
     guard: CancelGuard,
     mut rx: mpsc::UnboundedReceiver<JobEvent>,
+    lens: Option<Arc<Lens>>,
 ) -> Response {
     let (out, body_rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
@@ -167,9 +200,24 @@ pub(super) fn sse_response(
         };
         while let Some(ev) = rx.recv().await {
             let done = matches!(ev, JobEvent::Done(_));
-            if let Some(s) = acc.on(ev, &guard) {
+            if let Some(mut s) = acc.on(ev, &guard) {
                 let latents = (!s.frames.is_empty()).then(|| wire::latents_json(&s.frames));
-                let cs = chunks.partial(&acc, &s.delta, Some(s.token), s.prob.as_ref(), latents);
+                let lens_v =
+                    match step_lens(&lens, &p, &acc, std::mem::take(&mut s.lens_frames)).await {
+                        Ok(v) => v,
+                        Err(e) => {
+                            let _ = out.send(sse(&e.body())).await;
+                            return;
+                        }
+                    };
+                let cs = chunks.partial(
+                    &acc,
+                    &s.delta,
+                    Some(s.token),
+                    s.prob.as_ref(),
+                    latents,
+                    lens_v,
+                );
                 for c in &cs {
                     if out.send(sse(c)).await.is_err() {
                         return; // client gone: the guard cancels the job
@@ -189,11 +237,19 @@ pub(super) fn sse_response(
         let tail = acc.text.finish();
         let mut all = Vec::new();
         if !tail.is_empty() {
-            all.extend(chunks.partial(&acc, &tail, None, None, None));
+            all.extend(chunks.partial(&acc, &tail, None, None, None, None));
         }
         let leftover = std::mem::take(&mut acc.pending);
         let latents = (!leftover.is_empty()).then(|| wire::latents_json(&leftover));
-        all.extend(chunks.finals(&acc, latents));
+        let lens_left = std::mem::take(&mut acc.lens_pending);
+        let lens_v = match step_lens(&lens, &p, &acc, lens_left).await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = out.send(sse(&e.body())).await;
+                return;
+            }
+        };
+        all.extend(chunks.finals(&acc, latents, lens_v));
         for v in &all {
             if out.send(sse(v)).await.is_err() {
                 return;
@@ -224,6 +280,7 @@ pub(super) fn binary_response(
     p: Prepared,
     guard: CancelGuard,
     mut rx: mpsc::UnboundedReceiver<JobEvent>,
+    lens: Option<Arc<Lens>>,
 ) -> Response {
     let (out, body_rx) = mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
@@ -238,19 +295,41 @@ pub(super) fn binary_response(
                     Some(request_record(id, *slot as i64, 1, p.tokens.len() as u64))
                 }
                 // After a stop string, later steps are not part of the answer (as in JSON/SSE).
-                JobEvent::Frame(f) if acc.text.stopped.is_none() => {
+                JobEvent::Frame(f) if acc.text.stopped.is_none() => acc.user_frame(f).map(|u| {
                     frames += 1;
-                    Some(f.to_record())
-                }
+                    u.to_record()
+                }),
                 JobEvent::Frame(_) => None,
                 JobEvent::Token(t) if acc.text.stopped.is_none() => Some(t.to_record()),
                 JobEvent::Token(_) => None,
                 JobEvent::Done(_) => None,
             };
             let done = matches!(ev, JobEvent::Done(_));
-            acc.on(ev, &guard);
+            let step = acc.on(ev, &guard);
             if let Some(r) = rec {
                 if out.send(Bytes::from(wire::framed(&r))).await.is_err() {
+                    return;
+                }
+            }
+            let mut lens_frames = step.map(|s| s.lens_frames).unwrap_or_default();
+            if done {
+                lens_frames.append(&mut acc.lens_pending);
+            }
+            match step_lens(&lens, &p, &acc, lens_frames).await {
+                Ok(Some(v)) => {
+                    if out
+                        .send(Bytes::from(wire::framed(&wire::lens_record(&v))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = out
+                        .send(Bytes::from(wire::framed(&wire::json_record(&e.body()))))
+                        .await;
                     return;
                 }
             }
