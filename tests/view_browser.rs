@@ -646,8 +646,11 @@ fn live_page_on_the_real_model() {
         return;
     };
     let Some(b) = Browser::start() else { return };
-    let s = common::http::Server::start(&model, &["--chat-template", "gemma"]);
-    b.post("/window/rect", json!({"width": 1360, "height": 1000}));
+    let s = common::http::Server::start(
+        &model,
+        &["--chat-template", "gemma", "--alias", "gemma-3-270m-q4_k_m"],
+    );
+    b.post("/window/rect", json!({"width": 1440, "height": 1120}));
     b.goto(&s.url("/"));
     b.wait_for(
         "the props",
