@@ -634,8 +634,29 @@ fn live_page_on_serve_fills_layers_by_tokens() {
         json!(n_prompt - 1),
         "the last layer's prompt rows (but the last) do not exist"
     );
+    // A layer range: only those rows.
+    b.type_into("#layers", "1..=2");
+    b.js("document.getElementById('rows').value = 'last'; return true");
+    let (_, columns) = generate_and_watch(&b);
+    let heads =
+        b.js("return [...document.querySelectorAll('#grid-body th')].map((t) => t.textContent)");
+    assert_eq!(heads, json!(["next", "L2", "L1"]));
+    assert_eq!(b.js(FILLED), json!(2 * columns));
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
+    // A layer the model lacks: the server's message on the page, in its alert.
+    b.type_into("#layers", "7");
+    b.click("#generate");
+    let msg = b.wait_for(
+        "the error",
+        30,
+        "const s = document.getElementById('status'); return s.dataset.state === 'error' ? document.getElementById('error').textContent : null",
+    );
+    assert!(msg.as_str().unwrap().contains('7'), "{msg}");
+    assert_eq!(
+        b.js("return document.getElementById('error').getAttribute('role')"),
+        "alert"
+    );
 }
 
 /// The README's screenshot: the real model on "The capital of France is"
