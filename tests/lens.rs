@@ -423,3 +423,67 @@ fn models_without_usable_output_tensors_are_errors() {
         assert!((*a as f64 - lse - b).abs() < TOL);
     }
 }
+
+#[test]
+fn cli_writes_jsonl_safetensors_html_png_and_a_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::synth_model(dir.path());
+    let out = dir.path().join("out");
+    let o = common::bin()
+        .args([
+            "lens", "-t", "1", "-p", "hi there", "-n", "3", "--top-k", "4", "--layers", "0,2", "-m",
+        ])
+        .arg(&m)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.starts_with(" pos token"), "{stdout}");
+    assert!(stdout.contains("L0") && stdout.contains("L2"), "{stdout}");
+    // BOS + 8 bytes: 9 prompt rows, 2 decoded tokens; the final layer has a row
+    // at the last prompt position and after: 11 + 3 cells.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("lens.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 11 + 3);
+    assert!(lines
+        .iter()
+        .all(|l| l["top"].as_array().unwrap().len() == 4));
+    let bytes = std::fs::read(out.join("lens.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("top_ids").unwrap().shape(), &[11 * 2, 4]);
+    assert_eq!(st.tensor("entropy").unwrap().shape(), &[11, 2]);
+    let present = st.tensor("present").unwrap().data().to_vec();
+    assert_eq!(present.iter().filter(|&&p| p == 1).count(), 14);
+    let html = std::fs::read_to_string(out.join("lens.html")).unwrap();
+    assert!(html.contains("id=\"lens-data\""));
+    assert!(std::fs::read(out.join("lens.png"))
+        .unwrap()
+        .starts_with(b"\x89PNG"));
+    // Bad values: clear errors, nothing written.
+    for (args, needle) in [
+        (vec!["--top-k", "0"], "lens top_k 0 is out of range 1..=20"),
+        (vec!["--layers", "7"], "lens layer 7 does not exist"),
+        (vec!["--target", "hello"], "--target 'hello' is 5 tokens"),
+    ] {
+        let bad = dir.path().join("bad");
+        let o = common::bin()
+            .args(["lens", "-t", "1", "-p", "x", "-n", "1", "-m"])
+            .arg(&m)
+            .args(&args)
+            .arg("--out")
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(!bad.join("lens.jsonl").exists());
+    }
+}

@@ -21,6 +21,8 @@ use self::project::Projector;
 use crate::engine::{Model, Token};
 use crate::error::{Error, Result};
 use crate::settings;
+pub use latent_tap_core::lens::dense::write_dense;
+pub use latent_tap_core::lens::json::jsonl_lines;
 pub use latent_tap_core::lens::{
     lens_json, summarize, CellStats, LayerSpec, LensOptions, LensRow, LensRows, Reference, Target,
     Translators,

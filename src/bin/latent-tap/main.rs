@@ -36,6 +36,10 @@ struct Cli {
 enum Cmd {
     /// Generate from a prompt and write latents, tokens and a manifest to --out.
     Capture(Box<CaptureArgs>),
+    /// The logit lens: generate, then read every layer through the model's own
+    /// final norm and unembedding; write lens.jsonl, lens.safetensors, lens.html
+    /// and lens.png to --out and print each position's top-1 per layer.
+    Lens(Box<cmd::lens::LensArgs>),
     /// List every capturable graph tensor, grouped by layer.
     Tensors(ModelArgs),
     /// Serve a llama-server-compatible HTTP API that streams latents with the tokens.
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
             cmd::capture::capture(*a, &order)
         }
         Cmd::Tensors(a) => cmd::tensors::tensors(a),
+        Cmd::Lens(a) => cmd::lens::lens(*a),
         Cmd::Listen(a) => cmd::listen::listen(*a),
         Cmd::SynthModel {
             out,

@@ -79,8 +79,13 @@ impl OutDir {
     }
 
     /// Rename every temporary file into place, manifest last.
-    pub fn commit(mut self) -> Result<()> {
-        for name in OUTPUTS {
+    pub fn commit(self) -> Result<()> {
+        self.commit_names(&OUTPUTS)
+    }
+
+    /// Rename the temporary files of `names` into place, in that order.
+    pub fn commit_names(mut self, names: &[&str]) -> Result<()> {
+        for &name in names {
             let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
             let dst = self.dir.join(name);
             std::fs::rename(&tmp, &dst).map_err(|e| {

@@ -5,6 +5,7 @@
 //! every front end answers with ([`json`]). The projection itself (final norm
 //! and unembedding through ggml) is `latent_tap::lens`.
 
+pub mod dense;
 pub mod json;
 pub mod options;
 pub mod stats;

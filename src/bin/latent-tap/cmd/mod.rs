@@ -2,6 +2,7 @@
 
 pub mod capture;
 pub mod dataset;
+pub mod lens;
 pub mod listen;
 #[cfg(feature = "serve")]
 pub mod serve;
