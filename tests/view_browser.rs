@@ -702,3 +702,55 @@ fn live_page_on_the_real_model() {
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
 }
+
+/// `latent-tap lens --out DIR` on the synthetic model: its `lens.html` renders
+/// in the browser without a server (every cell of its data filled) and its
+/// `lens.png` decodes at the heatmap's size.
+#[test]
+fn cli_lens_html_renders() {
+    let Some(b) = Browser::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::synth_model(dir.path());
+    let out = dir.path().join("out");
+    let st = common::bin()
+        .args(["lens", "-t", "2", "-n", "4", "-p", "hello", "--out"])
+        .arg(&out)
+        .arg("-m")
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let html = std::fs::read_to_string(out.join("lens.html")).unwrap();
+    let start = html.find("id=\"lens-data\">").unwrap() + "id=\"lens-data\">".len();
+    let end = start + html[start..].find("</script>").unwrap();
+    let data: Value = serde_json::from_str(&html[start..end]).unwrap();
+    let rows = data["lens"]["rows"].as_array().unwrap();
+    let layers = data["lens"]["layers"].as_array().unwrap().len();
+    let non_null = rows
+        .iter()
+        .flat_map(|r| r["cells"].as_array().unwrap())
+        .filter(|c| !c.is_null())
+        .count();
+    assert!(non_null > 0);
+    b.goto(&format!("file://{}", out.join("lens.html").display()));
+    b.wait_for(
+        "the static grid",
+        10,
+        "return document.getElementById('status').dataset.state === 'done'",
+    );
+    assert_eq!(b.js(FILLED), json!(non_null));
+    assert_eq!(
+        b.js("return document.querySelectorAll('#grid-body td.cell').length"),
+        json!(rows.len() * layers)
+    );
+    b.screenshot("cli-lens-html.png");
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    let dec = png::Decoder::new(std::fs::File::open(out.join("lens.png")).unwrap());
+    let info = dec.read_info().unwrap().info().clone();
+    assert!(info.width >= 420 && info.height as usize > layers * 18);
+}
