@@ -521,16 +521,7 @@ fn live_page_fills_the_grid_as_chunks_stream() {
     check_interaction(&b, 5);
     b.screenshot("live-fake.png");
     // The latents download: a safetensors file of the streamed rows.
-    b.js("window.__blobs = []; const o = URL.createObjectURL; URL.createObjectURL = (x) => { window.__blobs.push(x); return o(x); }; return true");
-    b.click("#download");
-    let b64 = b.post(
-        "/execute/async",
-        json!({"script": "const done = arguments[arguments.length - 1]; window.__blobs[0].arrayBuffer().then((a) => { let s = ''; for (const x of new Uint8Array(a)) s += String.fromCharCode(x); done(btoa(s)); });", "args": []}),
-    );
-    use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64.as_str().unwrap())
-        .unwrap();
+    let bytes = download_latents(&b);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("l_out-1").unwrap();
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
@@ -634,18 +625,42 @@ fn live_page_on_serve_fills_layers_by_tokens() {
         json!(n_prompt - 1),
         "the last layer's prompt rows (but the last) do not exist"
     );
-    // A layer range: only those rows.
+    // A layer range: only those rows; with the latents of those layers, for download.
     b.type_into("#layers", "1..=2");
     b.js("document.getElementById('rows').value = 'last'; return true");
+    b.click("#want_latents");
     let (_, columns) = generate_and_watch(&b);
     let heads =
         b.js("return [...document.querySelectorAll('#grid-body th')].map((t) => t.textContent)");
     assert_eq!(heads, json!(["next", "L2", "L1"]));
     assert_eq!(b.js(FILLED), json!(2 * columns));
+    let file = download_latents(&b);
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let mut names = st.names();
+    names.sort();
+    assert_eq!(names, ["l_out-1", "l_out-2"]);
+    let n_embd = latent_tap::synth::SynthConfig::default().n_embd;
+    for n in names {
+        let t = st.tensor(n).unwrap();
+        assert_eq!(
+            (t.dtype(), t.shape()),
+            (safetensors::Dtype::F32, &[columns, n_embd][..])
+        );
+    }
+    // Chat: the prompt through the server's template (/apply-template).
+    b.click("input[name=mode][value=chat]");
+    generate_and_watch(&b);
+    assert!(tokens_done(&b) >= 1);
+    assert!(b
+        .js("return document.getElementById('output').textContent")
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>user"));
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
     // A layer the model lacks: the server's message on the page, in its alert.
     b.type_into("#layers", "7");
+    b.click("#want_latents"); // off: the lens's own message
     b.click("#generate");
     let msg = b.wait_for(
         "the error",
@@ -753,4 +768,19 @@ fn cli_lens_html_renders() {
     let dec = png::Decoder::new(std::fs::File::open(out.join("lens.png")).unwrap());
     let info = dec.read_info().unwrap().info().clone();
     assert!(info.width >= 420 && info.height as usize > layers * 18);
+}
+
+/// Press "Download latents" and return the file's bytes (the blob the page
+/// hands to the download link, read back in the page).
+fn download_latents(b: &Browser) -> Vec<u8> {
+    b.js("window.__blobs = []; if (!window.__origURL) window.__origURL = URL.createObjectURL; URL.createObjectURL = (x) => { window.__blobs.push(x); return window.__origURL(x); }; return true");
+    b.click("#download");
+    let b64 = b.post(
+        "/execute/async",
+        json!({"script": "const done = arguments[arguments.length - 1]; window.__blobs[0].arrayBuffer().then((a) => { let s = ''; for (const x of new Uint8Array(a)) s += String.fromCharCode(x); done(btoa(s)); });", "args": []}),
+    );
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.as_str().unwrap())
+        .unwrap()
 }
