@@ -784,3 +784,31 @@ fn download_latents(b: &Browser) -> Vec<u8> {
         .decode(b64.as_str().unwrap())
         .unwrap()
 }
+
+/// With `--api-key`: the page loads without the key, says where to enter it,
+/// and works once it is entered.
+#[test]
+fn live_page_with_an_api_key() {
+    let Some(b) = Browser::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::synth_model(dir.path());
+    let s = common::http::Server::start(&m, &["--api-key", "k3y"]);
+    b.goto(&s.url("/"));
+    let line = b.wait_for(
+        "the key hint",
+        10,
+        "const t = document.getElementById('model-line').textContent; return t.includes('Server key') ? t : null",
+    );
+    assert!(line.as_str().unwrap().contains("unavailable"), "{line}");
+    b.click("#api_key_box summary");
+    b.type_into("#api_key", "k3y");
+    b.click("#prompt"); // leaving the field commits it (change event)
+    b.wait_for(
+        "the props",
+        10,
+        "return document.getElementById('model-line').textContent.includes('3 layers')",
+    );
+    b.type_into("#n_predict", "4");
+    let (_, columns) = generate_and_watch(&b);
+    assert!(columns > 1);
+}
