@@ -59,6 +59,7 @@ pub struct Lens {
     proj: Projector,
     arch: String,
     n_layer: usize,
+    unembd_type: String,
     translators: Option<Translators>,
     threads: usize,
 }
@@ -76,6 +77,11 @@ impl Lens {
             proj,
             arch: meta.arch,
             n_layer: meta.n_layer,
+            unembd_type: format!(
+                "{} {}",
+                meta.unembd.name,
+                weights::type_name(meta.unembd.ty)
+            ),
             translators: None,
             threads: threads.max(1),
         })
@@ -148,6 +154,22 @@ impl Lens {
             out.extend(self.proj.logits(chunk, self.threads)?);
         }
         Ok(out)
+    }
+
+    /// ggml's `mul_mat` of the unembedding (as stored) with `rows` alone, in
+    /// the same batches as [`Lens::logits`]: the roofline of the lens, for
+    /// benchmarks (`benches/lens.rs`).
+    pub fn mul_mat_only(&self, rows: &[f32]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(rows.len() / self.n_embd().max(1) * self.n_vocab());
+        for chunk in rows.chunks(BATCH_ROWS * self.n_embd()) {
+            out.extend(self.proj.mul_mat_only(chunk, self.threads)?);
+        }
+        Ok(out)
+    }
+
+    /// The unembedding tensor and its ggml type as stored (e.g. `token_embd.weight q6_K`).
+    pub fn unembedding_type(&self) -> &str {
+        &self.unembd_type
     }
 
     fn check(&self, inputs: &[LensInput], layers: &[usize], top_k: usize) -> Result<()> {

@@ -140,6 +140,16 @@ impl Projector {
     /// Logits of `x.len() / n_embd` rows (row-major, each `n_embd` wide), as
     /// `rows × n_vocab` f32, computed on `n_threads` threads.
     pub(super) fn logits(&self, x: &[f32], n_threads: usize) -> Result<Vec<f32>> {
+        self.run(x, n_threads, true)
+    }
+
+    /// `ggml_mul_mat` of the unembedding with the raw rows alone (no norm, no
+    /// soft-cap): the roofline the benchmark compares the lens with.
+    pub(super) fn mul_mat_only(&self, x: &[f32], n_threads: usize) -> Result<Vec<f32>> {
+        self.run(x, n_threads, false)
+    }
+
+    fn run(&self, x: &[f32], n_threads: usize, full: bool) -> Result<Vec<f32>> {
         let (e, v) = (self.n_embd, self.n_vocab);
         if x.is_empty() || x.len() % e != 0 {
             return Err(Error::invalid(format!(
@@ -163,16 +173,19 @@ impl Projector {
         unsafe {
             let inp = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, e as i64, n as i64);
             std::ptr::copy_nonoverlapping(x.as_ptr(), sys::ggml_get_data_f32(inp), x.len());
-            let mut cur = match w.bias {
-                Some(_) => sys::ggml_norm(c, inp, self.eps),
-                None => sys::ggml_rms_norm(c, inp, self.eps),
-            };
-            cur = sys::ggml_mul(c, cur, w.norm);
-            if let Some(b) = w.bias {
-                cur = sys::ggml_add(c, cur, b);
+            let mut cur = inp;
+            if full {
+                cur = match w.bias {
+                    Some(_) => sys::ggml_norm(c, cur, self.eps),
+                    None => sys::ggml_rms_norm(c, cur, self.eps),
+                };
+                cur = sys::ggml_mul(c, cur, w.norm);
+                if let Some(b) = w.bias {
+                    cur = sys::ggml_add(c, cur, b);
+                }
             }
             cur = sys::ggml_mul_mat(c, w.unembd, cur);
-            if let Some(cap) = self.softcap {
+            if let (true, Some(cap)) = (full, self.softcap) {
                 cur = sys::ggml_scale(c, cur, 1.0 / cap);
                 cur = sys::ggml_tanh(c, cur);
                 cur = sys::ggml_scale(c, cur, cap);
