@@ -195,12 +195,14 @@ impl Acc {
         t
     }
 
-    /// The requester's form of a frame (`None`: the lens's alone), for the
-    /// binary stream.
-    pub(super) fn user_frame(&self, f: &FrameOut) -> Option<FrameOut> {
+    /// The FRAME record of a frame as the requester asked for it (`None`: the
+    /// lens's alone), for the binary stream.
+    pub(super) fn user_record(&self, f: &FrameOut) -> Option<Vec<u8>> {
         match &self.split {
-            None => Some(f.clone()),
-            Some(s) => s.user_frame(self.user_filter.as_ref(), f),
+            None => Some(f.to_record()),
+            Some(s) => s
+                .user_frame(self.user_filter.as_ref(), f)
+                .map(|u| u.to_record()),
         }
     }
 

@@ -295,10 +295,11 @@ pub(super) fn binary_response(
                     Some(request_record(id, *slot as i64, 1, p.tokens.len() as u64))
                 }
                 // After a stop string, later steps are not part of the answer (as in JSON/SSE).
-                JobEvent::Frame(f) if acc.text.stopped.is_none() => acc.user_frame(f).map(|u| {
-                    frames += 1;
-                    u.to_record()
-                }),
+                JobEvent::Frame(f) if acc.text.stopped.is_none() => {
+                    let r = acc.user_record(f);
+                    frames += u64::from(r.is_some());
+                    r
+                }
                 JobEvent::Frame(_) => None,
                 JobEvent::Token(t) if acc.text.stopped.is_none() => Some(t.to_record()),
                 JobEvent::Token(_) => None,
