@@ -258,8 +258,8 @@ fn static_lens_html_renders_offline_and_escapes_pieces() {
     assert!(text.as_str().unwrap().contains("</script><img"), "{text}");
     // The form is hidden: a static file never calls a server.
     assert_eq!(
-        b.js("return document.getElementById('gen-form').hidden"),
-        json!(true)
+        b.js("return getComputedStyle(document.getElementById('gen-form')).display"),
+        json!("none")
     );
     // Click the column of " France" (pos 4, target " is"): its curve.
     b.click("#head-row th:nth-child(6) button");
@@ -521,16 +521,7 @@ fn live_page_fills_the_grid_as_chunks_stream() {
     check_interaction(&b, 5);
     b.screenshot("live-fake.png");
     // The latents download: a safetensors file of the streamed rows.
-    b.js("window.__blobs = []; const o = URL.createObjectURL; URL.createObjectURL = (x) => { window.__blobs.push(x); return o(x); }; return true");
-    b.click("#download");
-    let b64 = b.post(
-        "/execute/async",
-        json!({"script": "const done = arguments[arguments.length - 1]; window.__blobs[0].arrayBuffer().then((a) => { let s = ''; for (const x of new Uint8Array(a)) s += String.fromCharCode(x); done(btoa(s)); });", "args": []}),
-    );
-    use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64.as_str().unwrap())
-        .unwrap();
+    let bytes = download_latents(&b);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("l_out-1").unwrap();
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
@@ -634,8 +625,53 @@ fn live_page_on_serve_fills_layers_by_tokens() {
         json!(n_prompt - 1),
         "the last layer's prompt rows (but the last) do not exist"
     );
+    // A layer range: only those rows; with the latents of those layers, for download.
+    b.type_into("#layers", "1..=2");
+    b.js("document.getElementById('rows').value = 'last'; return true");
+    b.click("#want_latents");
+    let (_, columns) = generate_and_watch(&b);
+    let heads =
+        b.js("return [...document.querySelectorAll('#grid-body th')].map((t) => t.textContent)");
+    assert_eq!(heads, json!(["next", "L2", "L1"]));
+    assert_eq!(b.js(FILLED), json!(2 * columns));
+    let file = download_latents(&b);
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let mut names = st.names();
+    names.sort();
+    assert_eq!(names, ["l_out-1", "l_out-2"]);
+    let n_embd = latent_tap::synth::SynthConfig::default().n_embd;
+    for n in names {
+        let t = st.tensor(n).unwrap();
+        assert_eq!(
+            (t.dtype(), t.shape()),
+            (safetensors::Dtype::F32, &[columns, n_embd][..])
+        );
+    }
+    // Chat: the prompt through the server's template (/apply-template).
+    b.click("input[name=mode][value=chat]");
+    generate_and_watch(&b);
+    assert!(tokens_done(&b) >= 1);
+    assert!(b
+        .js("return document.getElementById('output').textContent")
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>user"));
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
+    // A layer the model lacks: the server's message on the page, in its alert.
+    b.type_into("#layers", "7");
+    b.click("#want_latents"); // off: the lens's own message
+    b.click("#generate");
+    let msg = b.wait_for(
+        "the error",
+        30,
+        "const s = document.getElementById('status'); return s.dataset.state === 'error' ? document.getElementById('error').textContent : null",
+    );
+    assert!(msg.as_str().unwrap().contains('7'), "{msg}");
+    assert_eq!(
+        b.js("return document.getElementById('error').getAttribute('role')"),
+        "alert"
+    );
 }
 
 /// The README's screenshot: the real model on "The capital of France is"
@@ -646,8 +682,11 @@ fn live_page_on_the_real_model() {
         return;
     };
     let Some(b) = Browser::start() else { return };
-    let s = common::http::Server::start(&model, &["--chat-template", "gemma"]);
-    b.post("/window/rect", json!({"width": 1360, "height": 1000}));
+    let s = common::http::Server::start(
+        &model,
+        &["--chat-template", "gemma", "--alias", "gemma-3-270m-q4_k_m"],
+    );
+    b.post("/window/rect", json!({"width": 1440, "height": 1120}));
     b.goto(&s.url("/"));
     b.wait_for(
         "the props",
@@ -677,4 +716,99 @@ fn live_page_on_the_real_model() {
     b.screenshot("real-model.png");
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
+}
+
+/// `latent-tap lens --out DIR` on the synthetic model: its `lens.html` renders
+/// in the browser without a server (every cell of its data filled) and its
+/// `lens.png` decodes at the heatmap's size.
+#[test]
+fn cli_lens_html_renders() {
+    let Some(b) = Browser::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::synth_model(dir.path());
+    let out = dir.path().join("out");
+    let st = common::bin()
+        .args(["lens", "-t", "2", "-n", "4", "-p", "hello", "--out"])
+        .arg(&out)
+        .arg("-m")
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let html = std::fs::read_to_string(out.join("lens.html")).unwrap();
+    let start = html.find("id=\"lens-data\">").unwrap() + "id=\"lens-data\">".len();
+    let end = start + html[start..].find("</script>").unwrap();
+    let data: Value = serde_json::from_str(&html[start..end]).unwrap();
+    let rows = data["lens"]["rows"].as_array().unwrap();
+    let layers = data["lens"]["layers"].as_array().unwrap().len();
+    let non_null = rows
+        .iter()
+        .flat_map(|r| r["cells"].as_array().unwrap())
+        .filter(|c| !c.is_null())
+        .count();
+    assert!(non_null > 0);
+    b.goto(&format!("file://{}", out.join("lens.html").display()));
+    b.wait_for(
+        "the static grid",
+        10,
+        "return document.getElementById('status').dataset.state === 'done'",
+    );
+    assert_eq!(b.js(FILLED), json!(non_null));
+    assert_eq!(
+        b.js("return document.querySelectorAll('#grid-body td.cell').length"),
+        json!(rows.len() * layers)
+    );
+    b.screenshot("cli-lens-html.png");
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    let dec = png::Decoder::new(std::fs::File::open(out.join("lens.png")).unwrap());
+    let info = dec.read_info().unwrap().info().clone();
+    assert!(info.width >= 420 && info.height as usize > layers * 18);
+}
+
+/// Press "Download latents" and return the file's bytes (the blob the page
+/// hands to the download link, read back in the page).
+fn download_latents(b: &Browser) -> Vec<u8> {
+    b.js("window.__blobs = []; if (!window.__origURL) window.__origURL = URL.createObjectURL; URL.createObjectURL = (x) => { window.__blobs.push(x); return window.__origURL(x); }; return true");
+    b.click("#download");
+    let b64 = b.post(
+        "/execute/async",
+        json!({"script": "const done = arguments[arguments.length - 1]; window.__blobs[0].arrayBuffer().then((a) => { let s = ''; for (const x of new Uint8Array(a)) s += String.fromCharCode(x); done(btoa(s)); });", "args": []}),
+    );
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.as_str().unwrap())
+        .unwrap()
+}
+
+/// With `--api-key`: the page loads without the key, says where to enter it,
+/// and works once it is entered.
+#[test]
+fn live_page_with_an_api_key() {
+    let Some(b) = Browser::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::synth_model(dir.path());
+    let s = common::http::Server::start(&m, &["--api-key", "k3y"]);
+    b.goto(&s.url("/"));
+    let line = b.wait_for(
+        "the key hint",
+        10,
+        "const t = document.getElementById('model-line').textContent; return t.includes('Server key') ? t : null",
+    );
+    assert!(line.as_str().unwrap().contains("unavailable"), "{line}");
+    b.click("#api_key_box summary");
+    b.type_into("#api_key", "k3y");
+    b.click("#prompt"); // leaving the field commits it (change event)
+    b.wait_for(
+        "the props",
+        10,
+        "return document.getElementById('model-line').textContent.includes('3 layers')",
+    );
+    b.type_into("#n_predict", "4");
+    let (_, columns) = generate_and_watch(&b);
+    assert!(columns > 1);
 }

@@ -272,7 +272,6 @@
     resetGrid(lens.layers || []);
     for (const t of data.tokens || []) st.inputs.set(t.pos, t.piece);
     for (const r of lens.rows || []) addRow(r);
-    $("output").textContent = data.prompt || "";
     status(`${st.cols.length} positions × ${st.layers.length} layers (static file).`, "done");
   }
 
@@ -444,7 +443,10 @@
     try {
       const r = await fetch("/props", { headers: headers() });
       const p = await r.json();
-      if (!r.ok) throw new Error((p.error && p.error.message) || `HTTP ${r.status}`);
+      if (!r.ok) {
+        const hint = r.status === 401 ? " (enter the server's API key under \u201cServer key\u201d)" : "";
+        throw new Error(((p.error && p.error.message) || `HTTP ${r.status}`) + hint);
+      }
       const lens = p.lens || {};
       const n = lens.n_layer || (p.latents && p.latents.n_layer) || 0;
       st.propsLayers = lens.layers || Array.from({ length: n }, (_, i) => i);
@@ -462,6 +464,7 @@
     $("gen-form").addEventListener("submit", generate);
     $("stop").addEventListener("click", () => { if (st.ctrl) st.ctrl.abort(); });
     $("download").addEventListener("click", download);
+    $("api_key").addEventListener("change", loadProps);
     loadProps();
   }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
