@@ -1,6 +1,6 @@
 //! The logit lens (see `docs/lens.md`): each layer's residual-stream row
 //! projected through the model's own final norm and unembedding, as stored in
-//! its GGUF, with ggml's CPU kernels ([`project`]), then summarised per cell
+//! its GGUF, with ggml's CPU kernels (`project`), then summarised per cell
 //! (top-k, entropy, target log-probability and rank, KL to the final layer;
 //! the math is the core's [`latent_tap_core::lens::stats`]).
 //!

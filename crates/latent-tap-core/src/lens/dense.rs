@@ -2,13 +2,13 @@
 //!
 //! | name | dtype | shape | what |
 //! |---|---|---|---|
-//! | `layers` | I32 | [L] | the lens's layers, in cell order |
-//! | `pos`, `seq`, `step`, `target` | I32 | [R] | per row; `target` -1 where none |
-//! | `present` | U8 | [R, L] | 1 where the layer has a row at that position |
-//! | `top_ids` | I32 | [R·L, K] | cell (r, l) is row r·L + l; -1 where absent |
-//! | `top_logprobs` | F32 | [R·L, K] | NaN where absent |
-//! | `entropy`, `target_logprob`, `kl` | F32 | [R, L] | NaN where absent or unknown |
-//! | `target_rank` | I32 | [R, L] | -1 where absent or no target |
+//! | `layers` | I32 | `[L]` | the lens's layers, in cell order |
+//! | `pos`, `seq`, `step`, `target` | I32 | `[R]` | per row; `target` -1 where none |
+//! | `present` | U8 | `[R, L]` | 1 where the layer has a row at that position |
+//! | `top_ids` | I32 | `[R·L, K]` | cell (r, l) is row r·L + l; -1 where absent |
+//! | `top_logprobs` | F32 | `[R·L, K]` | NaN where absent |
+//! | `entropy`, `target_logprob`, `kl` | F32 | `[R, L]` | NaN where absent or unknown |
+//! | `target_rank` | I32 | `[R, L]` | -1 where absent or no target |
 
 use std::path::Path;
 
