@@ -203,6 +203,10 @@ fn prompt_file_streams_into_shards() {
         for pos in 0..=p.len() {
             assert_eq!((l0.prompt[i], l0.pos[i]), (k as i64, pos as i32));
             assert_eq!(toks[i]["prompt_index"], k);
+            assert_eq!(
+                toks[i]["index"], i,
+                "index: the line number, as in capture -p"
+            );
             assert_eq!(toks[i]["pos"], pos);
             i += 1;
         }
@@ -652,6 +656,10 @@ fn interrupt_and_resume(parallel: &str, tol: Option<f64>, seed: u64) {
             .collect()
     };
     let (tx, ty) = (tokens(&straight), tokens(&out));
+    // A resumed run numbers its lines on from what it kept.
+    for (i, t) in ty.iter().enumerate() {
+        assert_eq!(t["index"], i, "resumed tokens.jsonl line {i}");
+    }
     if tol.is_none() {
         assert_eq!(tx, ty, "tokens.jsonl");
     } else {

@@ -16,7 +16,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use latent_tap::{Error, ErrorKind};
 
-use args::{CaptureArgs, ModelArgs};
+use args::CaptureArgs;
 use cmd::listen::ListenArgs;
 #[cfg(feature = "serve")]
 use cmd::serve::ServeArgs;
@@ -36,8 +36,8 @@ struct Cli {
 enum Cmd {
     /// Generate from a prompt and write latents, tokens and a manifest to --out.
     Capture(Box<CaptureArgs>),
-    /// List every capturable graph tensor, grouped by layer.
-    Tensors(ModelArgs),
+    /// List every capturable graph tensor (or those PATTERNS match), grouped by layer.
+    Tensors(cmd::tensors::TensorsArgs),
     /// Serve a llama-server-compatible HTTP API that streams latents with the tokens.
     #[cfg(feature = "serve")]
     Serve(Box<ServeArgs>),
