@@ -151,7 +151,7 @@ pub fn fit_ubatch(
     let graph = latent_tap::session::probe_graph(model, ctx)?;
     let want = ctx.n_ubatch.min(ctx.n_batch) as usize;
     let n = latent_tap::capture::ubatch_for_ring(
-        &[a.tensors.clone()],
+        std::slice::from_ref(&a.tensors),
         layers,
         &graph,
         want,
