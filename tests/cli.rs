@@ -169,5 +169,166 @@ fn bad_arguments() {
         "layer filter",
     );
     assert_clean_error(&capture(&m, &out, &["-p", "x", "--dtype", "f8"]), "dtype");
+    assert_clean_error(
+        &capture(&m, &out, &["-p", "x", "--poll", "101"]),
+        "--poll must be between 0 and 100, not 101",
+    );
     assert!(!out.exists(), "failed runs write nothing");
+}
+
+/// `tensors PATTERNS` lists only what the globs match; per-layer views such as
+/// `Kcur-0 (view)` and `cache_k_l0 (view)` are grouped under their layer, not
+/// under `global:`; a pattern that matches nothing is one clear error.
+#[test]
+fn tensors_filter_and_layer_grouping() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let list = |extra: &[&str]| {
+        let o = bin()
+            .args(["tensors", "-m"])
+            .arg(&m)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let all = list(&[]);
+    let global: Vec<&str> = all
+        .lines()
+        .skip_while(|l| *l != "global:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(str::trim)
+        .collect();
+    assert!(
+        global.iter().any(|l| l.starts_with("result_output")),
+        "{all}"
+    );
+    for l in &global {
+        let name = l.split("  ").next().unwrap();
+        assert_eq!(
+            latent_tap::select::layer_of(name),
+            None,
+            "'{name}' belongs to a layer but is listed under global:\n{all}"
+        );
+    }
+    // The synthetic llama graph has per-layer KV-cache views; they sit in their layer.
+    let layer0: Vec<&str> = all
+        .lines()
+        .skip_while(|l| *l != "layer 0:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .collect();
+    assert!(
+        layer0.iter().any(|l| l.trim().starts_with("cache_k_l0")),
+        "{all}"
+    );
+
+    let some = list(&["l_out-*,attn_norm-1"]);
+    let names: Vec<&str> = some
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["l_out-0", "attn_norm-1", "l_out-1", "l_out-2"],
+        "{some}"
+    );
+    assert!(!some.contains("global:"), "{some}");
+
+    let o = bin()
+        .args(["tensors", "-m"])
+        .arg(&m)
+        .arg("nope-*")
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "'nope-*' matches no node");
+    let o = bin()
+        .args(["tensors", "-m"])
+        .arg(&m)
+        .arg(" , ")
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "blank");
+}
+
+/// `--ring-mb 1` (the documented minimum) works with the default ubatch: the
+/// ubatch is lowered to the rows one frame of the ring can carry, and a note
+/// says so; with `--ubatch-size` given, a frame that does not fit stays an error.
+#[test]
+fn ring_mb_1_lowers_the_default_ubatch() {
+    use latent_tap::record::{frame_len, Dtype};
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("wide.gguf");
+    let o = bin()
+        .arg("synth-model")
+        .arg(&m)
+        .args(["--layers", "2", "--embd", "512"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let max = latent_tap::ring::max_record_for(1 << 20);
+    let head = frame_len(0, 0, Dtype::F32);
+    let rows = (max - head) / (frame_len(1, 512, Dtype::F32) - head);
+    assert!(
+        frame_len(512, 512, Dtype::F32) > max,
+        "the default ubatch must not fit"
+    );
+    assert!(rows > 0 && rows < 512);
+
+    let out = dir.path().join("r1");
+    let o = capture(
+        &m,
+        &out,
+        &["-p", "hello world", "-n", "3", "--ring-mb", "1"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("note: --ubatch-size {rows} (not 512)")),
+        "{err}"
+    );
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(man["capture"]["n_ubatch"], rows as u64);
+    assert_eq!(man["capture"]["ring_bytes"], 1 << 20);
+    assert_eq!(man["tensors"].as_array().unwrap().len(), 2, "{man}");
+    assert_eq!(man["counters"]["drops"], 0);
+    // The default threads: every core but one.
+    assert_eq!(
+        man["capture"]["threads"],
+        latent_tap::settings::spare_core_threads()
+    );
+
+    // Dataset capture takes the same rule.
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "hello world\nsecond prompt\n").unwrap();
+    let ds = dir.path().join("ds");
+    let o = capture(
+        &m,
+        &ds,
+        &[
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "-n",
+            "0",
+            "--ring-mb",
+            "1",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("note: --ubatch-size {rows}")),
+        "{err}"
+    );
+
+    let o = capture(
+        &m,
+        &dir.path().join("r2"),
+        &["-p", "hello", "--ring-mb", "1", "--ubatch-size", "512"],
+    );
+    assert_clean_error(&o, "raise the ring capacity or lower n_ubatch");
 }

@@ -539,3 +539,103 @@ fn python_ctypes_matches() {
         true,
     );
 }
+
+fn python() -> Command {
+    Command::new(std::env::var_os("PYTHON").unwrap_or("python3".into()))
+}
+
+/// `read_run.py --help` is help, not a traceback; a directory that is not a
+/// run is one `error:` line; a `capture -p` directory reads like a one-shard
+/// dataset whose prompt is the sequence (needs numpy, as the reader does).
+#[test]
+fn read_run_py_help_and_capture_p_dir() {
+    let script = root().join("examples/python/read_run.py");
+    let o = python().arg(&script).arg("--help").output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.starts_with("usage: read_run.py"), "{out}");
+    assert!(
+        out.contains("--layer") && out.contains("--prompts A:B"),
+        "{out}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("lt-read-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = python()
+        .arg(&script)
+        .arg(dir.join("nothing"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("no manifest.json"),
+        "{err}"
+    );
+
+    let model = dir.join("synth.gguf");
+    SynthModel::random(SynthConfig::default())
+        .write_gguf(&model)
+        .unwrap();
+    let run = dir.join("paris");
+    let o = Command::new(env!("CARGO_BIN_EXE_latent-tap"))
+        .args(["capture", "-q", "-m"])
+        .arg(&model)
+        .args(["-p", "hello world", "-p", "a second prompt", "-n", "3"])
+        .args(["--tensors", "l_out-*", "-o"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // What the file holds, read here in Rust: rows and sequences of l_out-1.
+    let bytes = std::fs::read(run.join("latents.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let seq: Vec<i32> = st
+        .tensor("l_out-1.seq")
+        .unwrap()
+        .data()
+        .chunks(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let n0 = seq.iter().filter(|&&s| s == 0).count();
+    assert!(n0 > 0 && n0 < seq.len(), "two sequences: {seq:?}");
+
+    let check = r#"
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from read_run import Run
+run = Run([sys.argv[2]])
+x = run.array("l_out-1")
+rows = list(run.rows(tensors="l_out-1", prompts=[0]))
+print(len(x), x.shape[1], sum(len(p) for _, _, p, _ in rows), sorted({int(v) for _, _, p, _ in rows for v in p}))
+"#;
+    let o = python()
+        .arg("-c")
+        .arg(check)
+        .arg(root().join("examples/python"))
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("{} 64 {n0} [0]", seq.len()),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = python()
+        .arg(&script)
+        .arg(&run)
+        .arg("--layer")
+        .arg("1")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.starts_with(&format!("l_out-1 rows {} prompts 2 mean_l2 ", seq.len())),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -514,7 +514,8 @@ def main(argv=None):
     s.add_argument("--queue-mb", type=int, default=None)
 
     t = sub.add_parser("selftest", parents=[common])
-    t.add_argument("--out", default=None, help="recording folder (default: a temporary one)")
+    t.add_argument("--out", default=None,
+                   help="recording folder, kept (default: a temporary one, removed afterwards)")
 
     a = ap.parse_args(argv)
     srv = Server(a.url, a.api_key)
@@ -528,17 +529,28 @@ def main(argv=None):
     if a.cmd == "subscribe":
         q = {"tensors": a.tensors, "layers": a.layers, "rows": a.rows, "dtype": a.dtype,
              "queue_mb": a.queue_mb}
-        print(f"subscribed to {a.url}; recording into {a.out}", flush=True)
+        try:
+            import safetensors.numpy  # noqa: F401
+            kind = ".safetensors"
+        except ImportError:
+            kind = ".npz (pip install safetensors for .safetensors)"
+        print(f"subscribed to {a.url}; recording into {a.out} as {kind}", flush=True)
         try:
             subscribe(srv, q, a.out, a.max_requests, log=lambda m: print(m, flush=True))
         except KeyboardInterrupt:
             pass
         return 0
     if a.cmd == "selftest":
+        import shutil
         import tempfile
+        # A folder of our own is removed afterwards; one given with --out is kept.
         out = a.out or tempfile.mkdtemp(prefix="latent-tap-selftest-")
         t0 = time.time()
-        ok = selftest(srv, out)
+        try:
+            ok = selftest(srv, out)
+        finally:
+            if a.out is None:
+                shutil.rmtree(out, ignore_errors=True)
         print(f"selftest: {'PASS' if ok else 'FAIL'} in {time.time() - t0:.1f}s")
         return 0 if ok else 1
     return 2

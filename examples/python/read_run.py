@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Read the latents of a `latent-tap capture --prompts` run, memory-mapped.
+"""Read the latents of a `latent-tap capture` run, memory-mapped.
+
+A dataset run (`capture --prompts`: shards latents-NNNNN.safetensors) or a
+`capture -p`/`-f` directory (one latents.safetensors; a row's prompt is its
+sequence, the order of -p/-f on the command line).
 
 One or more run directories form one dataset (prompt indices are global, so the
 directories of a run split with --shard-index/--shard-count read as one):
@@ -17,9 +21,10 @@ so only the rows you touch are read from disk. Needs numpy only; the files
 also load with `safetensors.numpy.load_file` or `safetensors.torch.load_file`.
 
 Command line:  read_run.py DIR [DIR ...] [--tensor NAME] [--layer L] [--prompts A:B]
-prints rows, width and mean L2 norm per tensor.
+prints rows, prompts and mean L2 norm per tensor.
 """
 
+import argparse
 import json
 import os
 import struct
@@ -58,6 +63,19 @@ class Shard:
         return arr
 
 
+def _capture_manifest(d, m):
+    """A `capture -p`/`-f` manifest seen as a one-shard dataset run."""
+    if "prompt" not in m or not os.path.isfile(os.path.join(d, "latents.safetensors")):
+        raise ValueError(f"{d}: neither a dataset run (capture --prompts) nor a capture -p/-f directory")
+    n = len(m["prompt"])
+    return {
+        "prompt_range": [0, n],
+        "complete": True,
+        "tensors": m["tensors"],
+        "shards": [{"file": "latents.safetensors", "prompts": [0, n]}],
+    }
+
+
 class Run:
     """Several run directories read as one dataset."""
 
@@ -66,10 +84,13 @@ class Run:
             dirs = [dirs]
         self.parts = []
         for d in dirs:
-            with open(os.path.join(d, "manifest.json")) as f:
+            path = os.path.join(d, "manifest.json")
+            if not os.path.isfile(path):
+                raise ValueError(f"{d}: no manifest.json (not a latent-tap run directory)")
+            with open(path) as f:
                 m = json.load(f)
             if not m.get("format", "").startswith("latent-tap-dataset/"):
-                raise ValueError(f"{d}: not a latent-tap dataset run")
+                m = _capture_manifest(d, m)
             self.parts.append((d, m))
         self.parts.sort(key=lambda p: p[1]["prompt_range"][0])
         names = [[t["name"] for t in m["tensors"]] for _, m in self.parts]
@@ -105,7 +126,9 @@ class Run:
                     if lo is not None and (b <= lo or a >= hi):
                         continue
                     sh = Shard(os.path.join(d, s["file"]))
-                    x, p, pos = sh.get(name), sh.get(name + ".prompt"), sh.get(name + ".pos")
+                    x, pos = sh.get(name), sh.get(name + ".pos")
+                    # capture -p/-f: no NAME.prompt; the sequence is the prompt.
+                    p = sh.get(name + ".prompt") if name + ".prompt" in sh.header else sh.get(name + ".seq").astype(np.int64)
                     if prompts is not None:
                         keep = (p >= lo) & (p < hi) if not isinstance(prompts, np.ndarray) else np.isin(p, prompts)
                         if not keep.all():
@@ -122,22 +145,26 @@ class Run:
 
 
 def main(argv):
-    dirs, tensor, layer, prompts = [], None, None, None
-    it = iter(argv)
-    for a in it:
-        if a == "--tensor":
-            tensor = next(it)
-        elif a == "--layer":
-            layer = int(next(it))
-        elif a == "--prompts":
-            a_, b_ = next(it).split(":")
+    ap = argparse.ArgumentParser(
+        description="Rows, prompts and mean L2 norm per tensor of latent-tap run directories "
+        "(capture --prompts runs, or capture -p/-f directories).")
+    ap.add_argument("dirs", nargs="+", metavar="DIR", help="run directory (several: one dataset)")
+    ap.add_argument("--tensor", help="only this tensor")
+    ap.add_argument("--layer", type=int, help="only tensors of this layer")
+    ap.add_argument("--prompts", metavar="A:B", help="only prompts A to B-1")
+    a = ap.parse_args(argv)
+    dirs, tensor, layer, prompts = a.dirs, a.tensor, a.layer, None
+    if a.prompts is not None:
+        try:
+            a_, b_ = a.prompts.split(":")
             prompts = range(int(a_), int(b_))
-        else:
-            dirs.append(a)
-    if not dirs:
-        print(__doc__, file=sys.stderr)
-        return 2
-    run = Run(dirs)
+        except ValueError:
+            ap.error(f"--prompts must be A:B (e.g. 0:100), not {a.prompts!r}")
+    try:
+        run = Run(dirs)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     stats = {}
     for name, x, p, _ in run.rows(tensors=tensor, layers=layer, prompts=prompts):
         n, s, ps = stats.get(name, (0, 0.0, set()))

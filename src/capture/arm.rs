@@ -84,3 +84,45 @@ pub(crate) fn fitting_selection(
     check_fits(&sel, n_ubatch, dtype, max_record)?;
     Ok(sel)
 }
+
+/// The physical batch, at most `n_ubatch`, at which the selection `patterns`
+/// fits a ring of `ring_bytes`: `n_ubatch` when [`fitting_selection`] accepts
+/// it, otherwise as many rows as one frame of the widest matched tensor that
+/// fits at all can carry (so a 1 MiB ring captures 640-wide f32 rows with a
+/// 204-row ubatch instead of failing). Errors as [`fitting_selection`] does
+/// when not even one row fits, or when the patterns fail for another reason.
+pub fn ubatch_for_ring(
+    patterns: &[String],
+    layers: Option<&LayerFilter>,
+    graph: &[GraphNode],
+    n_ubatch: usize,
+    dtype: Dtype,
+    ring_bytes: usize,
+) -> Result<usize> {
+    let max = crate::ring::max_record_for(ring_bytes);
+    let err = match fitting_selection(patterns, layers, graph, n_ubatch, dtype, max) {
+        Ok(_) => return Ok(n_ubatch),
+        Err(e) if e.kind() == ErrorKind::FrameTooLarge => e,
+        Err(e) => return Err(e),
+    };
+    // Nothing matched fits at n_ubatch: size the batch for the widest matched
+    // row of which one fits, so every node that can fit at all is captured.
+    let all = Selection::compile(patterns, layers, graph)?;
+    let head = crate::record::frame_len(0, 0, dtype);
+    let rows_for = |w: usize| {
+        let per_row = crate::record::frame_len(1, w, dtype) - head;
+        max.saturating_sub(head) / per_row.max(1)
+    };
+    let rows = all
+        .tensors()
+        .iter()
+        .map(|t| rows_for(t.row_width.max(1)))
+        .filter(|&r| r > 0)
+        .min()
+        .unwrap_or(0)
+        .min(n_ubatch);
+    if rows == 0 {
+        return Err(err);
+    }
+    fitting_selection(patterns, layers, graph, rows, dtype, max).map(|_| rows)
+}

@@ -27,6 +27,7 @@ mod deferred;
 mod frame;
 mod records;
 
+pub use arm::ubatch_for_ring;
 pub(crate) use arm::{arm, fitting_selection, Arming};
 pub use callback::eval_callback;
 use callback::tensor_name;

@@ -120,6 +120,8 @@ struct Pending {
 
 #[derive(Serialize)]
 struct TokenLine<'a> {
+    /// The line's number in `tokens.jsonl` (from 0), as `index` in `capture -p`.
+    index: u64,
     prompt_index: u64,
     seq: i32,
     pos: i32,
@@ -140,9 +142,11 @@ struct TokenLine<'a> {
 /// Append a finished prompt; close the open shard first if it would overflow.
 fn commit(w: &mut Writer, index: u64, p: Pending) -> Result<()> {
     let mut lines = Vec::new();
-    for t in &p.tokens {
+    let first = w.token_lines();
+    for (i, t) in p.tokens.iter().enumerate() {
         let top = (!t.prompt).then(|| t.top.iter().map(|e| (e.id, e.logprob)).collect());
         let line = TokenLine {
+            index: first + i as u64,
             prompt_index: index,
             seq: t.slot,
             pos: t.pos,

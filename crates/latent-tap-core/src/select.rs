@@ -96,9 +96,21 @@ fn row_elems(ne: &[i64]) -> Option<usize> {
     })
 }
 
-/// Parse the layer index from a `base-N` node name.
+/// Parse the layer index from a `base-N` node name. ggml's derived names count
+/// too: `Kcur-0 (view)`, `Kcur-0 (view) (permuted)` (suffixes ggml appends to a
+/// view, permute, reshape, transpose or copy of `Kcur-0`), and llama.cpp's
+/// KV-cache tensors `cache_k_l0` / `cache_v_l0`.
 pub fn layer_of(name: &str) -> Option<i32> {
-    let (_, n) = name.rsplit_once('-')?;
+    let mut base = name;
+    while let Some(b) = base.strip_suffix(')').and_then(|b| b.rsplit_once(" (")) {
+        base = b.0;
+    }
+    if let Some((_, n)) = base.rsplit_once('-') {
+        return n.parse().ok();
+    }
+    let n = base
+        .strip_prefix("cache_k_l")
+        .or_else(|| base.strip_prefix("cache_v_l"))?;
     n.parse().ok()
 }
 
@@ -500,6 +512,29 @@ mod tests {
         let t0 = std::time::Instant::now();
         assert!(!glob_match(&p, &n));
         assert!(t0.elapsed().as_secs() < 1);
+    }
+
+    #[test]
+    fn layer_of_reads_derived_and_cache_names() {
+        for (name, want) in [
+            ("l_out-3", Some(3)),
+            ("attn_norm-12", Some(12)),
+            ("Kcur-0 (view)", Some(0)),
+            ("Kcur-7 (view) (permuted)", Some(7)),
+            ("cache_k_l0 (view)", Some(0)),
+            ("cache_v_l17 (view) (permuted)", Some(17)),
+            ("cache_k_l4", Some(4)),
+            ("node_12 (view)", None),
+            ("node_12 (view) (permuted)", None),
+            ("result_norm", None),
+            ("inp_scaled", None),
+            ("cache_k_lx", None),
+            ("l_out-", None),
+            (" (view)", None),
+            ("", None),
+        ] {
+            assert_eq!(layer_of(name), want, "{name}");
+        }
     }
 
     #[test]

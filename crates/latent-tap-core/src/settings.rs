@@ -80,6 +80,15 @@ pub fn default_threads() -> i32 {
     std::thread::available_parallelism().map_or(4, |n| n.get() as i32)
 }
 
+/// Default compute threads of `capture` (with and without `--prompts`): every
+/// core but one, at least 1. llama.cpp's threads meet at a spinning barrier
+/// after each op, so one thread that loses its core to another process stalls
+/// all of them: on 2 cores with one busy, 2 threads decoded 10 to 20 times
+/// slower than 1 (README, "Threads on a busy machine").
+pub fn spare_core_threads() -> i32 {
+    (default_threads() - 1).max(1)
+}
+
 /// Largest thread count accepted on this machine: `THREADS_PER_CORE` × cores,
 /// at most [`MAX_THREADS`].
 pub fn max_threads() -> i32 {
@@ -97,6 +106,19 @@ pub fn check_threads(t: i32) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Largest CPU thread-pool polling level (llama.cpp's `--poll`).
+pub const MAX_POLL: u32 = 100;
+
+/// CPU thread-pool polling level: `0..=MAX_POLL`. Returns it.
+pub fn check_poll(poll: u32) -> Result<u32> {
+    if poll > MAX_POLL {
+        return Err(Error::invalid(format!(
+            "--poll must be between 0 and {MAX_POLL}, not {poll}"
+        )));
+    }
+    Ok(poll)
 }
 
 /// Layers offloaded to a GPU: -1 (all) or at least 0.

@@ -14,7 +14,9 @@ pub struct ModelArgs {
     /// GGUF model file.
     #[arg(long, short = 'm')]
     pub model: PathBuf,
-    /// Compute threads, 1 to 4 × the number of cores (at most 1024); default: all cores.
+    /// Compute threads, 1 to 4 × the number of cores (at most 1024); default for
+    /// capture: all cores but one (at least 1), which degrades gracefully when
+    /// another process holds a core; for tensors: all cores.
     #[arg(long, short = 't', allow_negative_numbers = true)]
     pub threads: Option<i32>,
     /// Layers to offload to the GPU (-1: all).
@@ -63,7 +65,8 @@ pub struct CaptureArgs {
     /// Tokens to generate per sequence (0, with --prompts: the prompt only).
     #[arg(long, short = 'n', default_value_t = 16)]
     pub n_predict: usize,
-    /// Tensor name patterns (globs, comma-separated), e.g. 'l_out-*,attn_out-3'.
+    /// Tensor name patterns (globs, comma-separated), e.g. 'l_out-*,ffn_out-3'.
+    /// Node names depend on the architecture: `latent-tap tensors -m MODEL` lists them.
     #[arg(long, default_value = "l_out-*")]
     pub tensors: String,
     /// Layer filter: 4..12 (half-open), 4..=12, 7, or a comma list.
@@ -96,11 +99,12 @@ pub struct CaptureArgs {
     /// Logical batch size per llama_decode.
     #[arg(long, short = 'b', default_value_t = 512)]
     pub batch_size: u32,
-    /// Physical batch size per graph compute (at most --batch-size).
-    #[arg(long, visible_alias = "ub", default_value_t = 512)]
-    pub ubatch_size: u32,
-    /// Ring capacity in MiB [default: 64; with --prompts: 8 frames of the widest
-    /// selected tensor, at least 4].
+    /// Physical batch size per graph compute (at most --batch-size) [default: 512;
+    /// lowered to what a --ring-mb ring can carry when that is less].
+    #[arg(long, visible_alias = "ub")]
+    pub ubatch_size: Option<u32>,
+    /// Ring capacity in MiB, at least 1 [default: 64; with --prompts: 8 frames of
+    /// the widest selected tensor, at least 4].
     #[arg(long)]
     pub ring_mb: Option<usize>,
     /// Full-ring policy: block (lossless) or drop-newest.
@@ -109,16 +113,58 @@ pub struct CaptureArgs {
     /// Seconds a blocked producer waits before the decode is cancelled (0 to 86400).
     #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
     pub block_timeout: f64,
-    /// How tensors leave the graph: auto, callback or deferred (see the README's
-    /// "Capture modes"); auto picks deferred where this build supports it.
+    /// How tensors leave the graph: auto, callback or deferred (see
+    /// docs/capture-modes.md); auto picks deferred where this build supports it.
     #[arg(long, default_value = "auto")]
     pub capture_mode: String,
+    /// Thread polling level 0..=100 of the persistent CPU thread pool while it
+    /// waits for work (as serve's --poll; see README, "Threads on a busy machine").
+    #[arg(long, default_value_t = DEFAULT_POLL)]
+    pub poll: u32,
     /// Output directory.
     #[arg(long, short = 'o')]
     pub out: PathBuf,
     /// No progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+/// `--poll` of `capture` (with and without --prompts).
+pub const DEFAULT_POLL: u32 = 50;
+
+/// `--ubatch-size` when given, else the default lowered, when `--ring-mb` is
+/// given and too small for a frame of it, to what the ring can carry (a note
+/// on stderr says so). Probes the graph only in that case.
+pub fn fit_ubatch(
+    a: &CaptureArgs,
+    model: &std::sync::Arc<Model>,
+    ctx: &mut latent_tap::engine::ContextOptions,
+    layers: Option<&latent_tap::select::LayerFilter>,
+    dtype: latent_tap::record::Dtype,
+) -> Result<()> {
+    let (Some(ring_mb), None) = (a.ring_mb, a.ubatch_size) else {
+        return Ok(());
+    };
+    if a.tensors.is_empty() {
+        return Ok(());
+    }
+    let graph = latent_tap::session::probe_graph(model, ctx)?;
+    let want = ctx.n_ubatch.min(ctx.n_batch) as usize;
+    let n = latent_tap::capture::ubatch_for_ring(
+        std::slice::from_ref(&a.tensors),
+        layers,
+        &graph,
+        want,
+        dtype,
+        mib("--ring-mb", ring_mb)?,
+    )?;
+    if n < want {
+        eprintln!(
+            "note: --ubatch-size {n} (not {want}): one frame of {want} rows does not fit the {ring_mb} MiB ring (--ring-mb)"
+        );
+        ctx.n_ubatch = n as u32;
+    }
+    Ok(())
 }
 
 /// Load the GGUF model of `--model`, offloading `--gpu-layers` layers.

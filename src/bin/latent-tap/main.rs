@@ -16,7 +16,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use latent_tap::{Error, ErrorKind};
 
-use args::{CaptureArgs, ModelArgs};
+use args::CaptureArgs;
 use cmd::listen::ListenArgs;
 #[cfg(feature = "serve")]
 use cmd::serve::ServeArgs;
@@ -40,8 +40,8 @@ enum Cmd {
     /// final norm and unembedding; write lens.jsonl, lens.safetensors, lens.html
     /// and lens.png to --out and print each position's top-1 per layer.
     Lens(Box<cmd::lens::LensArgs>),
-    /// List every capturable graph tensor, grouped by layer.
-    Tensors(ModelArgs),
+    /// List every capturable graph tensor (or those PATTERNS match), grouped by layer.
+    Tensors(cmd::tensors::TensorsArgs),
     /// Serve a llama-server-compatible HTTP API that streams latents with the tokens.
     #[cfg(feature = "serve")]
     Serve(Box<ServeArgs>),

@@ -364,6 +364,12 @@ pub fn channel(capacity_bytes: usize) -> Result<(Producer, Consumer), RingError>
     .halves())
 }
 
+/// Largest payload a ring made by [`channel`]`(capacity_bytes)` takes (what its
+/// [`Producer::max_record_len`] will say), known before the ring is allocated.
+pub fn max_record_for(capacity_bytes: usize) -> usize {
+    max_record_len(pad8(capacity_bytes.max(MIN_CAPACITY)))
+}
+
 /// Largest payload of a ring of `capacity` bytes (see [`Producer::max_record_len`]).
 #[inline]
 const fn max_record_len(capacity: usize) -> usize {

@@ -373,6 +373,12 @@ impl Writer {
         self.committed
     }
 
+    /// Lines of `tokens.jsonl` committed so far (earlier runs of a resumed one
+    /// included): the `index` the next line gets.
+    pub fn token_lines(&self) -> u64 {
+        self.m.tokens
+    }
+
     /// A commit failed half-way: the open shard's spill files cannot be
     /// trusted (only [`Writer::rollback`] is right then).
     pub fn poisoned(&self) -> bool {

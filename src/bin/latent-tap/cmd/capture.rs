@@ -15,7 +15,7 @@ use latent_tap::session::{CaptureSpec, GenerateOptions, Generator, Progress};
 use latent_tap::settings;
 use latent_tap::{Error, ErrorKind, Result};
 
-use crate::args::{capture_mode, load, rows_arg, CaptureArgs};
+use crate::args::{capture_mode, fit_ubatch, load, rows_arg, CaptureArgs};
 use crate::outdir::{OutDir, OUTPUTS};
 use crate::prompts::{read_prompts, Source};
 use crate::stdout::to_stdout;
@@ -89,18 +89,20 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         n_probs: a.top_k,
     };
     gen_opts.validate()?;
-    let ctx_opts = ContextOptions {
+    let mut ctx_opts = ContextOptions {
         n_ctx: a.ctx_size,
         n_batch: a.batch_size,
-        n_ubatch: a.ubatch_size,
+        n_ubatch: a.ubatch_size.unwrap_or(ContextOptions::default().n_ubatch),
         n_seq_max: u32::try_from(prompts_text.len()).unwrap_or(u32::MAX),
-        n_threads: a.model.threads,
+        n_threads: Some(a.model.threads.unwrap_or_else(settings::spare_core_threads)),
+        poll: Some(settings::check_poll(a.poll)?),
         ..ContextOptions::default()
     };
     ctx_opts.validate()?;
     let mut out_dir = OutDir::prepare(&a.out)?;
 
     let model = load(&a.model)?;
+    fit_ubatch(&a, &model, &mut ctx_opts, spec.layers.as_ref(), spec.dtype)?;
     let prompts = prompts_text
         .iter()
         .map(|(p, _)| model.tokenize(p, true))

@@ -11,7 +11,7 @@ use latent_tap::select::LayerFilter;
 use latent_tap::settings;
 use latent_tap::{Error, Result};
 
-use crate::args::{capture_mode, load, rows_arg, CaptureArgs};
+use crate::args::{capture_mode, fit_ubatch, load, rows_arg, CaptureArgs};
 use crate::outdir::make_out_dir;
 use crate::signals::{on_signals, SIGNAL, STOP};
 use crate::stdout::to_stdout;
@@ -90,12 +90,13 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
         settings: json!({"tensors": a.tensors, "layers": a.layers}),
     };
     opts.validate()?;
-    let ctx = ContextOptions {
+    let mut ctx = ContextOptions {
         n_ctx: a.ctx_size,
         n_batch: a.batch_size,
-        n_ubatch: a.ubatch_size,
+        n_ubatch: a.ubatch_size.unwrap_or(ContextOptions::default().n_ubatch),
         n_seq_max: n_parallel as u32,
-        n_threads: a.model.threads,
+        n_threads: Some(a.model.threads.unwrap_or_else(settings::spare_core_threads)),
+        poll: Some(settings::check_poll(a.poll)?),
         ..ContextOptions::default()
     };
     ctx.validate()?;
@@ -113,6 +114,7 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
     on_signals()?;
 
     let model = load(&a.model)?;
+    fit_ubatch(&a, &model, &mut ctx, layers.as_ref(), dtype)?;
     // `--tensors ''`: tokens only, no eval callback.
     let request = (!a.tensors.is_empty()).then(|| LatentRequest {
         patterns: vec![a.tensors.clone()],
@@ -156,7 +158,7 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
     to_stdout(|w| {
         writeln!(
             w,
-            "{} prompts, {} tokens, {} latent bytes in {:.2} s ({:.1} tokens/s, {:.1} MB/s) | {} shards | wrote {}{}",
+            "{} prompts, {} tokens, {} latent bytes in {:.2} s ({:.1} tokens/s, {:.1} MB/s) | {} shard{} | wrote {}{}",
             out.prompts,
             out.tokens,
             out.bytes,
@@ -164,6 +166,7 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
             out.tokens as f64 / secs,
             out.bytes as f64 / secs / 1e6,
             out.shards,
+            if out.shards == 1 { "" } else { "s" },
             dir.display(),
             if out.complete { "" } else { " (incomplete: continue with --resume)" }
         )

@@ -114,12 +114,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if n_parallel == 0 {
         return Err(Error::invalid("--parallel must be at least 1"));
     }
-    if a.poll > 100 {
-        return Err(Error::invalid(format!(
-            "--poll must be between 0 and 100, not {}",
-            a.poll
-        )));
-    }
+    latent_tap::settings::check_poll(a.poll)?;
     if a.max_body_kb == 0 || a.ring_mb == 0 || a.subscriber_queue_mb == 0 || a.timeout == 0 {
         return Err(Error::invalid(
             "--max-body-kb, --ring-mb, --subscriber-queue-mb and --timeout must be positive",
