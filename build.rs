@@ -20,7 +20,7 @@ fn main() {
     let cpu = flags
         .split('\x1f')
         .filter_map(|f| f.split("target-cpu=").nth(1))
-        .last()
+        .next_back()
         .unwrap_or("generic")
         .to_string();
     println!("cargo:rustc-env=LATENT_TAP_TARGET_CPU={cpu}");
