@@ -12,6 +12,18 @@ const WRAPPED: [&str; 3] = [
 
 fn main() {
     println!("cargo:rerun-if-changed=cbits/sched_hooks.c");
+    // Which CPU this build targets (`-C target-cpu=…`, set by .cargo/config.toml
+    // for a native build, or by RUSTFLAGS): reported by `--version`, manifests
+    // and `/props` as `engine::build_info()`. llama-cpp-sys-2 turns
+    // `target-cpu=native` into GGML_NATIVE=ON for llama.cpp.
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    let cpu = flags
+        .split('\x1f')
+        .filter_map(|f| f.split("target-cpu=").nth(1))
+        .next_back()
+        .unwrap_or("generic")
+        .to_string();
+    println!("cargo:rustc-env=LATENT_TAP_TARGET_CPU={cpu}");
     // Shared llama.cpp libraries: interpose the symbols instead of wrapping them.
     let shared = std::env::var_os("CARGO_FEATURE_DYNAMIC_LINK").is_some()
         || std::env::var_os("CARGO_FEATURE_DYNAMIC_BACKENDS").is_some();

@@ -112,6 +112,10 @@ fn capture_writes_tokens_latents_manifest() {
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(man["model"]["n_layer"], 3);
     assert_eq!(man["model"]["n_embd"], 64);
+    // The build that wrote it: this test's own target CPU (same flags) and ggml's features.
+    assert_eq!(man["build"]["target_cpu"], env!("LATENT_TAP_TARGET_CPU"));
+    assert_eq!(man["build"]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(!man["build"]["cpu_features"].as_array().unwrap().is_empty());
     assert_eq!(man["counters"]["drops"], 0);
     assert_eq!(man["counters"]["frames"], 2 * 4);
     assert_eq!(man["tensors"].as_array().unwrap().len(), 2);
@@ -119,6 +123,28 @@ fn capture_writes_tokens_latents_manifest() {
     assert_eq!(t["generated_tokens"], 4);
     assert!(t["decode_ms_per_token"].as_f64().unwrap() > 0.0);
     assert!(t["ms_per_token"].as_f64().unwrap() >= t["decode_ms_per_token"].as_f64().unwrap());
+}
+
+#[test]
+fn version_names_the_target_cpu_and_cpu_features() {
+    let o = bin().arg("--version").output().unwrap();
+    assert!(o.status.success());
+    let text = String::from_utf8(o.stdout).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("latent-tap {}", env!("CARGO_PKG_VERSION")).as_str())
+    );
+    let build = lines.next().unwrap_or_default();
+    assert!(
+        build.starts_with(&format!(
+            "target-cpu {}; CPU features: ",
+            env!("LATENT_TAP_TARGET_CPU")
+        )),
+        "{text}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    assert!(build.split(' ').any(|f| f == "SSE3"), "{text}");
 }
 
 #[test]

@@ -167,6 +167,7 @@ fn prompt_file_streams_into_shards() {
     ok(&o);
     let man = manifest(&out);
     assert_eq!(man["complete"], true);
+    assert_eq!(man["build"]["target_cpu"], env!("LATENT_TAP_TARGET_CPU"));
     assert_eq!(man["prompt_range"], serde_json::json!([0, 40]));
     assert_eq!(man["next_prompt"], 40);
     assert_eq!(man["prompts_captured"], 39);

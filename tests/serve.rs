@@ -157,6 +157,10 @@ fn endpoints_have_llama_server_shapes() {
     // Deferred capture (no graph split) is what runs in this build; the server says so.
     assert_eq!(props["latents"]["capture_mode"]["requested"], "auto");
     assert_eq!(props["latents"]["capture_mode"]["used"], "deferred");
+    assert_eq!(
+        props["latents"]["build"]["target_cpu"],
+        env!("LATENT_TAP_TARGET_CPU")
+    );
     assert_eq!(props["default_generation_settings"]["n_ctx"], 4096);
     assert!(
         props["default_generation_settings"]["params"]["temperature"]

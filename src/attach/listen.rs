@@ -402,6 +402,8 @@ fn new_writer(dir: &Path, opts: &ListenOptions, stats: &Shared) -> Result<Writer
                 .map(|s| s.manifest_json(&opts.sink, false))
                 .unwrap_or(Value::Null),
         ),
+        // The latents come from the host's llama.cpp, not from this build.
+        build: None,
     };
     let w = Writer::create(dir, crate::record::Dtype::F32, opts.shard_bytes, m)?;
     w.write_manifest()?;

@@ -248,8 +248,11 @@ pub fn capture(
             shards: Vec::new(),
             resume_from: None,
             attach: None,
+            build: None,
         }
     };
+    let mut m = m;
+    m.build = Some(crate::engine::build_info().to_json());
     let mut w = Writer::create(&opts.dir, filter.dtype, opts.shard_bytes, m)?;
     let captured_before = w.m.prompts_captured;
     let tokens_before = w.m.tokens;

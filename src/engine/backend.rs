@@ -88,3 +88,109 @@ unsafe extern "C" fn log_callback(
         eprint!("{line}");
     }
 }
+
+/// What this build of llama.cpp runs with: the `-C target-cpu` it was compiled
+/// for (`native` is the default source build, see README "Build for this
+/// machine"; `generic` is the portable one) and the CPU features ggml's CPU
+/// backend uses (`llama_print_system_info`'s entries that are on: `AVX2`,
+/// `AVX512`, `AVX512_VNNI`, …). Shown by `latent-tap --version`, run
+/// manifests and `serve`'s `/props`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildInfo {
+    /// `-C target-cpu=` of this build (`native`, `x86-64-v3`, …) or `generic`.
+    pub target_cpu: &'static str,
+    /// CPU features the CPU backend was built with and uses.
+    pub cpu_features: Vec<String>,
+}
+
+impl BuildInfo {
+    /// `{"version", "target_cpu", "cpu_features"}` as in manifests and `/props`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "target_cpu": self.target_cpu,
+            "cpu_features": self.cpu_features,
+        })
+    }
+
+    /// One line: `target-cpu native; CPU features: SSE3 AVX2 …`.
+    pub fn line(&self) -> String {
+        format!(
+            "target-cpu {}; CPU features: {}",
+            self.target_cpu,
+            self.cpu_features.join(" ")
+        )
+    }
+}
+
+/// This build's [`BuildInfo`] (initialises the backends on first use).
+pub fn build_info() -> BuildInfo {
+    init();
+    // SAFETY: llama_print_system_info returns a pointer to a static buffer of
+    // llama.cpp's (NUL-terminated) or null; we copy it out at once.
+    let text = unsafe {
+        let p = sys::llama_print_system_info();
+        if p.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    BuildInfo {
+        target_cpu: env!("LATENT_TAP_TARGET_CPU"),
+        cpu_features: features_on(&text),
+    }
+}
+
+/// The `NAME = 1` entries of a `llama_print_system_info` text, in order, once
+/// each (`CPU : SSE3 = 1 | AVX = 1 | … | LLAMAFILE = 1 |`).
+fn features_on(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in text.split('|') {
+        let part = part.rsplit(':').next().unwrap_or(part);
+        if let Some((name, value)) = part.split_once('=') {
+            let name = name.trim();
+            if value.trim() == "1" && !name.is_empty() && !out.iter().any(|n| n == name) {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_on_keeps_the_enabled_entries_in_order() {
+        let t = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 0 | AVX2 = 1 | AVX512 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ";
+        assert_eq!(
+            features_on(t),
+            [
+                "SSE3",
+                "SSSE3",
+                "AVX",
+                "AVX2",
+                "AVX512",
+                "LLAMAFILE",
+                "OPENMP",
+                "REPACK"
+            ]
+        );
+        assert!(features_on("").is_empty());
+    }
+
+    #[test]
+    fn build_info_reports_the_running_cpu_backend() {
+        let b = build_info();
+        assert!(!b.target_cpu.is_empty());
+        // Every x86-64 build of ggml has at least SSE3; other targets report theirs.
+        #[cfg(target_arch = "x86_64")]
+        assert!(
+            b.cpu_features.iter().any(|f| f == "SSE3"),
+            "{:?}",
+            b.cpu_features
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! Safe RAII wrappers over the raw llama.cpp pointers.
 
 pub mod backend;
+pub use backend::{build_info, BuildInfo};
 mod batch;
 mod chat;
 mod context;

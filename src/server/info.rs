@@ -61,6 +61,7 @@ pub(crate) async fn props(State(app): AppState) -> Response {
                     "capturable": engine.graph().len(),
                     "binary_media_type": FRAMES_MEDIA_TYPE,
                     "capture_mode": engine.capture_mode(),
+                    "build": crate::engine::build_info().to_json(),
                 },
                 "lens": crate::server::completion::lens_props(&app, engine),
             }),

@@ -75,7 +75,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let parsed = Cli::command()
+    let mut command = Cli::command();
+    if args.iter().any(|a| a == "--version") {
+        // `--version`: the version, the target CPU and the CPU features in use
+        // (asked of llama.cpp, so only when wanted). Leaked once: clap keeps
+        // `&'static str` versions.
+        let text = format!(
+            "{}\n{}",
+            env!("CARGO_PKG_VERSION"),
+            latent_tap::engine::build_info().line()
+        );
+        command = command.long_version(&*Box::leak(text.into_boxed_str()));
+    }
+    let parsed = command
         .try_get_matches_from(&args)
         .and_then(|m| Cli::from_arg_matches(&m).map(|c| (m, c)));
     let (matches, cli) = match parsed {

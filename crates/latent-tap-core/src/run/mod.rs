@@ -114,6 +114,11 @@ pub struct Manifest {
     /// counters (absent for `capture --prompts`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach: Option<Value>,
+    /// The build that last wrote the run: `{"version", "target_cpu",
+    /// "cpu_features"}` (not compared on resume: a run may be continued by
+    /// another build; absent in runs of older versions and of `listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<Value>,
 }
 
 impl Manifest {

@@ -156,6 +156,7 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         .map(|t| json!({"name": t.name, "rows": t.n_rows(), "width": t.width, "dtype": t.dtype, "frames": t.frames, "nonfinite": t.nonfinite}))
         .collect();
     let manifest = json!({
+        "build": latent_tap::engine::build_info().to_json(),
         "model": {"path": model.path(), "arch": model.arch(), "n_layer": model.n_layer(), "n_embd": model.n_embd(), "n_vocab": model.n_vocab()},
         "prompt": prompts_text.iter().map(|(p, _)| p).collect::<Vec<_>>(),
         "prompt_source": prompts_text.iter().map(|(_, s)| s).collect::<Vec<_>>(),
