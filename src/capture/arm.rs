@@ -86,10 +86,10 @@ pub(crate) fn fitting_selection(
 }
 
 /// The physical batch, at most `n_ubatch`, at which the selection `patterns`
-/// fits a ring of `ring_bytes`: `n_ubatch` when [`fitting_selection`] accepts
+/// fits a ring of `ring_bytes`: `n_ubatch` when `fitting_selection` (crate-private) accepts
 /// it, otherwise as many rows as one frame of the widest matched tensor that
 /// fits at all can carry (so a 1 MiB ring captures 640-wide f32 rows with a
-/// 204-row ubatch instead of failing). Errors as [`fitting_selection`] does
+/// 204-row ubatch instead of failing). Errors as `fitting_selection` does
 /// when not even one row fits, or when the patterns fail for another reason.
 pub fn ubatch_for_ring(
     patterns: &[String],
