@@ -4,7 +4,7 @@
 //! input, API keys and graceful shutdown.
 
 mod common;
-use common::http::{get, json_of, post, post_raw, sse_events, Server};
+use common::http::{get, json_of, post, post_raw, records, sse_events, Server};
 use common::{bin, synth_model};
 
 use std::collections::BTreeMap;
@@ -45,20 +45,6 @@ fn rows_from_json(lat: &Value, into: &mut Rows) {
             v.push((*p, data[i * width * es..(i + 1) * width * es].to_vec()));
         }
     }
-}
-
-/// Binary records: (kind, bytes).
-fn records(b: &[u8]) -> Vec<(u32, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + 4 <= b.len() {
-        let n = u32::from_le_bytes(b[off..off + 4].try_into().unwrap()) as usize;
-        let rec = b[off + 4..off + 4 + n].to_vec();
-        off += 4 + n;
-        out.push((u32::from_le_bytes(rec[..4].try_into().unwrap()), rec));
-    }
-    assert_eq!(off, b.len(), "trailing bytes in the binary stream");
-    out
 }
 
 fn u32_at(b: &[u8], o: usize) -> u32 {

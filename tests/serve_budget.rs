@@ -5,7 +5,7 @@
 //! shutdown: 503 during the grace period, cut streams end with an error.
 
 mod common;
-use common::http::{get, json_of, post, sse_events, Server};
+use common::http::{get, json_of, post, records, sse_events, Server};
 use common::synth_model;
 
 use std::error::Error as _;
@@ -56,21 +56,6 @@ fn assert_advice(msg: &str, budget: &str) {
 fn summary_is_ok(recs: &[(u32, Vec<u8>)]) -> bool {
     recs.last()
         .is_some_and(|(k, r)| *k == 5 && json_record(r).get("error").is_none())
-}
-
-/// Records of a binary stream: (kind, record bytes).
-fn records(mut b: &[u8]) -> Vec<(u32, Vec<u8>)> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let n = u32::from_le_bytes(b[..4].try_into().unwrap()) as usize;
-        let rec = &b[4..4 + n];
-        out.push((
-            u32::from_le_bytes(rec[..4].try_into().unwrap()),
-            rec.to_vec(),
-        ));
-        b = &b[4 + n..];
-    }
-    out
 }
 
 fn json_record(rec: &[u8]) -> Value {

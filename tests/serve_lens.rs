@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::http::{json_of, post, sse_events, Server};
+use common::http::{json_of, post, records, sse_events, Server};
 use common::synth_model;
 use latent_tap::engine::{ContextOptions, Model, ModelOptions};
 use latent_tap::lens::{inputs_from_collected, lens_json, Lens, LensInput, OwnedInput};
@@ -76,19 +76,6 @@ fn rust_lens(model_path: &std::path::Path, prompt: &str, n: usize, top_k: usize)
         })
         .unwrap();
     lens_json(&layers, lens.n_vocab(), &rows, &|id| model.token_piece(id))
-}
-
-fn records(b: &[u8]) -> Vec<(u32, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + 4 <= b.len() {
-        let n = u32::from_le_bytes(b[off..off + 4].try_into().unwrap()) as usize;
-        let rec = b[off + 4..off + 4 + n].to_vec();
-        off += 4 + n;
-        out.push((u32::from_le_bytes(rec[..4].try_into().unwrap()), rec));
-    }
-    assert_eq!(off, b.len());
-    out
 }
 
 #[test]

@@ -134,6 +134,21 @@ pub fn call(method: &str, url: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>)
     (status, buf)
 }
 
+/// The records of a binary record stream (`application/x-latent-tap-frames`):
+/// (kind, record bytes), each as framed by its `u32` length; trailing bytes fail.
+pub fn records(b: &[u8]) -> Vec<(u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 4 <= b.len() {
+        let n = u32::from_le_bytes(b[off..off + 4].try_into().unwrap()) as usize;
+        let rec = b[off + 4..off + 4 + n].to_vec();
+        off += 4 + n;
+        out.push((u32::from_le_bytes(rec[..4].try_into().unwrap()), rec));
+    }
+    assert_eq!(off, b.len(), "trailing bytes in the binary stream");
+    out
+}
+
 pub fn json_of(b: &[u8]) -> Value {
     serde_json::from_slice(b).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(b)))
 }
