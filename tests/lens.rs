@@ -487,3 +487,139 @@ fn cli_writes_jsonl_safetensors_html_png_and_a_table() {
         assert!(!bad.join("lens.jsonl").exists());
     }
 }
+
+fn jsonl(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn capture_lens_adds_the_lens_to_a_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::synth_model(dir.path());
+    // One prompt: the same lens as the `lens` command's.
+    let (by_lens, by_capture) = (dir.path().join("l"), dir.path().join("c"));
+    let o = common::bin()
+        .args([
+            "lens", "-t", "1", "-p", "hi there", "-n", "3", "--top-k", "4", "--layers", "0,2", "-m",
+        ])
+        .arg(&m)
+        .arg("--out")
+        .arg(&by_lens)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = common::bin()
+        .args([
+            "capture",
+            "-q",
+            "-t",
+            "1",
+            "-p",
+            "hi there",
+            "-n",
+            "3",
+            "--lens",
+            "0,2",
+            "--lens-top-k",
+            "4",
+            "-m",
+        ])
+        .arg(&m)
+        .arg("--out")
+        .arg(&by_capture)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (
+        jsonl(&by_lens.join("lens.jsonl")),
+        jsonl(&by_capture.join("lens.jsonl")),
+    );
+    assert_eq!(a.len(), 14);
+    assert_eq!(a, b);
+    assert_eq!(
+        std::fs::read(by_lens.join("lens.safetensors"))
+            .unwrap()
+            .len(),
+        std::fs::read(by_capture.join("lens.safetensors"))
+            .unwrap()
+            .len()
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(by_capture.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["lens"]["layers"], serde_json::json!([0, 2]));
+    assert_eq!(manifest["lens"]["rows"], 11);
+    // Two prompts: each row is scored against the next token of its own sequence.
+    let two = dir.path().join("two");
+    let o = common::bin()
+        .args([
+            "capture", "-q", "-t", "1", "-p", "abc", "-p", "xyz!", "-n", "2", "--lens", "-m",
+        ])
+        .arg(&m)
+        .arg("--out")
+        .arg(&two)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let toks = jsonl(&two.join("tokens.jsonl"));
+    let token_at = |seq: i64, pos: i64| {
+        toks.iter()
+            .find(|t| t["seq"] == seq && t["pos"] == pos)
+            .map(|t| t["token"].as_i64().unwrap())
+    };
+    let lens = jsonl(&two.join("lens.jsonl"));
+    let seqs: std::collections::BTreeSet<i64> =
+        lens.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    let mut scored = 0;
+    for l in &lens {
+        let (seq, pos) = (l["seq"].as_i64().unwrap(), l["pos"].as_i64().unwrap());
+        assert_eq!(l["target"].as_i64(), token_at(seq, pos + 1), "{l}");
+        scored += usize::from(l["target"].is_i64());
+    }
+    assert!(scored > 0);
+    // Bad settings: one clear error each, nothing written.
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"text\": \"a\"}\n").unwrap();
+    for (args, needle) in [
+        (
+            vec!["-p", "x", "--lens-top-k", "3"],
+            "--lens-top-k needs --lens",
+        ),
+        (
+            vec!["-p", "x", "--lens", "--lens-top-k", "0"],
+            "--lens-top-k: lens top_k 0 is out of range",
+        ),
+        (
+            vec!["-p", "x", "--lens", "9"],
+            "lens layer 9 does not exist",
+        ),
+        (
+            vec!["-p", "x", "--lens", "--tensors", "attn_norm-*"],
+            "captures none of it",
+        ),
+        (
+            vec!["--prompts", prompts.to_str().unwrap(), "--lens"],
+            "--lens applies to capture with -p/-f only",
+        ),
+    ] {
+        let bad = dir.path().join("bad");
+        let o = common::bin()
+            .args(["capture", "-q", "-t", "1", "-n", "1", "-m"])
+            .arg(&m)
+            .args(&args)
+            .arg("--out")
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(!bad.join("manifest.json").exists() && !bad.join("lens.jsonl").exists());
+    }
+}

@@ -121,6 +121,21 @@ pub struct CaptureArgs {
     /// waits for work (as serve's --poll; see README, "Threads on a busy machine").
     #[arg(long, default_value_t = DEFAULT_POLL)]
     pub poll: u32,
+    /// Add the logit lens of the captured residual rows (l_out-N) to --out
+    /// (lens.jsonl, lens.safetensors; see docs/lens.md); optionally the lens's
+    /// layers: all, or a filter (4..12 half-open, 4..=12, 7, 0,3,5..8).
+    #[arg(long, value_name = "LAYERS", num_args = 0..=1, default_missing_value = "all")]
+    pub lens: Option<String>,
+    /// Alternatives per lens cell, 1 to 20 (with --lens) [default: 5].
+    #[arg(long, value_name = "K")]
+    pub lens_top_k: Option<usize>,
+    /// What each lens row is scored against (with --lens): next (the token that
+    /// came next in its sequence), a token id, or text that is one token [default: next].
+    #[arg(long, value_name = "TARGET")]
+    pub lens_target: Option<String>,
+    /// Tuned-lens translators for --lens (safetensors, as `lens --translators`).
+    #[arg(long, value_name = "FILE")]
+    pub translators: Option<PathBuf>,
     /// Output directory.
     #[arg(long, short = 'o')]
     pub out: PathBuf,

@@ -78,11 +78,6 @@ impl OutDir {
         p
     }
 
-    /// Rename every temporary file into place, manifest last.
-    pub fn commit(self) -> Result<()> {
-        self.commit_names(&OUTPUTS)
-    }
-
     /// Rename the temporary files of `names` into place, in that order.
     pub fn commit_names(mut self, names: &[&str]) -> Result<()> {
         for &name in names {

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use latent_tap::capture::{ModeReport, Policy, TapCounters};
 use latent_tap::engine::{ContextOptions, ModelOptions, SamplingOptions};
+use latent_tap::lens::layer_of_name;
 use latent_tap::output::{collect, write_safetensors, Collected};
 use latent_tap::record::Dtype;
 use latent_tap::select::LayerFilter;
@@ -16,6 +17,7 @@ use latent_tap::settings;
 use latent_tap::{Error, ErrorKind, Result};
 
 use crate::args::{capture_mode, fit_ubatch, load, rows_arg, CaptureArgs};
+use crate::cmd::lens::{write_lens_data, LensPlan, LENS_OUTPUTS};
 use crate::outdir::{OutDir, OUTPUTS};
 use crate::prompts::{read_prompts, Source};
 use crate::stdout::to_stdout;
@@ -39,6 +41,24 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
             "{flag} applies to dataset capture only: pass --prompts FILE"
         )));
     }
+    let lens_spec = match &a.lens {
+        Some(layers) => Some(LensPlan::check(
+            layers,
+            a.lens_top_k.unwrap_or(settings::DEFAULT_LENS_TOP_K),
+            ["--lens", "--lens-top-k"],
+        )?),
+        None => {
+            let needs_lens = [
+                ("--lens-top-k", a.lens_top_k.is_some()),
+                ("--lens-target", a.lens_target.is_some()),
+                ("--translators", a.translators.is_some()),
+            ];
+            if let Some((flag, _)) = needs_lens.iter().find(|(_, set)| *set) {
+                return Err(Error::invalid(format!("{flag} needs --lens")));
+            }
+            None
+        }
+    };
     let prompts_text = read_prompts(&a, order)?;
     if a.n_predict == 0 {
         return Err(Error::invalid(
@@ -110,6 +130,25 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
     let (mut gen, stream) = Generator::new(model.clone(), &ctx_opts, &spec)?;
     let selection = gen.selection().to_vec();
     let skipped = gen.skipped().to_vec();
+    let lens = match &lens_spec {
+        Some(layers) => {
+            if !selection.iter().any(|t| layer_of_name(&t.name).is_some()) {
+                return Err(Error::invalid(format!(
+                    "--lens reads the residual stream (l_out-N), but --tensors '{}' captures none of it: add l_out-*",
+                    a.tensors
+                )));
+            }
+            Some(LensPlan::new(
+                &model,
+                layers,
+                a.lens_top_k.unwrap_or(settings::DEFAULT_LENS_TOP_K),
+                a.lens_target.as_deref().unwrap_or("next"),
+                a.translators.as_deref(),
+                ctx_opts.threads().max(1) as usize,
+            )?)
+        }
+        None => None,
+    };
     let (n_ctx, n_batch, n_ubatch) = {
         let c = gen.context();
         (c.n_ctx(), c.n_batch(), c.n_ubatch())
@@ -141,6 +180,7 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         .join()
         .map_err(|_| Error::new(ErrorKind::Internal, "consumer thread panicked"))??;
     let stats = run?;
+    let lens_rows = lens.as_ref().map(|l| l.compute(&collected)).transpose()?;
 
     let tmp = out_dir.temp(OUTPUTS[0]);
     collected.write_tokens_jsonl(&tmp)?;
@@ -167,9 +207,18 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
                     "mode": capture_mode_json(stats.capture_mode, &stats.counters)},
         "tensors": tensors,
         "skipped": skipped,
+        "lens": lens.as_ref().zip(lens_rows.as_ref()).map(|(l, rows)| json!({
+            "layers": l.layers(), "top_k": l.top_k(), "target": a.lens_target.as_deref().unwrap_or("next"),
+            "translated_layers": l.translated_layers(), "rows": rows.len(),
+            "files": ["lens.jsonl", "lens.safetensors"],
+        })),
         "counters": {"frames": stats.counters.frames, "bytes": stats.counters.bytes, "drops": stats.counters.drops, "unaligned": stats.counters.unaligned, "deferred": stats.counters.deferred, "seq_gaps": collected.seq_gaps},
         "timings": {"prompt_ms": stats.prompt_ms, "ms_per_token": stats.ms_per_token, "decode_ms_per_token": stats.decode_ms_per_token, "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens},
     });
+    if let (Some(l), Some(rows)) = (&lens, &lens_rows) {
+        let piece = |id: i32| model.token_piece(id);
+        write_lens_data(&mut out_dir, l, rows, &piece, &model)?;
+    }
     let tmp = out_dir.temp(OUTPUTS[2]);
     let json = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::new(ErrorKind::Internal, format!("manifest: {e}")))?;
@@ -179,7 +228,17 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
             f.sync_all()
         })
         .map_err(|e| Error::new(ErrorKind::Io, format!("writing {}: {e}", tmp.display())))?;
-    out_dir.commit()?;
+    // The lens files first, the manifest last: a manifest means a whole run.
+    let names: Vec<&str> = match lens {
+        Some(_) => OUTPUTS[..2]
+            .iter()
+            .chain(&LENS_OUTPUTS[..2])
+            .chain(&OUTPUTS[2..])
+            .copied()
+            .collect(),
+        None => OUTPUTS.to_vec(),
+    };
+    out_dir.commit_names(&names)?;
     if n_ctx != ctx_opts.n_ctx {
         eprintln!(
             "warning: context size {} is {} in effect (llama.cpp rounds it)",

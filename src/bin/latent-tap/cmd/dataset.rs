@@ -21,6 +21,17 @@ use crate::stdout::to_stdout;
 pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
     use latent_tap::dataset::{self, DatasetOptions, PromptSource};
     use latent_tap::sched::{LatentFilter, LatentRequest, Scheduler, SchedulerOptions};
+    let lens_flags = [
+        ("--lens", a.lens.is_some()),
+        ("--lens-top-k", a.lens_top_k.is_some()),
+        ("--lens-target", a.lens_target.is_some()),
+        ("--translators", a.translators.is_some()),
+    ];
+    if let Some((flag, _)) = lens_flags.iter().find(|(_, set)| *set) {
+        return Err(Error::invalid(format!(
+            "{flag} applies to capture with -p/-f only, not to --prompts (dataset runs store no lens)"
+        )));
+    }
     if a.shard_index.is_some() && a.shard_count.is_none() {
         return Err(Error::invalid("--shard-index needs --shard-count"));
     }

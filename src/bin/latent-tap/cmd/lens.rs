@@ -3,6 +3,7 @@
 //! `lens.jsonl`, `lens.safetensors`, `lens.html` and `lens.png` to --out; print
 //! each position's top-1 per layer.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -14,7 +15,7 @@ use latent_tap::lens::{
     inputs_from_collected, jsonl_lines, write_dense, LayerSpec, Lens, LensInput, LensRow,
     OwnedInput,
 };
-use latent_tap::output::collect;
+use latent_tap::output::{collect, Collected};
 use latent_tap::session::{CaptureSpec, GenerateOptions, Generator};
 use latent_tap::{settings, Error, ErrorKind, Result};
 
@@ -23,7 +24,7 @@ use crate::outdir::OutDir;
 use crate::stdout::to_stdout;
 
 /// What `lens` writes, in commit order.
-const LENS_OUTPUTS: [&str; 4] = ["lens.jsonl", "lens.safetensors", "lens.html", "lens.png"];
+pub const LENS_OUTPUTS: [&str; 4] = ["lens.jsonl", "lens.safetensors", "lens.html", "lens.png"];
 
 #[derive(Args)]
 pub struct LensArgs {
@@ -99,10 +100,114 @@ fn cell_text(s: &str) -> String {
     }
 }
 
+/// The lens of a run, prepared before it generates (so a bad setting or a
+/// model the lens cannot read costs no generation): `lens` and `capture --lens`.
+pub struct LensPlan {
+    lens: Lens,
+    layers: Vec<usize>,
+    top_k: usize,
+    target: Option<i32>,
+}
+
+impl LensPlan {
+    /// Settings checked without the model; errors name the options
+    /// (`flags`: the layers option, the top-k option).
+    pub fn check(layers: &str, top_k: usize, flags: [&str; 2]) -> Result<LayerSpec> {
+        settings::check_lens_top_k(top_k)
+            .map_err(|e| Error::invalid(format!("{}: {}", flags[1], e.message())))?;
+        LayerSpec::parse(layers)
+            .map_err(|e| Error::invalid(format!("{}: {}", flags[0], e.message())))
+    }
+
+    /// The lens of `model` at `layers`, with `translators` and `target`.
+    pub fn new(
+        model: &Model,
+        layers: &LayerSpec,
+        top_k: usize,
+        target: &str,
+        translators: Option<&std::path::Path>,
+        threads: usize,
+    ) -> Result<Self> {
+        let layers = layers.resolve(model.n_layer())?;
+        let mut lens = Lens::for_model(model, threads)?;
+        if let Some(t) = translators {
+            lens.load_translators(t)?;
+        }
+        Ok(Self {
+            lens,
+            layers,
+            top_k,
+            target: target_token(model, target)?,
+        })
+    }
+
+    /// The lens's layers, in cell order.
+    pub fn layers(&self) -> &[usize] {
+        &self.layers
+    }
+
+    /// Alternatives per cell.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Layers that have a translator.
+    pub fn translated_layers(&self) -> Vec<usize> {
+        self.lens.translated_layers()
+    }
+
+    /// The lens of the `l_out-N` rows of `collected`: each row scored against
+    /// the fixed target, else the token that came next in its own sequence.
+    pub fn compute(&self, collected: &Collected) -> Result<Vec<LensRow>> {
+        let next: HashMap<(i32, i32), i32> = collected
+            .tokens
+            .iter()
+            .map(|t| ((t.seq, t.pos), t.token))
+            .collect();
+        let inputs = inputs_from_collected(collected, self.lens.n_embd())?;
+        let borrowed: Vec<LensInput> = inputs.iter().map(OwnedInput::as_input).collect();
+        let fixed = self.target;
+        let target = |seq: i32, pos: i32| fixed.or_else(|| next.get(&(seq, pos + 1)).copied());
+        self.lens
+            .compute(&borrowed, &self.layers, self.top_k, &target)
+    }
+
+    /// Vocabulary size of the lens's distributions.
+    pub fn n_vocab(&self) -> usize {
+        self.lens.n_vocab()
+    }
+}
+
+/// Write `lens.jsonl` and `lens.safetensors` of `rows` as temporary files of `out_dir`.
+pub fn write_lens_data(
+    out_dir: &mut OutDir,
+    plan: &LensPlan,
+    rows: &[LensRow],
+    piece: &dyn Fn(i32) -> String,
+    model: &Model,
+) -> Result<()> {
+    let io = |p: &std::path::Path, e: std::io::Error| {
+        Error::new(ErrorKind::Io, format!("writing {}: {e}", p.display()))
+    };
+    let tmp = out_dir.temp(LENS_OUTPUTS[0]);
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?);
+    for line in jsonl_lines(plan.layers(), rows, piece) {
+        serde_json::to_writer(&mut w, &line).map_err(|e| io(&tmp, e.into()))?;
+        w.write_all(b"\n").map_err(|e| io(&tmp, e))?;
+    }
+    w.flush().map_err(|e| io(&tmp, e))?;
+    let tmp = out_dir.temp(LENS_OUTPUTS[1]);
+    write_dense(
+        &tmp,
+        plan.layers(),
+        rows,
+        plan.top_k(),
+        &[("model", model.path().display().to_string())],
+    )
+}
+
 pub fn lens(a: LensArgs) -> Result<()> {
-    settings::check_lens_top_k(a.top_k)?;
-    let layer_spec = LayerSpec::parse(&a.layers)
-        .map_err(|e| Error::invalid(format!("--layers: {}", e.message())))?;
+    let layer_spec = LensPlan::check(&a.layers, a.top_k, ["--layers", "--top-k"])?;
     let rows = rows_arg(&a.rows)?;
     if a.n_predict == 0 {
         return Err(Error::invalid("--n-predict must be at least 1"));
@@ -119,13 +224,15 @@ pub fn lens(a: LensArgs) -> Result<()> {
     ctx_opts.validate()?;
     let out_dir = OutDir::prepare(&a.out)?;
     let model = load(&a.model)?;
-    let layers = layer_spec.resolve(model.n_layer())?;
     let threads = ctx_opts.threads().max(1) as usize;
-    let mut lens = Lens::for_model(&model, threads)?;
-    if let Some(t) = &a.translators {
-        lens.load_translators(t)?;
-    }
-    let fixed_target = target_token(&model, &a.target)?;
+    let plan = LensPlan::new(
+        &model,
+        &layer_spec,
+        a.top_k,
+        &a.target,
+        a.translators.as_deref(),
+        threads,
+    )?;
     let prompt = model.tokenize(&a.prompt, true)?;
     let spec = CaptureSpec {
         patterns: vec!["l_out-*".into()],
@@ -154,15 +261,10 @@ pub fn lens(a: LensArgs) -> Result<()> {
 
     let mut toks: Vec<_> = collected.tokens.iter().collect();
     toks.sort_by_key(|t| t.pos);
-    let tokens: Vec<i32> = toks.iter().map(|t| t.token).collect();
-    let inputs = inputs_from_collected(&collected, lens.n_embd())?;
-    let borrowed: Vec<LensInput> = inputs.iter().map(OwnedInput::as_input).collect();
-    let target = |_: i32, pos: i32| {
-        fixed_target.or_else(|| tokens.get(usize::try_from(pos).ok()? + 1).copied())
-    };
-    let lens_rows = lens.compute(&borrowed, &layers, a.top_k, &target)?;
+    let lens_rows = plan.compute(&collected)?;
+    let layers = plan.layers().to_vec();
     let piece = |id: i32| model.token_piece(id);
-    let lens_v = latent_tap::lens::lens_json(&layers, lens.n_vocab(), &lens_rows, &piece);
+    let lens_v = latent_tap::lens::lens_json(&layers, plan.n_vocab(), &lens_rows, &piece);
     let data = json!({
         "prompt": a.prompt,
         "tokens": toks.iter().map(|t| json!({"id": t.token, "piece": t.piece, "pos": t.pos})).collect::<Vec<_>>(),
@@ -170,51 +272,19 @@ pub fn lens(a: LensArgs) -> Result<()> {
     });
 
     let mut out_dir = out_dir;
-    write_outputs(
-        &mut out_dir,
-        &layers,
-        &lens_rows,
-        &data,
-        a.top_k,
-        &piece,
-        &model,
-    )?;
+    write_lens_data(&mut out_dir, &plan, &lens_rows, &piece, &model)?;
+    write_views(&mut out_dir, &data)?;
     out_dir.commit_names(&LENS_OUTPUTS)?;
     to_stdout(|out| table(out, &layers, &lens_rows, &toks, &piece, &a.out))
 }
 
-fn write_outputs(
-    out_dir: &mut OutDir,
-    layers: &[usize],
-    rows: &[LensRow],
-    data: &Value,
-    k: usize,
-    piece: &dyn Fn(i32) -> String,
-    model: &Model,
-) -> Result<()> {
-    let io = |p: &std::path::Path, e: std::io::Error| {
-        Error::new(ErrorKind::Io, format!("writing {}: {e}", p.display()))
-    };
-    let tmp = out_dir.temp(LENS_OUTPUTS[0]);
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?);
-    for line in jsonl_lines(layers, rows, piece) {
-        serde_json::to_writer(&mut w, &line).map_err(|e| io(&tmp, e.into()))?;
-        w.write_all(b"\n").map_err(|e| io(&tmp, e))?;
-    }
-    w.flush().map_err(|e| io(&tmp, e))?;
-    let tmp = out_dir.temp(LENS_OUTPUTS[1]);
-    write_dense(
-        &tmp,
-        layers,
-        rows,
-        k,
-        &[("model", model.path().display().to_string())],
-    )?;
+/// `lens.html` and `lens.png` of `data` as temporary files of `out_dir`.
+fn write_views(out_dir: &mut OutDir, data: &Value) -> Result<()> {
     let tmp = out_dir.temp(LENS_OUTPUTS[2]);
-    std::fs::write(&tmp, latent_tap::view::static_html(data)).map_err(|e| io(&tmp, e))?;
+    std::fs::write(&tmp, latent_tap::view::static_html(data))
+        .map_err(|e| Error::new(ErrorKind::Io, format!("writing {}: {e}", tmp.display())))?;
     let tmp = out_dir.temp(LENS_OUTPUTS[3]);
-    latent_tap::view::heatmap_png(data, &tmp)?;
-    Ok(())
+    latent_tap::view::heatmap_png(data, &tmp)
 }
 
 /// Per position: the token, what came next, and each layer's top-1.
