@@ -666,6 +666,89 @@ fn disconnect_frees_the_slot_and_subscribers_get_everything() {
 }
 
 /// Length of the longest prefix of whole records (a killed server may cut one).
+/// One counter of `/metrics` (the largest value among its label sets).
+fn metric(s: &Server, name: &str) -> u64 {
+    let m = String::from_utf8(get(&s.url("/metrics"), &[]).1).unwrap();
+    m.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+        .max()
+        .unwrap_or_else(|| panic!("{name} not in {m}"))
+}
+
+/// A subscriber whose queue is full costs the engine nothing: while it is
+/// behind, tensors only it wants are not captured at all (the tap's frame
+/// counter stands still), the frames it misses are counted as its drops (3
+/// tensors per decode here), and once it has read its queue it gets frames
+/// again.
+#[test]
+fn a_subscriber_that_is_behind_is_not_captured_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth_model(dir.path());
+    let s = Server::start(&m, &["-np", "1", "--metrics"]);
+    let stuck = ureq::get(&s.url("/latents/subscribe?tensors=l_out-*&queue_mb=1"))
+        .call()
+        .unwrap();
+    let long = |n_predict: u32| {
+        let (st, b) = post(
+            &s.url("/completion"),
+            &json!({"prompt": "z".repeat(2000), "n_predict": n_predict, "temperature": 0}),
+            &[],
+        );
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    };
+    // Fill its queue (and whatever the sockets buffer) until frames are dropped.
+    let drops = "latent_tap:subscriber_drops_total{";
+    for _ in 0..40 {
+        long(1);
+        if metric(&s, drops) > 0 {
+            break;
+        }
+    }
+    assert!(metric(&s, drops) > 0, "the subscriber never fell behind");
+    let (frames0, drops0) = (metric(&s, "latent_tap:frames_total"), metric(&s, drops));
+    let decodes0 = metric(&s, "llamacpp:n_decode_total");
+    for _ in 0..3 {
+        long(4);
+    }
+    let decodes = metric(&s, "llamacpp:n_decode_total") - decodes0;
+    assert!(decodes >= 3 * 4, "{decodes} decodes");
+    assert_eq!(
+        metric(&s, "latent_tap:frames_total"),
+        frames0,
+        "nothing is captured for a subscriber that is behind"
+    );
+    assert_eq!(
+        metric(&s, drops) - drops0,
+        3 * decodes,
+        "each decode's 3 l_out frames count as dropped"
+    );
+    // It reads everything queued: captured for again.
+    let mut r = stuck.into_reader();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0usize;
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    let t0 = Instant::now();
+    while metric(&s, "latent_tap:frames_total") == frames0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never captured again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        long(1);
+    }
+    drop(s);
+    assert!(reader.join().unwrap() > 0);
+}
+
 fn complete_prefix(b: &[u8]) -> usize {
     let mut off = 0;
     while off + 4 <= b.len() {

@@ -262,6 +262,12 @@ pub trait SubscriberSink: Send {
         let _ = len;
         true
     }
+
+    /// Whether a subscriber that fell behind has caught up enough (its queue
+    /// at most half full) for the engine to capture its tensors again.
+    fn drained(&self) -> bool {
+        true
+    }
 }
 
 /// A subscriber as its router holds it (the engine's router, `latent-tap
@@ -309,8 +315,17 @@ impl Subscriber {
         let room = self.alive && self.sink.has_room(len);
         if self.alive && !room {
             self.drop_one();
+            self.stats.behind.store(true, Ordering::Relaxed);
         }
         room
+    }
+
+    /// Clear the `behind` mark once the sink has drained (the engine reads it
+    /// before each decode).
+    pub(crate) fn catch_up(&self) {
+        if self.stats.behind.load(Ordering::Relaxed) && self.sink.drained() {
+            self.stats.behind.store(false, Ordering::Relaxed);
+        }
     }
 
     fn drop_one(&self) {

@@ -135,8 +135,14 @@ pub struct SubscriberStats {
     pub id: u64,
     /// Records delivered.
     pub delivered: AtomicU64,
-    /// Frames dropped because its queue was full.
+    /// Frames dropped because its queue was full (by the router, or not
+    /// captured at all while it was behind).
     pub drops: AtomicU64,
+    /// Its queue was full at its last frame and has not drained to half since:
+    /// the engine then stops capturing tensors only it wants (see
+    /// [`SubscriberSink::drained`]), so a subscriber that does not read costs the
+    /// decode nothing.
+    pub behind: AtomicBool,
 }
 
 struct Shared {

@@ -58,6 +58,11 @@ impl Router {
                 break;
             }
             let Ok(Some(item)) = stream.next(Duration::from_millis(20)) else {
+                // Idle: a subscriber that read its queue meanwhile gets its
+                // tensors captured again from the next decode on.
+                for s in &self.subs {
+                    s.sub.catch_up();
+                }
                 continue;
             };
             let Ok(rec) = item.record() else { continue };
@@ -162,6 +167,7 @@ impl Router {
         for s in &mut self.subs {
             let rec = RequestRecord::notice(id, slot as i32, event, n_tokens, s.sub.drops());
             s.sub.deliver(rec, false);
+            s.sub.catch_up();
         }
     }
 
@@ -171,6 +177,7 @@ impl Router {
             let rec = t.to_record();
             for s in &mut self.subs {
                 s.sub.deliver(rec.clone(), false);
+                s.sub.catch_up();
             }
         }
         if let Some(r) = self.routes.get_mut(slot).and_then(Option::as_mut) {

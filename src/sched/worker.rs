@@ -274,8 +274,12 @@ impl Worker {
                 want.extend(f.names.iter().map(String::as_str));
             }
         }
-        for (_, f) in &self.sub_filters {
-            want.extend(f.names.iter().map(String::as_str));
+        // A subscriber that is behind (its queue full) is not captured for:
+        // its frames would only be dropped. `count_paused` counts them.
+        for (s, f) in &self.sub_filters {
+            if !s.behind.load(Ordering::Relaxed) {
+                want.extend(f.names.iter().map(String::as_str));
+            }
         }
         let union: Vec<String> = self
             .graph
@@ -295,6 +299,35 @@ impl Worker {
         self.tap()?.reselect(sel)?;
         self.union = union;
         Ok(())
+    }
+
+    /// Count, as drops of each subscriber that is behind, the frames of this
+    /// decode it would have been offered and that nobody captured: one per
+    /// tensor of its own that is not in the union and per sequence whose rows
+    /// it keeps (every sequence in the batch; with `rows: last`, those with an
+    /// output row).
+    fn count_paused(&self) {
+        let seqs = |outputs_only: bool| {
+            let mut v: Vec<i32> = self
+                .lb
+                .rows
+                .iter()
+                .zip(&self.lb.outputs)
+                .filter(|(_, &out)| out || !outputs_only)
+                .map(|(r, _)| r.seq_id)
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v.len()
+        };
+        for (s, f) in &self.sub_filters {
+            if !s.behind.load(Ordering::Relaxed) {
+                continue;
+            }
+            let missed = f.names.iter().filter(|n| !self.union.contains(n)).count();
+            let n = missed * seqs(f.rows != crate::capture::Rows::All);
+            s.drops.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     fn tap(&mut self) -> Result<&mut Tap> {
@@ -405,6 +438,7 @@ impl Worker {
         self.decodes = self.decodes.wrapping_add(1);
         let r = self.ctx.decode_labelled(&self.lb, step, 0).map(|_| ());
         self.shared.stats.decodes.fetch_add(1, Ordering::Relaxed);
+        self.count_paused();
         if let Some(t) = self.ctx.tap() {
             let c = t.counters();
             self.shared.stats.frames.store(c.frames, Ordering::Relaxed);

@@ -55,6 +55,10 @@ impl SubscriberSink for SubscriberQueue {
         self.fits(len)
     }
 
+    fn drained(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) <= self.budget / 2
+    }
+
     fn offer(&mut self, rec: Vec<u8>, droppable: bool) -> Offer {
         if self.tx.is_closed() {
             return Offer::Closed;

@@ -21,9 +21,14 @@ pub const LEN_PREFIX: usize = 4;
 /// One record with its little-endian u32 length prefix.
 pub fn framed(rec: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(LEN_PREFIX + rec.len());
+    push_framed(&mut out, rec);
+    out
+}
+
+/// Append `rec` with its length prefix to `out` (several records in one chunk).
+pub fn push_framed(out: &mut Vec<u8>, rec: &[u8]) {
     out.extend_from_slice(&(rec.len() as u32).to_le_bytes());
     out.extend_from_slice(rec);
-    out
 }
 
 /// An END record (C ABI layout) with a consumer's totals.

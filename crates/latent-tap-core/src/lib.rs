@@ -24,6 +24,7 @@ pub mod convert;
 pub mod error;
 pub mod gguf;
 pub mod lens;
+pub mod logits;
 pub mod output;
 pub mod record;
 pub mod ring;

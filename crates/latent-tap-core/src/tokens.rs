@@ -1,7 +1,9 @@
 //! Token statistics from the full next-token distribution: log-probability of
 //! the sampled token, top-k alternatives and entropy, all from one pass over
-//! the raw logits (log-sum-exp in f64).
+//! the raw logits (log-sum-exp in f64 over vectorised f32 blocks, see
+//! [`crate::logits`]).
 
+use crate::logits::{moments, top_k};
 use crate::record::TopEntry;
 
 /// What one distribution says about one sampled token.
@@ -15,43 +17,25 @@ pub struct TokenStats {
     pub top: Vec<TopEntry>,
 }
 
-/// Compute stats of `token` under softmax(`logits`), keeping the top `k`.
+/// Compute stats of `token` under softmax(`logits`), keeping the top `k`
+/// (ties: the lower id first).
 pub fn token_stats(logits: &[f32], token: i32, k: usize) -> TokenStats {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut sum = 0f64;
-    let mut sum_xe = 0f64;
-    for &l in logits {
-        let x = l as f64 - max;
-        let e = x.exp();
-        sum += e;
-        sum_xe += x * e;
-    }
-    let lse = max + sum.ln();
+    let m = moments(logits);
+    let ln_sum = m.sum.ln();
+    let lse = m.max + ln_sum;
     // H = -Σ p log p = log Z - Σ p x  (with x shifted by max; Z shifted alike)
-    let entropy = (sum.ln() - sum_xe / sum) as f32;
-    let logprob = logits
-        .get(token as usize)
-        .map_or(f32::NEG_INFINITY, |&l| (l as f64 - lse) as f32);
-    let k = k.min(logits.len());
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let top = if k == 0 {
-        Vec::new()
-    } else {
-        let by_logit = |a: &u32, b: &u32| {
-            logits[*b as usize]
-                .total_cmp(&logits[*a as usize])
-                .then(a.cmp(b))
-        };
-        idx.select_nth_unstable_by(k - 1, by_logit);
-        idx.truncate(k);
-        idx.sort_unstable_by(by_logit);
-        idx.iter()
-            .map(|&i| TopEntry {
-                id: i as i32,
-                logprob: (logits[i as usize] as f64 - lse) as f32,
-            })
-            .collect()
-    };
+    let entropy = (ln_sum - m.sum_ed / m.sum) as f32;
+    let logprob = usize::try_from(token)
+        .ok()
+        .and_then(|t| logits.get(t))
+        .map_or(f32::NEG_INFINITY, |&l| (f64::from(l) - lse) as f32);
+    let top = top_k(logits, k)
+        .into_iter()
+        .map(|(id, z)| TopEntry {
+            id,
+            logprob: (f64::from(z) - lse) as f32,
+        })
+        .collect();
     TokenStats {
         logprob,
         entropy,
@@ -86,5 +70,46 @@ mod tests {
             })
             .sum();
         assert!((s.entropy as f64 - h).abs() < 1e-6);
+    }
+
+    /// A vocabulary-sized row against direct f64 formulas (every lane, block
+    /// and remainder path of the vectorised passes).
+    #[test]
+    fn a_262k_row_matches_f64_formulas() {
+        let n = 262_144 + 5;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let logits: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 * 30.0 - 15.0
+            })
+            .collect();
+        let s = token_stats(&logits, 777, 10);
+        let max = logits.iter().copied().fold(f32::MIN, f32::max) as f64;
+        let z: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+        let lse = max + z.ln();
+        assert!((s.logprob as f64 - (logits[777] as f64 - lse)).abs() < 1e-5);
+        let h: f64 = logits
+            .iter()
+            .map(|&l| {
+                let lp = l as f64 - lse;
+                -lp.exp() * lp
+            })
+            .sum();
+        assert!((s.entropy as f64 - h).abs() < 1e-4, "{} vs {h}", s.entropy);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        assert_eq!(
+            s.top.iter().map(|t| t.id as usize).collect::<Vec<_>>(),
+            order[..10].to_vec()
+        );
+        for t in &s.top {
+            assert!((t.logprob as f64 - (logits[t.id as usize] as f64 - lse)).abs() < 1e-5);
+        }
+        // Out-of-range token ids have no probability.
+        assert_eq!(token_stats(&logits, -1, 0).logprob, f32::NEG_INFINITY);
+        assert_eq!(token_stats(&logits, n as i32, 0).logprob, f32::NEG_INFINITY);
     }
 }

@@ -152,17 +152,26 @@ impl Events {
         }
     }
 
+    fn took(&mut self, ev: JobEvent) -> JobEvent {
+        if let JobEvent::Frame(f) = &ev {
+            self.window.sub(f.data.len());
+        }
+        if matches!(ev, JobEvent::Done(_)) {
+            self.ended = true;
+        }
+        ev
+    }
+
+    /// The next event if one is waiting now (`None`: none yet, or the end:
+    /// [`Events::recv`] tells which).
+    pub(super) fn try_recv(&mut self) -> Option<JobEvent> {
+        let ev = self.rx.try_recv().ok()?;
+        Some(self.took(ev))
+    }
+
     pub(super) async fn recv(&mut self) -> Option<JobEvent> {
         match self.rx.recv().await {
-            Some(ev) => {
-                if let JobEvent::Frame(f) = &ev {
-                    self.window.sub(f.data.len());
-                }
-                if matches!(ev, JobEvent::Done(_)) {
-                    self.ended = true;
-                }
-                Some(ev)
-            }
+            Some(ev) => Some(self.took(ev)),
             None if !self.ended && self.window.overflow.load(Ordering::Relaxed) => {
                 self.ended = true;
                 let limit = self.window.limit;

@@ -298,6 +298,9 @@ pub(super) fn sse_response(
     r
 }
 
+/// Bytes of ready records a binary answer gathers into one chunk at most.
+const BATCH_BYTES: usize = 1 << 20;
+
 fn request_record(id: u64, slot: i64, event: u32, n_tokens: u64) -> Vec<u8> {
     RequestRecord::notice(id, slot as i32, event, n_tokens, 0)
 }
@@ -317,7 +320,36 @@ pub(super) fn binary_response(
         let id = guard.0.id;
         let mut frames = 0u64;
         let mut seen = 0usize;
-        while let Some(ev) = rx.recv().await {
+        // Records that are ready go out together: whatever arrived while the
+        // last chunk was written is one chunk (one wake-up of the connection,
+        // one write), flushed as soon as no event is waiting, or at BATCH_BYTES.
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let ev = match rx.try_recv() {
+                Some(ev) => ev,
+                None => {
+                    if !pending.is_empty()
+                        && out
+                            .send(Bytes::from(std::mem::take(&mut pending)))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    match rx.recv().await {
+                        Some(ev) => ev,
+                        None => break,
+                    }
+                }
+            };
+            if pending.len() >= BATCH_BYTES
+                && out
+                    .send(Bytes::from(std::mem::take(&mut pending)))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
             // The requester's frames go out as they come, never held; only a
             // lens's rows wait in `acc` for their step's token.
             if let JobEvent::Frame(f) = ev {
@@ -328,9 +360,7 @@ pub(super) fn binary_response(
                     if let Some(rec) = acc.user_record(&f) {
                         frames += 1;
                         drop(f);
-                        if out.send(Bytes::from(wire::framed(&rec))).await.is_err() {
-                            return;
-                        }
+                        wire::push_framed(&mut pending, &rec);
                     }
                 }
                 continue;
@@ -347,29 +377,18 @@ pub(super) fn binary_response(
             let done = matches!(ev, JobEvent::Done(_));
             let step = acc.on(ev, &guard);
             if let Some(r) = rec {
-                if out.send(Bytes::from(wire::framed(&r))).await.is_err() {
-                    return;
-                }
+                wire::push_framed(&mut pending, &r);
             }
             let mut lens_frames = step.map(|s| s.lens_frames).unwrap_or_default();
             if done {
                 lens_frames.append(&mut acc.lens_pending);
             }
             match step_lens(&lens, &p, &acc, lens_frames).await {
-                Ok(Some(v)) => {
-                    if out
-                        .send(Bytes::from(wire::framed(&wire::lens_record(&v))))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
+                Ok(Some(v)) => wire::push_framed(&mut pending, &wire::lens_record(&v)),
                 Ok(None) => {}
                 Err(e) => {
-                    let _ = out
-                        .send(Bytes::from(wire::framed(&wire::json_record(&e.body()))))
-                        .await;
+                    wire::push_framed(&mut pending, &wire::json_record(&e.body()));
+                    let _ = out.send(Bytes::from(pending)).await;
                     return;
                 }
             }
@@ -383,15 +402,15 @@ pub(super) fn binary_response(
         if let Some(e) = acc.error() {
             summary = e.body();
         }
-        let tail = [
+        for r in [
             request_record(id, acc.slot, 2, acc.n_gen() as u64),
             wire::end_record(frames, 0),
             wire::json_record(&summary),
-        ];
-        for r in tail {
-            if out.send(Bytes::from(wire::framed(&r))).await.is_err() {
-                return;
-            }
+        ] {
+            wire::push_framed(&mut pending, &r);
+        }
+        if out.send(Bytes::from(pending)).await.is_err() {
+            return;
         }
         drop(guard);
     });

@@ -1,6 +1,10 @@
 //! What one row of logits says: top-k with log-probabilities, entropy, the
 //! target's log-probability and rank, and the KL divergence from a reference
-//! (the final layer's) distribution. Sums run in `f64`.
+//! (the final layer's) distribution. Sums run in `f64` (over `f32` blocks; see
+//! [`crate::logits`]).
+
+pub use crate::logits::top_k;
+use crate::logits::{count_above, dot_shifted, exp, moments};
 
 /// The statistics of one (layer, row) cell.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,118 +53,6 @@ impl Reference {
     }
 }
 
-/// Lanes of the vectorisable loops (LLVM maps them onto the machine's vectors).
-const LANES: usize = 16;
-/// Elements summed in `f32` lanes before the lanes are added into `f64`: the
-/// rounding error of one block stays near 1e-6 relative.
-const BLOCK: usize = 1024;
-
-/// `exp(x)` in `f32` without a library call, so loops over it vectorise:
-/// Cody–Waite reduction by ln 2 and a degree-6 polynomial (relative error,
-/// rounding included, below 4e-7 (a few ulp); inputs below -87 give exp(-87)).
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Round to nearest by the 1.5·2^23 trick (no libm call, vectorises).
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // n is in -126..=127 after the clamp: a normal power of two.
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-/// max, Σ exp(z − max) and Σ exp(z − max)·(z − max) of a row (sums in `f64`).
-struct Moments {
-    max: f64,
-    sum: f64,
-    sum_ed: f64,
-}
-
-fn max_of(logits: &[f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; LANES];
-    let chunks = logits.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (m, &z) in m.iter_mut().zip(c) {
-            *m = if z > *m { z } else { *m };
-        }
-    }
-    rest.iter()
-        .chain(&m)
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-}
-
-fn moments(logits: &[f32]) -> Moments {
-    let max = max_of(logits);
-    let (mut sum, mut sum_ed) = (0f64, 0f64);
-    for block in logits.chunks(BLOCK) {
-        let (mut s, mut sd) = ([0f32; LANES], [0f32; LANES]);
-        let chunks = block.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for k in 0..LANES {
-                let d = c[k] - max;
-                let e = exp(d);
-                s[k] += e;
-                sd[k] += e * d;
-            }
-        }
-        for &z in rest {
-            let d = z - max;
-            let e = exp(d);
-            sum += f64::from(e);
-            sum_ed += f64::from(e * d);
-        }
-        sum += s.iter().map(|&v| f64::from(v)).sum::<f64>();
-        sum_ed += sd.iter().map(|&v| f64::from(v)).sum::<f64>();
-    }
-    Moments {
-        max: f64::from(max),
-        sum,
-        sum_ed,
-    }
-}
-
-/// Σ p·(z − shift) in `f64`, blocked like [`moments`].
-fn dot_shifted(p: &[f32], z: &[f32], shift: f32) -> f64 {
-    let mut total = 0f64;
-    for (pb, zb) in p.chunks(BLOCK).zip(z.chunks(BLOCK)) {
-        let mut acc = [0f32; LANES];
-        let (pc, zc) = (pb.chunks_exact(LANES), zb.chunks_exact(LANES));
-        let (pr, zr) = (pc.remainder(), zc.remainder());
-        for (p, z) in pc.zip(zc) {
-            for k in 0..LANES {
-                acc[k] += p[k] * (z[k] - shift);
-            }
-        }
-        for (&p, &z) in pr.iter().zip(zr) {
-            total += f64::from(p) * f64::from(z - shift);
-        }
-        total += acc.iter().map(|&v| f64::from(v)).sum::<f64>();
-    }
-    total
-}
-
-/// How many logits are strictly greater than `t`.
-fn count_above(logits: &[f32], t: f32) -> u32 {
-    let mut n = [0u32; LANES];
-    let chunks = logits.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for k in 0..LANES {
-            n[k] += u32::from(c[k] > t);
-        }
-    }
-    n.iter().sum::<u32>() + rest.iter().filter(|&&z| z > t).count() as u32
-}
-
 /// A log-probability as a finite `f32` (`-inf` becomes `f32::MIN`).
 pub fn finite(x: f64) -> f32 {
     let v = x as f32;
@@ -171,34 +63,6 @@ pub fn finite(x: f64) -> f32 {
     } else {
         f32::MIN
     }
-}
-
-/// The `k` largest logits as `(id, logit)`, largest first, ties to the lower id.
-pub fn top_k(logits: &[f32], k: usize) -> Vec<(i32, f32)> {
-    let mut top: Vec<(i32, f32)> = Vec::with_capacity(k + 1);
-    if k == 0 {
-        return top;
-    }
-    let insert = |top: &mut Vec<(i32, f32)>, i: usize, z: f32| {
-        if top.len() == k && z <= top[k - 1].1 {
-            return;
-        }
-        let at = top.partition_point(|&(_, t)| t >= z);
-        top.insert(at, (i as i32, z));
-        top.truncate(k);
-    };
-    // Whole chunks below the current k-th largest are skipped on their max.
-    let mut base = 0;
-    for c in logits.chunks(LANES) {
-        let full = top.len() == k;
-        if !full || max_of(c) > top[k - 1].1 {
-            for (j, &z) in c.iter().enumerate() {
-                insert(&mut top, base + j, z);
-            }
-        }
-        base += c.len();
-    }
-    top
 }
 
 /// The statistics of one row of finite `logits`. `target` outside the
@@ -284,21 +148,6 @@ mod tests {
         assert!(s.target_logprob.unwrap().is_finite());
     }
 
-    #[test]
-    fn fast_exp_is_within_4e_7_relative() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let want = f64::from(x).exp();
-            let got = f64::from(exp(x));
-            worst = worst.max((got - want).abs() / want);
-            x += 0.001_3;
-        }
-        assert!(worst < 4e-7, "worst relative error {worst:e}");
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1e30) > 0.0 && exp(-1e30) < 1e-37);
-    }
-
     /// A long row (every code path: blocks, lanes, remainders) against direct
     /// f64 formulas.
     #[test]
@@ -331,11 +180,19 @@ mod tests {
             assert!((f64::from(*l) - lp[*id as usize]).abs() < 1e-5);
         }
         let h: f64 = -lp.iter().map(|&l| l.exp() * l).sum::<f64>();
-        assert!((f64::from(s.entropy) - h).abs() < 1e-4, "{} vs {h}", s.entropy);
+        assert!(
+            (f64::from(s.entropy) - h).abs() < 1e-4,
+            "{} vs {h}",
+            s.entropy
+        );
         assert!((f64::from(s.target_logprob.unwrap()) - lp[1234]).abs() < 1e-5);
         let rank = z.iter().filter(|&&v| v > z[1234]).count() as u32;
         assert_eq!(s.target_rank, Some(rank));
         let kl: f64 = lq.iter().zip(&lp).map(|(&a, &b)| a.exp() * (a - b)).sum();
-        assert!((f64::from(s.kl.unwrap()) - kl).abs() < 1e-4, "{:?} vs {kl}", s.kl);
+        assert!(
+            (f64::from(s.kl.unwrap()) - kl).abs() < 1e-4,
+            "{:?} vs {kl}",
+            s.kl
+        );
     }
 }
