@@ -424,6 +424,28 @@ fn models_without_usable_output_tensors_are_errors() {
     }
 }
 
+/// `latent-tap CMD… -m MODEL ARGS… --out DIR` fails with `needle` in its
+/// error and leaves no manifest or lens file in DIR.
+fn refused(cmd: &[&str], model: &Path, args: &[&str], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad");
+    let o = common::bin()
+        .args(cmd)
+        .arg("-m")
+        .arg(model)
+        .args(args)
+        .arg("--out")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains(needle),
+        "{args:?}: {err}"
+    );
+    assert!(!bad.join("manifest.json").exists() && !bad.join("lens.jsonl").exists());
+}
+
 #[test]
 fn cli_writes_jsonl_safetensors_html_png_and_a_table() {
     let dir = tempfile::tempdir().unwrap();
@@ -470,21 +492,12 @@ fn cli_writes_jsonl_safetensors_html_png_and_a_table() {
         (vec!["--layers", "7"], "lens layer 7 does not exist"),
         (vec!["--target", "hello"], "--target 'hello' is 5 tokens"),
     ] {
-        let bad = dir.path().join("bad");
-        let o = common::bin()
-            .args(["lens", "-t", "1", "-p", "x", "-n", "1", "-m"])
-            .arg(&m)
-            .args(&args)
-            .arg("--out")
-            .arg(&bad)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success() && err.contains(needle),
-            "{args:?}: {err}"
+        refused(
+            &["lens", "-t", "1", "-p", "x", "-n", "1"],
+            &m,
+            &args,
+            needle,
         );
-        assert!(!bad.join("lens.jsonl").exists());
     }
 }
 
@@ -598,6 +611,14 @@ fn capture_lens_adds_the_lens_to_a_capture() {
             "lens layer 9 does not exist",
         ),
         (
+            vec!["-p", "x", "--lens", "--lens-target", "hello"],
+            "--lens-target 'hello' is 5 tokens",
+        ),
+        (
+            vec!["-p", "x", "--lens", "--lens-target=-3"],
+            "--lens-target -3 is out of range",
+        ),
+        (
             vec!["-p", "x", "--lens", "--tensors", "attn_norm-*"],
             "captures none of it",
         ),
@@ -606,20 +627,6 @@ fn capture_lens_adds_the_lens_to_a_capture() {
             "--lens applies to capture with -p/-f only",
         ),
     ] {
-        let bad = dir.path().join("bad");
-        let o = common::bin()
-            .args(["capture", "-q", "-t", "1", "-n", "1", "-m"])
-            .arg(&m)
-            .args(&args)
-            .arg("--out")
-            .arg(&bad)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success() && err.contains(needle),
-            "{args:?}: {err}"
-        );
-        assert!(!bad.join("manifest.json").exists() && !bad.join("lens.jsonl").exists());
+        refused(&["capture", "-q", "-t", "1", "-n", "1"], &m, &args, needle);
     }
 }

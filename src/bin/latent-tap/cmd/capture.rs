@@ -142,7 +142,7 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
                 &model,
                 layers,
                 a.lens_top_k.unwrap_or(settings::DEFAULT_LENS_TOP_K),
-                a.lens_target.as_deref().unwrap_or("next"),
+                (a.lens_target.as_deref().unwrap_or("next"), "--lens-target"),
                 a.translators.as_deref(),
                 ctx_opts.threads().max(1) as usize,
             )?)

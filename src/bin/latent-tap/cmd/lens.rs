@@ -67,15 +67,15 @@ pub struct LensArgs {
     pub out: PathBuf,
 }
 
-/// `--target` against the model's vocabulary.
-fn target_token(model: &Model, s: &str) -> Result<Option<i32>> {
+/// A lens target (`flag`: the option that gave it) against the model's vocabulary.
+fn target_token(model: &Model, s: &str, flag: &str) -> Result<Option<i32>> {
     if s == "next" {
         return Ok(None);
     }
     if let Ok(id) = s.parse::<i64>() {
         if id < 0 || id >= model.n_vocab() as i64 {
             return Err(Error::invalid(format!(
-                "--target {id} is out of range 0..{}",
+                "{flag} {id} is out of range 0..{}",
                 model.n_vocab()
             )));
         }
@@ -84,7 +84,7 @@ fn target_token(model: &Model, s: &str) -> Result<Option<i32>> {
     match model.tokenize(s, false)?.as_slice() {
         [one] => Ok(Some(*one)),
         many => Err(Error::invalid(format!(
-            "--target '{s}' is {} tokens; give text that is one token, a token id, or next",
+            "{flag} '{s}' is {} tokens; give text that is one token, a token id, or next",
             many.len()
         ))),
     }
@@ -119,12 +119,13 @@ impl LensPlan {
             .map_err(|e| Error::invalid(format!("{}: {}", flags[0], e.message())))
     }
 
-    /// The lens of `model` at `layers`, with `translators` and `target`.
+    /// The lens of `model` at `layers`, with `translators` and `target`
+    /// (`(value, option name)`).
     pub fn new(
         model: &Model,
         layers: &LayerSpec,
         top_k: usize,
-        target: &str,
+        target: (&str, &str),
         translators: Option<&std::path::Path>,
         threads: usize,
     ) -> Result<Self> {
@@ -137,7 +138,7 @@ impl LensPlan {
             lens,
             layers,
             top_k,
-            target: target_token(model, target)?,
+            target: target_token(model, target.0, target.1)?,
         })
     }
 
@@ -229,7 +230,7 @@ pub fn lens(a: LensArgs) -> Result<()> {
         &model,
         &layer_spec,
         a.top_k,
-        &a.target,
+        (&a.target, "--target"),
         a.translators.as_deref(),
         threads,
     )?;
