@@ -31,6 +31,7 @@ pub mod ring;
 pub mod run;
 pub mod select;
 pub mod settings;
+pub mod steer;
 pub mod stream;
 pub mod synth;
 pub mod tokens;

@@ -15,6 +15,8 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
+use crate::gguf::write::{write_f32_gguf, Value, ALIGNMENT};
+
 /// Hyperparameters of a synthetic llama model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthConfig {
@@ -403,46 +405,18 @@ impl SynthModel {
             // SPM defaults to prepending a space; off so token counts equal byte counts.
             ("tokenizer.ggml.add_space_prefix", Value::Bool(false)),
         ];
-        let tensors = self.tensors();
-
-        w.write_all(b"GGUF")?;
-        w.write_all(&3u32.to_le_bytes())?;
-        w.write_all(&(tensors.len() as u64).to_le_bytes())?;
-        w.write_all(&(kvs.len() as u64).to_le_bytes())?;
-        let mut pos = 4 + 4 + 8 + 8;
-        for (key, value) in &kvs {
-            pos += write_str(w, key)?;
-            pos += value.write(w)?;
-        }
-
-        let mut offset = 0usize;
-        for (name, ne, data) in &tensors {
-            assert_eq!(ne[0] * ne[1], data.len(), "{name}: shape/data mismatch");
-            let dims: &[usize] = if ne[1] == 1 { &ne[..1] } else { &ne[..] };
-            pos += write_str(w, name)?;
-            w.write_all(&(dims.len() as u32).to_le_bytes())?;
-            for &d in dims {
-                w.write_all(&(d as u64).to_le_bytes())?;
-            }
-            w.write_all(&GGML_TYPE_F32.to_le_bytes())?;
-            w.write_all(&(offset as u64).to_le_bytes())?;
-            pos += 4 + 8 * dims.len() + 4 + 8;
-            offset += padded(data.len() * 4);
-        }
-
-        write_zeros(w, padded(pos) - pos)?;
-        for (_, _, data) in &tensors {
-            for x in data.iter() {
-                w.write_all(&x.to_le_bytes())?;
-            }
-            write_zeros(w, padded(data.len() * 4) - data.len() * 4)?;
-        }
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = self
+            .tensors()
+            .into_iter()
+            .map(|(name, ne, data)| {
+                let dims = if ne[1] == 1 { vec![ne[0]] } else { ne.to_vec() };
+                (name, dims, data)
+            })
+            .collect();
+        write_f32_gguf(w, &kvs, &tensors)?;
         Ok(())
     }
 }
-
-const ALIGNMENT: usize = 32;
-const GGML_TYPE_F32: u32 = 0;
 
 // llama.cpp's `llama_token_type` values, stored in `tokenizer.ggml.token_type`.
 const TOKTYPE_NORMAL: i32 = 1;
@@ -450,98 +424,10 @@ const TOKTYPE_UNKNOWN: i32 = 2;
 const TOKTYPE_CONTROL: i32 = 3;
 const TOKTYPE_BYTE: i32 = 6;
 
-// GGUF value type tags.
-const GGUF_U32: u32 = 4;
-const GGUF_I32: u32 = 5;
-const GGUF_F32: u32 = 6;
-const GGUF_BOOL: u32 = 7;
-const GGUF_STRING: u32 = 8;
-const GGUF_ARRAY: u32 = 9;
-
-fn padded(n: usize) -> usize {
-    n.div_ceil(ALIGNMENT) * ALIGNMENT
-}
-
-fn write_zeros(w: &mut impl Write, n: usize) -> io::Result<()> {
-    w.write_all(&[0u8; ALIGNMENT][..n])
-}
-
-/// Writes a GGUF string (u64 length + bytes); returns bytes written.
-fn write_str(w: &mut impl Write, s: &str) -> io::Result<usize> {
-    w.write_all(&(s.len() as u64).to_le_bytes())?;
-    w.write_all(s.as_bytes())?;
-    Ok(8 + s.len())
-}
-
-/// The subset of GGUF metadata value types this writer needs.
-enum Value<'a> {
-    U32(u32),
-    F32(f32),
-    Bool(bool),
-    Str(&'a str),
-    StrArr(&'a [String]),
-    F32Arr(&'a [f32]),
-    I32Arr(&'a [i32]),
-}
-
-impl Value<'_> {
-    /// Writes type tag and payload; returns bytes written.
-    fn write(&self, w: &mut impl Write) -> io::Result<usize> {
-        let tag = |w: &mut dyn Write, t: u32| w.write_all(&t.to_le_bytes());
-        let arr_head = |w: &mut dyn Write, t: u32, n: usize| -> io::Result<()> {
-            w.write_all(&GGUF_ARRAY.to_le_bytes())?;
-            w.write_all(&t.to_le_bytes())?;
-            w.write_all(&(n as u64).to_le_bytes())
-        };
-        Ok(match self {
-            Value::U32(x) => {
-                tag(w, GGUF_U32)?;
-                w.write_all(&x.to_le_bytes())?;
-                8
-            }
-            Value::F32(x) => {
-                tag(w, GGUF_F32)?;
-                w.write_all(&x.to_le_bytes())?;
-                8
-            }
-            Value::Bool(b) => {
-                tag(w, GGUF_BOOL)?;
-                w.write_all(&[u8::from(*b)])?;
-                5
-            }
-            Value::Str(s) => {
-                tag(w, GGUF_STRING)?;
-                4 + write_str(w, s)?
-            }
-            Value::StrArr(v) => {
-                arr_head(w, GGUF_STRING, v.len())?;
-                let mut n = 16;
-                for s in v.iter() {
-                    n += write_str(w, s)?;
-                }
-                n
-            }
-            Value::F32Arr(v) => {
-                arr_head(w, GGUF_F32, v.len())?;
-                for x in v.iter() {
-                    w.write_all(&x.to_le_bytes())?;
-                }
-                16 + 4 * v.len()
-            }
-            Value::I32Arr(v) => {
-                arr_head(w, GGUF_I32, v.len())?;
-                for x in v.iter() {
-                    w.write_all(&x.to_le_bytes())?;
-                }
-                16 + 4 * v.len()
-            }
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::write::padded;
 
     #[test]
     fn deterministic_and_seed_sensitive() {

@@ -40,6 +40,9 @@ enum Cmd {
     /// final norm and unembedding; write lens.jsonl, lens.safetensors, lens.html
     /// and lens.png to --out and print each position's top-1 per layer.
     Lens(Box<cmd::lens::LensArgs>),
+    /// A control vector from positive and negative prompts (mean difference of
+    /// their l_out rows, as llama.cpp's cvector-generator), in llama.cpp's GGUF format.
+    SteerVector(Box<cmd::steer_vector::SteerVectorArgs>),
     /// List every capturable graph tensor (or those PATTERNS match), grouped by layer.
     Tensors(cmd::tensors::TensorsArgs),
     /// Serve a llama-server-compatible HTTP API that streams latents with the tokens.
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
         }
         Cmd::Tensors(a) => cmd::tensors::tensors(a),
         Cmd::Lens(a) => cmd::lens::lens(*a),
+        Cmd::SteerVector(a) => cmd::steer_vector::steer_vector(*a),
         Cmd::Listen(a) => cmd::listen::listen(*a),
         Cmd::SynthModel {
             out,

@@ -13,6 +13,8 @@
 //! it allocate more than the file holds (long values are skipped, not stored),
 //! and it never panics, whatever the bytes.
 
+pub mod write;
+
 use std::io::{self, Read};
 use std::path::Path;
 
@@ -110,6 +112,8 @@ pub struct Gguf {
     pub kv: Vec<(String, Value)>,
     /// Tensor infos in file order.
     pub tensors: Vec<TensorInfo>,
+    /// File offset of the data section (tensor offsets count from here).
+    pub data_start: u64,
 }
 
 impl Gguf {
@@ -386,6 +390,7 @@ pub fn parse(r: impl Read, len: u64) -> std::result::Result<Gguf, Reject> {
         version,
         kv,
         tensors,
+        data_start,
     })
 }
 
