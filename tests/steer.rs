@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use latent_tap::engine::{ContextOptions, Model, ModelOptions};
@@ -43,6 +44,28 @@ fn rows(model: &Arc<Model>, tokens: &[i32]) -> Vec<Vec<Vec<f32>>> {
     by_layer
 }
 
+/// `latent-tap steer-vector -t 1 -m MODEL --positive P --negative N ARGS… --out OUT`.
+fn steer_vector(
+    m: &Path,
+    pos: &Path,
+    neg: &Path,
+    args: &[&str],
+    out: &Path,
+) -> std::process::Output {
+    common::bin()
+        .args(["steer-vector", "-t", "1", "-m"])
+        .arg(m)
+        .arg("--positive")
+        .arg(pos)
+        .arg("--negative")
+        .arg(neg)
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn steer_vector_is_the_unit_mean_difference_in_llama_cpp_format() {
     let dir = tempfile::tempdir().unwrap();
@@ -54,17 +77,7 @@ fn steer_vector_is_the_unit_mean_difference_in_llama_cpp_format() {
     std::fs::write(&pos, "good day\n\nvery nice\\x41\n").unwrap();
     std::fs::write(&neg, "bad day\nnot nice at all\n").unwrap();
     let out = dir.path().join("v.gguf");
-    let o = common::bin()
-        .args(["steer-vector", "-t", "1", "-m"])
-        .arg(&m)
-        .arg("--positive")
-        .arg(&pos)
-        .arg("--negative")
-        .arg(&neg)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = steer_vector(&m, &pos, &neg, &[], &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v = ControlVector::read(&out).unwrap();
 
@@ -146,17 +159,7 @@ fn steer_vector_is_the_unit_mean_difference_in_llama_cpp_format() {
 
     // --layers keeps the directions of the layers it names.
     let some = dir.path().join("some.gguf");
-    let o = common::bin()
-        .args(["steer-vector", "-t", "1", "--layers", "2", "-m"])
-        .arg(&m)
-        .arg("--positive")
-        .arg(&pos)
-        .arg("--negative")
-        .arg(&neg)
-        .arg("--out")
-        .arg(&some)
-        .output()
-        .unwrap();
+    let o = steer_vector(&m, &pos, &neg, &["--layers", "2"], &some);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = ControlVector::read(&some).unwrap();
     assert_eq!(s.directions.keys().copied().collect::<Vec<_>>(), vec![2]);
@@ -186,18 +189,7 @@ fn steer_vector_is_the_unit_mean_difference_in_llama_cpp_format() {
         (&one, &one, vec![], "identical rows: no direction"),
     ] {
         let bad = dir.path().join("bad.gguf");
-        let o = common::bin()
-            .args(["steer-vector", "-t", "1", "-m"])
-            .arg(&m)
-            .arg("--positive")
-            .arg(p)
-            .arg("--negative")
-            .arg(n)
-            .args(&extra)
-            .arg("--out")
-            .arg(&bad)
-            .output()
-            .unwrap();
+        let o = steer_vector(&m, p, n, &extra, &bad);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
             !o.status.success() && err.contains(needle),
