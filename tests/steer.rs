@@ -197,4 +197,10 @@ fn steer_vector_is_the_unit_mean_difference_in_llama_cpp_format() {
         );
         assert!(!bad.exists(), "{needle}: a file was written");
     }
+    let o = steer_vector(&m, &pos, &neg, &[], &dir.path().join("no/such/v.gguf"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("its folder does not exist"),
+        "{err}"
+    );
 }

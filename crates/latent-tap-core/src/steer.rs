@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -87,9 +87,22 @@ impl ControlVector {
             .iter()
             .map(|(l, d)| (format!("direction.{l}"), vec![self.n_embd], d.as_slice()))
             .collect();
-        let mut w = BufWriter::new(File::create(path).map_err(io)?);
-        write_f32_gguf(&mut w, &kvs, &tensors).map_err(io)?;
-        w.flush().map_err(io)
+        // Whole or not at all: a temporary file beside it, renamed into place.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp-{}", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        let written = File::create(&tmp).and_then(|f| {
+            let mut w = BufWriter::new(f);
+            write_f32_gguf(&mut w, &kvs, &tensors)?;
+            w.into_inner()?.sync_all()
+        });
+        match written.and_then(|()| std::fs::rename(&tmp, path)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(io(e))
+            }
+        }
     }
 
     /// Read a control-vector GGUF (as llama.cpp does: `direction.N` F32

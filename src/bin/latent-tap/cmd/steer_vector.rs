@@ -143,6 +143,14 @@ pub fn steer_vector(a: SteerVectorArgs) -> Result<()> {
         .map(LayerFilter::parse)
         .transpose()
         .map_err(|e| Error::invalid(format!("--layers: {}", e.message())))?;
+    // The output's folder must exist before any work is done.
+    let folder = a.out.parent().filter(|p| !p.as_os_str().is_empty());
+    if folder.is_some_and(|d| !d.is_dir()) {
+        return Err(Error::invalid(format!(
+            "--out {}: its folder does not exist",
+            a.out.display()
+        )));
+    }
     let pos = prompts(&a.positive, "--positive")?;
     let neg = prompts(&a.negative, "--negative")?;
     if pos.len() != neg.len() {
