@@ -198,7 +198,10 @@ impl MeanDifference {
     /// of equal length: the pair was padded to one length). All-zero
     /// difference rows are left out, as in `cvector-generator`.
     pub fn add(&mut self, layer: usize, positive: &[f32], negative: &[f32]) -> Result<()> {
-        if positive.len() != negative.len() || positive.len() % self.n_embd.max(1) != 0 {
+        if self.n_embd == 0 {
+            return Err(Error::invalid("rows of width 0 make no direction"));
+        }
+        if positive.len() != negative.len() || positive.len() % self.n_embd != 0 {
             return Err(Error::invalid(format!(
                 "l_out-{layer}: {} positive and {} negative values, not equal multiples of n_embd {}",
                 positive.len(),
@@ -276,6 +279,7 @@ mod tests {
         let e = same.finish("llama", |_| true).unwrap_err();
         assert!(e.message().contains("identical rows"), "{e}");
         assert!(MeanDifference::new(2).add(0, &[1.0], &[1.0, 2.0]).is_err());
+        assert!(MeanDifference::new(0).add(0, &[], &[]).is_err());
     }
 
     #[test]
