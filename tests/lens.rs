@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use latent_tap::engine::{ContextOptions, Model, ModelOptions};
 use latent_tap::lens::{inputs_from_collected, Lens, LensInput, OwnedInput};
-use latent_tap::output::{collect, Collected};
-use latent_tap::session::{CaptureSpec, GenerateOptions, Generator};
+use latent_tap::output::Collected;
+use latent_tap::session::{CaptureSpec, GenerateOptions};
 use latent_tap::synth::{SynthConfig, SynthModel};
 use ndarray::{Array1, Array2, ArrayView1};
 
@@ -28,17 +28,13 @@ fn capture(model: &Arc<Model>, pattern: &str, prompt: &str, n_predict: usize) ->
         n_threads: Some(2),
         ..Default::default()
     };
-    let (mut gen, stream) = Generator::new(model.clone(), &ctx, &spec).unwrap();
-    let sel = gen.selection().to_vec();
-    let consumer = std::thread::spawn(move || collect(stream, &sel, spec.dtype));
     let toks = vec![model.tokenize(prompt, true).unwrap()];
     let opts = GenerateOptions {
         n_predict,
         n_probs: 10,
         ..Default::default()
     };
-    gen.run(&toks, &opts, &mut |_| {}).unwrap();
-    consumer.join().unwrap().unwrap()
+    common::capture_run(model, &spec, &ctx, &toks, &opts)
 }
 
 /// log-softmax(W · (rms_norm(h) ⊙ g)) in f64, W row-major `[n_vocab][n_embd]`.

@@ -9,8 +9,7 @@ use common::http::{json_of, post, records, sse_events, Server};
 use common::synth_model;
 use latent_tap::engine::{ContextOptions, Model, ModelOptions};
 use latent_tap::lens::{inputs_from_collected, lens_json, Lens, LensInput, OwnedInput};
-use latent_tap::output::collect;
-use latent_tap::session::{CaptureSpec, GenerateOptions, Generator};
+use latent_tap::session::{CaptureSpec, GenerateOptions};
 use serde_json::{json, Value};
 
 /// ids, pieces, layers and nulls exactly; floats within 1e-5.
@@ -49,9 +48,6 @@ fn rust_lens(model_path: &std::path::Path, prompt: &str, n: usize, top_k: usize)
         n_threads: Some(2),
         ..Default::default()
     };
-    let (mut gen, stream) = Generator::new(model.clone(), &ctx, &spec).unwrap();
-    let sel = gen.selection().to_vec();
-    let consumer = std::thread::spawn(move || collect(stream, &sel, spec.dtype));
     let opts = GenerateOptions {
         n_predict: n,
         sampling: latent_tap::engine::SamplingOptions {
@@ -60,9 +56,8 @@ fn rust_lens(model_path: &std::path::Path, prompt: &str, n: usize, top_k: usize)
         },
         ..Default::default()
     };
-    gen.run(&[model.tokenize(prompt, true).unwrap()], &opts, &mut |_| {})
-        .unwrap();
-    let c = consumer.join().unwrap().unwrap();
+    let prompts = [model.tokenize(prompt, true).unwrap()];
+    let c = common::capture_run(&model, &spec, &ctx, &prompts, &opts);
     let lens = Lens::for_model(&model, 2).unwrap();
     let inputs = inputs_from_collected(&c, lens.n_embd()).unwrap();
     let borrowed: Vec<LensInput> = inputs.iter().map(OwnedInput::as_input).collect();

@@ -9,8 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use latent_tap::engine::{ContextOptions, Model, ModelOptions};
-use latent_tap::output::collect;
-use latent_tap::session::{CaptureSpec, GenerateOptions, Generator};
+use latent_tap::session::{CaptureSpec, GenerateOptions};
 use latent_tap::steer::ControlVector;
 
 /// Every `l_out-N` row of `tokens` (one prompt alone), by layer, in position order.
@@ -24,16 +23,11 @@ fn rows(model: &Arc<Model>, tokens: &[i32]) -> Vec<Vec<Vec<f32>>> {
         n_threads: Some(1),
         ..Default::default()
     };
-    let (mut gen, stream) = Generator::new(model.clone(), &ctx, &spec).unwrap();
-    let sel = gen.selection().to_vec();
-    let consumer = std::thread::spawn(move || collect(stream, &sel, spec.dtype));
     let opts = GenerateOptions {
         n_predict: 1,
         ..Default::default()
     };
-    gen.run(&[tokens.to_vec()], &opts, &mut |_| {}).unwrap();
-    drop(gen);
-    let c = consumer.join().unwrap().unwrap();
+    let c = common::capture_run(model, &spec, &ctx, &[tokens.to_vec()], &opts);
     let mut by_layer = vec![Vec::new(); model.n_layer()];
     for t in &c.tensors {
         let l: usize = t.name.strip_prefix("l_out-").unwrap().parse().unwrap();

@@ -50,6 +50,10 @@ pub(super) struct Worker {
     n_ctx_slot: u32,
     decodes: u32,
     union: Vec<String>,
+    /// Per entry of `sub_filters`: behind (not captured for) when the current
+    /// selection was made; read once per decode, so a flag that flips during
+    /// the decode cannot make its missed frames go uncounted.
+    paused: Vec<bool>,
     stopping: bool,
 }
 
@@ -75,6 +79,7 @@ impl Worker {
             n_ctx_slot,
             decodes: 0,
             union: Vec::new(),
+            paused: Vec::new(),
             stopping: false,
         }
     }
@@ -276,8 +281,11 @@ impl Worker {
         }
         // A subscriber that is behind (its queue full) is not captured for:
         // its frames would only be dropped. `count_paused` counts them.
+        self.paused.clear();
         for (s, f) in &self.sub_filters {
-            if !s.behind.load(Ordering::Relaxed) {
+            let behind = s.behind.load(Ordering::Relaxed);
+            self.paused.push(behind);
+            if !behind {
                 want.extend(f.names.iter().map(String::as_str));
             }
         }
@@ -320,10 +328,12 @@ impl Worker {
             v.dedup();
             v.len()
         };
-        for (s, f) in &self.sub_filters {
-            if !s.behind.load(Ordering::Relaxed) {
-                continue;
-            }
+        for ((s, f), _) in self
+            .sub_filters
+            .iter()
+            .zip(&self.paused)
+            .filter(|(_, &paused)| paused)
+        {
             let missed = f.names.iter().filter(|n| !self.union.contains(n)).count();
             let n = missed * seqs(f.rows != crate::capture::Rows::All);
             s.drops.fetch_add(n as u64, Ordering::Relaxed);

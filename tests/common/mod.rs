@@ -7,6 +7,9 @@ pub mod reference;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use latent_tap::engine::{ContextOptions, Model};
+use latent_tap::output::{collect, Collected};
+use latent_tap::session::{CaptureSpec, GenerateOptions, Generator};
 use latent_tap::synth::{SynthConfig, SynthModel};
 
 /// The `latent-tap` binary this test run built.
@@ -49,4 +52,22 @@ pub fn real_model() -> Option<PathBuf> {
         p.display()
     );
     None
+}
+
+/// Generate from `prompts` (tokens) with the library's `Generator`, capturing
+/// by `spec` on a context made of `ctx`, and return what its consumer collected.
+pub fn capture_run(
+    model: &std::sync::Arc<Model>,
+    spec: &CaptureSpec,
+    ctx: &ContextOptions,
+    prompts: &[Vec<i32>],
+    opts: &GenerateOptions,
+) -> Collected {
+    let (mut gen, stream) = Generator::new(model.clone(), ctx, spec).unwrap();
+    let sel = gen.selection().to_vec();
+    let dtype = spec.dtype;
+    let consumer = std::thread::spawn(move || collect(stream, &sel, dtype));
+    gen.run(prompts, opts, &mut |_| {}).unwrap();
+    drop(gen);
+    consumer.join().unwrap().unwrap()
 }
