@@ -39,6 +39,11 @@ fn main() {
     let target_os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     // GNU ld, gold and lld (Linux, the BSDs) know --wrap; Apple's ld64 does not.
     if target_os != "macos" && target_os != "ios" && target_os != "windows" {
+        // Crates that link this one into their own binaries (the Python
+        // extension) read the list as DEP_LATENT_TAP_WRAP and pass the same flags.
+        if !shared {
+            println!("cargo:wrap={}", WRAPPED.join(","));
+        }
         for f in WRAPPED {
             if shared {
                 println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol={f}");

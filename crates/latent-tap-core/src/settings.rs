@@ -108,6 +108,10 @@ pub fn check_threads(t: i32) -> Result<()> {
     Ok(())
 }
 
+/// CPU thread-pool polling level used unless one is given (llama.cpp's `--poll`
+/// default): the CLI's `--poll` and the Python package's runs.
+pub const DEFAULT_POLL: u32 = 50;
+
 /// Largest CPU thread-pool polling level (llama.cpp's `--poll`).
 pub const MAX_POLL: u32 = 100;
 

@@ -144,8 +144,7 @@ pub struct CaptureArgs {
     pub quiet: bool,
 }
 
-/// `--poll` of `capture` (with and without --prompts).
-pub const DEFAULT_POLL: u32 = 50;
+pub use latent_tap::settings::DEFAULT_POLL;
 
 /// `--ubatch-size` when given, else the default lowered, when `--ring-mb` is
 /// given and too small for a frame of it, to what the ring can carry (a note

@@ -1,0 +1,162 @@
+//! `NativeModel`: a loaded GGUF model (`engine::Model`), shared by the runs
+//! started from it; `close()` drops this handle's reference (runs in flight
+//! keep theirs until they end).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use pyo3::exceptions::{PyFileNotFoundError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use latent_tap::engine::{ContextOptions, Model, ModelOptions};
+use latent_tap::session::probe_graph;
+
+use crate::py_err;
+
+/// A GGUF model loaded by llama.cpp (use `latent_tap.Model`).
+#[pyclass(module = "latent_tap._native", frozen)]
+#[derive(Debug)]
+pub struct NativeModel {
+    inner: Mutex<Option<Arc<Model>>>,
+    path: PathBuf,
+}
+
+impl NativeModel {
+    /// The model, or `ValueError` once closed.
+    pub(crate) fn get(&self) -> PyResult<Arc<Model>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                PyValueError::new_err(format!("the model {} is closed", self.path.display()))
+            })
+    }
+}
+
+#[pymethods]
+impl NativeModel {
+    /// Load `path` (GGUF). `gpu_layers`: layers to offload (-1: all the build's
+    /// devices take, 0: none), as the CLI's `--gpu-layers`.
+    #[new]
+    #[pyo3(signature = (path, gpu_layers = -1))]
+    fn new(py: Python<'_>, path: PathBuf, gpu_layers: i32) -> PyResult<Self> {
+        if !path.exists() {
+            return Err(PyFileNotFoundError::new_err(format!(
+                "cannot load model {}: no such file",
+                path.display()
+            )));
+        }
+        let opts = ModelOptions {
+            n_gpu_layers: gpu_layers,
+        };
+        let p = path.clone();
+        let model = py.detach(move || Model::load(&p, &opts)).map_err(py_err)?;
+        Ok(Self {
+            inner: Mutex::new(Some(model)),
+            path,
+        })
+    }
+
+    /// Path the model was loaded from.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    /// True once `close()` ran.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+
+    /// Architecture name from the GGUF (e.g. `gemma3`).
+    #[getter]
+    fn arch(&self) -> PyResult<String> {
+        Ok(self.get()?.arch())
+    }
+
+    /// Number of layers.
+    #[getter]
+    fn n_layer(&self) -> PyResult<usize> {
+        Ok(self.get()?.n_layer())
+    }
+
+    /// Width of the residual stream.
+    #[getter]
+    fn n_embd(&self) -> PyResult<usize> {
+        Ok(self.get()?.n_embd())
+    }
+
+    /// Vocabulary size.
+    #[getter]
+    fn n_vocab(&self) -> PyResult<usize> {
+        Ok(self.get()?.n_vocab())
+    }
+
+    /// Token ids of `text` (`add_special`: the BOS the model wants, as generation does).
+    #[pyo3(signature = (text, add_special = true))]
+    fn tokenize(&self, text: &str, add_special: bool) -> PyResult<Vec<i32>> {
+        self.get()?.tokenize(text, add_special).map_err(py_err)
+    }
+
+    /// The bytes of token `id` (may be part of a UTF-8 character).
+    fn token_bytes<'py>(&self, py: Python<'py>, id: i32) -> PyResult<Bound<'py, PyBytes>> {
+        let m = self.get()?;
+        check_token(&m, id)?;
+        Ok(PyBytes::new(py, &m.token_bytes(id)))
+    }
+
+    /// True for end-of-generation tokens.
+    fn is_eog(&self, id: i32) -> PyResult<bool> {
+        let m = self.get()?;
+        check_token(&m, id)?;
+        Ok(m.is_eog(id))
+    }
+
+    /// Every node of the graph, from a one-token probe: tuples
+    /// `(name, layer or None, shape for one token, row width or None)`; nodes
+    /// without a row width have no per-token row and are never captured.
+    #[pyo3(signature = (threads = None))]
+    #[allow(clippy::type_complexity)]
+    fn graph(
+        &self,
+        py: Python<'_>,
+        threads: Option<i32>,
+    ) -> PyResult<Vec<(String, Option<i32>, Vec<i64>, Option<usize>)>> {
+        let m = self.get()?;
+        let opts = ContextOptions {
+            n_ctx: 256,
+            n_threads: threads,
+            ..ContextOptions::default()
+        };
+        opts.validate().map_err(py_err)?;
+        let nodes = py.detach(|| probe_graph(&m, &opts)).map_err(py_err)?;
+        Ok(nodes
+            .into_iter()
+            .map(|n| {
+                let shape = n.ne.iter().copied().take_while(|&d| d > 0).collect();
+                (n.name, n.layer, shape, n.row_width)
+            })
+            .collect())
+    }
+
+    /// Drop this handle's model (runs in flight finish first); later calls raise `ValueError`.
+    fn close(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+fn check_token(m: &Model, id: i32) -> PyResult<()> {
+    if id < 0 || id as usize >= m.n_vocab() {
+        return Err(PyValueError::new_err(format!(
+            "token id {id} is out of range 0..{}",
+            m.n_vocab()
+        )));
+    }
+    Ok(())
+}
