@@ -328,6 +328,36 @@ class Model:
             raise ValueError("the pattern is blank: give globs such as 'l_out-*'")
         return [n for n in nodes if any(fnmatchcase(n.name, p) for p in pats)]
 
+    # -- logit lens ------------------------------------------------------------
+    def lens_logits(self, x) -> np.ndarray:
+        """The logit lens: the model's final norm and unembedding applied to
+        residual-stream rows ``x`` (``[rows, n_embd]`` or one ``[n_embd]`` row,
+        e.g. ``result.latents["l_out-6"]``), giving float32 logits
+        ``[rows, n_vocab]`` (``[n_vocab]`` for one row). On the last layer's
+        rows these are the model's own logits. The weights are read on first use."""
+        a = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+        one = a.ndim == 1
+        if one:
+            a = a[None, :]
+        if a.ndim != 2:
+            raise ValueError(f"x must be [rows, n_embd] or [n_embd], not of shape {a.shape}")
+        out = self._native.lens_logits(a, self._threads)
+        return out[0] if one else out
+
+    def lens_top(self, x, k: int = 5) -> List[List[Tuple[str, float]]]:
+        """Per row of ``x``: the ``k`` tokens the logit lens ranks highest, as
+        ``(piece, probability)`` pairs, most likely first."""
+        k = _check_int("k", k, 1, self.n_vocab)
+        logits = self.lens_logits(np.atleast_2d(np.asarray(x, dtype=np.float32)))
+        m = logits.max(axis=1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
+        out = []
+        for row in logp:
+            ids = np.argpartition(-row, k - 1)[:k]
+            ids = ids[np.argsort(-row[ids])]
+            out.append([(self.detokenize([int(i)]), float(np.exp(row[i]))) for i in ids])
+        return out
+
     # -- generation ------------------------------------------------------------
     def _start(self, prompt, n_predict, tensors, layers, rows, dtype, top_k, temperature, sample_top_k, top_p, min_p,
                seed, capture_mode, ring_mb, block_timeout):

@@ -9,8 +9,12 @@ use pyo3::exceptions::{PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+
 use latent_tap::engine::{ContextOptions, Model, ModelOptions};
+use latent_tap::lens::Lens;
 use latent_tap::session::probe_graph;
+use latent_tap::settings;
 
 use crate::py_err;
 
@@ -20,6 +24,8 @@ use crate::py_err;
 pub struct NativeModel {
     inner: Mutex<Option<Arc<Model>>>,
     path: PathBuf,
+    /// The logit lens (final norm + unembedding), read on first use.
+    lens: Mutex<Option<Arc<Lens>>>,
 }
 
 impl NativeModel {
@@ -56,6 +62,7 @@ impl NativeModel {
         Ok(Self {
             inner: Mutex::new(Some(model)),
             path,
+            lens: Mutex::new(None),
         })
     }
 
@@ -145,9 +152,52 @@ impl NativeModel {
             .collect())
     }
 
+    /// Logit lens: the model's final norm and unembedding applied to the rows
+    /// of `x` (float32 `[rows, n_embd]`, residual-stream rows such as
+    /// `l_out-N`), giving float32 logits `[rows, n_vocab]` (after the
+    /// soft-cap where the model has one). The GIL is released meanwhile.
+    #[pyo3(signature = (x, threads = None))]
+    fn lens_logits<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArray2<'py, f32>,
+        threads: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let m = self.get()?;
+        let (rows, width) = (x.shape()[0], x.shape()[1]);
+        if width != m.n_embd() {
+            return Err(PyValueError::new_err(format!(
+                "lens rows have width {width}, not n_embd {}: only residual-stream rows (l_out-N) can be read",
+                m.n_embd()
+            )));
+        }
+        let data = x
+            .as_slice()
+            .map(<[f32]>::to_vec)
+            .unwrap_or_else(|_| x.as_array().iter().copied().collect());
+        if data.iter().any(|v| !v.is_finite()) {
+            return Err(PyValueError::new_err("lens rows hold a non-finite value"));
+        }
+        let threads = threads.unwrap_or_else(|| settings::spare_core_threads().max(1) as usize);
+        let lens = {
+            let mut g = self.lens.lock().unwrap_or_else(|e| e.into_inner());
+            match &*g {
+                Some(l) if l.threads() == threads.max(1) => l.clone(),
+                _ => {
+                    let l = Arc::new(py.detach(|| Lens::for_model(&m, threads)).map_err(py_err)?);
+                    *g = Some(l.clone());
+                    l
+                }
+            }
+        };
+        let logits = py.detach(|| lens.logits(&data)).map_err(py_err)?;
+        PyArray1::from_vec(py, logits).reshape([rows, m.n_vocab()])
+    }
+
     /// Drop this handle's model (runs in flight finish first); later calls raise `ValueError`.
     fn close(&self) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.lens.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 

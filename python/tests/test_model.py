@@ -254,3 +254,28 @@ def test_memory_does_not_grow_over_1000_generates(synth_model):
     print(f"RSS growth over 1,000 generate calls: {grown:.1f} MiB")
     # One leaked context or result per call would be far more than this.
     assert grown < 20, f"RSS grew {grown:.1f} MiB over 1,000 calls"
+
+
+@pytest.mark.parametrize("which", ["synthetic", "real"])
+def test_lens_of_the_last_layer_is_the_models_distribution(request, which):
+    path = request.getfixturevalue("synth_model" if which == "synthetic" else "real_model")
+    with lt.Model(path, threads=2) as m:
+        r = m.generate("The capital of France is", n_predict=4, tensors="l_out-*", top_k=3)
+        last = f"l_out-{m.n_layer - 1}"
+        x = r.latents[last]  # pruned to output rows: one per sampled token
+        assert len(x) == len(r.tokens)
+        logits = m.lens_logits(x)
+        assert logits.shape == (len(x), m.n_vocab) and logits.dtype == np.float32
+        logp = logits - logits.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        for row, t in zip(logp, r.tokens):
+            assert int(np.argmax(row)) == t.id  # greedy
+            assert abs(row[t.id] - t.logprob) < 1e-4
+            assert [i for i, _ in t.top] == list(np.argsort(-row)[:3])
+        assert np.array_equal(m.lens_logits(np.asarray(x)[0]), logits[0])
+        top = m.lens_top(r.latents["l_out-1"], k=2)
+        assert len(top) == len(r.latents["l_out-1"]) and all(len(t) == 2 for t in top)
+        with pytest.raises(ValueError, match="width"):
+            m.lens_logits(np.zeros((1, 3), np.float32))
+        with pytest.raises(ValueError, match="non-finite"):
+            m.lens_logits(np.full((1, m.n_embd), np.nan, np.float32))
