@@ -70,6 +70,7 @@ def check(client, prompt, quiet=False, **kw):
 
 
 def show(r):
+    """Print a Completion: its text, then per tensor the shape, pos, step and row norms."""
     print(f"text: {r.text!r}")
     for name, x in r.latents.items():
         norms = np.linalg.norm(x.astype(np.float32), axis=1)

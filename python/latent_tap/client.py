@@ -119,13 +119,16 @@ class Completion:
     - ``latents``: :class:`Latents` (empty when none were asked for).
     - ``probs``: with ``n_probs``: one dict per generated token, ``{"id", "logprob",
       "top": [(id, logprob), ...]}`` (most likely first); else None.
+    - ``lens``: with the ``lens`` request field (``lens=True`` or ``lens={...}``):
+      the logit lens, ``{"layers", "n_vocab", "rows": [...]}`` as in
+      docs/PROTOCOL.md (the rows of every chunk or record joined); else None.
     - ``response``: the server's final JSON object (the JSON answer, the last SSE
       chunk, or the binary stream's JSON record), without ``latents``.
     - ``transport``: ``"json"``, ``"sse"`` or ``"binary"``."""
 
-    def __init__(self, text, tokens, latents, probs, response, transport):
+    def __init__(self, text, tokens, latents, probs, response, transport, lens=None):
         self.text, self.tokens, self.latents = text, tokens, latents
-        self.probs, self.response, self.transport = probs, response, transport
+        self.probs, self.response, self.transport, self.lens = probs, response, transport, lens
 
     def __repr__(self):
         return (f"Completion(text={self.text!r}, tokens={self.tokens}, latents={self.latents!r}, "
@@ -188,9 +191,17 @@ class _Answer:
     """Accumulates one answer's text, tokens and probs from JSON/SSE objects."""
 
     def __init__(self, chat):
-        self.chat, self.text, self.tokens, self.probs = chat, [], [], []
+        self.chat, self.text, self.tokens, self.probs, self.lens = chat, [], [], [], None
+
+    def add_lens(self, obj):
+        """Join a ``lens`` object's rows (one per SSE chunk or LENS record)."""
+        if obj:
+            if self.lens is None:
+                self.lens = dict(obj, rows=[])
+            self.lens["rows"] += obj.get("rows") or []
 
     def add(self, v, stream):
+        self.add_lens(v.pop("lens", None))
         if self.chat:
             c = _choice(v)
             msg = c.get("delta" if stream else "message") or {}
@@ -377,7 +388,7 @@ class Client:
         else:
             final = self._binary(path, dict(body, stream=False), ans, lat, chat)
         return Completion("".join(ans.text), ans.tokens, lat.build(),
-                          ans.probs if want_probs else None, final, transport)
+                          ans.probs if want_probs else None, final, transport, ans.lens)
 
     def _sse(self, path, body, ans, lat):
         what = f"POST {path} (SSE)"
@@ -409,18 +420,19 @@ class Client:
     def _binary(self, path, body, ans, lat, chat):
         what = f"POST {path} (binary)"
         resp = self._open("POST", path, body, accept=FRAMES_MEDIA_TYPE)
-        summary, end, n_frames, last_seq, probs = None, None, 0, None, []
+        summary, end, n_frames, probs = None, None, 0, []
         try:
             for r in parse_records(resp):
                 if r["kind"] == "frame":
+                    # Completeness is checked with END's counts, not with `seq`: with a
+                    # `lens` field the server's seq also counts the lens's own frames.
                     n_frames += 1
-                    if last_seq is not None and r["seq"] != last_seq + 1:
-                        raise ServerError(what, 200, None, f"frame seq gap {last_seq} -> {r['seq']}")
-                    last_seq = r["seq"]
                     lat.add_frame(r)
                 elif r["kind"] == "token" and not r["prompt"]:
                     ans.tokens.append(r["token"])
                     probs.append({"id": r["token"], "logprob": float(r["logprob"]), "top": r["top"]})
+                elif r["kind"] == "lens":
+                    ans.add_lens(r["value"])
                 elif r["kind"] == "end":
                     end = r
                 elif r["kind"] == "json":
@@ -432,8 +444,9 @@ class Client:
         if summary is None or end is None:
             raise ServerError(what, 200, None, "the record stream ended without END and JSON records")
         _raise_stream_error(summary, what)
-        if end["frames"] != n_frames:
-            raise ServerError(what, 200, None, f"END says {end['frames']} frames, {n_frames} arrived")
+        if end["frames"] != n_frames or end["drops"]:
+            raise ServerError(what, 200, None, f"END says {end['frames']} frames ({end['drops']} "
+                              f"dropped), {n_frames} arrived")
         ans.text.append((_choice(summary).get("message") or {}).get("content") or ""
                         if chat else summary.get("content", ""))
         ans.probs = probs
@@ -460,7 +473,8 @@ class Client:
         :meth:`complete`. ``queue_mb``: the server-side queue (frames beyond it are
         dropped and counted in ``Recording.dropped``). ``max_requests``: stop after
         that many recordings. ``timeout``: seconds to wait for the next record
-        (None: forever; a timeout raises ``TimeoutError``)."""
+        (None: forever; a timeout raises ``TimeoutError`` and closes the
+        subscription)."""
         lat = _latents_field(tensors, layers, rows, dtype) or {}
         if queue_mb is not None:
             if isinstance(queue_mb, bool) or not isinstance(queue_mb, int) or queue_mb < 1:
@@ -469,8 +483,7 @@ class Client:
         if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
             raise ValueError(f"max_requests must be a positive int or None, not {max_requests!r}")
         q = urllib.parse.urlencode(lat)
-        resp = self._open("GET", "/latents/subscribe" + ("?" + q if q else ""),
-                          timeout=timeout if timeout is not None else None)
+        resp = self._open("GET", "/latents/subscribe" + ("?" + q if q else ""), timeout=timeout)
         if timeout is None:
             resp.conn.sock.settimeout(None)
         return Subscription(resp, max_requests)
@@ -571,6 +584,7 @@ class Subscription:
                     self.recordings += 1
                     return rec
         except socket.timeout as e:
+            self.close()
             raise TimeoutError("no record from the subscription within the timeout") from e
         except (OSError, http.client.HTTPException) as e:
             if self._resp is None:

@@ -177,3 +177,17 @@ def test_cli_module_and_example(server, tmp_path):
     p = run_cli(os.path.join(ROOT, "examples", "python", "client.py"), "complete", "--url", server,
                 "--prompt", "hi")
     assert p.returncode == 1 and p.stderr.startswith("error: ") and "401" in p.stderr
+
+
+def test_lens_joined_across_transports(client, n_prompt):
+    rs = complete_all(client, "hello world", tensors="l_out-1", lens={"top_k": 2}, **GREEDY)
+    ref = rs["json"]
+    assert ref.lens["layers"] == [0, 1, 2] and ref.lens["n_vocab"] == 260
+    # one lens row per row of l_out-1 (rows "all"), same positions
+    assert [row["pos"] for row in ref.lens["rows"]] == ref.latents.pos["l_out-1"].tolist()
+    assert all(len(c["top"]) == 2 for row in ref.lens["rows"] for c in row["cells"] if c)
+    assert "lens" not in ref.response
+    for name in ("sse", "binary"):
+        assert rs[name].lens == ref.lens, name
+        assert rs[name].latents.equals(ref.latents), name
+    assert client.complete("hello world", tensors=None, **GREEDY).lens is None
