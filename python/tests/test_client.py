@@ -191,3 +191,21 @@ def test_lens_joined_across_transports(client, n_prompt):
         assert rs[name].lens == ref.lens, name
         assert rs[name].latents.equals(ref.latents), name
     assert client.complete("hello world", tensors=None, **GREEDY).lens is None
+
+
+def test_subscribe_routes_concurrent_requests(client):
+    from concurrent.futures import ThreadPoolExecutor
+    prompts = ["one two three", "a much longer prompt than the others, to overlap", "x y"]
+    with client.subscribe("l_out-1", max_requests=3, timeout=60) as sub:
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: client.complete(
+                p, transport="binary", tensors="l_out-1", n_predict=6, temperature=0,
+                ignore_eos=True), prompts))
+        recs = list(sub)
+    assert len(recs) == 3
+    by_prompt_len = {len(r.latents.pos["l_out-1"]): r for r in got}
+    assert len(by_prompt_len) == 3  # the prompts have different lengths
+    for rec in recs:
+        r = by_prompt_len[len(rec.latents.pos["l_out-1"])]
+        assert rec.tokens == r.tokens and rec.latents.equals(r.latents)
+        assert rec.dropped == 0 and not rec.begin_missed
