@@ -134,7 +134,15 @@ def to_hf_dataset(run, path, tensor, context_size, hook_name=None, prompts=None,
         if n == 0:
             raise ValueError(f"no prompt has {context_size} consecutive positions of {tensor}: "
                              f"nothing to export (use a smaller context_size)")
-        Dataset.from_file(arrow).save_to_disk(path)
+        import datasets
+        quiet = datasets.is_progress_bar_enabled()
+        if quiet:  # no progress bar for a local copy
+            datasets.disable_progress_bars()
+        try:
+            Dataset.from_file(arrow).save_to_disk(path)
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return n

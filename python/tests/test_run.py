@@ -176,3 +176,28 @@ def test_module_cli_and_example(dataset_run):
                         "from read_run import Run; print(type(Run).__name__, Run.__module__)"],
                        capture_output=True, text=True)
     assert p.stdout.strip() == "type latent_tap.run", p.stderr
+
+
+def test_torch_dataset_indexing_with_a_stand_in_torch(split_runs, monkeypatch):
+    """The row indexing of torch_dataset, checked without PyTorch: a stand-in
+    module gives it Dataset and from_numpy (the real one is tested above when
+    torch is installed)."""
+    import types
+    fake = types.ModuleType("torch")
+    fake.from_numpy = lambda a: ("tensor", a)
+    fake.utils = types.ModuleType("torch.utils")
+    fake.utils.data = types.ModuleType("torch.utils.data")
+    fake.utils.data.Dataset = object
+    for name, mod in (("torch", fake), ("torch.utils", fake.utils), ("torch.utils.data", fake.utils.data)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    run = Run(split_runs)
+    ds = run.torch_dataset("l_out-1", prompts=range(1, 4))
+    x = run.array("l_out-1", prompts=range(1, 4))
+    assert len(list(run.rows("l_out-1", prompts=range(1, 4)))) == 2  # rows from both parts
+    assert len(ds) == len(x) and len(x) > 0
+    for i in range(-len(x), len(x)):
+        kind, row = ds[i]
+        assert kind == "tensor" and row.dtype == np.float32
+        np.testing.assert_array_equal(row, x[i])
+    with pytest.raises(IndexError):
+        ds[len(x)]
