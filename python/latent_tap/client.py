@@ -20,6 +20,7 @@ Command line (the same as ``examples/python/client.py``)::
 import base64
 import http.client
 import json
+import numbers
 import os
 import socket
 import urllib.parse
@@ -328,10 +329,10 @@ class Client:
         default. ``**extra``: any other request field (``stop``, ``top_p``,
         ``lens``, ...), sent as given."""
         if isinstance(prompt, (list, tuple)):
-            if not prompt or not all(isinstance(p, (str, int)) and not isinstance(p, bool)
+            if not prompt or not all(isinstance(p, (str, numbers.Integral)) and not isinstance(p, bool)
                                      for p in prompt):
                 raise TypeError("prompt must be a string, or a non-empty list of token ids and strings")
-            prompt = list(prompt)
+            prompt = [p if isinstance(p, str) else int(p) for p in prompt]
         elif not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
         body = self._body(prompt=prompt, return_tokens=True, n_predict=n_predict,
@@ -401,7 +402,10 @@ class Client:
                 payload = line[len(b"data: "):]
                 if payload == b"[DONE]":
                     break
-                c = json.loads(payload)
+                try:
+                    c = json.loads(payload)
+                except ValueError:
+                    raise ServerError(what, 200, None, f"bad SSE chunk: {payload[:200]!r}") from None
                 _raise_stream_error(c, what)
                 ans.add(c, stream=True)
                 lat.add_json(c.pop("latents", None))

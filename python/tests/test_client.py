@@ -209,3 +209,17 @@ def test_subscribe_routes_concurrent_requests(client):
         r = by_prompt_len[len(rec.latents.pos["l_out-1"])]
         assert rec.tokens == r.tokens and rec.latents.equals(r.latents)
         assert rec.dropped == 0 and not rec.begin_missed
+
+
+def test_token_id_prompts(client):
+    ids = client._json("POST", "/tokenize", {"content": "hello world", "add_special": True})["tokens"]
+    by_text = client.complete("hello world", tensors="l_out-0", **GREEDY)
+    by_ids = client.complete(np.array(ids, dtype=np.int64).tolist(), tensors="l_out-0", **GREEDY)
+    mixed = client.complete([ids[0], "hello world"], tensors="l_out-0", **GREEDY)
+    assert by_ids.tokens == by_text.tokens and by_ids.latents.equals(by_text.latents)
+    assert mixed.tokens == by_text.tokens
+    assert client.complete(list(np.array(ids)), tensors=None, **GREEDY).tokens == by_text.tokens
+    with pytest.raises(TypeError, match="prompt"):
+        client.complete([1.5, 2])
+    with pytest.raises(TypeError, match="prompt"):
+        client.complete([])
