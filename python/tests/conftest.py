@@ -1,6 +1,7 @@
 """Fixtures: the latent-tap binary (env LATENT_TAP_BIN, default `latent-tap` on
 PATH), a synthetic model, a running `latent-tap serve`, and capture runs."""
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -12,7 +13,8 @@ import urllib.request
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "python"))
+if importlib.util.find_spec("latent_tap") is None:  # neither installed nor on PYTHONPATH
+    sys.path.insert(0, os.path.join(ROOT, "python"))
 
 API_KEY = "test-key"
 PROMPTS = ["hello world", "the cat sat on the mat and looked around for a while",
