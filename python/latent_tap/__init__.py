@@ -12,7 +12,7 @@ Three ways in, one package:
 
 from importlib import import_module as _import_module
 
-__all__ = ["Model", "Result", "Step", "Latents", "Client", "Run", "LatentTapError", "__version__"]
+__all__ = ["Model", "Result", "Step", "Token", "Latents", "Rows", "Client", "Run", "LatentTapError", "__version__"]
 
 # Submodules are imported on first use, so ``import latent_tap`` stays cheap and
 # the pure-Python parts (Client, Run) import without loading llama.cpp.
@@ -20,7 +20,9 @@ _LAZY = {
     "Model": "._model",
     "Result": "._model",
     "Step": "._model",
-    "Latents": "._model",
+    "Latents": "._latents",
+    "Rows": "._latents",
+    "Token": "._model",
     "LatentTapError": "._model",
     "__version__": "._model",
     "Client": ".client",

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import types
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _native
+from ._latents import Latents, Rows
 from ._native import LatentTapError
 
 __version__ = _native.__version__
@@ -57,44 +58,7 @@ class TensorInfo(NamedTuple):
     row_width: Optional[int]
 
 
-class Rows(np.ndarray):
-    """The ``[rows, width]`` latents of one tensor, with per-row labels:
-    ``.pos`` (position in the sequence), ``.seq`` (sequence: the prompt's index
-    in the batch) and ``.step`` (decode step: 0 for the prompt's rows).
 
-    It is a numpy array; indexing it and computing with it give plain
-    ``numpy.ndarray`` results (the labels belong to the whole array only:
-    index ``.pos`` the same way).
-    """
-
-    pos: np.ndarray
-    seq: np.ndarray
-    step: np.ndarray
-
-    def __new__(cls, data: np.ndarray, pos: np.ndarray, seq: np.ndarray, step: np.ndarray) -> "Rows":
-        obj = np.asarray(data).view(cls)
-        obj.pos, obj.seq, obj.step = pos, seq, step
-        return obj
-
-    def __array_finalize__(self, obj) -> None:
-        if obj is not None:
-            self.pos = getattr(obj, "pos", None)
-            self.seq = getattr(obj, "seq", None)
-            self.step = getattr(obj, "step", None)
-
-    def __getitem__(self, key):
-        return np.asarray(self)[key]
-
-    def __array_wrap__(self, arr, context=None, return_scalar=False):
-        arr = np.asarray(arr)
-        return arr[()] if return_scalar else arr
-
-    def __reduce__(self):
-        # Pickle as a plain array plus labels.
-        return (Rows, (np.asarray(self), self.pos, self.seq, self.step))
-
-
-Latents = Dict[str, Rows]
 
 
 class Result:
@@ -442,19 +406,21 @@ class Model:
             name: (_as_array(data, dt, width), pos, seq, step)
             for name, dt, width, data, pos, seq, step in tensors_raw
         }
+        dtypes = {name: dt for name, dt, *_ in tensors_raw}
         results = []
         for s, text in enumerate(prompts):
             gen, prm = [], []
             for seq, pos, id_, piece, is_prompt, step, lp, ent, top in tokens:
                 if seq == s:
                     (prm if is_prompt else gen).append(_token(id_, piece, pos, step, lp, ent, top))
-            lat = {}
+            lat = Latents()
             for name, (a, pos, seq, step) in arrays.items():
                 if len(prompts) == 1:
-                    lat[name] = Rows(a, pos, seq, step)
+                    lat[name] = Rows(a, pos, step, seq)
                 else:
                     m = seq == s
-                    lat[name] = Rows(a[m], pos[m], seq[m], step[m])
+                    lat[name] = Rows(a[m], pos[m], step[m], seq[m])
+                lat.dtype[name] = dtypes[name]
             results.append(Result(text, gen, prm, lat, stats))
         return results if batch else results[0]
 
@@ -502,15 +468,11 @@ def _steps(run) -> Iterator[Step]:
             if ev is None:
                 return
             seq, pos, step, id_, piece, lp, ent, top, prompt, parts = ev
-            lat = {}
+            lat = Latents()
             for name, data, ppos in parts:
                 n = len(ppos)
-                lat[name] = Rows(
-                    _as_array(data, dt, widths[name]),
-                    ppos,
-                    np.full(n, seq, dtype=np.int32),
-                    np.full(n, step, dtype=np.uint32),
-                )
+                lat[name] = Rows(_as_array(data, dt, widths[name]), ppos, np.full(n, step), np.full(n, seq))
+                lat.dtype[name] = dt
             prompt_tokens = [_token(i, p, k, 0, None, None, None) for k, (i, p) in enumerate(prompt)]
             yield Step(seq, _token(id_, piece, pos, step, lp, ent, top), lat, prompt_tokens)
     finally:

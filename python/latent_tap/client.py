@@ -27,6 +27,7 @@ import urllib.parse
 
 import numpy as np
 
+from ._latents import Latents, Rows
 from ._protocol import FRAMES_MEDIA_TYPE, decode_payload, parse_records
 
 __all__ = ["Client", "Completion", "Latents", "Recording", "Subscription", "ServerError"]
@@ -47,35 +48,6 @@ class ServerError(RuntimeError):
         self.status, self.type, self.message, self.body = status, type_, message, body
         hint = " (wrong or missing api_key)" if status == 401 else ""
         super().__init__(f"{what}: HTTP {status} {type_ or 'error'}: {message}{hint}")
-
-
-class Latents(dict):
-    """The latents of one request: ``latents[name]`` is a numpy array
-    ``[rows, width]`` (float32, or float16 when requested as ``f16``; ``bf16`` is
-    widened to float32), rows in arrival order (step order, positions increasing
-    within a step).
-
-    Per tensor, ``latents.pos[name]`` (int32 ``[rows]``) is each row's token
-    position, ``latents.step[name]`` (int32 ``[rows]``) the step that computed it
-    (0 = prompt decode, k = the decode of generated token k), and
-    ``latents.dtype[name]`` the wire dtype (``f32``, ``f16``, ``bf16``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.pos, self.step, self.dtype = {}, {}, {}
-
-    def __repr__(self):
-        inner = ", ".join(f"{k!r}: {list(v.shape)}" for k, v in self.items())
-        return f"Latents({{{inner}}})"
-
-    def equals(self, other):
-        """True when both hold the same tensors with identical arrays, positions,
-        steps and dtypes (bit for bit)."""
-        return (list(self) == list(other)
-                and all(self[k].dtype == other[k].dtype and np.array_equal(self[k], other[k])
-                        and np.array_equal(self.pos[k], other.pos[k])
-                        and np.array_equal(self.step[k], other.step[k])
-                        and self.dtype[k] == other.dtype[k] for k in self))
 
 
 class _Gather:
@@ -105,9 +77,7 @@ class _Gather:
     def build(self):
         out = Latents()
         for name, (data, pos, step, dtype) in self.blocks.items():
-            out[name] = np.concatenate(data, axis=0)
-            out.pos[name] = np.concatenate(pos)
-            out.step[name] = np.concatenate(step)
+            out[name] = Rows(np.concatenate(data, axis=0), np.concatenate(pos), np.concatenate(step))
             out.dtype[name] = dtype[0]
         return out
 
