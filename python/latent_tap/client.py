@@ -88,7 +88,7 @@ class Completion:
     - ``text``: the generated text (str).
     - ``tokens``: the generated token ids (list of int).
     - ``latents``: :class:`Latents` (empty when none were asked for).
-    - ``probs``: with ``n_probs``: one dict per generated token, ``{"id", "logprob",
+    - ``probs``: with ``top_k``: one dict per generated token, ``{"id", "logprob",
       "top": [(id, logprob), ...]}`` (most likely first); else None.
     - ``lens``: with the ``lens`` request field (``lens=True`` or ``lens={...}``):
       the logit lens, ``{"layers", "n_vocab", "rows": [...]}`` as in
@@ -282,7 +282,7 @@ class Client:
     # ------------------------------------------------------------ completions
 
     def complete(self, prompt, *, transport="json", tensors="l_out-*", layers=None, rows=None,
-                 dtype=None, n_predict=None, temperature=None, top_k=None, n_probs=None,
+                 dtype=None, n_predict=None, temperature=None, top_k=None, sample_top_k=None,
                  seed=None, **extra):
         """Complete ``prompt`` (``POST /completion``) and return a :class:`Completion`.
 
@@ -294,10 +294,12 @@ class Client:
         list); None asks for no latents. ``layers``: ``"4..12"`` (half-open),
         ``"4..=12"``, an int, a list or a ``range``. ``rows``: ``"all"`` (default)
         or ``"last"``. ``dtype``: ``"f32"`` (default), ``"f16"`` or ``"bf16"``.
-        ``n_predict``, ``temperature`` (≤ 0: greedy), ``top_k``, ``n_probs``
-        (fills ``.probs``), ``seed``: as llama-server; None leaves the server's
-        default. ``**extra``: any other request field (``stop``, ``top_p``,
-        ``lens``, ...), sent as given."""
+        ``top_k``: alternatives reported per generated token (fills ``.probs``;
+        the wire's ``n_probs``), as in ``Model.generate`` and the CLI's ``--top-k``;
+        ``sample_top_k``: the sampler's top-k (the wire's ``top_k``).
+        ``n_predict``, ``temperature`` (≤ 0: greedy), ``seed``: as llama-server;
+        None leaves the server's default. ``**extra``: any other request field
+        (``stop``, ``top_p``, ``lens``, ...), sent as given."""
         if isinstance(prompt, (list, tuple)):
             if not prompt or not all(isinstance(p, (str, numbers.Integral)) and not isinstance(p, bool)
                                      for p in prompt):
@@ -306,19 +308,19 @@ class Client:
         elif not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
         body = self._body(prompt=prompt, return_tokens=True, n_predict=n_predict,
-                          temperature=temperature, top_k=top_k, n_probs=n_probs, seed=seed,
+                          temperature=temperature, top_k=sample_top_k, n_probs=top_k, seed=seed,
                           latents=_latents_field(tensors, layers, rows, dtype), extra=extra)
-        return self._run("/completion", body, transport, chat=False, want_probs=bool(n_probs))
+        return self._run("/completion", body, transport, chat=False, want_probs=bool(top_k))
 
     def chat(self, messages, *, transport="json", tensors="l_out-*", layers=None, rows=None,
-             dtype=None, n_predict=None, temperature=None, top_k=None, n_probs=None, seed=None,
+             dtype=None, n_predict=None, temperature=None, top_k=None, sample_top_k=None, seed=None,
              **extra):
         """Chat (``POST /v1/chat/completions``, OpenAI-compatible) and return a
         :class:`Completion` whose ``text`` is the assistant's reply.
 
         ``messages``: ``[{"role": "user", "content": "Hi"}, ...]``. The server renders
         them with its chat template (``--chat-template``). Other arguments as in
-        :meth:`complete`; ``n_predict`` is sent as ``max_tokens``, ``n_probs`` as
+        :meth:`complete`; ``n_predict`` is sent as ``max_tokens``, ``top_k`` as
         ``top_logprobs``. The token ids come from the answer's logprobs, which are
         always asked for."""
         if not isinstance(messages, (list, tuple)) or not messages:
@@ -327,13 +329,18 @@ class Client:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
                 raise TypeError(f"messages[{i}] must be a dict with a string 'role' and a 'content'")
         body = self._body(messages=list(messages), max_tokens=n_predict, temperature=temperature,
-                          top_k=top_k, seed=seed, logprobs=True, top_logprobs=n_probs or 0,
+                          top_k=sample_top_k, seed=seed, logprobs=True, top_logprobs=top_k or 0,
                           latents=_latents_field(tensors, layers, rows, dtype), extra=extra)
         return self._run("/v1/chat/completions", body, transport, chat=True,
-                         want_probs=bool(n_probs))
+                         want_probs=bool(top_k))
 
     @staticmethod
     def _body(extra, **fields):
+        # One name, one meaning across the package: top_k is what is reported.
+        for k, use in (("n_probs", "top_k="), ("top_logprobs", "top_k="), ("top_k", "sample_top_k=")):
+            if k in extra:
+                raise TypeError(f"pass {use} instead of the wire field {k}= (top_k: alternatives "
+                                "reported per token; sample_top_k: the sampler's top-k)")
         for k in ("n_predict", "max_tokens", "top_k", "n_probs", "top_logprobs", "seed"):
             v = fields.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):

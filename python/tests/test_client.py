@@ -30,7 +30,7 @@ def complete_all(client, prompt, **kw):
 
 
 def test_transports_agree_exactly(client, n_prompt):
-    rs = complete_all(client, "hello world", tensors="l_out-*", n_probs=3, **GREEDY)
+    rs = complete_all(client, "hello world", tensors="l_out-*", top_k=3, **GREEDY)
     ref = rs["json"]
     assert len(ref.tokens) == 4 and all(isinstance(t, int) for t in ref.tokens)
     assert list(ref.latents) == ["l_out-0", "l_out-1", "l_out-2"]
@@ -76,7 +76,7 @@ def test_no_latents(client):
 
 def test_chat(client):
     msgs = [{"role": "user", "content": "hello there"}]
-    rs = {t: client.chat(msgs, transport=t, tensors="l_out-0", n_probs=2, **GREEDY)
+    rs = {t: client.chat(msgs, transport=t, tensors="l_out-0", top_k=2, **GREEDY)
           for t in ("json", "sse", "binary")}
     ref = rs["json"]
     assert ref.response["object"] == "chat.completion"
@@ -223,3 +223,14 @@ def test_token_id_prompts(client):
         client.complete([1.5, 2])
     with pytest.raises(TypeError, match="prompt"):
         client.complete([])
+
+
+def test_top_k_has_one_meaning(server):
+    """top_k: alternatives reported (as Model.generate and the CLI); the wire's
+    own n_probs/top_k fields are refused with the name to use instead."""
+    c = Client(server, api_key=API_KEY)
+    r = c.complete("hello world", tensors=None, top_k=3, **GREEDY)
+    assert len(r.probs) == 4 and all(len(p["top"]) == 3 for p in r.probs)
+    for wire, use in (("n_probs", "top_k="), ("top_k", "sample_top_k=")):
+        with pytest.raises(TypeError, match=use):
+            c._body({wire: 2}, prompt="x")
