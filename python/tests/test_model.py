@@ -208,6 +208,19 @@ def test_ctrl_c_cancels_generate(synth_model):
         assert len(m.generate("again", n_predict=3).tokens) == 3
 
 
+def test_ctrl_c_cancels_stream(synth_model):
+    with lt.Model(synth_model, threads=1, n_ctx=16384) as m:
+        seen = 0
+        timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in m.stream("count forever", n_predict=16000, tensors="l_out-*"):
+                seen += 1
+        timer.join()
+        assert 0 < seen < 16000
+        assert len(m.generate("again", n_predict=3).tokens) == 3
+
+
 def test_two_models_in_two_threads(synth_model):
     with lt.Model(synth_model, threads=1) as m:
         want = m.generate("thread test", n_predict=8).latents["l_out-2"]
