@@ -234,3 +234,22 @@ def test_top_k_has_one_meaning(server):
     for wire, use in (("n_probs", "top_k="), ("top_k", "sample_top_k=")):
         with pytest.raises(TypeError, match=use):
             c._body({wire: 2}, prompt="x")
+
+
+def test_binary_frame_seq_counts_the_answers_frames_with_a_lens(server):
+    """PROTOCOL.md: a FRAME's seq is the answer's frame counter (a gap means
+    drops). With a lens, the job also computes l_out rows the requester did
+    not ask for; they must not leave gaps."""
+    import json as _json
+    import urllib.request
+    from latent_tap._protocol import FRAMES_MEDIA_TYPE, parse_records
+    body = {"prompt": "hello world", "latents": {"tensors": "l_out-1"}, "lens": {"top_k": 2}, **GREEDY}
+    req = urllib.request.Request(server + "/completion", data=_json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Accept": FRAMES_MEDIA_TYPE,
+                                          "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        recs = list(parse_records(resp))
+    seqs = [r["seq"] for r in recs if r["kind"] == "frame"]
+    end = [r for r in recs if r["kind"] == "end"][0]
+    assert seqs == list(range(len(seqs))) and len(seqs) == end["frames"] > 0
+    assert end["drops"] == 0

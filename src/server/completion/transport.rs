@@ -357,7 +357,12 @@ pub(super) fn binary_response(
                 // After a stop string, later steps are not part of the answer (as in JSON/SSE).
                 if acc.text.stopped.is_none() {
                     acc.keep_lens_frame(&f);
-                    if let Some(rec) = acc.user_record(&f) {
+                    if let Some(mut rec) = acc.user_record(&f) {
+                        // `seq` counts this answer's frames (a gap means drops,
+                        // docs/PROTOCOL.md): the job's counter also counts the
+                        // rows a lens reads that the requester did not ask for.
+                        let at = std::mem::offset_of!(crate::record::FrameHeader, seq);
+                        rec[at..at + 8].copy_from_slice(&frames.to_le_bytes());
                         frames += 1;
                         drop(f);
                         wire::push_framed(&mut pending, &rec);
