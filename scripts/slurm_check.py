@@ -44,6 +44,24 @@ def tokens(d):
         return [json.loads(line) for line in f]
 
 
+def distance(g, w):
+    """(text, max relative L2 distance per row) between two row sets, rows matched by (prompt, pos)."""
+    try:
+        def table(rs):
+            x = np.concatenate([np.asarray(r[1], dtype=np.float32) for r in rs])
+            p, pos = np.concatenate([r[2] for r in rs]), np.concatenate([r[3] for r in rs])
+            o = np.lexsort((pos, p))
+            return x[o], p[o], pos[o]
+        gx, gp, gq = table(g)
+        wx, wp, wq = table(w)
+        if gx.shape != wx.shape or not (np.array_equal(gp, wp) and np.array_equal(gq, wq)):
+            return f" (rows differ: {gx.shape} vs {wx.shape})", float("inf")
+        d = np.linalg.norm(gx - wx, axis=1) / np.maximum(np.linalg.norm(wx, axis=1), 1e-30)
+        return f" (max relative L2 distance per row {d.max():.2e}, {int((d > 0).sum())} of {len(d)} rows differ)", float(d.max())
+    except ValueError as e:
+        return f" ({e})", float("inf")
+
+
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("ref")
@@ -90,7 +108,7 @@ def main(argv):
     check(rp.tensors == rr.tensors and len(rr.tensors) > 0,
           f"tensors: {len(rp.tensors)} in the parts, {len(rr.tensors)} in the reference")
     rows = 0
-    diff = []
+    diff, worst = [], (0.0, "")
     for name in rr.tensors:
         g = list(rp.rows(tensors=[name]))
         w = list(rr.rows(tensors=[name]))
@@ -100,10 +118,12 @@ def main(argv):
               and np.array_equal(cat(g, 2), cat(w, 2)) and np.array_equal(cat(g, 3), cat(w, 3)))
         rows += len(wx)
         if not ok:
-            diff.append(f"{name} ({gx.shape} vs {wx.shape})")
+            text, dmax = distance(g, w)
+            diff.append(f"{name}{text}")
+            worst = max(worst, (dmax, name))
     check(not diff and rows > 0,
           f"latents: {rows} rows of {len(rr.tensors)} tensors equal byte for byte (prompt, pos too)"
-          + (f"; differ: {', '.join(diff[:5])}" if diff else ""))
+          + (f"; {len(diff)} differ, the largest distance {worst[0]:.2e} in {worst[1]}: {', '.join(diff[:4])}" if diff else ""))
 
     if a.resumed:
         m = manifest(a.resumed)
