@@ -275,6 +275,13 @@ typedef struct {
    * Reserved, zero.
    */
   uint32_t reserved;
+  /**
+   * llama.cpp RPC workers that take offloaded layers, as
+   * `"HOST:PORT[,HOST:PORT...]"` (llama-server's `--rpc`), or NULL. Used by
+   * `lt_model_new`. Added in 0.1 after the first release: callers whose
+   * `struct_size` ends before it get NULL.
+   */
+  const char *rpc_servers;
 } lt_context_params;
 
 /**
@@ -586,13 +593,15 @@ lt_status lt_context_params_default(lt_context_params *out);
 lt_status lt_sampling_params_default(lt_sampling_params *out);
 
 /**
- * Load a GGUF model. Only `params->n_gpu_layers` is used; `params` may be NULL
+ * Load a GGUF model. Only `params->n_gpu_layers` and `params->rpc_servers` are used; `params` may be NULL
  * for defaults. On success `*out` owns the model; free it with `lt_model_free`
  * after every session using it.
  *
  * Thread-safe.
  */
-lt_status lt_model_new(const char *path, const lt_context_params *params, lt_model **out);
+lt_status lt_model_new(const char *path,
+                       const lt_context_params *params,
+                       lt_model **out);
 
 /**
  * Free a model. NULL is a no-op. Sessions keep their own reference, so a

@@ -12,7 +12,7 @@
 // they keep their paths here (`latent_tap::ring`, …) for users and for the
 // modules of this crate.
 pub use latent_tap_core::{
-    convert, error, gguf, logits, output, record, ring, run, select, settings, steer, stream,
+    convert, error, gguf, logits, output, record, ring, rpc, run, select, settings, steer, stream,
     synth, tokens,
 };
 

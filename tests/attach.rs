@@ -553,14 +553,25 @@ fn assert_exact(run: &Run) -> usize {
 
 #[test]
 fn rows_reach_listen_labelled_exact_and_paired() {
-    for reorder in [false, true] {
-        let sock = tmp_sock(if reorder { "e2e-r" } else { "e2e" });
-        let out =
-            std::env::temp_dir().join(format!("lt-attach-e2e-{}-{reorder}", std::process::id()));
+    // offload: the graph as ggml's scheduler leaves it when layers run on RPC
+    // workers or a GPU (nodes read stale copies of the inputs; see fake_llama.c).
+    for (reorder, offload) in [(false, false), (true, false), (false, true)] {
+        let sock = tmp_sock(match (reorder, offload) {
+            (true, _) => "e2e-r",
+            (_, true) => "e2e-o",
+            _ => "e2e",
+        });
+        let out = std::env::temp_dir().join(format!(
+            "lt-attach-e2e-{}-{reorder}-{offload}",
+            std::process::id()
+        ));
         let l = Listen::start(&sock, &out);
         let mut env = vec![("LATENT_TAP_SINK", sock.to_str().unwrap())];
         if reorder {
             env.push(("FAKE_REORDER", "1"));
+        }
+        if offload {
+            env.push(("FAKE_OFFLOAD", "1"));
         }
         let tapped = host(false, 3, 0, &env, true);
         assert_eq!(tapped.stdout, host(false, 3, 0, &env, false).stdout);
@@ -570,7 +581,11 @@ fn rows_reach_listen_labelled_exact_and_paired() {
         // the output rows (last prompt token of each sequence and every step).
         assert_eq!(run.rows["l_out-0"].len(), 19, "reorder {reorder}");
         assert_eq!(run.rows["l_out-1"].len(), 19);
-        assert_eq!(run.rows["l_out-2"].len(), 8);
+        assert_eq!(
+            run.rows["l_out-2"].len(),
+            8,
+            "reorder {reorder} offload {offload}"
+        );
         assert_eq!(assert_exact(&run), 46);
         assert_eq!(run.tokens.len(), 19);
         // Pairing: prompt rows, then sampled ones; sampled_next is the next

@@ -386,7 +386,14 @@ fn the_tokens_a_prompt_needs_are_bounded_below_without_tokenizing() {
     let mut models = vec![synth_model(dir.path())];
     models.extend(common::real_model());
     for path in &models {
-        let model = Model::load(path, &ModelOptions { n_gpu_layers: 0 }).unwrap();
+        let model = Model::load(
+            path,
+            &ModelOptions {
+                n_gpu_layers: 0,
+                ..ModelOptions::default()
+            },
+        )
+        .unwrap();
         let t0 = Instant::now();
         let max = model
             .max_token_text_bytes()

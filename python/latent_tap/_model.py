@@ -186,14 +186,17 @@ def _token(id_, piece: bytes, pos: int, step: int, logprob, entropy, top) -> Tok
 class Model:
     """A GGUF model loaded into this process.
 
-    ``Model(path, threads=None, n_ctx=4096, n_batch=512, n_ubatch=None, gpu_layers=-1)``
+    ``Model(path, threads=None, n_ctx=4096, n_batch=512, n_ubatch=None, gpu_layers=-1, rpc=None)``
 
     - ``threads``: CPU threads for llama.cpp (default: the CLI's, one per core
       but one spare);
     - ``n_ctx``: context positions shared by a run's prompts (each prompt plus
       ``n_predict`` must fit); ``n_batch``/``n_ubatch``: llama.cpp's logical and
       physical batch;
-    - ``gpu_layers``: layers to offload where the build has a GPU backend.
+    - ``gpu_layers``: layers to offload where the build has a GPU backend, or to
+      the RPC workers of ``rpc``;
+    - ``rpc``: llama.cpp RPC workers ``"HOST:PORT,..."`` (``latent-tap rpc-server``)
+      that take the offloaded layers, as the CLI's ``--rpc``.
 
     Use it as a context manager, or call ``close()``; a closed model raises
     ``ValueError``. Two models can be used from two threads at once; one model
@@ -210,6 +213,7 @@ class Model:
         n_batch: int = 512,
         n_ubatch: Optional[int] = None,
         gpu_layers: int = -1,
+        rpc: Optional[str] = None,
     ):
         import os
 
@@ -219,7 +223,8 @@ class Model:
         self._n_ctx = _check_int("n_ctx", n_ctx, 1)
         self._n_batch = _check_int("n_batch", n_batch, 1)
         self._n_ubatch = _check_int("n_ubatch", n_ubatch, 1, none=True)
-        self._native = _native.NativeModel(os.fspath(path), _check_int("gpu_layers", gpu_layers, -1))
+        self._native = _native.NativeModel(os.fspath(path), _check_int("gpu_layers", gpu_layers, -1),
+                                           _check_str("rpc", rpc, none=True))
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:

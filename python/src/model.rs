@@ -44,10 +44,11 @@ impl NativeModel {
 #[pymethods]
 impl NativeModel {
     /// Load `path` (GGUF). `gpu_layers`: layers to offload (-1: all the build's
-    /// devices take, 0: none), as the CLI's `--gpu-layers`.
+    /// devices take, 0: none), as the CLI's `--gpu-layers`; `rpc`: llama.cpp
+    /// RPC workers `"HOST:PORT,..."` that take them, as the CLI's `--rpc`.
     #[new]
-    #[pyo3(signature = (path, gpu_layers = -1))]
-    fn new(py: Python<'_>, path: PathBuf, gpu_layers: i32) -> PyResult<Self> {
+    #[pyo3(signature = (path, gpu_layers = -1, rpc = None))]
+    fn new(py: Python<'_>, path: PathBuf, gpu_layers: i32, rpc: Option<String>) -> PyResult<Self> {
         if !path.exists() {
             return Err(PyFileNotFoundError::new_err(format!(
                 "cannot load model {}: no such file",
@@ -56,6 +57,12 @@ impl NativeModel {
         }
         let opts = ModelOptions {
             n_gpu_layers: gpu_layers,
+            rpc_servers: rpc
+                .as_deref()
+                .map(latent_tap::rpc::parse_servers)
+                .transpose()
+                .map_err(py_err)?
+                .unwrap_or_default(),
         };
         let p = path.clone();
         let model = py.detach(move || Model::load(&p, &opts)).map_err(py_err)?;

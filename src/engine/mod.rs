@@ -7,6 +7,7 @@ mod chat;
 mod context;
 mod model;
 mod probe;
+pub mod rpc;
 mod sampler;
 
 pub use batch::Batch;

@@ -17,13 +17,20 @@ pub type Token = i32;
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct ModelOptions {
-    /// Layers to offload to a GPU backend (negative: all). Ignored on CPU-only builds.
+    /// Layers to offload to a GPU backend or RPC workers (negative: all).
+    /// Ignored on CPU-only builds without `rpc_servers`.
     pub n_gpu_layers: i32,
+    /// llama.cpp RPC workers (`HOST:PORT`, see [`crate::rpc::parse_servers`])
+    /// whose devices take offloaded layers, as llama-server's `--rpc`.
+    pub rpc_servers: Vec<String>,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        Self { n_gpu_layers: -1 }
+        Self {
+            n_gpu_layers: -1,
+            rpc_servers: Vec::new(),
+        }
     }
 }
 
@@ -56,6 +63,12 @@ impl Model {
         // SAFETY: plain value returned by llama.cpp.
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = opts.n_gpu_layers;
+        // Null-terminated; must live until the load returns.
+        let mut devices = super::rpc::model_devices(&opts.rpc_servers)?;
+        if let Some(d) = devices.as_mut() {
+            d.push(std::ptr::null_mut());
+            params.devices = d.as_mut_ptr();
+        }
         backend::take_last_llama_error(); // only this load's lines may explain its failure
                                           // SAFETY: c_path is a valid NUL-terminated string; params is a valid struct.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), params) };
@@ -295,6 +308,10 @@ impl Drop for Model {
 impl ModelOptions {
     /// Check the bounds: `n_gpu_layers` is -1 (all) or at least 0.
     pub fn validate(&self) -> Result<()> {
-        settings::check_gpu_layers(self.n_gpu_layers)
+        settings::check_gpu_layers(self.n_gpu_layers)?;
+        if !self.rpc_servers.is_empty() {
+            crate::rpc::parse_servers(&self.rpc_servers.join(","))?;
+        }
+        Ok(())
     }
 }

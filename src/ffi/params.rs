@@ -84,6 +84,11 @@ pub struct lt_context_params {
     pub f32_kv: u32,
     /// Reserved, zero.
     pub reserved: u32,
+    /// llama.cpp RPC workers that take offloaded layers, as
+    /// `"HOST:PORT[,HOST:PORT...]"` (llama-server's `--rpc`), or NULL. Used by
+    /// `lt_model_new`. Added in 0.1 after the first release: callers whose
+    /// `struct_size` ends before it get NULL.
+    pub rpc_servers: *const c_char,
 }
 
 /// Sampling settings of one generation.
@@ -113,7 +118,8 @@ const CAPTURE_PARAMS_MIN: usize = 48;
 const CONTEXT_PARAMS_MIN: usize = 32;
 const SAMPLING_PARAMS_MIN: usize = 32;
 const _: () = assert!(std::mem::size_of::<lt_capture_params>() == CAPTURE_PARAMS_MIN);
-const _: () = assert!(std::mem::size_of::<lt_context_params>() == CONTEXT_PARAMS_MIN);
+// `rpc_servers` came after the first release: 32 bytes then, 40 now (LP64).
+const _: () = assert!(std::mem::offset_of!(lt_context_params, rpc_servers) == CONTEXT_PARAMS_MIN);
 const _: () = assert!(std::mem::size_of::<lt_sampling_params>() == SAMPLING_PARAMS_MIN);
 
 /// Fill `out` with defaults: all rows of `l_out-*`, f32, block for 10 s, 64 MiB ring.
@@ -273,6 +279,7 @@ fn default_context() -> lt_context_params {
         n_gpu_layers: -1,
         f32_kv: 0,
         reserved: 0,
+        rpc_servers: std::ptr::null(),
     }
 }
 

@@ -79,7 +79,7 @@ fn with_session<R>(
     f(unsafe { &mut *s.state.get() })
 }
 
-/// Load a GGUF model. Only `params->n_gpu_layers` is used; `params` may be NULL
+/// Load a GGUF model. Only `params->n_gpu_layers` and `params->rpc_servers` are used; `params` may be NULL
 /// for defaults. On success `*out` owns the model; free it with `lt_model_free`
 /// after every session using it.
 ///
@@ -93,12 +93,16 @@ pub extern "C" fn lt_model_new(
     guard(|| {
         let path = c_str(path, "path")?;
         nonnull(out, "out")?;
-        let gpu = if params.is_null() {
-            -1
-        } else {
-            context_params(params)?.n_gpu_layers
-        };
-        let model = Model::load(path, &ModelOptions { n_gpu_layers: gpu })?;
+        let mut opts = ModelOptions::default();
+        if !params.is_null() {
+            let p = context_params(params)?;
+            opts.n_gpu_layers = p.n_gpu_layers;
+            if !p.rpc_servers.is_null() {
+                let list = c_str(p.rpc_servers, "params->rpc_servers")?;
+                opts.rpc_servers = crate::rpc::parse_servers(list)?;
+            }
+        }
+        let model = Model::load(path, &opts)?;
         // SAFETY: out is non-NULL and writable.
         unsafe { out.write(Box::into_raw(Box::new(lt_model { model }))) };
         Ok(())

@@ -55,8 +55,8 @@ pub struct ServeConfig {
     pub port: u16,
     /// Scheduler (context, slots, queue, ring).
     pub engine: SchedulerOptions,
-    /// Layers offloaded to a GPU.
-    pub n_gpu_layers: i32,
+    /// How the model is loaded: layers offloaded to a GPU or RPC workers.
+    pub model_options: ModelOptions,
     /// Default token limit of a request (-1: none).
     pub n_predict: i64,
     /// Bearer key required on every endpoint but `/health`.
@@ -283,12 +283,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
     let loader = {
         let app = app.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let model = Model::load(
-                &app.cfg.model,
-                &ModelOptions {
-                    n_gpu_layers: app.cfg.n_gpu_layers,
-                },
-            )?;
+            let model = Model::load(&app.cfg.model, &app.cfg.model_options)?;
             if let Some(w) = chat::template_warning(app.cfg.chat_template.as_deref(), &model) {
                 eprintln!("latent-tap serve: warning: {w}");
             }

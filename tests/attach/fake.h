@@ -7,6 +7,8 @@
 struct ggml_cgraph {
     int n_nodes;
     struct ggml_tensor ** nodes;
+    int n_leafs;
+    struct ggml_tensor ** leafs;
 };
 
 struct ggml_backend_sched {

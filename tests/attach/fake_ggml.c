@@ -53,6 +53,17 @@ struct ggml_tensor * ggml_graph_node(struct ggml_cgraph * g, int i) {
 }
 #endif
 
+// As ggml: the graph's leafs (inputs), then its nodes, by name.
+struct ggml_tensor * ggml_graph_get_tensor(const struct ggml_cgraph * g, const char * name) {
+    for (int i = 0; i < g->n_leafs; i++) {
+        if (strcmp(g->leafs[i]->name, name) == 0) return g->leafs[i];
+    }
+    for (int i = 0; i < g->n_nodes; i++) {
+        if (strcmp(g->nodes[i]->name, name) == 0) return g->nodes[i];
+    }
+    return NULL;
+}
+
 size_t ggml_tensor_overhead(void) {
     return sizeof(struct ggml_tensor) + 32;
 }

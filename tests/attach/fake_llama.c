@@ -5,7 +5,11 @@
 // and computes it through the (fake) ggml scheduler. Row values are a known
 // function of (layer, token, position, element), so a test can check every
 // captured byte. FAKE_REORDER=1 takes the rows of a multi-sequence ubatch
-// sequence-interleaved, as llama.cpp's split_equal can.
+// sequence-interleaved, as llama.cpp's split_equal can. FAKE_OFFLOAD=1 shapes
+// the graph as ggml's scheduler leaves it when layers run on another backend
+// (RPC workers, a GPU): the nodes read copies of the inputs, named
+// "<backend>#<input>#0", which are filled only during the compute (so they
+// hold stale values before it); the inputs themselves are the graph's leafs.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +51,10 @@ static int compute_ubatch(const int * rows, int n, const struct llama_batch * b)
     static float embd[MAX_ROWS * N_EMBD];
     static struct ggml_tensor t_tok, t_pos, t_out, t_embd, t_rope, t_l[N_LAYER];
     static struct ggml_tensor * nodes[2 + N_LAYER];
+    static struct ggml_tensor * leafs[3];
+    static int32_t stale[MAX_ROWS];
+    static struct ggml_tensor c_pos, c_out; // the scheduler's copies (FAKE_OFFLOAD)
+    int offload = getenv("FAKE_OFFLOAD") != NULL;
     int n_out = 0;
     for (int r = 0; r < n; r++) {
         int i = rows[r];
@@ -63,6 +71,13 @@ static int compute_ubatch(const int * rows, int n, const struct llama_batch * b)
     t_embd.src[1] = &t_tok;
     init_tensor(&t_rope, "Qcur-0", GGML_TYPE_F32, N_EMBD, n, embd);
     t_rope.src[1] = &t_pos;
+    if (offload) {
+        for (int r = 0; r < MAX_ROWS; r++) stale[r] = 1000 + r;
+        init_tensor(&c_pos, "RPC0#inp_pos#0", GGML_TYPE_I32, n, 1, stale);
+        init_tensor(&c_out, "RPC0#out_ids#0", GGML_TYPE_I32, n_out, 1, stale);
+        t_rope.src[1] = &c_pos;
+    }
+    leafs[0] = &t_tok; leafs[1] = &t_pos; leafs[2] = &t_out;
     nodes[0] = &t_embd;
     nodes[1] = &t_rope;
     for (int l = 0; l < N_LAYER; l++) {
@@ -78,11 +93,11 @@ static int compute_ubatch(const int * rows, int n, const struct llama_batch * b)
         snprintf(name, sizeof name, "l_out-%d", l);
         init_tensor(&t_l[l], name, GGML_TYPE_F32, N_EMBD, m, lout[l]);
         if (last) {
-            t_l[l].src[1] = &t_out;
+            t_l[l].src[1] = offload ? &c_out : &t_out;
         }
         nodes[2 + l] = &t_l[l];
     }
-    struct ggml_cgraph g = { 2 + N_LAYER, nodes };
+    struct ggml_cgraph g = { 2 + N_LAYER, nodes, 3, leafs };
     return ggml_backend_sched_graph_compute_async(&g_sched, &g) == GGML_STATUS_SUCCESS ? 0 : -3;
 }
 

@@ -28,6 +28,7 @@ pub mod logits;
 pub mod output;
 pub mod record;
 pub mod ring;
+pub mod rpc;
 pub mod run;
 pub mod select;
 pub mod settings;

@@ -114,6 +114,7 @@ host_fns! {
     buffer_is_host: c"ggml_backend_buffer_is_host" => fn(*mut c_void) -> bool;
     graph_n_nodes: c"ggml_graph_n_nodes" => fn(*mut c_void) -> i32;
     graph_node: c"ggml_graph_node" => fn(*mut c_void, i32) -> *mut Tensor;
+    graph_get_tensor: c"ggml_graph_get_tensor" => fn(*mut c_void, *const c_char) -> *mut Tensor;
     tensor_overhead: c"ggml_tensor_overhead" => fn() -> usize;
     nelements: c"ggml_nelements" => fn(*const Tensor) -> i64;
     get_name: c"ggml_get_name" => fn(*const Tensor) -> *const c_char;

@@ -19,9 +19,33 @@ pub struct ModelArgs {
     /// another process holds a core; for tensors: all cores.
     #[arg(long, short = 't', allow_negative_numbers = true)]
     pub threads: Option<i32>,
-    /// Layers to offload to the GPU (-1: all).
+    /// Layers to offload to the GPU or the RPC workers (-1: all).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub gpu_layers: i32,
+    /// llama.cpp RPC workers that take offloaded layers: HOST:PORT[,HOST:PORT...]
+    /// (`latent-tap rpc-server` or llama.cpp's rpc-server of the same version).
+    #[arg(long, value_name = "HOST:PORT,...")]
+    pub rpc: Option<String>,
+}
+
+impl ModelArgs {
+    /// How to load the model: `--gpu-layers` and `--rpc`, checked.
+    pub fn options(&self) -> Result<ModelOptions> {
+        model_options(self.gpu_layers, self.rpc.as_deref())
+    }
+}
+
+/// `ModelOptions` from `--gpu-layers`/`-ngl` and `--rpc` (capture, serve, …), checked.
+pub fn model_options(gpu_layers: i32, rpc: Option<&str>) -> Result<ModelOptions> {
+    let opts = ModelOptions {
+        n_gpu_layers: gpu_layers,
+        rpc_servers: rpc
+            .map(latent_tap::rpc::parse_servers)
+            .transpose()?
+            .unwrap_or_default(),
+    };
+    opts.validate()?;
+    Ok(opts)
 }
 
 #[derive(Args)]
@@ -183,12 +207,7 @@ pub fn fit_ubatch(
 
 /// Load the GGUF model of `--model`, offloading `--gpu-layers` layers.
 pub fn load(a: &ModelArgs) -> Result<std::sync::Arc<Model>> {
-    Model::load(
-        &a.model,
-        &ModelOptions {
-            n_gpu_layers: a.gpu_layers,
-        },
-    )
+    Model::load(&a.model, &a.options()?)
 }
 
 /// `--rows`, parsed by the library's one spelling; the message names the flag.

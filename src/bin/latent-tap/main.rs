@@ -51,6 +51,9 @@ enum Cmd {
     /// Receive the latents of programs tapped with the LD_PRELOAD library
     /// (liblatent_tap_preload.so): write them to --out and/or serve them (--serve).
     Listen(Box<ListenArgs>),
+    /// Serve this machine's CPU as a llama.cpp RPC worker: other machines'
+    /// `--rpc HOST:PORT` put model layers here (loopback unless --allow-remote).
+    RpcServer(cmd::rpc_server::RpcServerArgs),
     /// Write a tiny random-weight llama GGUF (for tests and benchmarks).
     SynthModel {
         /// Output path.
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
         Cmd::Lens(a) => cmd::lens::lens(*a),
         Cmd::SteerVector(a) => cmd::steer_vector::steer_vector(*a),
         Cmd::Listen(a) => cmd::listen::listen(*a),
+        Cmd::RpcServer(a) => cmd::rpc_server::rpc_server(a),
         Cmd::SynthModel {
             out,
             layers,

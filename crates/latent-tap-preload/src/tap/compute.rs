@@ -15,6 +15,13 @@ use super::{config, log, now_ms, turn_off, State, BATCH, CURRENT, STATE};
 
 /// Finds the graph's `inp_tokens`, `inp_pos` and `out_ids` inputs and reads them.
 ///
+/// They are looked up by name among the graph's leafs (`ggml_graph_get_tensor`),
+/// not as the sources of its nodes: when layers run on another backend (RPC
+/// workers, a GPU), ggml's scheduler points those nodes at copies of the inputs
+/// (`<backend>#out_ids#0`), which it fills only during the compute, so a node's
+/// source read before it holds the previous graph's values (the pruned last
+/// layer's prompt row went missing under `--rpc`).
+///
 /// # Safety
 ///
 /// `graph` must be the host's graph being computed.
@@ -23,33 +30,9 @@ unsafe fn read_inputs(h: &Host, graph: *mut c_void, rows: &mut GraphRows) {
     rows.pos.clear();
     rows.out_ids.clear();
     let mut found: [*const Tensor; 3] = [std::ptr::null(); 3];
-    // SAFETY: the host's graph (caller).
-    let n = unsafe { (h.graph_n_nodes)(graph) };
-    'nodes: for i in 0..n {
-        // SAFETY: `i` is below the node count.
-        let node = unsafe { (h.graph_node)(graph, i) };
-        if node.is_null() {
-            continue;
-        }
-        // SAFETY: a live node of the graph.
-        let node = unsafe { &*node };
-        for &s in node.src.iter() {
-            if s.is_null() {
-                continue;
-            }
-            // SAFETY: a live tensor the node reads.
-            let st = unsafe { &*s };
-            let slot = match st.name() {
-                b"inp_tokens" => 0,
-                b"inp_pos" => 1,
-                b"out_ids" => 2,
-                _ => continue,
-            };
-            found[slot] = s;
-            if found.iter().all(|p| !p.is_null()) {
-                break 'nodes;
-            }
-        }
+    for (slot, name) in [c"inp_tokens", c"inp_pos", c"out_ids"].iter().enumerate() {
+        // SAFETY: the host's graph (caller) and a NUL-terminated name.
+        found[slot] = unsafe { (h.graph_get_tensor)(graph, name.as_ptr()) };
     }
     for (slot, &t) in found.iter().enumerate() {
         if t.is_null() {

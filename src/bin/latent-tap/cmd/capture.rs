@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::json;
 
 use latent_tap::capture::{ModeReport, Policy, TapCounters};
-use latent_tap::engine::{ContextOptions, ModelOptions, SamplingOptions};
+use latent_tap::engine::{ContextOptions, SamplingOptions};
 use latent_tap::lens::layer_of_name;
 use latent_tap::output::{collect, write_safetensors, Collected};
 use latent_tap::record::Dtype;
@@ -65,10 +65,7 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
             "--n-predict must be at least 1 (0, a prompt-only pass, needs --prompts FILE)",
         ));
     }
-    ModelOptions {
-        n_gpu_layers: a.model.gpu_layers,
-    }
-    .validate()?;
+    a.model.options()?;
     let rows = rows_arg(&a.rows)?;
     let policy = match a.policy.as_str() {
         "block" => Policy::Block {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use latent_tap::engine::{ContextOptions, ModelOptions, SamplingOptions};
+use latent_tap::engine::{ContextOptions, SamplingOptions};
 use latent_tap::record::Dtype;
 use latent_tap::select::LayerFilter;
 use latent_tap::settings;
@@ -40,10 +40,7 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
         Some(p) => PromptSource::File(p.to_path_buf()),
         None => return Err(Error::invalid("--prompts FILE is missing")),
     };
-    ModelOptions {
-        n_gpu_layers: a.model.gpu_layers,
-    }
-    .validate()?;
+    a.model.options()?;
     let rows = rows_arg(&a.rows)?;
     if a.policy != "block" {
         return Err(Error::invalid(

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::{json, Value};
 
-use latent_tap::engine::{ContextOptions, Model, ModelOptions, SamplingOptions};
+use latent_tap::engine::{ContextOptions, Model, SamplingOptions};
 use latent_tap::lens::{
     inputs_from_collected, jsonl_lines, write_dense, LayerSpec, Lens, LensInput, LensRow,
     OwnedInput,
@@ -213,10 +213,7 @@ pub fn lens(a: LensArgs) -> Result<()> {
     if a.n_predict == 0 {
         return Err(Error::invalid("--n-predict must be at least 1"));
     }
-    ModelOptions {
-        n_gpu_layers: a.model.gpu_layers,
-    }
-    .validate()?;
+    a.model.options()?;
     let ctx_opts = ContextOptions {
         n_ctx: a.ctx_size,
         n_threads: a.model.threads,

@@ -4,6 +4,7 @@ pub mod capture;
 pub mod dataset;
 pub mod lens;
 pub mod listen;
+pub mod rpc_server;
 #[cfg(feature = "serve")]
 pub mod serve;
 pub mod steer_vector;

@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Layers to offload to the GPU (-ngl; -1: all).
     #[arg(long, alias = "gpu-layers", default_value_t = -1, allow_hyphen_values = true)]
     n_gpu_layers: i32,
+    /// llama.cpp RPC workers that take offloaded layers: HOST:PORT[,HOST:PORT...]
+    /// (llama-server's --rpc).
+    #[arg(long, value_name = "HOST:PORT,...")]
+    rpc: Option<String>,
     /// Default token limit per request (-1: until end of generation or the slot is full).
     #[arg(long, short = 'n', alias = "predict", default_value_t = -1, allow_hyphen_values = true)]
     n_predict: i64,
@@ -139,7 +143,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             slot_ctx: a.parallel.map(|n| a.ctx_size / n),
             capture_mode: capture_mode(&a.capture_mode)?,
         },
-        n_gpu_layers: a.n_gpu_layers,
+        model_options: crate::args::model_options(a.n_gpu_layers, a.rpc.as_deref())?,
         n_predict: a.n_predict,
         api_key: a.api_key,
         alias: a.alias,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use latent_tap::engine::{ContextOptions, Model, ModelOptions};
+use latent_tap::engine::{ContextOptions, Model};
 use latent_tap::lens::layer_of_name;
 use latent_tap::output::collect;
 use latent_tap::select::LayerFilter;
@@ -160,10 +160,7 @@ pub fn steer_vector(a: SteerVectorArgs) -> Result<()> {
             neg.len()
         )));
     }
-    ModelOptions {
-        n_gpu_layers: a.model.gpu_layers,
-    }
-    .validate()?;
+    a.model.options()?;
     let ctx = ContextOptions {
         n_ctx: a.ctx_size,
         n_threads: a.model.threads,
