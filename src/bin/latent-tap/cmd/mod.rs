@@ -6,6 +6,7 @@ pub mod lens;
 pub mod listen;
 #[cfg(feature = "serve")]
 pub mod serve;
+pub mod steer_flags;
 pub mod steer_vector;
 pub mod synth;
 pub mod tensors;
