@@ -159,6 +159,8 @@ pub struct Generator {
     graph: Vec<GraphNode>,
     lb: LabelledBatch,
     cancel: Arc<AtomicBool>,
+    // What the context was made of (a steer set later may need a probed one).
+    opts: ContextOptions,
 }
 
 /// Progress of a run, reported after every sampled token.
@@ -227,25 +229,39 @@ impl Generator {
                 graph,
                 lb: LabelledBatch::new(n_batch),
                 cancel: Arc::new(AtomicBool::new(false)),
+                opts: opts.clone(),
             },
             stream,
         ))
     }
 
-    /// Steer the runs from now on by `steer` (`None`: no more steering). The
-    /// generator must have been made steered ([`Generator::new_steered`]) or
-    /// capturing tensors, so that its context calls the tap mid-graph.
+    /// Steer the runs from now on by `steer` (`None`: no more steering), checked
+    /// first (on error the generator is as it was). A generator made tokens-only
+    /// and unsteered has a context without the eval callback: its tap (and so
+    /// its stream) moves to a new, probed context, made of the same options.
     pub fn set_steer(&mut self, steer: Option<&Steer>) -> Result<()> {
-        if let Some(s) = steer {
-            check_steer(s, self.ctx.model(), self.ctx.n_ctx() as usize)?;
-            if self.graph.is_empty() {
-                return Err(Error::invalid(
-                    "this generator captures nothing and was made unsteered: make it with new_steered to steer",
-                ));
-            }
+        let Some(s) = steer else {
+            return self.tap()?.set_steer(None);
+        };
+        check_steer(s, self.ctx.model(), self.ctx.n_ctx() as usize)?;
+        if !self.graph.is_empty() {
             check_steer_graph(s, &self.graph)?;
+            return self.tap()?.set_steer(Some(s));
         }
-        self.tap()?.set_steer(steer)
+        let (mut ctx, graph) = crate::engine::probe_context(self.ctx.model().clone(), &self.opts)?;
+        check_steer_graph(s, &graph)?;
+        let sentinel = graph
+            .first()
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "the probe saw no named graph node"))?
+            .ggml_name
+            .clone();
+        let mut tap = self.ctx.take_tap()?;
+        tap.set_sentinel(&sentinel);
+        tap.set_steer(Some(s))?;
+        ctx.replace_tap(tap)?;
+        self.ctx = ctx;
+        self.graph = graph;
+        Ok(())
     }
 
     /// True when runs are steered.

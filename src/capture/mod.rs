@@ -250,6 +250,14 @@ impl Tap {
         Ok(())
     }
 
+    /// The first node of every graph compute, for a tap armed without a probed
+    /// graph that moves to a probed context (`Generator::set_steer`).
+    pub(crate) fn set_sentinel(&mut self, sentinel: &str) {
+        if let Mode::Capture(a) = &mut self.mode {
+            a.sentinel = sentinel.as_bytes().to_vec();
+        }
+    }
+
     /// True while the tap steers the graph.
     pub(crate) fn steering(&self) -> bool {
         self.steer.is_some()

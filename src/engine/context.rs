@@ -217,6 +217,21 @@ impl Context {
         Ok(())
     }
 
+    /// Take the tap of a context created without the eval callback (a
+    /// tokens-only tap), e.g. to move it and its ring to another context.
+    pub(crate) fn take_tap(&mut self) -> Result<Tap> {
+        if self.tap.as_deref().is_some_and(Tap::wants_eval) {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                "the tap of a context with an eval callback cannot be taken",
+            ));
+        }
+        self.tap
+            .take()
+            .map(|t| *t)
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "context has no tap"))
+    }
+
     pub(crate) fn tap(&self) -> Option<&Tap> {
         self.tap.as_deref()
     }
