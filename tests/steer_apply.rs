@@ -94,9 +94,16 @@ fn run(
         ..Default::default()
     };
     let stats = gen.run(prompts, &opts, &mut |_| {}).unwrap();
-    if !patterns.is_empty() && steer.is_some() {
-        // The steered layers go through the callback; the others may stay deferred.
-        assert!(stats.counters.frames > 0);
+    let c = stats.counters;
+    if patterns == "l_out-*"
+        && steer.is_some()
+        && latent_tap::capture::unavailable_reason().is_none()
+    {
+        // The steered layers go through the callback; the other captured ones
+        // stay deferred.
+        let mode = stats.capture_mode.unwrap();
+        assert_eq!(mode.used, latent_tap::capture::CaptureMode::Deferred);
+        assert!(c.deferred > 0 && c.frames > c.deferred, "{c:?}");
     }
     drop(gen);
     consumer.join().unwrap().unwrap()
