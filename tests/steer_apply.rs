@@ -475,6 +475,24 @@ fn cli_steers_records_what_it_applied_and_refuses_bad_flags() {
         (vec!["--steer-layers", "2"], "--steer-layers needs --steer".into()),
         (vec!["--steer-positions", "all"], "--steer-positions needs --steer".into()),
     ];
+    // Dataset capture does not steer yet: refused, not ignored.
+    let list = dir.path().join("prompts.txt");
+    std::fs::write(&list, "one\ntwo\n").unwrap();
+    let o = common::bin()
+        .args(["capture", "-q", "-t", "1", "-m"])
+        .arg(&m)
+        .arg("--prompts")
+        .arg(&list)
+        .args(["--steer", g, "--out"])
+        .arg(dir.path().join("ds"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--steer applies to capture with -p/-f only"),
+        "{err}"
+    );
+    assert!(!dir.path().join("ds").exists());
     for (args, needle) in cases {
         let bad = dir.path().join("bad");
         let o = capture(&m, &bad, &args);
