@@ -716,6 +716,29 @@ lt_status lt_session_generate(lt_session *session,
                               void *user_data);
 
 /**
+ * Steer every later generation of `session` (see docs/steer.md): add
+ * `scale` × `direction.N` of the control vector at `path` (llama.cpp's GGUF
+ * format, e.g. from `latent-tap steer-vector`) to the rows of `l_out-N`.
+ * `layers`: a layer filter ("4..12" half-open, "4..=12", "7", "1,3,5..8") of
+ * layers the vector has, NULL for all of them; `positions`: "all",
+ * "prompt", "generated", "A..B" or "A..=B", NULL for all. `path` NULL
+ * stops steering (the other arguments are then ignored).
+ *
+ * Everything is checked before anything changes (a vector of another model,
+ * a non-finite scale, unknown or out-of-range layers, bad positions:
+ * LT_INVALID_ARGUMENT, or LT_IO for an unreadable file, with the reason in
+ * `lt_last_error`); on error the session steers as before. A session that
+ * captures nothing probes the model's graph on its first steer.
+ *
+ * Call from one thread at a time, not while a generation runs (LT_BUSY).
+ */
+lt_status lt_session_set_steer(lt_session *session,
+                               const char *path,
+                               float scale,
+                               const char *layers,
+                               const char *positions);
+
+/**
  * How this session gets tensors out of the graph: 0 = nothing is captured
  * (token events only), 1 = callback, 2 = deferred (see
  * `lt_capture_params.capture_mode`).

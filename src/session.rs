@@ -30,6 +30,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Dtype, TokenHeader, ROW_PROMPT};
 use crate::select::{GraphNode, LayerFilter, SelectedTensor, SkippedTensor};
 use crate::settings;
+use crate::steer::Steer;
 use crate::stream::Stream;
 use crate::tokens::token_stats;
 
@@ -158,6 +159,8 @@ pub struct Generator {
     graph: Vec<GraphNode>,
     lb: LabelledBatch,
     cancel: Arc<AtomicBool>,
+    // What the context was made of (a steer set later may need a probed one).
+    opts: ContextOptions,
 }
 
 /// Progress of a run, reported after every sampled token.
@@ -176,7 +179,23 @@ impl Generator {
         opts: &ContextOptions,
         spec: &CaptureSpec,
     ) -> Result<(Self, Stream)> {
-        let (ctx, stream, graph) = if spec.captures_nothing() {
+        Self::new_steered(model, opts, spec, None)
+    }
+
+    /// [`Generator::new`], also steering every run by `steer` (see
+    /// [`crate::steer::Steer`]: the vector is added to the `l_out-N` rows it
+    /// names while the graph runs, before they are captured). The steer is
+    /// checked against the model and its graph first: nothing runs half-steered.
+    pub fn new_steered(
+        model: Arc<Model>,
+        opts: &ContextOptions,
+        spec: &CaptureSpec,
+        steer: Option<&Steer>,
+    ) -> Result<(Self, Stream)> {
+        if let Some(s) = steer {
+            check_steer(s, &model, opts.n_ctx as usize)?;
+        }
+        let (ctx, stream, graph) = if spec.captures_nothing() && steer.is_none() {
             // Nothing to capture: no eval callback, so the graph runs untouched.
             let n_ubatch = opts.n_ubatch.min(opts.n_batch) as usize;
             let (tap, stream) = capture::arm(None, spec.arming(n_ubatch)?)?;
@@ -187,7 +206,12 @@ impl Generator {
             )
         } else {
             let (mut ctx, graph) = crate::engine::probe_context(model, opts)?;
-            let (tap, stream) = capture::arm(Some(&graph), spec.arming(ctx.n_ubatch() as usize)?)?;
+            let (mut tap, stream) =
+                capture::arm(Some(&graph), spec.arming(ctx.n_ubatch() as usize)?)?;
+            if let Some(s) = steer {
+                check_steer_graph(s, &graph)?;
+                tap.set_steer(Some(s))?;
+            }
             ctx.replace_tap(tap)?;
             (ctx, stream, graph)
         };
@@ -205,9 +229,44 @@ impl Generator {
                 graph,
                 lb: LabelledBatch::new(n_batch),
                 cancel: Arc::new(AtomicBool::new(false)),
+                opts: opts.clone(),
             },
             stream,
         ))
+    }
+
+    /// Steer the runs from now on by `steer` (`None`: no more steering), checked
+    /// first (on error the generator is as it was). A generator made tokens-only
+    /// and unsteered has a context without the eval callback: its tap (and so
+    /// its stream) moves to a new, probed context, made of the same options.
+    pub fn set_steer(&mut self, steer: Option<&Steer>) -> Result<()> {
+        let Some(s) = steer else {
+            return self.tap()?.set_steer(None);
+        };
+        check_steer(s, self.ctx.model(), self.ctx.n_ctx() as usize)?;
+        if !self.graph.is_empty() {
+            check_steer_graph(s, &self.graph)?;
+            return self.tap()?.set_steer(Some(s));
+        }
+        let (mut ctx, graph) = crate::engine::probe_context(self.ctx.model().clone(), &self.opts)?;
+        check_steer_graph(s, &graph)?;
+        let sentinel = graph
+            .first()
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "the probe saw no named graph node"))?
+            .ggml_name
+            .clone();
+        let mut tap = self.ctx.take_tap()?;
+        tap.set_sentinel(&sentinel);
+        tap.set_steer(Some(s))?;
+        ctx.replace_tap(tap)?;
+        self.ctx = ctx;
+        self.graph = graph;
+        Ok(())
+    }
+
+    /// True when runs are steered.
+    pub fn steering(&self) -> bool {
+        self.ctx.tap().is_some_and(Tap::steering)
     }
 
     /// The tensors being captured, in graph order.
@@ -439,6 +498,43 @@ impl Generator {
         self.tap()?.push_token(h, &st.top, &piece)?;
         Ok(tok)
     }
+}
+
+/// `s` fits the model: its width and layers, and its positions the context.
+fn check_steer(s: &Steer, model: &Model, n_ctx: usize) -> Result<()> {
+    let (n_layer, n_embd) = (model.n_layer(), model.n_embd());
+    if s.n_embd != n_embd {
+        return Err(Error::invalid(format!(
+            "the steering vector is {} wide but the model's n_embd is {n_embd}",
+            s.n_embd
+        )));
+    }
+    if let Some((l, d)) = s
+        .directions
+        .iter()
+        .find(|(&l, d)| l == 0 || l >= n_layer || d.len() != n_embd)
+    {
+        return Err(Error::invalid(format!(
+            "steering layer {l} ({} values) does not fit the model: layers 1..={}, n_embd {n_embd}",
+            d.len(),
+            n_layer - 1
+        )));
+    }
+    crate::steer::check_scale(s.scale)?;
+    s.positions.check(n_ctx)
+}
+
+/// Every steered layer has its `l_out-N` node in the graph.
+fn check_steer_graph(s: &Steer, graph: &[GraphNode]) -> Result<()> {
+    for l in s.layers() {
+        let name = format!("l_out-{l}");
+        if !graph.iter().any(|n| n.ggml_name == name) {
+            return Err(Error::invalid(format!(
+                "the model's graph has no node {name} to steer"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl GenerateOptions {

@@ -26,6 +26,7 @@ use crate::convert;
 mod deferred;
 mod frame;
 mod records;
+mod steer;
 
 pub use arm::ubatch_for_ring;
 pub(crate) use arm::{arm, fitting_selection, Arming};
@@ -94,6 +95,8 @@ pub struct Tap {
     counters: TapCounters,
     failure: Option<Error>,
     deferred: Deferred,
+    // Steering (None: the tap adds nothing and asks for nothing more).
+    steer: Option<Box<steer::Steering>>,
     // Boxed separately: llama.cpp's CPU workers poll it through the abort callback
     // while the compute thread may hold `&mut Tap`.
     abort: Box<AtomicBool>,
@@ -107,6 +110,7 @@ impl std::fmt::Debug for Tap {
             .field("ubatch", &self.ubatch)
             .field("seq", &self.seq)
             .field("counters", &self.counters)
+            .field("steering", &self.steer.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -122,6 +126,7 @@ impl Tap {
             counters: TapCounters::default(),
             failure: None,
             deferred: Deferred::default(),
+            steer: None,
             abort: Box::new(AtomicBool::new(false)),
         }
     }
@@ -224,8 +229,38 @@ impl Tap {
     pub(crate) fn wants_eval(&self) -> bool {
         match &self.mode {
             Mode::Probe(_) => true,
-            Mode::Capture(a) => !a.sel.tensors().is_empty(),
+            Mode::Capture(a) => !a.sel.tensors().is_empty() || self.steer.is_some(),
         }
+    }
+
+    /// Steer the graph by `s` from the next decode on (`None`: stop). Needs an
+    /// armed tap that knows where each graph compute starts (armed on a
+    /// probed graph), on a context created with the eval callback.
+    pub(crate) fn set_steer(&mut self, s: Option<&crate::steer::Steer>) -> Result<()> {
+        let Mode::Capture(a) = &self.mode else {
+            return Err(Error::new(ErrorKind::Internal, "tap is not armed"));
+        };
+        if s.is_some() && a.sentinel.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                "steering needs a tap armed on a probed graph",
+            ));
+        }
+        self.steer = s.map(|s| Box::new(steer::Steering::new(s)));
+        Ok(())
+    }
+
+    /// The first node of every graph compute, for a tap armed without a probed
+    /// graph that moves to a probed context (`Generator::set_steer`).
+    pub(crate) fn set_sentinel(&mut self, sentinel: &str) {
+        if let Mode::Capture(a) = &mut self.mode {
+            a.sentinel = sentinel.as_bytes().to_vec();
+        }
+    }
+
+    /// True while the tap steers the graph.
+    pub(crate) fn steering(&self) -> bool {
+        self.steer.is_some()
     }
 
     /// Describe the batch about to be decoded: `rows[i]` and whether llama.cpp
@@ -327,11 +362,17 @@ impl Tap {
                 if sentinel {
                     self.deferred_restart();
                 }
+                // A steered node is handed over mid-graph (and captured, if it is,
+                // after the add); the others keep their mode.
+                let steered = match &mut self.steer {
+                    Some(s) => s.ask(name, computed),
+                    None => false,
+                };
                 let Some(ti) = pending else {
-                    return false;
+                    return steered;
                 };
                 // Deferred: kept alive as an output, copied after the compute.
-                if self.defer(t, ti) {
+                if !steered && self.defer(t, ti) {
                     return false;
                 }
                 if let Mode::Capture(a) = &mut self.mode {
@@ -343,6 +384,14 @@ impl Tap {
     }
 
     fn on_data(&mut self, t: &sys::ggml_tensor) -> bool {
+        if let Some(s) = self.steer.as_deref_mut() {
+            if let Some(k) = s.pending.take() {
+                if let Err(e) = s.apply(k, t, &self.plan, self.ubatch) {
+                    self.fail(e);
+                    return false;
+                }
+            }
+        }
         if let Err(e) = self.capture(t) {
             self.fail(e);
             return false;

@@ -217,6 +217,21 @@ impl Context {
         Ok(())
     }
 
+    /// Take the tap of a context created without the eval callback (a
+    /// tokens-only tap), e.g. to move it and its ring to another context.
+    pub(crate) fn take_tap(&mut self) -> Result<Tap> {
+        if self.tap.as_deref().is_some_and(Tap::wants_eval) {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                "the tap of a context with an eval callback cannot be taken",
+            ));
+        }
+        self.tap
+            .take()
+            .map(|t| *t)
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "context has no tap"))
+    }
+
     pub(crate) fn tap(&self) -> Option<&Tap> {
         self.tap.as_deref()
     }
@@ -310,6 +325,62 @@ impl Context {
         }
         // SAFETY: the row has `len` floats and lives until the next decode, which needs &mut self.
         Ok(unsafe { std::slice::from_raw_parts(p, len) })
+    }
+
+    /// Install llama.cpp's own control vector on this context
+    /// (`llama_set_adapter_cvec`, as `--control-vector-scaled FILE:SCALE`
+    /// does): `scale × direction.N` is added to the output of every layer `N`
+    /// the vector has, for every row and sequence, until replaced; `None`
+    /// removes it. Refuses a vector of another model (width or layers).
+    pub fn set_control_vector(
+        &mut self,
+        v: Option<(&crate::steer::ControlVector, f32)>,
+    ) -> Result<()> {
+        let n_embd = self.model.n_embd();
+        let (data, il_start, il_end) = match v {
+            None => (Vec::new(), -1, -1),
+            Some((v, scale)) => {
+                let n_layer = self.model.n_layer();
+                v.validate()?;
+                v.check_model(n_layer, n_embd)?;
+                crate::steer::check_scale(scale)?;
+                // llama.cpp's layout: layer N ≥ 1 at offset (N − 1) × n_embd.
+                let mut data = vec![0f32; n_embd * n_layer.saturating_sub(1)];
+                for (&l, d) in &v.directions {
+                    let row = &mut data[(l - 1) * n_embd..l * n_embd];
+                    for (x, &y) in row.iter_mut().zip(d) {
+                        *x = y * scale;
+                    }
+                }
+                let first = v.directions.keys().next().copied().unwrap_or(1);
+                let last = v.directions.keys().next_back().copied().unwrap_or(1);
+                (data, first as i32, last as i32)
+            }
+        };
+        let ptr = if v.is_some() {
+            data.as_ptr()
+        } else {
+            std::ptr::null()
+        };
+        // SAFETY: valid context; `data` holds `len` floats (llama.cpp copies them) or
+        // is NULL, which removes the control vector.
+        let rc = unsafe {
+            sys::llama_set_adapter_cvec(
+                self.as_ptr(),
+                ptr,
+                data.len(),
+                n_embd as i32,
+                il_start,
+                il_end,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                "llama_set_adapter_cvec refused the control vector",
+            ));
+        }
+        Ok(())
     }
 
     /// Forget all sequences (clears the KV cache).

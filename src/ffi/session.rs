@@ -16,6 +16,7 @@ use super::{c_str, guard, lt_status, nonnull, write_sized, FfiError};
 use crate::engine::{Model, ModelOptions};
 use crate::error::Error;
 use crate::session::{Generator, RunStats};
+use crate::steer::{ControlVector, Positions, Steer};
 
 /// A loaded model (opaque). Shareable by several sessions and threads.
 #[derive(Debug)]
@@ -465,6 +466,71 @@ pub extern "C" fn lt_session_generate(
             other => return other,
         }
     }
+}
+
+/// Steer every later generation of `session` (see docs/steer.md): add
+/// `scale` × `direction.N` of the control vector at `path` (llama.cpp's GGUF
+/// format, e.g. from `latent-tap steer-vector`) to the rows of `l_out-N`.
+/// `layers`: a layer filter ("4..12" half-open, "4..=12", "7", "1,3,5..8") of
+/// layers the vector has, NULL for all of them; `positions`: "all",
+/// "prompt", "generated", "A..B" or "A..=B", NULL for all. `path` NULL
+/// stops steering (the other arguments are then ignored).
+///
+/// Everything is checked before anything changes (a vector of another model,
+/// a non-finite scale, unknown or out-of-range layers, bad positions:
+/// LT_INVALID_ARGUMENT, or LT_IO for an unreadable file, with the reason in
+/// `lt_last_error`); on error the session steers as before. A session that
+/// captures nothing probes the model's graph on its first steer.
+///
+/// Call from one thread at a time, not while a generation runs (LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_session_set_steer(
+    session: *mut lt_session,
+    path: *const c_char,
+    scale: f32,
+    layers: *const c_char,
+    positions: *const c_char,
+) -> lt_status {
+    guard(|| {
+        nonnull(session, "session")?;
+        let spec = if path.is_null() {
+            None
+        } else {
+            let path = std::path::Path::new(c_str(path, "path")?);
+            let layers = if layers.is_null() {
+                None
+            } else {
+                Some(crate::select::LayerFilter::parse(c_str(layers, "layers")?)?)
+            };
+            let positions = if positions.is_null() {
+                Positions::All
+            } else {
+                Positions::parse(c_str(positions, "positions")?)?
+            };
+            crate::steer::check_scale(scale)?;
+            Some((ControlVector::read(path)?, layers, positions))
+        };
+        with_session(session, |st| {
+            st.reap(false)?;
+            let busy = || {
+                FfiError::new(
+                    lt_status::LT_BUSY,
+                    "a generation is still running on this session",
+                )
+            };
+            if st.worker.is_some() {
+                return Err(busy());
+            }
+            let (n_layer, n_embd) = (st.model.n_layer(), st.model.n_embd());
+            let steer = spec
+                .as_ref()
+                .map(|(v, l, p)| Steer::new(v, scale, l.as_ref(), *p, n_layer, n_embd))
+                .transpose()?;
+            let g = st.generator.as_mut().ok_or_else(busy)?;
+            g.set_steer(steer.as_ref())?;
+            Ok(())
+        })
+    })
 }
 
 /// How this session gets tensors out of the graph: 0 = nothing is captured

@@ -16,6 +16,13 @@
 //! zero left out) are averaged and the mean scaled to unit length; the
 //! direction made from the rows of `l_out-L` is stored as `direction.(L+1)`
 //! (llama.cpp's convention: the last layer's rows make no direction).
+//!
+//! Applying a vector: [`Steer`] (which layers, scale, [`Positions`], sequences),
+//! checked against the model before anything runs; the main crate's eval
+//! callback adds it to the `l_out-N` rows.
+
+mod spec;
+pub use spec::{check_scale, layer_list, Positions, Steer};
 
 use std::collections::BTreeMap;
 use std::fs::File;

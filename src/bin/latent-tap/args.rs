@@ -160,6 +160,19 @@ pub struct CaptureArgs {
     /// Tuned-lens translators for --lens (safetensors, as `lens --translators`).
     #[arg(long, value_name = "FILE")]
     pub translators: Option<PathBuf>,
+    /// Steer the model: add a control vector (llama.cpp's GGUF format, e.g.
+    /// from `steer-vector`) times SCALE (default 1) to the residual stream,
+    /// direction.N to the rows of l_out-N (see docs/steer.md).
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub steer: Option<String>,
+    /// Layers steered (with --steer): a filter (4..12 half-open, 4..=12, 7,
+    /// 1,3,5..8) of layers the vector has [default: all of them].
+    #[arg(long, value_name = "LIST")]
+    pub steer_layers: Option<String>,
+    /// Rows steered (with --steer): all, prompt, generated, or positions A..B
+    /// (half-open) or A..=B [default: all].
+    #[arg(long, value_name = "WHICH")]
+    pub steer_positions: Option<String>,
     /// Output directory.
     #[arg(long, short = 'o')]
     pub out: PathBuf,

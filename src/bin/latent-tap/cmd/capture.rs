@@ -18,6 +18,7 @@ use latent_tap::{Error, ErrorKind, Result};
 
 use crate::args::{capture_mode, fit_ubatch, load, rows_arg, CaptureArgs};
 use crate::cmd::lens::{write_lens_data, LensPlan, LENS_OUTPUTS};
+use crate::cmd::steer_flags::SteerFlags;
 use crate::outdir::{OutDir, OUTPUTS};
 use crate::prompts::{read_prompts, Source};
 use crate::stdout::to_stdout;
@@ -59,6 +60,7 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
             None
         }
     };
+    let steer_flags = SteerFlags::check(&a)?;
     let prompts_text = read_prompts(&a, order)?;
     if a.n_predict == 0 {
         return Err(Error::invalid(
@@ -119,12 +121,17 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
     let mut out_dir = OutDir::prepare(&a.out)?;
 
     let model = load(&a.model)?;
+    let steer = steer_flags
+        .as_ref()
+        .map(|f| f.steer(&model, ctx_opts.n_ctx as usize))
+        .transpose()?;
     fit_ubatch(&a, &model, &mut ctx_opts, spec.layers.as_ref(), spec.dtype)?;
     let prompts = prompts_text
         .iter()
         .map(|(p, _)| model.tokenize(p, true))
         .collect::<Result<Vec<_>>>()?;
-    let (mut gen, stream) = Generator::new(model.clone(), &ctx_opts, &spec)?;
+    let (mut gen, stream) =
+        Generator::new_steered(model.clone(), &ctx_opts, &spec, steer.as_ref())?;
     let selection = gen.selection().to_vec();
     let skipped = gen.skipped().to_vec();
     let lens = match &lens_spec {
@@ -204,6 +211,7 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
                     "mode": capture_mode_json(stats.capture_mode, &stats.counters)},
         "tensors": tensors,
         "skipped": skipped,
+        "steer": steer_flags.as_ref().zip(steer.as_ref()).map(|(f, s)| f.manifest(s)),
         "lens": lens.as_ref().zip(lens_rows.as_ref()).map(|(l, rows)| json!({
             "layers": l.layers(), "top_k": l.top_k(), "target": a.lens_target.as_deref().unwrap_or("next"),
             "translated_layers": l.translated_layers(), "rows": rows.len(),

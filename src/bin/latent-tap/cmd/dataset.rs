@@ -27,6 +27,16 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
         ("--lens-target", a.lens_target.is_some()),
         ("--translators", a.translators.is_some()),
     ];
+    let steer_flags = [
+        ("--steer", a.steer.is_some()),
+        ("--steer-layers", a.steer_layers.is_some()),
+        ("--steer-positions", a.steer_positions.is_some()),
+    ];
+    if let Some((flag, _)) = steer_flags.iter().find(|(_, set)| *set) {
+        return Err(Error::invalid(format!(
+            "{flag} applies to capture with -p/-f only, not yet to --prompts"
+        )));
+    }
     if let Some((flag, _)) = lens_flags.iter().find(|(_, set)| *set) {
         return Err(Error::invalid(format!(
             "{flag} applies to capture with -p/-f only, not to --prompts (dataset runs store no lens)"

@@ -7,6 +7,7 @@ pub mod listen;
 pub mod rpc_server;
 #[cfg(feature = "serve")]
 pub mod serve;
+pub mod steer_flags;
 pub mod steer_vector;
 pub mod synth;
 pub mod tensors;
