@@ -243,7 +243,7 @@ fn the_c_api_takes_rpc_servers() {
     let model = common::synth_model(dir.path());
     let path = std::ffi::CString::new(model.to_str().unwrap()).unwrap();
     let load = |rpc: &std::ffi::CStr| {
-        // SAFETY (test): a zeroed struct whose struct_size is set before use.
+        // SAFETY: (test) a zeroed struct whose struct_size is set before use.
         let mut p: lt_context_params = unsafe { std::mem::zeroed() };
         p.struct_size = std::mem::size_of::<lt_context_params>() as u32;
         assert_eq!(lt_context_params_default(&mut p), lt_status::LT_OK);
@@ -251,7 +251,7 @@ fn the_c_api_takes_rpc_servers() {
         p.rpc_servers = rpc.as_ptr();
         let mut m: *mut lt_model = std::ptr::null_mut();
         let st = lt_model_new(path.as_ptr(), &p, &mut m);
-        // SAFETY (test): the library's NUL-terminated last error of this thread.
+        // SAFETY: (test) the library's NUL-terminated last error of this thread.
         let err = unsafe { std::ffi::CStr::from_ptr(lt_last_error()) }
             .to_string_lossy()
             .into_owned();
