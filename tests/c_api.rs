@@ -1,6 +1,8 @@
 //! Bad input through the C API: every case returns a status and a message;
 //! nothing aborts. Calls the exported `extern "C"` functions directly.
 
+mod common;
+
 use std::ffi::{c_char, CStr, CString};
 use std::path::Path;
 use std::ptr::{null, null_mut};
@@ -8,21 +10,7 @@ use std::ptr::{null, null_mut};
 use latent_tap::ffi::*;
 use latent_tap::synth::{SynthConfig, SynthModel};
 
-fn last_error() -> String {
-    // SAFETY: lt_last_error never returns NULL.
-    unsafe { CStr::from_ptr(lt_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// A zeroed struct of the API with its `struct_size` set, as a C caller does.
-fn sized<T>() -> T {
-    // SAFETY: the API's structs are POD; zero is a valid bit pattern for all fields.
-    let mut v: T = unsafe { std::mem::zeroed() };
-    // SAFETY: every sized struct starts with a u32 struct_size.
-    unsafe { (&mut v as *mut T as *mut u32).write(std::mem::size_of::<T>() as u32) };
-    v
-}
+use common::capi::{last_error, sized};
 
 fn defaults() -> (lt_context_params, lt_capture_params, lt_sampling_params) {
     let (mut c, mut k, mut s) = (

@@ -3,6 +3,8 @@
 //! arguments return a status and a message while the session keeps steering
 //! as before. Calls the exported `extern "C"` functions directly.
 
+mod common;
+
 use std::ffi::{c_char, CStr, CString};
 use std::path::Path;
 use std::ptr::{null, null_mut};
@@ -15,21 +17,7 @@ use latent_tap::session::{CaptureSpec, GenerateOptions, Generator};
 use latent_tap::steer::{ControlVector, Positions, Steer};
 use latent_tap::synth::{SynthConfig, SynthModel};
 
-fn last_error() -> String {
-    // SAFETY: lt_last_error never returns NULL.
-    unsafe { CStr::from_ptr(lt_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// A zeroed struct of the API with its `struct_size` set, as a C caller does.
-fn sized<T>() -> T {
-    // SAFETY: the API's structs are POD; zero is a valid bit pattern for all fields.
-    let mut v: T = unsafe { std::mem::zeroed() };
-    // SAFETY: every sized struct starts with a u32 struct_size.
-    unsafe { (&mut v as *mut T as *mut u32).write(std::mem::size_of::<T>() as u32) };
-    v
-}
+use common::capi::{last_error, sized};
 
 fn cpath(p: &Path) -> CString {
     CString::new(p.to_str().unwrap()).unwrap()

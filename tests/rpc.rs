@@ -236,25 +236,20 @@ fn rpc_server_listens_on_loopback_unless_told_otherwise() {
 #[test]
 fn the_c_api_takes_rpc_servers() {
     use latent_tap::ffi::{
-        lt_context_params, lt_context_params_default, lt_last_error, lt_model, lt_model_free,
-        lt_model_new, lt_status,
+        lt_context_params, lt_context_params_default, lt_model, lt_model_free, lt_model_new,
+        lt_status,
     };
     let dir = tempfile::tempdir().unwrap();
     let model = common::synth_model(dir.path());
     let path = std::ffi::CString::new(model.to_str().unwrap()).unwrap();
     let load = |rpc: &std::ffi::CStr| {
-        // SAFETY: (test) a zeroed struct whose struct_size is set before use.
-        let mut p: lt_context_params = unsafe { std::mem::zeroed() };
-        p.struct_size = std::mem::size_of::<lt_context_params>() as u32;
+        let mut p: lt_context_params = common::capi::sized();
         assert_eq!(lt_context_params_default(&mut p), lt_status::LT_OK);
         assert!(p.rpc_servers.is_null(), "the default is no workers");
         p.rpc_servers = rpc.as_ptr();
         let mut m: *mut lt_model = std::ptr::null_mut();
         let st = lt_model_new(path.as_ptr(), &p, &mut m);
-        // SAFETY: (test) the library's NUL-terminated last error of this thread.
-        let err = unsafe { std::ffi::CStr::from_ptr(lt_last_error()) }
-            .to_string_lossy()
-            .into_owned();
+        let err = common::capi::last_error();
         lt_model_free(m);
         (st, err)
     };

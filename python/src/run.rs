@@ -249,15 +249,7 @@ impl NativeRun {
             st.collector = Some(Collector::new(&self.selection, self.dtype));
         }
         while !st.done() {
-            let res = py.detach(|| st.pump(false));
-            if let Err(e) = res {
-                st.abort(py);
-                return Err(py_err(e));
-            }
-            if let Err(e) = py.check_signals() {
-                st.abort(py);
-                return Err(e);
-            }
+            st.read(py, false)?;
         }
         st.join(py)?;
         let c = st.collector.take().expect("collector set above").finish();
@@ -314,15 +306,7 @@ impl NativeRun {
                 st.join(py)?;
                 return Ok(None);
             }
-            let res = py.detach(|| st.pump(true));
-            if let Err(e) = res {
-                st.abort(py);
-                return Err(py_err(e));
-            }
-            if let Err(e) = py.check_signals() {
-                st.abort(py);
-                return Err(e);
-            }
+            st.read(py, true)?;
         }
     }
 
@@ -386,6 +370,17 @@ impl State {
         Ok(())
     }
 
+    /// One read of the stream with the GIL released ([`State::pump`]), then a
+    /// look for signals; an error or a signal cancels the run ([`State::abort`]).
+    fn read(&mut self, py: Python<'_>, events: bool) -> PyResult<()> {
+        let res = py.detach(|| self.pump(events));
+        let res = res.map_err(py_err).and_then(|()| py.check_signals());
+        if res.is_err() {
+            self.abort(py);
+        }
+        res
+    }
+
     /// Discard what is left in the stream until it ends.
     fn drain(&mut self) {
         while !self.done() {
@@ -401,12 +396,7 @@ impl State {
         py.detach(|| {
             self.drain();
             if let Some(w) = self.worker.take() {
-                self.outcome = Some(w.join().unwrap_or_else(|_| {
-                    Err(latent_tap::Error::new(
-                        latent_tap::ErrorKind::Internal,
-                        "the decode thread panicked",
-                    ))
-                }));
+                self.outcome = Some(joined(w));
             }
         });
     }
@@ -414,19 +404,23 @@ impl State {
     /// Join the worker and raise its error, if any.
     fn join(&mut self, py: Python<'_>) -> PyResult<()> {
         if let Some(w) = self.worker.take() {
-            let r = py.detach(|| w.join());
-            self.outcome = Some(r.unwrap_or_else(|_| {
-                Err(latent_tap::Error::new(
-                    latent_tap::ErrorKind::Internal,
-                    "the decode thread panicked",
-                ))
-            }));
+            self.outcome = Some(py.detach(|| joined(w)));
         }
         match &self.outcome {
             Some(Err(e)) => Err(py_err(e.clone())),
             _ => Ok(()),
         }
     }
+}
+
+/// The decode thread's result (a panic there is an internal error).
+fn joined(w: JoinHandle<latent_tap::Result<RunStats>>) -> latent_tap::Result<RunStats> {
+    w.join().unwrap_or_else(|_| {
+        Err(latent_tap::Error::new(
+            latent_tap::ErrorKind::Internal,
+            "the decode thread panicked",
+        ))
+    })
 }
 
 fn dtype_name(d: Dtype) -> &'static str {

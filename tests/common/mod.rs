@@ -1,6 +1,7 @@
 //! Helpers shared by integration tests.
 #![allow(dead_code)]
 
+pub mod capi;
 pub mod http;
 pub mod reference;
 
