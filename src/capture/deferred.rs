@@ -44,7 +44,7 @@ pub fn unavailable_reason() -> Option<&'static str> {
         return Some("the program was linked without the ggml scheduler wrappers (see docs/capture-modes.md)");
     }
     if gpu_present() && !on_gpu_allowed() {
-        return Some("a GPU backend is present: deferred capture is verified on CPU only");
+        return Some("an offload device (a GPU, or llama.cpp RPC workers) is present: deferred capture is verified on CPU only");
     }
     None
 }
