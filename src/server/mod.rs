@@ -8,6 +8,7 @@
 
 mod chat;
 mod completion;
+mod edits;
 mod error;
 mod info;
 mod mem;
@@ -83,6 +84,8 @@ pub struct ServeConfig {
     /// template text it recognises; see [`chat_template_option`]); `None`: the
     /// model's, else `chatml`.
     pub chat_template: Option<String>,
+    /// `--steer-dir`: the only directory a request's `steer[].file` is read from.
+    pub steer_dir: Option<PathBuf>,
     /// Called once with the bound address (tests use port 0).
     pub on_listen: Option<fn(SocketAddr)>,
 }

@@ -109,6 +109,10 @@ pub struct ServeArgs {
     /// stopped when it gets there (1..=65536).
     #[arg(long, default_value_t = latent_tap::settings::DEFAULT_LATENTS_BUDGET_MB)]
     max_latents_mb: usize,
+    /// Directory of control-vector GGUFs a request may name in
+    /// `"steer": [{"file": "NAME.gguf", …}]` (plain names inside it only).
+    #[arg(long, value_name = "DIR")]
+    steer_dir: Option<PathBuf>,
 }
 
 /// Check the flags, then run the HTTP server until SIGINT/SIGTERM.
@@ -162,8 +166,17 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             a.chat_template.as_deref(),
             a.chat_template_file.as_deref(),
         )?,
+        steer_dir: a.steer_dir,
         on_listen: None,
     };
+    if let Some(d) = &cfg.steer_dir {
+        if !d.is_dir() {
+            return Err(Error::invalid(format!(
+                "--steer-dir {}: not a directory",
+                d.display()
+            )));
+        }
+    }
     if a.n_predict < -1 {
         return Err(Error::invalid(
             "--n-predict must be -1 (no limit) or a non-negative number",
