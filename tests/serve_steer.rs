@@ -515,3 +515,172 @@ fn bad_steer_and_patch_input_is_a_400_naming_the_field() {
         "{err}"
     );
 }
+
+/// Per generated token: (id, top-10 as (id, logprob)).
+type Tops = Vec<(i64, Vec<(i64, f64)>)>;
+
+fn serve_tops(s: &Server) -> Tops {
+    let body = json!({"prompt": "the quick brown fox", "n_predict": 4, "n_probs": 10,
+        "temperature": 0, "ignore_eos": true});
+    let (st, b) = post(&s.url("/completion"), &body, &[]);
+    let v = json_of(&b);
+    assert_eq!(st, 200, "{v}");
+    v["completion_probabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let top = p["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["id"].as_i64().unwrap(), e["logprob"].as_f64().unwrap()))
+                .collect();
+            (p["id"].as_i64().unwrap(), top)
+        })
+        .collect()
+}
+
+fn capture_tops(m: &Path, out: &Path, steer: &str) -> Tops {
+    let o = bin()
+        .args([
+            "capture", "-q", "-t", "2", "-n", "4", "-c", "256", "--top-k", "10",
+        ])
+        .args([
+            "-p",
+            "the quick brown fox",
+            "--tensors",
+            "",
+            "--steer",
+            steer,
+            "-m",
+        ])
+        .arg(m)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::tokens(out)
+        .iter()
+        .filter(|t| t["prompt"] == false)
+        .map(|t| {
+            let top = t["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap()))
+                .collect();
+            (t["token"].as_i64().unwrap(), top)
+        })
+        .collect()
+}
+
+#[test]
+fn server_wide_control_vectors_equal_capture_steer() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth6(dir.path());
+    let f = dir.path().join("v.gguf");
+    let cv = ControlVector {
+        n_embd: N_EMBD,
+        model_hint: "llama".into(),
+        directions: (1..N_LAYER)
+            .map(|l| (l, direction(10 + l as u32)))
+            .collect(),
+    };
+    cv.write(&f).unwrap();
+    let fs = f.to_str().unwrap();
+    let plain = serve_tops(&Server::start(&m, &["-np", "1"]));
+    let scaled = format!("{fs}:6");
+    let steered = serve_tops(&Server::start(
+        &m,
+        &["-np", "1", "--control-vector-scaled", &scaled],
+    ));
+    let cli = capture_tops(&m, &dir.path().join("cap"), &scaled);
+    assert_eq!(steered.len(), 4);
+    assert_ne!(steered, plain, "the control vector changes the output");
+    let mut worst = 0f64;
+    for (a, b) in steered.iter().zip(&cli) {
+        assert_eq!(a.0, b.0, "generated tokens");
+        let ids = |t: &[(i64, f64)]| t.iter().map(|x| x.0).collect::<Vec<_>>();
+        assert_eq!(ids(&a.1), ids(&b.1), "top-10 ids");
+        for (x, y) in a.1.iter().zip(&b.1) {
+            worst = worst.max((x.1 - y.1).abs());
+        }
+    }
+    assert!(worst < 1e-4, "logprobs differ by {worst}");
+    // Two files sum, as llama-server sums them: v at 2 + v at 4 = v at 6.
+    let (two, four) = (format!("{fs}:2"), format!("{fs}:4"));
+    let summed = serve_tops(&Server::start(
+        &m,
+        &[
+            "-np",
+            "1",
+            "--control-vector-scaled",
+            &two,
+            "--control-vector-scaled",
+            &four,
+        ],
+    ));
+    assert_eq!(
+        summed.iter().map(|t| t.0).collect::<Vec<_>>(),
+        steered.iter().map(|t| t.0).collect::<Vec<_>>()
+    );
+    // A layer range leaves the other layers alone: only layer 5 steered differs
+    // from all of them.
+    let ranged = serve_tops(&Server::start(
+        &m,
+        &[
+            "-np",
+            "1",
+            "--control-vector-scaled",
+            &scaled,
+            "--control-vector-layer-range",
+            "5",
+            "5",
+        ],
+    ));
+    assert_ne!(ranged, steered);
+    // A vector of another model, and a bad range, stop the start-up with the file named.
+    let wide = dir.path().join("wide.gguf");
+    ControlVector {
+        n_embd: N_EMBD + 1,
+        model_hint: "llama".into(),
+        directions: (1..N_LAYER).map(|l| (l, vec![0.5; N_EMBD + 1])).collect(),
+    }
+    .write(&wide)
+    .unwrap();
+    for (args, want) in [
+        (
+            vec!["--control-vector", wide.to_str().unwrap()],
+            format!(
+                "--control-vector {}: its directions are 65 wide",
+                wide.display()
+            ),
+        ),
+        (
+            vec![
+                "--control-vector",
+                fs,
+                "--control-vector-layer-range",
+                "4",
+                "2",
+            ],
+            "--control-vector-layer-range: layer range 4 2".to_string(),
+        ),
+        (
+            vec!["--control-vector-scaled", fs],
+            format!("--control-vector-scaled {fs}: use FILE:SCALE"),
+        ),
+    ] {
+        let out = bin()
+            .args(["serve", "--port", "0", "-m"])
+            .arg(&m)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&want), "{args:?}: {err}");
+    }
+}

@@ -21,6 +21,7 @@ use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
+use crate::engine::Model;
 use crate::sched::JobEdits;
 use crate::select::LayerFilter;
 use crate::steer::{check_scale, f32_le, ControlVector, Patch, Positions, Steer};
@@ -268,4 +269,44 @@ pub(crate) fn edits(
         steer: (!st.is_empty()).then_some(Value::Array(steer)),
         patch: (!pa.is_empty()).then_some(Value::Array(patch)),
     }))
+}
+
+/// serve's `--control-vector`/`--control-vector-scaled` files, each read and
+/// checked against `model` (errors name the file), summed as llama-server
+/// sums them, with the `--control-vector-layer-range` resolved.
+pub(crate) fn control_vector(
+    cfg: &super::ServeConfig,
+    model: &Model,
+) -> crate::Result<Option<crate::sched::ContextVector>> {
+    if cfg.control_vectors.is_empty() {
+        if cfg.control_vector_layers.is_some() {
+            return Err(Error::invalid(
+                "--control-vector-layer-range needs --control-vector or --control-vector-scaled",
+            ));
+        }
+        return Ok(None);
+    }
+    let (n_layer, n_embd) = (model.n_layer(), model.n_embd());
+    let mut read = Vec::new();
+    for (path, scale) in &cfg.control_vectors {
+        let named = |e: Error| {
+            Error::with_source(
+                e.kind(),
+                format!("--control-vector {}: {}", path.display(), e.message()),
+                e,
+            )
+        };
+        let v = ControlVector::read(path).map_err(named)?;
+        v.check_model(n_layer, n_embd).map_err(named)?;
+        check_scale(*scale).map_err(named)?;
+        read.push((v, *scale));
+    }
+    let parts: Vec<(&ControlVector, f32)> = read.iter().map(|(v, s)| (v, *s)).collect();
+    let sum = ControlVector::sum(&parts)?;
+    let layers = cfg
+        .control_vector_layers
+        .map(|(a, b)| crate::steer::layer_range(a, b, n_layer))
+        .transpose()
+        .map_err(|e| Error::invalid(format!("--control-vector-layer-range: {}", e.message())))?;
+    Ok(Some((sum, layers)))
 }

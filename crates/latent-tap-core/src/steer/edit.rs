@@ -72,6 +72,58 @@ impl ControlVector {
     }
 }
 
+impl ControlVector {
+    /// `Σ scaleᵢ × vᵢ`, layer by layer, as llama.cpp's
+    /// `common_control_vector_load` sums several `--control-vector(-scaled)`
+    /// files (f32 accumulation, in the order given; a layer only some files
+    /// have gets theirs). All must be of one width; none: an error.
+    pub fn sum(parts: &[(&ControlVector, f32)]) -> Result<Self> {
+        let Some((first, _)) = parts.first() else {
+            return Err(Error::invalid("no control vector to sum"));
+        };
+        let mut directions: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+        for (v, scale) in parts {
+            super::check_scale(*scale)?;
+            if v.n_embd != first.n_embd {
+                return Err(Error::invalid(format!(
+                    "control vectors of different widths ({} and {}) cannot be summed",
+                    first.n_embd, v.n_embd
+                )));
+            }
+            for (&l, d) in &v.directions {
+                let acc = directions
+                    .entry(l)
+                    .or_insert_with(|| vec![0.0; first.n_embd]);
+                for (a, &x) in acc.iter_mut().zip(d) {
+                    *a += x * scale;
+                }
+            }
+        }
+        let v = Self {
+            n_embd: first.n_embd,
+            model_hint: first.model_hint.clone(),
+            directions,
+        };
+        v.validate()?;
+        Ok(v)
+    }
+}
+
+/// llama-server's `--control-vector-layer-range START END` (inclusive; a
+/// bound ≤ 0 means 1 and `n_layer`, as llama.cpp reads it), checked against a
+/// model of `n_layer` layers.
+pub fn layer_range(start: i32, end: i32, n_layer: usize) -> Result<(i32, i32)> {
+    let s = if start <= 0 { 1 } else { start };
+    let e = if end <= 0 { n_layer as i32 } else { end };
+    if s > e || s as usize >= n_layer.max(1) {
+        return Err(Error::invalid(format!(
+            "layer range {start} {end}: the model's steerable layers are 1..={} (START <= END)",
+            n_layer.saturating_sub(1)
+        )));
+    }
+    Ok((s, e))
+}
+
 /// One row replaced while the graph runs: the `l_out-N` row of the patched
 /// sequence at position `pos` becomes `data`.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,6 +220,28 @@ mod tests {
         );
         let e = ControlVector::from_values(&[1.0, f32::NAN], 3, 2).unwrap_err();
         assert!(e.message().contains("value 1 is NaN"), "{e}");
+    }
+
+    #[test]
+    fn sums_and_layer_ranges_follow_llama_cpp() {
+        let a = ControlVector::from_values(&[1.0, 2.0], 3, 2).unwrap();
+        let mut b = a.clone();
+        b.directions.remove(&1);
+        let s = ControlVector::sum(&[(&a, 2.0), (&b, -0.5)]).unwrap();
+        assert_eq!(s.directions[&1], [2.0, 4.0]);
+        assert_eq!(s.directions[&2], [1.5, 3.0]);
+        let c = ControlVector::from_values(&[1.0; 3], 3, 3).unwrap();
+        let e = ControlVector::sum(&[(&a, 1.0), (&c, 1.0)]).unwrap_err();
+        assert!(e.message().contains("different widths (2 and 3)"), "{e}");
+        assert!(ControlVector::sum(&[(&a, f32::NAN)]).is_err());
+        assert_eq!(layer_range(-1, -1, 6).unwrap(), (1, 6));
+        assert_eq!(layer_range(2, 4, 6).unwrap(), (2, 4));
+        let e = layer_range(4, 2, 6).unwrap_err();
+        assert!(
+            e.message().contains("layer range 4 2") && e.message().contains("1..=5"),
+            "{e}"
+        );
+        assert!(layer_range(6, 8, 6).is_err());
     }
 
     #[test]

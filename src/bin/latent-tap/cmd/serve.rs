@@ -113,6 +113,41 @@ pub struct ServeArgs {
     /// `"steer": [{"file": "NAME.gguf", …}]` (plain names inside it only).
     #[arg(long, value_name = "DIR")]
     steer_dir: Option<PathBuf>,
+    /// llama.cpp control-vector GGUF added (scale 1) to every request's
+    /// residual stream, as llama-server's flag: repeatable, or a comma list.
+    /// Several vectors are summed.
+    #[arg(long, value_name = "FILE")]
+    control_vector: Vec<String>,
+    /// A control vector with its scale, FILE:SCALE (repeatable, or a comma list).
+    #[arg(long, value_name = "FILE:SCALE")]
+    control_vector_scaled: Vec<String>,
+    /// Layers the control vectors are applied to, START and END inclusive (≤ 0:
+    /// the first and last layer).
+    #[arg(long, num_args = 2, value_names = ["START", "END"], allow_negative_numbers = true)]
+    control_vector_layer_range: Option<Vec<i32>>,
+}
+
+/// `--control-vector` and `--control-vector-scaled` as (file, scale), in order.
+fn control_vectors(plain: &[String], scaled: &[String]) -> Result<Vec<(PathBuf, f32)>> {
+    let mut out = Vec::new();
+    for item in plain.iter().flat_map(|v| v.split(',')) {
+        out.push((PathBuf::from(item), 1.0));
+    }
+    for item in scaled.iter().flat_map(|v| v.split(',')) {
+        let (file, scale) = item.rsplit_once(':').ok_or_else(|| {
+            Error::invalid(format!("--control-vector-scaled {item}: use FILE:SCALE"))
+        })?;
+        let s: f32 = scale.trim().parse().map_err(|_| {
+            Error::invalid(format!(
+                "--control-vector-scaled {item}: the scale '{scale}' is not a number"
+            ))
+        })?;
+        latent_tap::steer::check_scale(s).map_err(|e| {
+            Error::invalid(format!("--control-vector-scaled {item}: {}", e.message()))
+        })?;
+        out.push((PathBuf::from(file), s));
+    }
+    Ok(out)
 }
 
 /// Check the flags, then run the HTTP server until SIGINT/SIGTERM.
@@ -146,6 +181,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             ring_bytes: crate::args::mib("--ring-mb", a.ring_mb)?,
             slot_ctx: a.parallel.map(|n| a.ctx_size / n),
             capture_mode: capture_mode(&a.capture_mode)?,
+            // Read and checked against the model when it is loaded.
+            control_vector: None,
         },
         model_options: crate::args::model_options(a.n_gpu_layers, a.rpc.as_deref())?,
         n_predict: a.n_predict,
@@ -167,6 +204,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             a.chat_template_file.as_deref(),
         )?,
         steer_dir: a.steer_dir,
+        control_vectors: control_vectors(&a.control_vector, &a.control_vector_scaled)?,
+        control_vector_layers: a
+            .control_vector_layer_range
+            .as_deref()
+            .map(|r| (r[0], r[1])),
         on_listen: None,
     };
     if let Some(d) = &cfg.steer_dir {
