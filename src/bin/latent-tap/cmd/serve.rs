@@ -134,18 +134,12 @@ fn control_vectors(plain: &[String], scaled: &[String]) -> Result<Vec<(PathBuf, 
         out.push((PathBuf::from(item), 1.0));
     }
     for item in scaled.iter().flat_map(|v| v.split(',')) {
-        let (file, scale) = item.rsplit_once(':').ok_or_else(|| {
-            Error::invalid(format!("--control-vector-scaled {item}: use FILE:SCALE"))
-        })?;
-        let s: f32 = scale.trim().parse().map_err(|_| {
-            Error::invalid(format!(
-                "--control-vector-scaled {item}: the scale '{scale}' is not a number"
-            ))
-        })?;
-        latent_tap::steer::check_scale(s).map_err(|e| {
-            Error::invalid(format!("--control-vector-scaled {item}: {}", e.message()))
-        })?;
-        out.push((PathBuf::from(file), s));
+        // The CLI's one FILE:SCALE reader (`capture --steer`), the scale required.
+        let flag = "--control-vector-scaled";
+        match super::steer_flags::file_and_scale(flag, item)? {
+            (file, Some(s)) => out.push((file, s)),
+            (_, None) => return Err(Error::invalid(format!("{flag} {item}: use FILE:SCALE"))),
+        }
     }
     Ok(out)
 }
