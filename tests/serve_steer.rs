@@ -176,8 +176,26 @@ fn scale_zero_is_identity_and_the_first_steered_layer_gains_scale_v() {
     assert_eq!(last["steer"][0]["layers"], json!([3]));
     assert_eq!(last["steer"][0]["scale"], 2.5);
 
-    // The OpenAI endpoints take the field too.
-    for path in ["/v1/completions", "/v1/chat/completions"] {
+    // The binary record stream: its closing JSON record (kind 5) says it too.
+    let mut bin_req = req(json!([{"layers": "2..=3", "vector": b64(&v), "scale": 1.5}]));
+    bin_req["temperature"] = json!(0);
+    let (code, raw) = post(
+        &s.url("/completion"),
+        &bin_req,
+        &[("Accept", "application/vnd.latent-tap.frames")],
+    );
+    assert_eq!(code, 200);
+    let summary = common::http::records(&raw)
+        .into_iter()
+        .rev()
+        .find(|(kind, _)| *kind == 5)
+        .map(|(_, r)| json_of(&r[16..]))
+        .expect("a JSON record");
+    assert_eq!(summary["steer"][0]["layers"], json!([2, 3]), "{summary}");
+    assert_eq!(summary["steer"][0]["scale"], 1.5);
+
+    // The other completion endpoints take the field too.
+    for path in ["/completions", "/v1/completions", "/v1/chat/completions"] {
         let mut b = json!({"max_tokens": 2, "steer": [{"vector": b64(&v), "scale": 1.0}]});
         if path.contains("chat") {
             b["messages"] = json!([{"role": "user", "content": "hi"}]);
