@@ -284,3 +284,44 @@ impl Steering {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::select::LayerFilter;
+    use crate::steer::ControlVector;
+
+    fn steer(layers: &str, scale: f32) -> Steer {
+        let v = ControlVector::from_values(&[1.0, 2.0], 4, 2).unwrap();
+        let f = LayerFilter::parse(layers).unwrap();
+        Steer::new(&v, scale, Some(&f), Positions::All, 4, 2).unwrap()
+    }
+
+    #[test]
+    fn edits_come_and_go_per_sequence() {
+        let mut s = Steering::empty(2);
+        assert!(s.is_empty() && !s.ask(b"l_out-1", true));
+        s.set_seq(0, &[steer("1", 2.0)], &[]);
+        let patch = Patch::new("l_out-3", 1, vec![5.0, 6.0], 4, 2, 8).unwrap();
+        s.set_seq(2, &[steer("2", 1.0)], &[patch]);
+        for (name, layer) in [(&b"l_out-1"[..], 1), (b"l_out-2", 2), (b"l_out-3", 3)] {
+            assert!(s.ask(name, true) && s.pending == Some(layer));
+        }
+        assert!(!s.ask(b"l_out-0", true) && s.pending.is_none());
+        assert!(
+            !s.ask(b"l_out-1", false),
+            "a node not computed is never asked"
+        );
+        assert!(!s.ask(b"attn_norm-1", true) && !s.ask(b"l_out-x", true));
+        // Sequence 0 leaves: its layer is no longer asked, sequence 2's are.
+        s.set_seq(0, &[], &[]);
+        assert!(!s.ask(b"l_out-1", true) && s.ask(b"l_out-3", true));
+        assert!(s.edits.iter().all(|e| e.seqs.as_deref() == Some(&[2][..])));
+        s.set_seq(2, &[], &[]);
+        assert!(s.is_empty() && !s.ask(b"l_out-2", true));
+        // A scale of 0 asks (the node is handed over) but adds nothing.
+        s.set_seq(1, &[steer("1", 0.0)], &[]);
+        assert!(s.ask(b"l_out-1", true));
+        assert!(matches!(&s.edits[0].op, Op::Add { row, .. } if row.is_empty()));
+    }
+}
