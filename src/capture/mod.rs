@@ -250,6 +250,44 @@ impl Tap {
         Ok(())
     }
 
+    /// Edit sequence `seq`'s rows from the next decode on: add each of
+    /// `steers` and write each of `patches` (both empty: stop editing it;
+    /// other sequences keep their edits). Needs a tap armed on a probed graph,
+    /// on a context created with the eval callback. With no edits left the tap
+    /// asks for nothing more.
+    pub(crate) fn set_seq_edits(
+        &mut self,
+        seq: i32,
+        steers: &[crate::steer::Steer],
+        patches: &[crate::steer::Patch],
+    ) -> Result<()> {
+        let Mode::Capture(a) = &self.mode else {
+            return Err(Error::new(ErrorKind::Internal, "tap is not armed"));
+        };
+        let none = steers.is_empty() && patches.is_empty();
+        if none && self.steer.is_none() {
+            return Ok(());
+        }
+        if !none && a.sentinel.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                "steering needs a tap armed on a probed graph",
+            ));
+        }
+        let n_embd = steers
+            .first()
+            .map(|s| s.n_embd)
+            .or(patches.first().map(|p| p.data.len()));
+        let s = self
+            .steer
+            .get_or_insert_with(|| Box::new(steer::Steering::empty(n_embd.unwrap_or_default())));
+        s.set_seq(seq, steers, patches);
+        if s.is_empty() {
+            self.steer = None;
+        }
+        Ok(())
+    }
+
     /// The first node of every graph compute, for a tap armed without a probed
     /// graph that moves to a probed context (`Generator::set_steer`).
     pub(crate) fn set_sentinel(&mut self, sentinel: &str) {

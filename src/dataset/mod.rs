@@ -417,6 +417,7 @@ fn run(
                 latents: (!filter.names.is_empty()).then(|| filter.clone()),
                 // tokens.jsonl records logprob and entropy of every generated token.
                 token_stats: true,
+                edits: None,
             };
             let tx = tx.clone();
             let sink = Box::new(move |ev: JobEvent| {

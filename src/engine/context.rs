@@ -336,6 +336,17 @@ impl Context {
         &mut self,
         v: Option<(&crate::steer::ControlVector, f32)>,
     ) -> Result<()> {
+        self.set_control_vector_in(v, None)
+    }
+
+    /// [`Context::set_control_vector`], applied only to the layers
+    /// `start..=end` when `layers` is given (llama-server's
+    /// `--control-vector-layer-range`, see [`crate::steer::layer_range`]).
+    pub fn set_control_vector_in(
+        &mut self,
+        v: Option<(&crate::steer::ControlVector, f32)>,
+        layers: Option<(i32, i32)>,
+    ) -> Result<()> {
         let n_embd = self.model.n_embd();
         let (data, il_start, il_end) = match v {
             None => (Vec::new(), -1, -1),
@@ -354,7 +365,8 @@ impl Context {
                 }
                 let first = v.directions.keys().next().copied().unwrap_or(1);
                 let last = v.directions.keys().next_back().copied().unwrap_or(1);
-                (data, first as i32, last as i32)
+                let (first, last) = layers.unwrap_or((first as i32, last as i32));
+                (data, first, last)
             }
         };
         let ptr = if v.is_some() {

@@ -26,8 +26,8 @@ mod router;
 mod worker;
 
 pub use job::{
-    FrameOut, Job, JobDone, JobEvent, JobSink, LatentFilter, LatentRequest, Offer, StopReason,
-    SubmitError, SubscriberSink, TokenOut,
+    FrameOut, Job, JobDone, JobEdits, JobEvent, JobSink, LatentFilter, LatentRequest, Offer,
+    StopReason, SubmitError, SubscriberSink, TokenOut,
 };
 /// Wire record kind of a subscriber's request notice ([`crate::record::kind::REQUEST`]).
 pub const KIND_REQUEST: u32 = crate::record::kind::REQUEST;
@@ -69,7 +69,15 @@ pub struct SchedulerOptions {
     pub slot_ctx: Option<u32>,
     /// How tensors leave the graph.
     pub capture_mode: CaptureMode,
+    /// llama.cpp's own control vector on the whole context (serve's
+    /// `--control-vector`, summed and scaled), applied to the layers
+    /// `start..=end` when given: every request is steered by it.
+    pub control_vector: Option<ContextVector>,
 }
+
+/// A control vector for the whole context and the layers (`start..=end`) it
+/// is applied to (`None`: the layers it has).
+pub type ContextVector = (crate::steer::ControlVector, Option<(i32, i32)>);
 
 impl Default for SchedulerOptions {
     fn default() -> Self {
@@ -80,6 +88,7 @@ impl Default for SchedulerOptions {
             ring_bytes: crate::settings::DEFAULT_RING_BYTES,
             slot_ctx: None,
             capture_mode: CaptureMode::Auto,
+            control_vector: None,
         }
     }
 }
@@ -283,6 +292,9 @@ impl Scheduler {
         let mut ctx_opts = opts.ctx.clone();
         ctx_opts.n_seq_max = opts.n_parallel as u32;
         let (mut ctx, graph) = crate::engine::probe_context(model.clone(), &ctx_opts)?;
+        if let Some((v, layers)) = &opts.control_vector {
+            ctx.set_control_vector_in(Some((v, 1.0)), *layers)?;
+        }
         let n_ubatch = ctx.n_ubatch() as usize;
         // Nothing selected yet: the worker keeps the selection equal to what
         // jobs and subscribers want (`Tap::reselect`), in f32 with every row.

@@ -217,6 +217,13 @@ impl Worker {
                     n_predict: job.n_predict,
                 };
             }
+            // A reused slot starts unedited; a job with edits installs its own.
+            let edited = match &job.edits {
+                Some(e) => self
+                    .tap()
+                    .and_then(|t| t.set_seq_edits(free as i32, &e.steers, &e.patches)),
+                None => Ok(()),
+            };
             let sampler = Sampler::new(&job.sampling);
             let mut a = Active {
                 job,
@@ -231,7 +238,7 @@ impl Worker {
                 out_index: None,
                 step: 0,
             };
-            if let Err(e) = self.announce(ctrl, free) {
+            if let Err(e) = edited.and_then(|()| self.announce(ctrl, free)) {
                 self.slots[free] = Some(a);
                 self.finish(free, StopReason::Error, Some(e));
                 continue;
@@ -382,6 +389,12 @@ impl Worker {
         st.gen_us
             .fetch_add((gen_ms * 1e3) as u64, Ordering::Relaxed);
         self.ctx.seq_rm(slot as i32);
+        if a.job.edits.is_some() {
+            // Cannot fail: clearing needs nothing of the tap but its arming.
+            if let Some(t) = self.ctx.tap_mut() {
+                let _ = t.set_seq_edits(slot as i32, &[], &[]);
+            }
+        }
         if let Ok(mut s) = self.shared.slots.lock() {
             s[slot] = SlotInfo {
                 id: slot,

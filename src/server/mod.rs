@@ -8,6 +8,7 @@
 
 mod chat;
 mod completion;
+mod edits;
 mod error;
 mod info;
 mod mem;
@@ -83,6 +84,14 @@ pub struct ServeConfig {
     /// template text it recognises; see [`chat_template_option`]); `None`: the
     /// model's, else `chatml`.
     pub chat_template: Option<String>,
+    /// `--steer-dir`: the only directory a request's `steer[].file` is read from.
+    pub steer_dir: Option<PathBuf>,
+    /// `--control-vector FILE` (scale 1) and `--control-vector-scaled
+    /// FILE:SCALE`: llama.cpp's own control vectors, summed, on the whole
+    /// context (every request), checked against the model at start-up.
+    pub control_vectors: Vec<(PathBuf, f32)>,
+    /// `--control-vector-layer-range START END` (inclusive; ≤ 0: 1 and n_layer).
+    pub control_vector_layers: Option<(i32, i32)>,
     /// Called once with the bound address (tests use port 0).
     pub on_listen: Option<fn(SocketAddr)>,
 }
@@ -287,7 +296,9 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
             if let Some(w) = chat::template_warning(app.cfg.chat_template.as_deref(), &model) {
                 eprintln!("latent-tap serve: warning: {w}");
             }
-            let engine = Scheduler::start(model, &app.cfg.engine)?;
+            let mut opts = app.cfg.engine.clone();
+            opts.control_vector = edits::control_vector(&app.cfg, &model)?;
+            let engine = Scheduler::start(model, &opts)?;
             println!(
                 "latent-tap serve: model ready ({} slots, context {} tokens, {} per slot)",
                 engine.n_parallel(),

@@ -21,7 +21,9 @@
 //! checked against the model before anything runs; the main crate's eval
 //! callback adds it to the `l_out-N` rows.
 
+mod edit;
 mod spec;
+pub use edit::{f32_le, layer_range, Patch};
 pub use spec::{check_scale, layer_list, Positions, Steer};
 
 use std::collections::BTreeMap;

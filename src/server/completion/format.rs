@@ -106,9 +106,18 @@ pub(super) fn native_final(app: &App, p: &Prepared, acc: &Acc, stream: bool) -> 
 
 /// With `latents` asked for, the final object says which matched nodes were
 /// left out and why: `"latents_skipped": [{"name", "reason"}]` (empty when none).
+/// With `steer` or `patch` asked for, it also says what was applied.
 pub(super) fn add_latents_skipped(p: &Prepared, v: &mut Value) {
     if let Some(f) = &p.filter {
         v["latents_skipped"] = json!(f.skipped);
+    }
+    if let Some(e) = &p.edits {
+        if let Some(s) = &e.steer {
+            v["steer"] = s.clone();
+        }
+        if let Some(s) = &e.patch {
+            v["patch"] = s.clone();
+        }
     }
 }
 

@@ -73,6 +73,8 @@ pub(crate) struct Prepared {
     pub(super) return_tokens: bool,
     pub(super) binary: bool,
     pub(super) id: String,
+    /// The `steer` and `patch` fields, checked.
+    pub(super) edits: Option<crate::server::edits::RequestEdits>,
 }
 
 fn wants_binary(h: &HeaderMap) -> bool {
@@ -145,6 +147,17 @@ pub(crate) fn prepare(
             engine.n_ctx_slot(),
         ));
     }
+    let n_ctx_slot = engine.n_ctx_slot() as usize;
+    let limits = crate::server::edits::Limits {
+        n_layer: engine.model().n_layer(),
+        n_embd: engine.model().n_embd(),
+        n_ctx_slot,
+        end: params.n_predict.map_or(n_ctx_slot, |n| {
+            tokens.len().saturating_add(n).min(n_ctx_slot)
+        }),
+        steer_dir: app.cfg.steer_dir.as_deref(),
+    };
+    let edits = crate::server::edits::edits(m, &limits)?;
     let filter = params
         .latents
         .as_ref()
@@ -169,6 +182,7 @@ pub(crate) fn prepare(
         binary: wants_binary(headers),
         id: completion_id(),
         params,
+        edits,
     })
 }
 
@@ -198,6 +212,7 @@ pub(super) fn submit(app: &App, p: &Prepared) -> Result<(CancelGuard, Events), A
         latents: p.job_filter.clone(),
         // Binary token records carry logprob and entropy; JSON shows them only with n_probs.
         token_stats: p.binary,
+        edits: p.edits.as_ref().map(|e| e.edits.clone()),
     };
     let w = window.clone();
     let sink = Box::new(move |ev: JobEvent| {

@@ -149,6 +149,7 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
             ring_bytes: ring_bytes.unwrap_or(settings::DEFAULT_RING_BYTES),
             slot_ctx: Some(a.ctx_size / n_parallel as u32),
             capture_mode: capture_mode(&a.capture_mode)?,
+            control_vector: None,
         },
         &|graph, n_ubatch| match ring_bytes {
             Some(b) => Ok(b),

@@ -109,6 +109,39 @@ pub struct ServeArgs {
     /// stopped when it gets there (1..=65536).
     #[arg(long, default_value_t = latent_tap::settings::DEFAULT_LATENTS_BUDGET_MB)]
     max_latents_mb: usize,
+    /// Directory of control-vector GGUFs a request may name in
+    /// `"steer": [{"file": "NAME.gguf", …}]` (plain names inside it only).
+    #[arg(long, value_name = "DIR")]
+    steer_dir: Option<PathBuf>,
+    /// llama.cpp control-vector GGUF added (scale 1) to every request's
+    /// residual stream, as llama-server's flag: repeatable, or a comma list.
+    /// Several vectors are summed.
+    #[arg(long, value_name = "FILE")]
+    control_vector: Vec<String>,
+    /// A control vector with its scale, FILE:SCALE (repeatable, or a comma list).
+    #[arg(long, value_name = "FILE:SCALE")]
+    control_vector_scaled: Vec<String>,
+    /// Layers the control vectors are applied to, START and END inclusive (≤ 0:
+    /// the first and last layer).
+    #[arg(long, num_args = 2, value_names = ["START", "END"], allow_negative_numbers = true)]
+    control_vector_layer_range: Option<Vec<i32>>,
+}
+
+/// `--control-vector` and `--control-vector-scaled` as (file, scale), in order.
+fn control_vectors(plain: &[String], scaled: &[String]) -> Result<Vec<(PathBuf, f32)>> {
+    let mut out = Vec::new();
+    for item in plain.iter().flat_map(|v| v.split(',')) {
+        out.push((PathBuf::from(item), 1.0));
+    }
+    for item in scaled.iter().flat_map(|v| v.split(',')) {
+        // The CLI's one FILE:SCALE reader (`capture --steer`), the scale required.
+        let flag = "--control-vector-scaled";
+        match super::steer_flags::file_and_scale(flag, item)? {
+            (file, Some(s)) => out.push((file, s)),
+            (_, None) => return Err(Error::invalid(format!("{flag} {item}: use FILE:SCALE"))),
+        }
+    }
+    Ok(out)
 }
 
 /// Check the flags, then run the HTTP server until SIGINT/SIGTERM.
@@ -142,6 +175,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             ring_bytes: crate::args::mib("--ring-mb", a.ring_mb)?,
             slot_ctx: a.parallel.map(|n| a.ctx_size / n),
             capture_mode: capture_mode(&a.capture_mode)?,
+            // Read and checked against the model when it is loaded.
+            control_vector: None,
         },
         model_options: crate::args::model_options(a.n_gpu_layers, a.rpc.as_deref())?,
         n_predict: a.n_predict,
@@ -162,8 +197,22 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             a.chat_template.as_deref(),
             a.chat_template_file.as_deref(),
         )?,
+        steer_dir: a.steer_dir,
+        control_vectors: control_vectors(&a.control_vector, &a.control_vector_scaled)?,
+        control_vector_layers: a
+            .control_vector_layer_range
+            .as_deref()
+            .map(|r| (r[0], r[1])),
         on_listen: None,
     };
+    if let Some(d) = &cfg.steer_dir {
+        if !d.is_dir() {
+            return Err(Error::invalid(format!(
+                "--steer-dir {}: not a directory",
+                d.display()
+            )));
+        }
+    }
     if a.n_predict < -1 {
         return Err(Error::invalid(
             "--n-predict must be -1 (no limit) or a non-negative number",

@@ -29,20 +29,21 @@ fn flagged(prefix: &str, e: Error) -> Error {
     Error::with_source(e.kind(), format!("{prefix}: {}", e.message()), e)
 }
 
-/// `FILE[:SCALE]`: a path that exists is a file name whole (it may hold a
-/// colon); otherwise the text after the last colon is the scale.
-fn file_and_scale(arg: &str) -> Result<(PathBuf, f32)> {
+/// `FILE[:SCALE]` given to `flag` (`--steer`, serve's `--control-vector-scaled`):
+/// a path that exists is a file name whole (it may hold a colon; no scale);
+/// otherwise the text after the last colon is the scale, a finite number.
+pub fn file_and_scale(flag: &str, arg: &str) -> Result<(PathBuf, Option<f32>)> {
     let whole = PathBuf::from(arg);
     let Some((file, scale)) = arg.rsplit_once(':').filter(|_| !whole.exists()) else {
-        return Ok((whole, 1.0));
+        return Ok((whole, None));
     };
     let s: f32 = scale.trim().parse().map_err(|_| {
         Error::invalid(format!(
-            "--steer {arg}: the scale '{scale}' is not a number (use FILE or FILE:SCALE)"
+            "{flag} {arg}: the scale '{scale}' is not a number (use FILE or FILE:SCALE)"
         ))
     })?;
-    check_scale(s).map_err(|e| flagged(&format!("--steer {arg}"), e))?;
-    Ok((PathBuf::from(file), s))
+    check_scale(s).map_err(|e| flagged(&format!("{flag} {arg}"), e))?;
+    Ok((PathBuf::from(file), Some(s)))
 }
 
 impl SteerFlags {
@@ -59,7 +60,8 @@ impl SteerFlags {
             }
             return Ok(None);
         };
-        let (path, scale) = file_and_scale(arg)?;
+        let (path, scale) = file_and_scale("--steer", arg)?;
+        let scale = scale.unwrap_or(1.0);
         let layers = a
             .steer_layers
             .as_deref()
