@@ -35,16 +35,7 @@ fn synth6(dir: &Path) -> PathBuf {
 /// A deterministic unit-length row.
 fn direction(seed: u32) -> Vec<f32> {
     let mut x = 0x2545_f491_u32 ^ seed.wrapping_mul(0x9e37_79b9);
-    let d: Vec<f32> = (0..N_EMBD)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x as f32 / u32::MAX as f32) - 0.5
-        })
-        .collect();
-    let n = d.iter().map(|v| v * v).sum::<f32>().sqrt();
-    d.iter().map(|v| v / n).collect()
+    common::unit_direction(&mut x, N_EMBD)
 }
 
 fn b64(v: &[f32]) -> String {

@@ -35,18 +35,7 @@ fn vector(layers: impl IntoIterator<Item = usize>, n_embd: usize, hint: &str) ->
     let mut x = 0x2545_f491_u32;
     let directions = layers
         .into_iter()
-        .map(|l| {
-            let d: Vec<f32> = (0..n_embd)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    (x as f32 / u32::MAX as f32) - 0.5
-                })
-                .collect();
-            let n = d.iter().map(|v| v * v).sum::<f32>().sqrt();
-            (l, d.iter().map(|v| v / n).collect())
-        })
+        .map(|l| (l, common::unit_direction(&mut x, n_embd)))
         .collect();
     ControlVector {
         n_embd,

@@ -55,6 +55,21 @@ pub fn real_model() -> Option<PathBuf> {
     None
 }
 
+/// A deterministic unit-length row of `n` values from an xorshift state
+/// (advanced), for test steering vectors.
+pub fn unit_direction(state: &mut u32, n: usize) -> Vec<f32> {
+    let d: Vec<f32> = (0..n)
+        .map(|_| {
+            *state ^= *state << 13;
+            *state ^= *state >> 17;
+            *state ^= *state << 5;
+            (*state as f32 / u32::MAX as f32) - 0.5
+        })
+        .collect();
+    let norm = d.iter().map(|v| v * v).sum::<f32>().sqrt();
+    d.iter().map(|v| v / norm).collect()
+}
+
 /// Generate from `prompts` (tokens) with the library's `Generator`, capturing
 /// by `spec` on a context made of `ctx`, and return what its consumer collected.
 pub fn capture_run(
