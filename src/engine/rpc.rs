@@ -120,13 +120,15 @@ pub(crate) fn model_devices(servers: &[String]) -> Result<Option<Vec<sys::ggml_b
 }
 
 /// Serve this machine's CPU as an RPC worker on `endpoint` (`HOST:PORT`) with
-/// `threads` threads, until the process ends. Returns only when ggml's server
-/// stops (it could not listen, or its transport failed).
-pub fn serve_worker(endpoint: &str, threads: usize) -> Result<()> {
+/// `threads` threads, until the process ends; `ready` runs once the address is
+/// known to be free. Returns only when ggml's server stops (it could not
+/// listen, or its transport failed).
+pub fn serve_worker(endpoint: &str, threads: usize, ready: impl FnOnce()) -> Result<()> {
     rpc::check_endpoint(endpoint)?;
     // ggml only prints "Failed to create server socket": find out why first.
     std::net::TcpListener::bind(endpoint)
         .map_err(|e| Error::new(ErrorKind::Io, format!("cannot listen on {endpoint}: {e}")))?;
+    ready();
     let start = proc_address("ggml_backend_rpc_start_server")?;
     // SAFETY: the RPC registry's `ggml_backend_rpc_start_server`, of type
     // `StartServerFn` (ggml-rpc.h).

@@ -38,13 +38,18 @@ pub fn rpc_server(a: RpcServerArgs) -> Result<()> {
     }
     let threads = a.threads.unwrap_or_else(settings::spare_core_threads);
     settings::check_threads(threads)?;
-    if !is_loopback(&a.host) {
-        eprintln!(
-            "latent-tap rpc-server: warning: listening on {} without authentication or encryption (ggml's RPC protocol has neither)",
-            a.host
-        );
-    }
     let endpoint = format!("{}:{}", a.host, a.port);
-    eprintln!("latent-tap rpc-server: serving this CPU on {endpoint} with {threads} threads (RPC protocol {}.{})", latent_tap::rpc::PROTO_MAJOR, latent_tap::rpc::PROTO_MINOR);
-    latent_tap::engine::rpc::serve_worker(&endpoint, threads as usize)
+    latent_tap::engine::rpc::serve_worker(&endpoint, threads as usize, || {
+        if !is_loopback(&a.host) {
+            eprintln!(
+                "latent-tap rpc-server: warning: listening on {} without authentication or encryption (ggml's RPC protocol has neither)",
+                a.host
+            );
+        }
+        eprintln!(
+            "latent-tap rpc-server: serving this CPU on {endpoint} with {threads} threads (RPC protocol {}.{})",
+            latent_tap::rpc::PROTO_MAJOR,
+            latent_tap::rpc::PROTO_MINOR
+        );
+    })
 }
