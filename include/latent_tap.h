@@ -739,6 +739,35 @@ lt_status lt_session_set_steer(lt_session *session,
                                const char *positions);
 
 /**
+ * Patch every later generation of `session` (see docs/steer.md): the row of
+ * graph node `tensor` (e.g. "l_out-6", "attn_out-6": any node computed once
+ * per graph with one F32 row of n_embd values per token) at position `pos`
+ * becomes the `n` floats at `data` (`n` = n_embd), in every sequence. The
+ * row is copied; patches add up (one per call, a later one of the same
+ * tensor and position wins) until `lt_session_clear_patches`.
+ *
+ * Checked before anything changes (an unknown or ambiguous node, a row of
+ * the wrong width or with a non-finite value, a position outside the
+ * context: LT_INVALID_ARGUMENT with the reason in `lt_last_error`); on error
+ * the session is patched as before. A session that captures nothing probes
+ * the model's graph on its first patch.
+ *
+ * Call from one thread at a time, not while a generation runs (LT_BUSY).
+ */
+lt_status lt_session_add_patch(lt_session *session,
+                               const char *tensor,
+                               int32_t pos,
+                               const float *data,
+                               size_t n);
+
+/**
+ * Remove every patch of `session` (`lt_session_add_patch`); its steer stays.
+ *
+ * Call from one thread at a time, not while a generation runs (LT_BUSY).
+ */
+lt_status lt_session_clear_patches(lt_session *session);
+
+/**
  * How this session gets tensors out of the graph: 0 = nothing is captured
  * (token events only), 1 = callback, 2 = deferred (see
  * `lt_capture_params.capture_mode`).

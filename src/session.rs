@@ -30,7 +30,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Dtype, TokenHeader, ROW_PROMPT};
 use crate::select::{GraphNode, LayerFilter, SelectedTensor, SkippedTensor};
 use crate::settings;
-use crate::steer::Steer;
+use crate::steer::Edits;
 use crate::stream::Stream;
 use crate::tokens::token_stats;
 
@@ -179,23 +179,20 @@ impl Generator {
         opts: &ContextOptions,
         spec: &CaptureSpec,
     ) -> Result<(Self, Stream)> {
-        Self::new_steered(model, opts, spec, None)
+        Self::new_edited(model, opts, spec, &Edits::default())
     }
 
-    /// [`Generator::new`], also steering every run by `steer` (see
-    /// [`crate::steer::Steer`]: the vector is added to the `l_out-N` rows it
-    /// names while the graph runs, before they are captured). The steer is
-    /// checked against the model and its graph first: nothing runs half-steered.
-    pub fn new_steered(
+    /// [`Generator::new`], also editing every run by `edits` (see
+    /// [`crate::steer::Edits`]: vectors added to `l_out-N` rows and rows
+    /// replaced while the graph runs, before they are captured). The edits are
+    /// checked against the model and its graph first: nothing runs half-edited.
+    pub fn new_edited(
         model: Arc<Model>,
         opts: &ContextOptions,
         spec: &CaptureSpec,
-        steer: Option<&Steer>,
+        edits: &Edits,
     ) -> Result<(Self, Stream)> {
-        if let Some(s) = steer {
-            check_steer(s, &model, opts.n_ctx as usize)?;
-        }
-        let (ctx, stream, graph) = if spec.captures_nothing() && steer.is_none() {
+        let (ctx, stream, graph) = if spec.captures_nothing() && edits.is_empty() {
             // Nothing to capture: no eval callback, so the graph runs untouched.
             let n_ubatch = opts.n_ubatch.min(opts.n_batch) as usize;
             let (tap, stream) = capture::arm(None, spec.arming(n_ubatch)?)?;
@@ -206,12 +203,10 @@ impl Generator {
             )
         } else {
             let (mut ctx, graph) = crate::engine::probe_context(model, opts)?;
+            check_edits(edits, &ctx, &graph)?;
             let (mut tap, stream) =
                 capture::arm(Some(&graph), spec.arming(ctx.n_ubatch() as usize)?)?;
-            if let Some(s) = steer {
-                check_steer_graph(s, &graph)?;
-                tap.set_steer(Some(s))?;
-            }
+            tap.set_edits(edits)?;
             ctx.replace_tap(tap)?;
             (ctx, stream, graph)
         };
@@ -235,21 +230,21 @@ impl Generator {
         ))
     }
 
-    /// Steer the runs from now on by `steer` (`None`: no more steering), checked
-    /// first (on error the generator is as it was). A generator made tokens-only
-    /// and unsteered has a context without the eval callback: its tap (and so
-    /// its stream) moves to a new, probed context, made of the same options.
-    pub fn set_steer(&mut self, steer: Option<&Steer>) -> Result<()> {
-        let Some(s) = steer else {
-            return self.tap()?.set_steer(None);
-        };
-        check_steer(s, self.ctx.model(), self.ctx.n_ctx() as usize)?;
+    /// Edit the runs from now on by `edits` (empty: no more edits), checked
+    /// first (on error the generator is as it was). A generator made
+    /// tokens-only and unedited has a context without the eval callback: its
+    /// tap (and so its stream) moves to a new, probed context, made of the
+    /// same options.
+    pub fn set_edits(&mut self, edits: &Edits) -> Result<()> {
+        if edits.is_empty() {
+            return self.tap()?.set_edits(edits);
+        }
         if !self.graph.is_empty() {
-            check_steer_graph(s, &self.graph)?;
-            return self.tap()?.set_steer(Some(s));
+            check_edits(edits, &self.ctx, &self.graph)?;
+            return self.tap()?.set_edits(edits);
         }
         let (mut ctx, graph) = crate::engine::probe_context(self.ctx.model().clone(), &self.opts)?;
-        check_steer_graph(s, &graph)?;
+        check_edits(edits, &ctx, &graph)?;
         let sentinel = graph
             .first()
             .ok_or_else(|| Error::new(ErrorKind::Internal, "the probe saw no named graph node"))?
@@ -257,16 +252,16 @@ impl Generator {
             .clone();
         let mut tap = self.ctx.take_tap()?;
         tap.set_sentinel(&sentinel);
-        tap.set_steer(Some(s))?;
+        tap.set_edits(edits)?;
         ctx.replace_tap(tap)?;
         self.ctx = ctx;
         self.graph = graph;
         Ok(())
     }
 
-    /// True when runs are steered.
-    pub fn steering(&self) -> bool {
-        self.ctx.tap().is_some_and(Tap::steering)
+    /// True when runs are edited (steered or patched).
+    pub fn editing(&self) -> bool {
+        self.ctx.tap().is_some_and(Tap::editing)
     }
 
     /// The tensors being captured, in graph order.
@@ -500,41 +495,10 @@ impl Generator {
     }
 }
 
-/// `s` fits the model: its width and layers, and its positions the context.
-fn check_steer(s: &Steer, model: &Model, n_ctx: usize) -> Result<()> {
-    let (n_layer, n_embd) = (model.n_layer(), model.n_embd());
-    if s.n_embd != n_embd {
-        return Err(Error::invalid(format!(
-            "the steering vector is {} wide but the model's n_embd is {n_embd}",
-            s.n_embd
-        )));
-    }
-    if let Some((l, d)) = s
-        .directions
-        .iter()
-        .find(|(&l, d)| l == 0 || l >= n_layer || d.len() != n_embd)
-    {
-        return Err(Error::invalid(format!(
-            "steering layer {l} ({} values) does not fit the model: layers 1..={}, n_embd {n_embd}",
-            d.len(),
-            n_layer - 1
-        )));
-    }
-    crate::steer::check_scale(s.scale)?;
-    s.positions.check(n_ctx)
-}
-
-/// Every steered layer has its `l_out-N` node in the graph.
-fn check_steer_graph(s: &Steer, graph: &[GraphNode]) -> Result<()> {
-    for l in s.layers() {
-        let name = format!("l_out-{l}");
-        if !graph.iter().any(|n| n.ggml_name == name) {
-            return Err(Error::invalid(format!(
-                "the model's graph has no node {name} to steer"
-            )));
-        }
-    }
-    Ok(())
+/// `edits` fit the context's model, its positions and the model's graph.
+fn check_edits(edits: &Edits, ctx: &Context, graph: &[GraphNode]) -> Result<()> {
+    let m = ctx.model();
+    edits.check(m.n_layer(), m.n_embd(), ctx.n_ctx() as usize, graph)
 }
 
 impl GenerateOptions {

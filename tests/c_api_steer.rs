@@ -14,7 +14,7 @@ use latent_tap::engine::{ContextOptions, Model, ModelOptions};
 use latent_tap::ffi::*;
 use latent_tap::output::collect;
 use latent_tap::session::{CaptureSpec, GenerateOptions, Generator};
-use latent_tap::steer::{ControlVector, Positions, Steer};
+use latent_tap::steer::{ControlVector, Edits, Positions, Steer};
 use latent_tap::synth::{SynthConfig, SynthModel};
 
 use common::capi::{last_error, sized};
@@ -80,7 +80,8 @@ fn library(model: &Arc<Model>, cp: &lt_context_params, steer: Option<&Steer>) ->
         patterns: vec![String::new()],
         ..CaptureSpec::default()
     };
-    let (mut gen, stream) = Generator::new_steered(model.clone(), &ctx, &spec, steer).unwrap();
+    let (mut gen, stream) =
+        Generator::new_edited(model.clone(), &ctx, &spec, &edits(steer)).unwrap();
     let consumer = std::thread::spawn(move || collect(stream, &[], spec.dtype));
     let opts = GenerateOptions {
         n_predict: 4,
@@ -226,4 +227,12 @@ fn c_sessions_steer_like_the_library_and_refuse_bad_arguments() {
         lt_session_free(s);
     }
     lt_model_free(model);
+}
+
+/// The edits of one optional steer.
+fn edits(steer: Option<&Steer>) -> Edits {
+    Edits {
+        steers: steer.into_iter().cloned().collect(),
+        patches: Vec::new(),
+    }
 }

@@ -508,14 +508,19 @@ fn bad_steer_and_patch_input_is_a_400_naming_the_field() {
             "data has 3 values, not n_embd 64",
         ),
         (
-            json!({"patch": [{"tensor": "attn_norm-2", "pos": 1, "data": row}]}),
+            json!({"patch": [{"tensor": "norm-2", "pos": 1, "data": row}]}),
             "patch[0].tensor: ",
-            "'attn_norm-2' cannot be patched",
+            "'norm-2' names more than one node",
         ),
         (
             json!({"patch": [{"tensor": "l_out-6", "pos": 1, "data": row}]}),
             "patch[0].tensor: ",
-            "l_out-0..l_out-5",
+            "has no node 'l_out-6'",
+        ),
+        (
+            json!({"patch": [{"tensor": "ffn_up-2", "pos": 1, "data": row}]}),
+            "patch[0].tensor: ",
+            "only F32 nodes with one row of n_embd = 64",
         ),
         (
             json!({"patch": [{"tensor": "l_out-2", "pos": 40, "data": row}]}),

@@ -1,4 +1,4 @@
-//! Applying a steering vector (`capture --steer`, `Generator::new_steered`):
+//! Applying a steering vector (`capture --steer`, `Generator::new_edited`):
 //! scale 0 changes nothing; the layers before the first steered one are
 //! untouched and the first steered layer's rows gain exactly `scale × v`;
 //! only the chosen positions and sequences are steered; the result equals
@@ -14,7 +14,7 @@ use latent_tap::engine::{ContextOptions, Model, ModelOptions};
 use latent_tap::output::{collect, Collected};
 use latent_tap::select::LayerFilter;
 use latent_tap::session::{CaptureSpec, GenerateOptions, Generator};
-use latent_tap::steer::{ControlVector, Positions, Steer};
+use latent_tap::steer::{ControlVector, Edits, Positions, Steer};
 use latent_tap::synth::{SynthConfig, SynthModel};
 
 /// A synthetic model of 6 layers (steerable: 1..=5; the last is pruned to
@@ -72,8 +72,9 @@ fn run(
         patterns: vec![patterns.into()],
         ..Default::default()
     };
-    let (mut gen, stream) = Generator::new_steered(model.clone(), ctx, &spec, steer).unwrap();
-    assert_eq!(gen.steering(), steer.is_some());
+    let (mut gen, stream) =
+        Generator::new_edited(model.clone(), ctx, &spec, &edits(steer)).unwrap();
+    assert_eq!(gen.editing(), steer.is_some());
     gen.context_mut().set_control_vector(cvec).unwrap();
     let sel = gen.selection().to_vec();
     let consumer = std::thread::spawn(move || collect(stream, &sel, spec.dtype));
@@ -491,5 +492,13 @@ fn cli_steers_records_what_it_applied_and_refuses_bad_flags() {
             "{args:?}: want {needle:?}, got {err}"
         );
         assert!(!bad.exists(), "{args:?}: {} was written", bad.display());
+    }
+}
+
+/// The edits of one optional steer.
+fn edits(steer: Option<&Steer>) -> Edits {
+    Edits {
+        steers: steer.into_iter().cloned().collect(),
+        patches: Vec::new(),
     }
 }

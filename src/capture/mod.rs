@@ -233,55 +233,48 @@ impl Tap {
         }
     }
 
-    /// Steer the graph by `s` from the next decode on (`None`: stop). Needs an
-    /// armed tap that knows where each graph compute starts (armed on a
-    /// probed graph), on a context created with the eval callback.
-    pub(crate) fn set_steer(&mut self, s: Option<&crate::steer::Steer>) -> Result<()> {
-        let Mode::Capture(a) = &self.mode else {
-            return Err(Error::new(ErrorKind::Internal, "tap is not armed"));
-        };
-        if s.is_some() && a.sentinel.is_empty() {
-            return Err(Error::new(
-                ErrorKind::Internal,
-                "steering needs a tap armed on a probed graph",
-            ));
-        }
-        self.steer = s.map(|s| Box::new(steer::Steering::new(s)));
-        Ok(())
+    /// Edit the graph by `edits` from the next decode on, for every sequence
+    /// (each steer for the sequences it names; empty: stop; edits of single
+    /// sequences, [`Tap::set_seq_edits`], stay). Needs an armed tap that knows
+    /// where each graph compute starts (armed on a probed graph), on a
+    /// context created with the eval callback.
+    pub(crate) fn set_edits(&mut self, edits: &crate::steer::Edits) -> Result<()> {
+        self.edit(None, edits)
     }
 
-    /// Edit sequence `seq`'s rows from the next decode on: add each of
-    /// `steers` and write each of `patches` (both empty: stop editing it;
-    /// other sequences keep their edits). Needs a tap armed on a probed graph,
-    /// on a context created with the eval callback. With no edits left the tap
-    /// asks for nothing more.
-    pub(crate) fn set_seq_edits(
-        &mut self,
-        seq: i32,
-        steers: &[crate::steer::Steer],
-        patches: &[crate::steer::Patch],
-    ) -> Result<()> {
+    /// Edit sequence `seq`'s rows from the next decode on by `edits` (empty:
+    /// stop editing it; other sequences keep their edits). Needs a tap armed
+    /// on a probed graph, on a context created with the eval callback. With
+    /// no edits left the tap asks for nothing more.
+    pub(crate) fn set_seq_edits(&mut self, seq: i32, edits: &crate::steer::Edits) -> Result<()> {
+        self.edit(Some(seq), edits)
+    }
+
+    fn edit(&mut self, seq: Option<i32>, edits: &crate::steer::Edits) -> Result<()> {
         let Mode::Capture(a) = &self.mode else {
             return Err(Error::new(ErrorKind::Internal, "tap is not armed"));
         };
-        let none = steers.is_empty() && patches.is_empty();
-        if none && self.steer.is_none() {
+        if edits.is_empty() && self.steer.is_none() {
             return Ok(());
         }
-        if !none && a.sentinel.is_empty() {
+        if !edits.is_empty() && a.sentinel.is_empty() {
             return Err(Error::new(
                 ErrorKind::Internal,
-                "steering needs a tap armed on a probed graph",
+                "steering and patching need a tap armed on a probed graph",
             ));
         }
-        let n_embd = steers
+        let n_embd = edits
+            .steers
             .first()
             .map(|s| s.n_embd)
-            .or(patches.first().map(|p| p.data.len()));
+            .or(edits.patches.first().map(|p| p.data.len()));
         let s = self
             .steer
             .get_or_insert_with(|| Box::new(steer::Steering::empty(n_embd.unwrap_or_default())));
-        s.set_seq(seq, steers, patches);
+        match seq {
+            Some(seq) => s.set_seq(seq, edits),
+            None => s.set_all(edits),
+        }
         if s.is_empty() {
             self.steer = None;
         }
@@ -289,15 +282,15 @@ impl Tap {
     }
 
     /// The first node of every graph compute, for a tap armed without a probed
-    /// graph that moves to a probed context (`Generator::set_steer`).
+    /// graph that moves to a probed context (`Generator::set_edits`).
     pub(crate) fn set_sentinel(&mut self, sentinel: &str) {
         if let Mode::Capture(a) = &mut self.mode {
             a.sentinel = sentinel.as_bytes().to_vec();
         }
     }
 
-    /// True while the tap steers the graph.
-    pub(crate) fn steering(&self) -> bool {
+    /// True while the tap edits the graph (steers or patches).
+    pub(crate) fn editing(&self) -> bool {
         self.steer.is_some()
     }
 

@@ -1,13 +1,14 @@
-//! Steering: adding `scale × v[N]` to the rows of `l_out-N` while the graph
-//! runs (see [`crate::steer::Steer`] for what is added where).
+//! Steering and patching: adding `scale × v[N]` to the rows of `l_out-N`, and
+//! replacing the row of a node at a position, while the graph runs (see
+//! [`crate::steer::Steer`] and [`crate::steer::Patch`] for what goes where).
 //!
-//! The ask phase answers yes for the steered `l_out-N` nodes (other captured
-//! nodes keep their mode, e.g. deferred), so the scheduler stops right after
-//! computing each; the data phase adds the layer's row to every row of the
-//! tensor whose `(seq, pos)` the steer applies to, in place (host memory) or
-//! through the backend (device memory: copy out, add, write back), and the
-//! graph goes on from the changed memory. A captured `l_out-N` of a steered
-//! layer is copied after the add. A tap without steering asks for nothing more.
+//! The ask phase answers yes for the edited nodes (other captured nodes keep
+//! their mode, e.g. deferred), so the scheduler stops right after computing
+//! each; the data phase changes every row of the tensor whose `(seq, pos)` an
+//! edit applies to, in place (host memory) or through the backend (device
+//! memory: copy out, change, write back), and the graph goes on from the
+//! changed memory. A captured node that is edited is copied after the edit. A
+//! tap without edits asks for nothing more.
 //!
 //! The add is `x + a` in f32 with `a = scale × v` rounded once: what llama.cpp's
 //! own control vector (`llama_set_adapter_cvec`, added after block `N` and
@@ -21,7 +22,7 @@ use llama_cpp_sys_2 as sys;
 use super::{convert, Plan, PLAN_OUTPUT};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::ROW_PROMPT;
-use crate::steer::{Patch, Positions, Steer};
+use crate::steer::{Edits, Positions, Steer};
 
 /// What one edit does to a matching row.
 #[derive(Debug)]
@@ -32,11 +33,12 @@ enum Op {
     Set { pos: i32, row: Vec<f32> },
 }
 
-/// One edit of one layer's `l_out-N` rows.
+/// One edit of one node's rows.
 #[derive(Debug)]
 struct Edit {
-    layer: usize,
-    /// Whose edit: `None` for [`Steering::new`]'s (the whole tap's), `Some(seq)`
+    /// The ggml name of the node edited.
+    node: Vec<u8>,
+    /// Whose edit: `None` for [`Steering::set_all`]'s (the whole tap's), `Some(seq)`
     /// for one sequence's ([`Steering::set_seq`]).
     owner: Option<i32>,
     /// The sequence ids edited; `None`: all of them.
@@ -49,12 +51,12 @@ struct Edit {
 /// of single sequences.
 #[derive(Debug)]
 pub(super) struct Steering {
-    /// Layer → true when some edit touches its `l_out-N`.
-    by_layer: Vec<bool>,
+    /// The names of the nodes some edit touches, sorted, each once.
+    targets: Vec<Vec<u8>>,
     edits: Vec<Edit>,
     n_embd: usize,
-    /// The steered layer of the node asked last.
-    pub(super) pending: Option<u32>,
+    /// The index in `targets` of the node asked last, when it is edited.
+    pub(super) pending: Option<usize>,
     /// Host copy of a device tensor (grown on first use only).
     staging: Vec<u8>,
 }
@@ -63,7 +65,7 @@ impl Steering {
     /// No edits yet, for rows `n_embd` wide.
     pub(super) fn empty(n_embd: usize) -> Self {
         Self {
-            by_layer: Vec::new(),
+            targets: Vec::new(),
             edits: Vec::new(),
             n_embd,
             pending: None,
@@ -71,12 +73,12 @@ impl Steering {
         }
     }
 
-    /// The edits of `s`, for the sequences it names.
-    pub(super) fn new(s: &Steer) -> Self {
-        let mut me = Self::empty(s.n_embd);
-        me.push_steer(s, None, s.seqs.clone());
-        me.reindex();
-        me
+    /// Replace the whole tap's edits (those of no one sequence) by `edits`:
+    /// each steer for the sequences it names, each patch for all of them.
+    pub(super) fn set_all(&mut self, edits: &Edits) {
+        self.edits.retain(|e| e.owner.is_some());
+        self.push(edits, None, None);
+        self.reindex();
     }
 
     /// No edits of any owner left.
@@ -94,7 +96,7 @@ impl Steering {
                 row
             };
             self.edits.push(Edit {
-                layer,
+                node: format!("l_out-{layer}").into_bytes(),
                 owner,
                 seqs: seqs.clone(),
                 op: Op::Add {
@@ -105,73 +107,76 @@ impl Steering {
         }
     }
 
-    fn reindex(&mut self) {
-        let top = self.edits.iter().map(|e| e.layer + 1).max().unwrap_or(0);
-        self.by_layer = vec![false; top];
-        for e in &self.edits {
-            self.by_layer[e.layer] = true;
+    fn push(&mut self, edits: &Edits, owner: Option<i32>, seqs: Option<Vec<i32>>) {
+        for s in &edits.steers {
+            let seqs = seqs.clone().or_else(|| s.seqs.clone());
+            self.push_steer(s, owner, seqs);
         }
-    }
-
-    /// Replace sequence `seq`'s own edits by `steers` and `patches` (none:
-    /// the sequence is no longer edited).
-    pub(super) fn set_seq(&mut self, seq: i32, steers: &[Steer], patches: &[Patch]) {
-        self.edits.retain(|e| e.owner != Some(seq));
-        for s in steers {
-            self.push_steer(s, Some(seq), Some(vec![seq]));
-        }
-        for p in patches {
+        for p in &edits.patches {
             self.edits.push(Edit {
-                layer: p.layer,
-                owner: Some(seq),
-                seqs: Some(vec![seq]),
+                node: p.tensor.clone().into_bytes(),
+                owner,
+                seqs: seqs.clone(),
                 op: Op::Set {
                     pos: p.pos,
                     row: p.data.clone(),
                 },
             });
         }
+    }
+
+    fn reindex(&mut self) {
+        self.targets = self.edits.iter().map(|e| e.node.clone()).collect();
+        self.targets.sort();
+        self.targets.dedup();
+        if let Some(w) = self.edits.iter().find_map(|e| match &e.op {
+            Op::Add { row, .. } | Op::Set { row, .. } if !row.is_empty() => Some(row.len()),
+            _ => None,
+        }) {
+            self.n_embd = w;
+        }
+    }
+
+    /// Replace sequence `seq`'s own edits by `edits` (empty: the sequence is
+    /// no longer edited); they apply to that sequence only.
+    pub(super) fn set_seq(&mut self, seq: i32, edits: &Edits) {
+        self.edits.retain(|e| e.owner != Some(seq));
+        self.push(edits, Some(seq), Some(vec![seq]));
         self.reindex();
     }
 
-    /// Ask phase: is `name` (a node the graph computes when `computed`) the
-    /// `l_out-N` of a steered layer? Remembers it for the data phase.
+    /// Ask phase: is `name` (a node the graph computes when `computed`) one
+    /// that an edit touches? Remembers it for the data phase.
     pub(super) fn ask(&mut self, name: &[u8], computed: bool) -> bool {
         self.pending = None;
         if !computed {
             return false;
         }
-        let Some(digits) = name.strip_prefix(b"l_out-") else {
-            return false;
-        };
-        if digits.is_empty() || digits.len() > 6 || !digits.iter().all(u8::is_ascii_digit) {
-            return false;
-        }
-        let layer = digits
-            .iter()
-            .fold(0usize, |n, &d| n * 10 + usize::from(d - b'0'));
-        if self.by_layer.get(layer).copied().unwrap_or(false) {
-            self.pending = Some(layer as u32);
-            true
-        } else {
-            false
+        match self.targets.binary_search_by(|t| t.as_slice().cmp(name)) {
+            Ok(k) => {
+                self.pending = Some(k);
+                true
+            }
+            Err(_) => false,
         }
     }
 
-    /// Data phase: apply the edits of layer `layer` (as asked) to the rows of
-    /// `t` they match. `plan` and `ubatch` label the rows, as for frames.
+    /// Data phase: apply the edits of the node `targets[k]` (as asked) to the
+    /// rows of `t` they match. `plan` and `ubatch` label the rows, as for frames.
     pub(super) fn apply(
         &mut self,
-        layer: u32,
+        k: usize,
         t: &sys::ggml_tensor,
         plan: &Plan,
         ubatch: i64,
     ) -> Result<()> {
-        let layer = layer as usize;
+        let Some(node) = self.targets.get(k) else {
+            return Ok(());
+        };
         let cannot = |why: String| {
             Error::new(
                 ErrorKind::Internal,
-                format!("cannot steer l_out-{layer}: {why}"),
+                format!("cannot edit {}: {why}", String::from_utf8_lossy(node)),
             )
         };
         if t.type_ != convert::GGML_F32 {
@@ -200,10 +205,12 @@ impl Steering {
             edits,
             staging,
             n_embd,
+            targets,
             ..
         } = self;
+        let node = &targets[k];
         let live =
-            |e: &&Edit| e.layer == layer && !matches!(&e.op, Op::Add { row, .. } if row.is_empty());
+            |e: &&Edit| e.node == *node && !matches!(&e.op, Op::Add { row, .. } if row.is_empty());
         if !edits.iter().any(|e| live(&e)) {
             return Ok(());
         }
@@ -289,7 +296,7 @@ impl Steering {
 mod tests {
     use super::*;
     use crate::select::LayerFilter;
-    use crate::steer::ControlVector;
+    use crate::steer::{ControlVector, Patch};
 
     fn steer(layers: &str, scale: f32) -> Steer {
         let v = ControlVector::from_values(&[1.0, 2.0], 4, 2).unwrap();
@@ -297,15 +304,24 @@ mod tests {
         Steer::new(&v, scale, Some(&f), Positions::All, 4, 2).unwrap()
     }
 
+    fn one(steers: Vec<Steer>, patches: Vec<Patch>) -> Edits {
+        Edits { steers, patches }
+    }
+
+    fn asked(s: &mut Steering, name: &[u8]) -> Option<Vec<u8>> {
+        s.ask(name, true)
+            .then(|| s.targets[s.pending.unwrap()].clone())
+    }
+
     #[test]
     fn edits_come_and_go_per_sequence() {
         let mut s = Steering::empty(2);
         assert!(s.is_empty() && !s.ask(b"l_out-1", true));
-        s.set_seq(0, &[steer("1", 2.0)], &[]);
-        let patch = Patch::new("l_out-3", 1, vec![5.0, 6.0], 4, 2, 8).unwrap();
-        s.set_seq(2, &[steer("2", 1.0)], &[patch]);
-        for (name, layer) in [(&b"l_out-1"[..], 1), (b"l_out-2", 2), (b"l_out-3", 3)] {
-            assert!(s.ask(name, true) && s.pending == Some(layer));
+        s.set_seq(0, &one(vec![steer("1", 2.0)], vec![]));
+        let patch = Patch::new("l_out-3", 1, vec![5.0, 6.0], 2, 8).unwrap();
+        s.set_seq(2, &one(vec![steer("2", 1.0)], vec![patch]));
+        for name in [&b"l_out-1"[..], b"l_out-2", b"l_out-3"] {
+            assert_eq!(asked(&mut s, name).as_deref(), Some(name));
         }
         assert!(!s.ask(b"l_out-0", true) && s.pending.is_none());
         assert!(
@@ -314,14 +330,50 @@ mod tests {
         );
         assert!(!s.ask(b"attn_norm-1", true) && !s.ask(b"l_out-x", true));
         // Sequence 0 leaves: its layer is no longer asked, sequence 2's are.
-        s.set_seq(0, &[], &[]);
+        s.set_seq(0, &Edits::default());
         assert!(!s.ask(b"l_out-1", true) && s.ask(b"l_out-3", true));
         assert!(s.edits.iter().all(|e| e.seqs.as_deref() == Some(&[2][..])));
-        s.set_seq(2, &[], &[]);
+        s.set_seq(2, &Edits::default());
         assert!(s.is_empty() && !s.ask(b"l_out-2", true));
         // A scale of 0 asks (the node is handed over) but adds nothing.
-        s.set_seq(1, &[steer("1", 0.0)], &[]);
+        s.set_seq(1, &one(vec![steer("1", 0.0)], vec![]));
         assert!(s.ask(b"l_out-1", true));
         assert!(matches!(&s.edits[0].op, Op::Add { row, .. } if row.is_empty()));
+    }
+
+    #[test]
+    fn whole_tap_edits_sit_beside_a_sequence_s_and_patch_any_node() {
+        let mut s = Steering::empty(2);
+        let patch = Patch::new("attn_out-2", 4, vec![1.0, 1.0], 2, 8).unwrap();
+        let mut st = steer("1", 1.0);
+        st.seqs = Some(vec![3]);
+        s.set_all(&one(vec![st], vec![patch]));
+        s.set_seq(
+            5,
+            &one(
+                vec![],
+                vec![Patch::new("l_out-2", 0, vec![0.0, 1.0], 2, 8).unwrap()],
+            ),
+        );
+        assert_eq!(
+            asked(&mut s, b"attn_out-2").as_deref(),
+            Some(&b"attn_out-2"[..])
+        );
+        assert!(s.ask(b"l_out-1", true) && s.ask(b"l_out-2", true) && !s.ask(b"attn_out-1", true));
+        // The steer keeps its own sequences; the whole tap's patch is for all.
+        let seqs: Vec<_> = s.edits.iter().map(|e| (e.owner, e.seqs.clone())).collect();
+        assert_eq!(
+            seqs,
+            [
+                (None, Some(vec![3])),
+                (None, None),
+                (Some(5), Some(vec![5]))
+            ]
+        );
+        // Replacing the whole tap's edits leaves sequence 5's.
+        s.set_all(&Edits::default());
+        assert!(!s.ask(b"attn_out-2", true) && s.ask(b"l_out-2", true));
+        s.set_seq(5, &Edits::default());
+        assert!(s.is_empty());
     }
 }

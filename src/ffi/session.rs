@@ -16,7 +16,7 @@ use super::{c_str, guard, lt_status, nonnull, write_sized, FfiError};
 use crate::engine::{Model, ModelOptions};
 use crate::error::Error;
 use crate::session::{Generator, RunStats};
-use crate::steer::{ControlVector, Positions, Steer};
+use crate::steer::{ControlVector, Edits, Patch, Positions, Steer};
 
 /// A loaded model (opaque). Shareable by several sessions and threads.
 #[derive(Debug)]
@@ -52,6 +52,9 @@ struct SessionState {
     // Whether the last run was asked to stop early, and the message of its END event.
     cancelled: bool,
     end_message: CString,
+    // The steer and patches every later generation gets (`lt_session_set_steer`,
+    // `lt_session_add_patch`).
+    edits: Edits,
 }
 
 // SAFETY: `state` is only touched by the thread that won `busy` (see `with_session`).
@@ -192,6 +195,7 @@ pub extern "C" fn lt_session_new(
                 last: None,
                 cancelled: false,
                 end_message: CString::default(),
+                edits: Edits::default(),
             }),
         };
         // SAFETY: out is non-NULL and writable.
@@ -510,26 +514,99 @@ pub extern "C" fn lt_session_set_steer(
             crate::steer::check_scale(scale)?;
             Some((ControlVector::read(path)?, layers, positions))
         };
-        with_session(session, |st| {
-            st.reap(false)?;
-            let busy = || {
-                FfiError::new(
-                    lt_status::LT_BUSY,
-                    "a generation is still running on this session",
-                )
-            };
-            if st.worker.is_some() {
-                return Err(busy());
-            }
-            let (n_layer, n_embd) = (st.model.n_layer(), st.model.n_embd());
-            let steer = spec
+        edit_session(session, |edits, n_layer, n_embd, _| {
+            edits.steers = spec
                 .as_ref()
                 .map(|(v, l, p)| Steer::new(v, scale, l.as_ref(), *p, n_layer, n_embd))
-                .transpose()?;
-            let g = st.generator.as_mut().ok_or_else(busy)?;
-            g.set_steer(steer.as_ref())?;
+                .transpose()?
+                .into_iter()
+                .collect();
             Ok(())
         })
+    })
+}
+
+/// Patch every later generation of `session` (see docs/steer.md): the row of
+/// graph node `tensor` (e.g. "l_out-6", "attn_out-6": any node computed once
+/// per graph with one F32 row of n_embd values per token) at position `pos`
+/// becomes the `n` floats at `data` (`n` = n_embd), in every sequence. The
+/// row is copied; patches add up (one per call, a later one of the same
+/// tensor and position wins) until `lt_session_clear_patches`.
+///
+/// Checked before anything changes (an unknown or ambiguous node, a row of
+/// the wrong width or with a non-finite value, a position outside the
+/// context: LT_INVALID_ARGUMENT with the reason in `lt_last_error`); on error
+/// the session is patched as before. A session that captures nothing probes
+/// the model's graph on its first patch.
+///
+/// Call from one thread at a time, not while a generation runs (LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_session_add_patch(
+    session: *mut lt_session,
+    tensor: *const c_char,
+    pos: i32,
+    data: *const f32,
+    n: usize,
+) -> lt_status {
+    guard(|| {
+        nonnull(session, "session")?;
+        let tensor = c_str(tensor, "tensor")?;
+        nonnull(data, "data")?;
+        if n > 1 << 24 {
+            return Err(Error::invalid(format!("n = {n} is not a row width")).into());
+        }
+        // SAFETY: the caller passes `n` readable floats at the non-NULL `data`.
+        let row = unsafe { std::slice::from_raw_parts(data, n) }.to_vec();
+        edit_session(session, |edits, _, n_embd, n_ctx| {
+            let p = Patch::new(tensor, i64::from(pos), row, n_embd, n_ctx)?;
+            edits
+                .patches
+                .retain(|q| (q.tensor.as_str(), q.pos) != (tensor, pos));
+            edits.patches.push(p);
+            Ok(())
+        })
+    })
+}
+
+/// Remove every patch of `session` (`lt_session_add_patch`); its steer stays.
+///
+/// Call from one thread at a time, not while a generation runs (LT_BUSY).
+#[no_mangle]
+pub extern "C" fn lt_session_clear_patches(session: *mut lt_session) -> lt_status {
+    guard(|| {
+        nonnull(session, "session")?;
+        edit_session(session, |edits, _, _, _| {
+            edits.patches.clear();
+            Ok(())
+        })
+    })
+}
+
+/// Change a copy of the session's edits by `change(edits, n_layer, n_embd,
+/// n_ctx)` and install it; on any error the session keeps its edits.
+fn edit_session(
+    session: *mut lt_session,
+    change: impl FnOnce(&mut Edits, usize, usize, usize) -> Result<(), Error>,
+) -> Result<(), FfiError> {
+    with_session(session, |st| {
+        st.reap(false)?;
+        let busy = || {
+            FfiError::new(
+                lt_status::LT_BUSY,
+                "a generation is still running on this session",
+            )
+        };
+        if st.worker.is_some() {
+            return Err(busy());
+        }
+        let (n_layer, n_embd) = (st.model.n_layer(), st.model.n_embd());
+        let g = st.generator.as_mut().ok_or_else(busy)?;
+        let n_ctx = g.context().n_ctx() as usize;
+        let mut edits = st.edits.clone();
+        change(&mut edits, n_layer, n_embd, n_ctx)?;
+        g.set_edits(&edits)?;
+        st.edits = edits;
+        Ok(())
     })
 }
 

@@ -10,7 +10,7 @@ use crate::engine::{SamplingOptions, Token};
 use crate::error::Error;
 use crate::record::{self, Dtype, FrameHeader, RowMeta, TokenHeader, TopEntry, ROW_PROMPT};
 use crate::select::{LayerFilter, SkippedTensor};
-use crate::steer::{Patch, Steer};
+use crate::steer::Edits;
 
 use super::SubscriberStats;
 
@@ -102,20 +102,11 @@ pub struct Job {
     /// vocabulary even when `n_probs` is 0 (one pass over the logits: ~2-3 ms
     /// per token at a 262k vocabulary on 2 cores). Subscribers always get them.
     pub token_stats: bool,
-    /// Steering and patching of this job's own sequence (`None`: its rows are
-    /// left as computed, and the job costs nothing more).
-    pub edits: Option<Arc<JobEdits>>,
-}
-
-/// What a job changes in its own sequence's residual stream while it runs:
-/// vectors added ([`Steer`], its `seqs` ignored: the job's slot is steered)
-/// and rows replaced ([`Patch`]), checked against the model beforehand.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct JobEdits {
-    /// Vectors added to `l_out-N` rows.
-    pub steers: Vec<Steer>,
-    /// `l_out-N` rows replaced.
-    pub patches: Vec<Patch>,
+    /// Steering and patching of this job's own sequence, checked against the
+    /// model beforehand (`None`: its rows are left as computed, and the job
+    /// costs nothing more). The steers' own `seqs` are ignored: the job's
+    /// slot is edited.
+    pub edits: Option<Arc<Edits>>,
 }
 
 /// Why a job ended.

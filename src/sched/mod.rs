@@ -26,8 +26,8 @@ mod router;
 mod worker;
 
 pub use job::{
-    FrameOut, Job, JobDone, JobEdits, JobEvent, JobSink, LatentFilter, LatentRequest, Offer,
-    StopReason, SubmitError, SubscriberSink, TokenOut,
+    FrameOut, Job, JobDone, JobEvent, JobSink, LatentFilter, LatentRequest, Offer, StopReason,
+    SubmitError, SubscriberSink, TokenOut,
 };
 /// Wire record kind of a subscriber's request notice ([`crate::record::kind::REQUEST`]).
 pub const KIND_REQUEST: u32 = crate::record::kind::REQUEST;

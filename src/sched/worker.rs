@@ -219,9 +219,7 @@ impl Worker {
             }
             // A reused slot starts unedited; a job with edits installs its own.
             let edited = match &job.edits {
-                Some(e) => self
-                    .tap()
-                    .and_then(|t| t.set_seq_edits(free as i32, &e.steers, &e.patches)),
+                Some(e) => self.tap().and_then(|t| t.set_seq_edits(free as i32, e)),
                 None => Ok(()),
             };
             let sampler = Sampler::new(&job.sampling);
@@ -392,7 +390,7 @@ impl Worker {
         if a.job.edits.is_some() {
             // Cannot fail: clearing needs nothing of the tap but its arming.
             if let Some(t) = self.ctx.tap_mut() {
-                let _ = t.set_seq_edits(slot as i32, &[], &[]);
+                let _ = t.set_seq_edits(slot as i32, &crate::steer::Edits::default());
             }
         }
         if let Ok(mut s) = self.shared.slots.lock() {

@@ -9,6 +9,9 @@
 //! "patch": [{"tensor": "l_out-6", "pos": 3, "data": "<base64 f32 LE [n_embd]>"}]
 //! ```
 //!
+//! A patch may name any node the graph computes once, with one F32 row of
+//! n_embd values per token (`l_out-N`, `attn_out-N`, …; see `check_node`).
+//!
 //! A steer entry gives `vector` (n_embd values for every layer, or n_layer ×
 //! n_embd) or `file` (a control-vector GGUF inside `serve --steer-dir`). The
 //! layers, positions and scale go through the CLI's checks (`Steer::new`,
@@ -22,16 +25,17 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use crate::engine::Model;
-use crate::sched::JobEdits;
-use crate::select::LayerFilter;
-use crate::steer::{check_scale, f32_le, ControlVector, Patch, Positions, Steer};
+use crate::select::{GraphNode, LayerFilter};
+use crate::steer::{
+    check_node, check_scale, f32_le, ControlVector, Edits, Patch, Positions, Steer,
+};
 use crate::Error;
 
 /// What a request changes, and what its final object says of it.
 #[derive(Debug, Clone)]
 pub(crate) struct RequestEdits {
     /// Handed to the job.
-    pub(crate) edits: Arc<JobEdits>,
+    pub(crate) edits: Arc<Edits>,
     /// `"steer": [{layers, positions, scale, vector_norm, source}]` (`None`
     /// without the field).
     pub(crate) steer: Option<Value>,
@@ -50,6 +54,8 @@ pub(crate) struct Limits<'a> {
     pub(crate) end: usize,
     /// `serve --steer-dir`.
     pub(crate) steer_dir: Option<&'a Path>,
+    /// The model's graph (which nodes a patch may name).
+    pub(crate) graph: &'a [GraphNode],
 }
 
 fn bad(field: &str, e: impl std::fmt::Display) -> ApiError {
@@ -231,6 +237,7 @@ fn patch_entry(v: &Value, i: usize, lim: &Limits<'_>) -> Result<Patch, ApiError>
         _ => return Err(bad(&f("pos"), "is required: an integer position")),
     };
     let data = values(o, &f("data"))?.ok_or_else(|| bad(&f("data"), "is required"))?;
+    check_node(lim.graph, tensor, lim.n_embd).map_err(|e| bad(&f("tensor"), e.message()))?;
     let field = if data.len() != lim.n_embd || data.iter().any(|x| !x.is_finite()) {
         f("data")
     } else if pos < 0 || pos as u64 >= lim.end as u64 {
@@ -238,8 +245,7 @@ fn patch_entry(v: &Value, i: usize, lim: &Limits<'_>) -> Result<Patch, ApiError>
     } else {
         f("tensor")
     };
-    Patch::new(tensor, pos, data, lim.n_layer, lim.n_embd, lim.end)
-        .map_err(|e| bad(&field, e.message()))
+    Patch::new(tensor, pos, data, lim.n_embd, lim.end).map_err(|e| bad(&field, e.message()))
 }
 
 /// Read `steer` and `patch` (`None` when neither is given or both are empty).
@@ -251,7 +257,7 @@ pub(crate) fn edits(
     if st.is_empty() && pa.is_empty() {
         return Ok(None);
     }
-    let mut edits = JobEdits::default();
+    let mut edits = Edits::default();
     let mut steer = Vec::new();
     for (i, v) in st.iter().enumerate() {
         let (s, applied) = steer_entry(v, i, lim)?;
@@ -261,7 +267,7 @@ pub(crate) fn edits(
     let mut patch = Vec::new();
     for (i, v) in pa.iter().enumerate() {
         let p = patch_entry(v, i, lim)?;
-        patch.push(json!({"tensor": format!("l_out-{}", p.layer), "pos": p.pos, "norm": p.norm()}));
+        patch.push(json!({"tensor": p.tensor, "pos": p.pos, "norm": p.norm()}));
         edits.patches.push(p);
     }
     Ok(Some(RequestEdits {

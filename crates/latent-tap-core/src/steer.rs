@@ -23,7 +23,7 @@
 
 mod edit;
 mod spec;
-pub use edit::{f32_le, layer_range, Patch};
+pub use edit::{check_node, f32_le, layer_range, Edits, Patch};
 pub use spec::{check_scale, layer_list, Positions, Steer};
 
 use std::collections::BTreeMap;

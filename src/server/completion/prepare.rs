@@ -156,6 +156,7 @@ pub(crate) fn prepare(
             tokens.len().saturating_add(n).min(n_ctx_slot)
         }),
         steer_dir: app.cfg.steer_dir.as_deref(),
+        graph: engine.graph(),
     };
     let edits = crate::server::edits::edits(m, &limits)?;
     let filter = params

@@ -7,8 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use super::ControlVector;
+use super::{ControlVector, Steer};
 use crate::error::{Error, Result};
+use crate::select::GraphNode;
 
 /// Little-endian f32 values from `bytes` (a whole number of 4-byte values).
 pub fn f32_le(bytes: &[u8]) -> Result<Vec<f32>> {
@@ -124,12 +125,14 @@ pub fn layer_range(start: i32, end: i32, n_layer: usize) -> Result<(i32, i32)> {
     Ok((s, e))
 }
 
-/// One row replaced while the graph runs: the `l_out-N` row of the patched
-/// sequence at position `pos` becomes `data`.
+/// One row replaced while the graph runs: the row of node `tensor` (e.g.
+/// `l_out-N`, `attn_out-N`: any node computed once per graph whose rows are
+/// `n_embd` wide, see [`check_node`]) of the patched sequence at position
+/// `pos` becomes `data`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Patch {
-    /// The layer `N` of the `l_out-N` node patched.
-    pub layer: usize,
+    /// The ggml name of the node patched.
+    pub tensor: String,
     /// The position whose row is replaced.
     pub pos: i32,
     /// The new row (`n_embd` values).
@@ -137,31 +140,24 @@ pub struct Patch {
 }
 
 impl Patch {
-    /// A patch of tensor `tensor` (`l_out-N`, `N < n_layer`) at `pos` (below
-    /// `end`: the last position the sequence can reach, plus one) with `data`
-    /// (`n_embd` finite values). Errors name the value at fault.
-    pub fn new(
-        tensor: &str,
-        pos: i64,
-        data: Vec<f32>,
-        n_layer: usize,
-        n_embd: usize,
-        end: usize,
-    ) -> Result<Self> {
-        let layer = tensor
-            .strip_prefix("l_out-")
-            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|d| d.parse::<usize>().ok())
-            .filter(|&l| l < n_layer)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "tensor '{tensor}' cannot be patched: the patchable tensors are l_out-0..l_out-{}",
-                    n_layer.saturating_sub(1)
-                ))
-            })?;
+    /// A patch of node `tensor` at `pos` (below `end`: the last position the
+    /// sequence can reach, plus one) with `data` (`n_embd` finite values).
+    /// Whether the model's graph has such a node is [`check_node`]'s (or
+    /// [`Edits::check`]'s) to say. Errors name the value at fault.
+    pub fn new(tensor: &str, pos: i64, data: Vec<f32>, n_embd: usize, end: usize) -> Result<Self> {
+        // ggml names are at most GGML_MAX_NAME - 1 = 63 bytes.
+        if tensor.is_empty()
+            || tensor.len() > 63
+            || tensor.contains('#')
+            || tensor.contains(char::is_whitespace)
+        {
+            return Err(Error::invalid(format!(
+                "tensor '{tensor}' cannot be patched: give a node name such as l_out-6 (see `latent-tap tensors`)"
+            )));
+        }
         if pos < 0 || pos as u64 >= end as u64 {
             return Err(Error::invalid(format!(
-                "pos {pos} is outside the positions this request reaches (0..{end}: prompt and n_predict)"
+                "pos {pos} is outside the positions this run reaches (0..{end})"
             )));
         }
         if data.len() != n_embd {
@@ -176,7 +172,7 @@ impl Patch {
             )));
         }
         Ok(Self {
-            layer,
+            tensor: tensor.to_string(),
             pos: pos as i32,
             data,
         })
@@ -189,6 +185,87 @@ impl Patch {
             .map(|&x| f64::from(x).powi(2))
             .sum::<f64>()
             .sqrt()
+    }
+}
+
+/// Refuse an edit of node `tensor` unless `graph` computes it exactly once per
+/// graph compute (a name the graph reuses, such as llama's two `ffn_out-N`,
+/// would be ambiguous) with one F32 row of `n_embd` values per token.
+pub fn check_node(graph: &[GraphNode], tensor: &str, n_embd: usize) -> Result<()> {
+    let mut found = graph.iter().filter(|n| n.ggml_name == tensor);
+    let Some(node) = found.next() else {
+        return Err(Error::invalid(format!(
+            "the model's graph has no node '{tensor}' to edit (`latent-tap tensors` lists them)"
+        )));
+    };
+    if found.next().is_some() {
+        return Err(Error::invalid(format!(
+            "'{tensor}' names more than one node of the graph, so an edit of it would be ambiguous"
+        )));
+    }
+    if node.ggml_type != crate::convert::GGML_F32 || node.row_width != Some(n_embd) {
+        return Err(Error::invalid(format!(
+            "'{tensor}' cannot be edited: only F32 nodes with one row of n_embd = {n_embd} values per token can (it has {})",
+            match node.row_width {
+                Some(w) => format!("rows of {w} values, ggml type {}", node.ggml_type),
+                None => "no per-token row".to_string(),
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// What a run changes in the residual stream while the graph runs: vectors
+/// added ([`Steer`]) and rows replaced ([`Patch`]). Empty: nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Edits {
+    /// Vectors added to `l_out-N` rows.
+    pub steers: Vec<Steer>,
+    /// Rows replaced.
+    pub patches: Vec<Patch>,
+}
+
+impl Edits {
+    /// No steer and no patch.
+    pub fn is_empty(&self) -> bool {
+        self.steers.is_empty() && self.patches.is_empty()
+    }
+
+    /// Check every edit against a model of `n_layer` layers of width `n_embd`,
+    /// a context of `n_ctx` positions and the model's `graph`: each steer's
+    /// width, layers, scale and positions, each patch's width and position,
+    /// and every edited node (see [`check_node`]). Nothing runs half-edited.
+    pub fn check(
+        &self,
+        n_layer: usize,
+        n_embd: usize,
+        n_ctx: usize,
+        graph: &[GraphNode],
+    ) -> Result<()> {
+        for s in &self.steers {
+            s.check(n_layer, n_embd, n_ctx)?;
+            for l in s.layers() {
+                check_node(graph, &format!("l_out-{l}"), n_embd)?;
+            }
+        }
+        for p in &self.patches {
+            if p.data.len() != n_embd {
+                return Err(Error::invalid(format!(
+                    "the patch of {} has {} values, not n_embd {n_embd}",
+                    p.tensor,
+                    p.data.len()
+                )));
+            }
+            if p.pos < 0 || p.pos as usize >= n_ctx {
+                return Err(Error::invalid(format!(
+                    "the patch of {} at pos {} is outside the context of {n_ctx} positions",
+                    p.tensor, p.pos
+                )));
+            }
+            check_node(graph, &p.tensor, n_embd)
+                .map_err(|e| Error::invalid(format!("patch: {}", e.message())))?;
+        }
+        Ok(())
     }
 }
 
@@ -244,23 +321,30 @@ mod tests {
         assert!(layer_range(6, 8, 6).is_err());
     }
 
+    fn node(name: &str, width: Option<usize>) -> GraphNode {
+        GraphNode {
+            name: name.into(),
+            ggml_name: name.into(),
+            occurrence: 0,
+            layer: None,
+            ggml_type: crate::convert::GGML_F32,
+            ne: [2, 1, 1, 1],
+            row_width: width,
+        }
+    }
+
     #[test]
     fn patches_are_checked() {
-        let p = Patch::new("l_out-2", 3, vec![3.0, 4.0], 4, 2, 10).unwrap();
-        assert_eq!((p.layer, p.pos, p.norm()), (2, 3, 5.0));
+        let p = Patch::new("l_out-2", 3, vec![3.0, 4.0], 2, 10).unwrap();
+        assert_eq!((p.tensor.as_str(), p.pos, p.norm()), ("l_out-2", 3, 5.0));
         let err = |t: &str, pos: i64, d: Vec<f32>| {
-            Patch::new(t, pos, d, 4, 2, 10)
+            Patch::new(t, pos, d, 2, 10)
                 .unwrap_err()
                 .message()
                 .to_string()
         };
-        let e = err("l_out-4", 0, vec![0.0; 2]);
-        assert!(
-            e.contains("tensor 'l_out-4' cannot be patched") && e.contains("l_out-3"),
-            "{e}"
-        );
-        assert!(err("attn_norm-1", 0, vec![0.0; 2]).contains("'attn_norm-1'"));
-        assert!(err("l_out-", 0, vec![0.0; 2]).contains("'l_out-'"));
+        assert!(err("", 0, vec![0.0; 2]).contains("tensor '' cannot be patched"));
+        assert!(err("ffn_out-1#2", 0, vec![0.0; 2]).contains("'ffn_out-1#2'"));
         let e = err("l_out-1", 10, vec![0.0; 2]);
         assert!(
             e.contains("pos 10 is outside") && e.contains("0..10"),
@@ -269,5 +353,43 @@ mod tests {
         assert!(err("l_out-1", -1, vec![0.0; 2]).contains("pos -1"));
         assert!(err("l_out-1", 0, vec![0.0; 3]).contains("data has 3 values, not n_embd 2"));
         assert!(err("l_out-1", 0, vec![0.0, f32::INFINITY]).contains("data value 1 is inf"));
+
+        // Against a graph: present once, F32, n_embd-wide rows.
+        let mut g = vec![
+            node("l_out-1", Some(2)),
+            node("attn_out-1", Some(2)),
+            node("ffn_out-1", Some(2)),
+        ];
+        g.push(node("ffn_out-1", Some(2)));
+        g.push(node("kq-1", Some(7)));
+        g.push(node("cache_k", None));
+        let mut half = node("h16", Some(2));
+        half.ggml_type = 1;
+        g.push(half);
+        assert!(check_node(&g, "l_out-1", 2).is_ok() && check_node(&g, "attn_out-1", 2).is_ok());
+        let e = |t: &str| check_node(&g, t, 2).unwrap_err().message().to_string();
+        assert!(e("l_out-9").contains("has no node 'l_out-9'"));
+        assert!(e("ffn_out-1").contains("more than one node"));
+        assert!(e("kq-1").contains("rows of 7 values"));
+        assert!(e("cache_k").contains("no per-token row"));
+        assert!(e("h16").contains("ggml type 1"));
+
+        let edits = Edits {
+            steers: vec![],
+            patches: vec![Patch::new("l_out-1", 3, vec![1.0, 2.0], 2, 10).unwrap()],
+        };
+        assert!(!edits.is_empty() && Edits::default().is_empty());
+        assert!(edits.check(4, 2, 8, &g).is_ok());
+        let m = edits.check(4, 2, 3, &g).unwrap_err().message().to_string();
+        assert!(m.contains("pos 3 is outside the context of 3"), "{m}");
+        let m = edits.check(4, 3, 8, &g).unwrap_err().message().to_string();
+        assert!(m.contains("2 values, not n_embd 3"), "{m}");
+        let mut far = edits.clone();
+        far.patches[0].tensor = "l_out-7".into();
+        let m = far.check(4, 2, 8, &g).unwrap_err().message().to_string();
+        assert!(
+            m.starts_with("patch: the model's graph has no node 'l_out-7'"),
+            "{m}"
+        );
     }
 }

@@ -199,6 +199,31 @@ impl Steer {
         })
     }
 
+    /// Check the steer fits a model of `n_layer` layers of width `n_embd`
+    /// and a context of `n_ctx` positions: its width, its layers
+    /// (`1..n_layer`), its scale and its positions.
+    pub fn check(&self, n_layer: usize, n_embd: usize, n_ctx: usize) -> Result<()> {
+        if self.n_embd != n_embd {
+            return Err(Error::invalid(format!(
+                "the steering vector is {} wide but the model's n_embd is {n_embd}",
+                self.n_embd
+            )));
+        }
+        if let Some((l, d)) = self
+            .directions
+            .iter()
+            .find(|(&l, d)| l == 0 || l >= n_layer || d.len() != n_embd)
+        {
+            return Err(Error::invalid(format!(
+                "steering layer {l} ({} values) does not fit the model: layers 1..={}, n_embd {n_embd}",
+                d.len(),
+                n_layer.saturating_sub(1)
+            )));
+        }
+        check_scale(self.scale)?;
+        self.positions.check(n_ctx)
+    }
+
     /// The layers steered, ascending.
     pub fn layers(&self) -> Vec<usize> {
         self.directions.keys().copied().collect()

@@ -14,6 +14,7 @@ use latent_tap::record::Dtype;
 use latent_tap::select::LayerFilter;
 use latent_tap::session::{CaptureSpec, GenerateOptions, Generator, Progress};
 use latent_tap::settings;
+use latent_tap::steer::Edits;
 use latent_tap::{Error, ErrorKind, Result};
 
 use crate::args::{capture_mode, fit_ubatch, load, rows_arg, CaptureArgs};
@@ -130,8 +131,11 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         .iter()
         .map(|(p, _)| model.tokenize(p, true))
         .collect::<Result<Vec<_>>>()?;
-    let (mut gen, stream) =
-        Generator::new_steered(model.clone(), &ctx_opts, &spec, steer.as_ref())?;
+    let edits = Edits {
+        steers: steer.iter().cloned().collect(),
+        patches: Vec::new(),
+    };
+    let (mut gen, stream) = Generator::new_edited(model.clone(), &ctx_opts, &spec, &edits)?;
     let selection = gen.selection().to_vec();
     let skipped = gen.skipped().to_vec();
     let lens = match &lens_spec {
