@@ -173,6 +173,16 @@ pub struct CaptureArgs {
     /// (half-open) or A..=B [default: all].
     #[arg(long, value_name = "WHICH")]
     pub steer_positions: Option<String>,
+    /// Patch a row (activation patching; repeatable): the row of graph node
+    /// TENSOR (l_out-N, attn_out-N, ...) at POS, or at every position of A..B,
+    /// becomes the row of --patch-from's run at the same place, or at SRC_POS
+    /// (=SRC_POS), or of another tensor (=SRC_TENSOR:SRC_POS). See docs/steer.md.
+    #[arg(long, value_name = "TENSOR:POS[=[SRC_TENSOR:]SRC_POS]")]
+    pub patch: Vec<String>,
+    /// The run --patch takes its rows from: a `capture --out` directory or a
+    /// safetensors file in its layout (rows of its first prompt, seq 0).
+    #[arg(long, value_name = "RUN")]
+    pub patch_from: Option<PathBuf>,
     /// Output directory.
     #[arg(long, short = 'o')]
     pub out: PathBuf,

@@ -19,6 +19,7 @@ use latent_tap::{Error, ErrorKind, Result};
 
 use crate::args::{capture_mode, fit_ubatch, load, rows_arg, CaptureArgs};
 use crate::cmd::lens::{write_lens_data, LensPlan, LENS_OUTPUTS};
+use crate::cmd::patch_flags::PatchFlags;
 use crate::cmd::steer_flags::SteerFlags;
 use crate::outdir::{OutDir, OUTPUTS};
 use crate::prompts::{read_prompts, Source};
@@ -62,6 +63,7 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         }
     };
     let steer_flags = SteerFlags::check(&a)?;
+    let patch_flags = PatchFlags::check(&a)?;
     let prompts_text = read_prompts(&a, order)?;
     if a.n_predict == 0 {
         return Err(Error::invalid(
@@ -133,7 +135,11 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let edits = Edits {
         steers: steer.iter().cloned().collect(),
-        patches: Vec::new(),
+        patches: patch_flags
+            .as_ref()
+            .map(|f| f.patches(&model, ctx_opts.n_ctx as usize))
+            .transpose()?
+            .unwrap_or_default(),
     };
     let (mut gen, stream) = Generator::new_edited(model.clone(), &ctx_opts, &spec, &edits)?;
     let selection = gen.selection().to_vec();
@@ -216,6 +222,7 @@ pub fn capture(a: CaptureArgs, order: &[Source]) -> Result<()> {
         "tensors": tensors,
         "skipped": skipped,
         "steer": steer_flags.as_ref().zip(steer.as_ref()).map(|(f, s)| f.manifest(s)),
+        "patch": patch_flags.as_ref().map(|f| f.manifest(&edits.patches)),
         "lens": lens.as_ref().zip(lens_rows.as_ref()).map(|(l, rows)| json!({
             "layers": l.layers(), "top_k": l.top_k(), "target": a.lens_target.as_deref().unwrap_or("next"),
             "translated_layers": l.translated_layers(), "rows": rows.len(),

@@ -4,6 +4,7 @@ pub mod capture;
 pub mod dataset;
 pub mod lens;
 pub mod listen;
+pub mod patch_flags;
 pub mod rpc_server;
 #[cfg(feature = "serve")]
 pub mod serve;
