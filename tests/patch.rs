@@ -397,3 +397,173 @@ fn bad_patch_flags_are_one_clear_error_each() {
         );
     }
 }
+
+/// The rows of prompt `index` of `tensor` in a dataset run's one shard, by position.
+fn dataset_rows(dir: &Path, tensor: &str, index: i64) -> Vec<(i32, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("latents-00000.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ints = |n: &str, w: usize| -> Vec<i64> {
+        st.tensor(n)
+            .unwrap()
+            .data()
+            .chunks_exact(w)
+            .map(|c| {
+                if w == 4 {
+                    i32::from_le_bytes(c.try_into().unwrap()) as i64
+                } else {
+                    i64::from_le_bytes(c.try_into().unwrap())
+                }
+            })
+            .collect()
+    };
+    let (pos, prompt) = (
+        ints(&format!("{tensor}.pos"), 4),
+        ints(&format!("{tensor}.prompt"), 8),
+    );
+    let data: Vec<f32> = st
+        .tensor(tensor)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let w = data.len() / pos.len();
+    let mut out: Vec<(i32, Vec<f32>)> = (0..pos.len())
+        .filter(|&i| prompt[i] == index)
+        .map(|i| (pos[i] as i32, data[i * w..(i + 1) * w].to_vec()))
+        .collect();
+    out.sort_by_key(|r| r.0);
+    out
+}
+
+#[test]
+fn dataset_capture_steers_and_patches_every_prompt_like_capture() {
+    let d = tempfile::tempdir().unwrap();
+    let m = synth5(d.path());
+    let src = d.path().join("src");
+    ok(capture(&m, SOURCE, "l_out-*", &[], &src));
+    let v = d.path().join("v.gguf");
+    let cv = latent_tap::steer::ControlVector::from_values(
+        &(0..64)
+            .map(|i| ((i % 5) as f32 - 2.0) * 0.1)
+            .collect::<Vec<_>>(),
+        N_LAYER,
+        64,
+    )
+    .unwrap();
+    cv.write(&v).unwrap();
+    let prompts = ["hello there", "a lazy yellow dogs!", "one two three four"];
+    let pf = d.path().join("prompts.txt");
+    std::fs::write(&pf, prompts.join("\n") + "\n").unwrap();
+    let vs = format!("{}:3", v.display());
+    let edits = [
+        "--steer",
+        vs.as_str(),
+        "--steer-layers",
+        "2",
+        "--patch",
+        "l_out-1:1",
+        "--patch-from",
+        src.to_str().unwrap(),
+    ];
+    let run = d.path().join("run");
+    let o = common::bin()
+        .args([
+            "capture",
+            "-q",
+            "-t",
+            "1",
+            "-n",
+            "2",
+            "--parallel",
+            "1",
+            "--tensors",
+            "l_out-*",
+            "-m",
+        ])
+        .arg(&m)
+        .arg("--prompts")
+        .arg(&pf)
+        .args(edits)
+        .arg("-o")
+        .arg(&run)
+        .output()
+        .unwrap();
+    ok(o);
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap();
+    let text = man.to_string();
+    assert!(
+        text.contains("\"steer\"") && text.contains("\"patch\""),
+        "{text}"
+    );
+    for (i, p) in prompts.iter().enumerate() {
+        let one = d.path().join(format!("one{i}"));
+        let o = common::bin()
+            .args([
+                "capture",
+                "-q",
+                "-t",
+                "1",
+                "-n",
+                "2",
+                "--tensors",
+                "l_out-*",
+                "-m",
+            ])
+            .arg(&m)
+            .args(["-p", p])
+            .args(edits)
+            .arg("-o")
+            .arg(&one)
+            .output()
+            .unwrap();
+        ok(o);
+        for l in 0..N_LAYER - 1 {
+            let name = format!("l_out-{l}");
+            let want = rows(&one, &name);
+            let got = dataset_rows(&run, &name, i as i64);
+            assert!(!got.is_empty(), "{name} prompt {i}");
+            for (pos, row) in &got {
+                assert_eq!(
+                    row.as_slice(),
+                    want.row(0, *pos).unwrap(),
+                    "{name} prompt {i} pos {pos}"
+                );
+            }
+        }
+        // The patch is there: l_out-1 at 1 is the source's.
+        let got = dataset_rows(&run, "l_out-1", i as i64);
+        assert_eq!(got[1].1, at(&rows(&src, "l_out-1"), 1), "prompt {i}");
+    }
+    // A resume with other edits is refused.
+    let o = common::bin()
+        .args([
+            "capture",
+            "-q",
+            "-t",
+            "1",
+            "-n",
+            "2",
+            "--parallel",
+            "1",
+            "--tensors",
+            "l_out-*",
+            "--resume",
+            "-m",
+        ])
+        .arg(&m)
+        .arg("--prompts")
+        .arg(&pf)
+        .args(["--steer", &format!("{}:4", v.display())])
+        .arg("-o")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("other settings (settings.patch, settings.steer)"),
+        "{err}"
+    );
+}

@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -38,6 +39,7 @@ use crate::sched::{
 };
 use crate::select::{GraphNode, Selection};
 use crate::settings;
+use crate::steer::Edits;
 
 mod prompts;
 use prompts::PromptReader;
@@ -76,8 +78,12 @@ pub struct DatasetOptions {
     pub shard_count: usize,
     /// Continue the run already in `dir`.
     pub resume: bool,
-    /// Extra settings recorded in the manifest and checked on resume.
+    /// Extra settings recorded in the manifest and checked on resume (a run
+    /// with edits should record them here, so a resume cannot change them).
     pub settings: Value,
+    /// Steering and patching of every prompt (`None`: none), checked against
+    /// the engine's model, graph and slot context before the first prompt.
+    pub edits: Option<Arc<Edits>>,
 }
 
 /// How a capture ended.
@@ -181,6 +187,14 @@ pub fn capture(
     opts.validate()?;
     let t0 = Instant::now();
     let model = engine.model().clone();
+    if let Some(e) = &opts.edits {
+        e.check(
+            model.n_layer(),
+            model.n_embd(),
+            engine.n_ctx_slot() as usize,
+            engine.graph(),
+        )?;
+    }
     // A regular file is counted first; a pipe or standard input is read once,
     // and its length is known at the end.
     let lines = match &opts.prompts {
@@ -417,7 +431,7 @@ fn run(
                 latents: (!filter.names.is_empty()).then(|| filter.clone()),
                 // tokens.jsonl records logprob and entropy of every generated token.
                 token_stats: true,
-                edits: None,
+                edits: opts.edits.clone(),
             };
             let tx = tx.clone();
             let sink = Box::new(move |ev: JobEvent| {

@@ -225,13 +225,7 @@ pub fn resume(dir: &Path, config: &Value) -> Result<Manifest> {
     let tokens_path = dir.join("tokens.jsonl");
     let m = read_manifest(dir)?;
     if m.config != *config {
-        let differs: Vec<String> = config
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| m.config.get(k.as_str()) != Some(v))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let differs = differing_keys(&m.config, config, "");
         return Err(Error::invalid(format!(
             "the run in {} was made with other settings ({}); resume with the same ones or use a new directory",
             dir.display(),
@@ -270,6 +264,28 @@ pub fn resume(dir: &Path, config: &Value) -> Result<Manifest> {
         std::fs::remove_file(&p).map_err(|e| Error::io(&p, "removing", e))?;
     }
     Ok(m)
+}
+
+/// The keys whose values differ between `a` and `b` (both objects; a key
+/// only one has counts), one level into objects both hold (`settings.steer`).
+fn differing_keys(a: &Value, b: &Value, prefix: &str) -> Vec<String> {
+    let (Some(x), Some(y)) = (a.as_object(), b.as_object()) else {
+        return vec![prefix.trim_end_matches('.').to_string()];
+    };
+    let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = Vec::new();
+    for k in keys {
+        match (x.get(k.as_str()), y.get(k.as_str())) {
+            (Some(p), Some(q)) if p == q => {}
+            (Some(p @ Value::Object(_)), Some(q @ Value::Object(_))) if prefix.is_empty() => {
+                out.extend(differing_keys(p, q, &format!("{k}.")));
+            }
+            _ => out.push(format!("{prefix}{k}")),
+        }
+    }
+    out
 }
 
 /// Does `dir` already hold dataset output (a manifest, shards or tokens)?

@@ -203,11 +203,15 @@ pub fn check_node(graph: &[GraphNode], tensor: &str, n_embd: usize) -> Result<()
             "'{tensor}' names more than one node of the graph, so an edit of it would be ambiguous"
         )));
     }
-    if node.ggml_type != crate::convert::GGML_F32 || node.row_width != Some(n_embd) {
+    // One token's row is the whole node: [n_embd, 1, 1, 1] (not, e.g., the
+    // [16, 4] of a per-head view, though its row also holds n_embd values).
+    let one_row = node.ne == [n_embd as i64, 1, 1, 1];
+    if node.ggml_type != crate::convert::GGML_F32 || node.row_width != Some(n_embd) || !one_row {
         return Err(Error::invalid(format!(
             "'{tensor}' cannot be edited: only F32 nodes with one row of n_embd = {n_embd} values per token can (it has {})",
             match node.row_width {
-                Some(w) => format!("rows of {w} values, ggml type {}", node.ggml_type),
+                Some(w) if one_row || w != n_embd => format!("rows of {w} values, ggml type {}", node.ggml_type),
+                Some(_) => format!("shape {:?} per token", node.ne),
                 None => "no per-token row".to_string(),
             }
         )));
@@ -366,6 +370,9 @@ mod tests {
         let mut half = node("h16", Some(2));
         half.ggml_type = 1;
         g.push(half);
+        let mut heads = node("node_24", Some(2));
+        heads.ne = [1, 2, 1, 1];
+        g.push(heads);
         assert!(check_node(&g, "l_out-1", 2).is_ok() && check_node(&g, "attn_out-1", 2).is_ok());
         let e = |t: &str| check_node(&g, t, 2).unwrap_err().message().to_string();
         assert!(e("l_out-9").contains("has no node 'l_out-9'"));
@@ -373,6 +380,11 @@ mod tests {
         assert!(e("kq-1").contains("rows of 7 values"));
         assert!(e("cache_k").contains("no per-token row"));
         assert!(e("h16").contains("ggml type 1"));
+        assert!(
+            e("node_24").contains("shape [1, 2, 1, 1] per token"),
+            "{}",
+            e("node_24")
+        );
 
         let edits = Edits {
             steers: vec![],

@@ -9,9 +9,12 @@ use latent_tap::engine::{ContextOptions, SamplingOptions};
 use latent_tap::record::Dtype;
 use latent_tap::select::LayerFilter;
 use latent_tap::settings;
+use latent_tap::steer::Edits;
 use latent_tap::{Error, Result};
 
 use crate::args::{capture_mode, fit_ubatch, load, rows_arg, CaptureArgs};
+use crate::cmd::patch_flags::PatchFlags;
+use crate::cmd::steer_flags::SteerFlags;
 use crate::outdir::make_out_dir;
 use crate::signals::{on_signals, SIGNAL, STOP};
 use crate::stdout::to_stdout;
@@ -27,21 +30,13 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
         ("--lens-target", a.lens_target.is_some()),
         ("--translators", a.translators.is_some()),
     ];
-    let steer_flags = [
-        ("--steer", a.steer.is_some()),
-        ("--steer-layers", a.steer_layers.is_some()),
-        ("--steer-positions", a.steer_positions.is_some()),
-    ];
-    if let Some((flag, _)) = steer_flags.iter().find(|(_, set)| *set) {
-        return Err(Error::invalid(format!(
-            "{flag} applies to capture with -p/-f only, not yet to --prompts"
-        )));
-    }
     if let Some((flag, _)) = lens_flags.iter().find(|(_, set)| *set) {
         return Err(Error::invalid(format!(
             "{flag} applies to capture with -p/-f only, not to --prompts (dataset runs store no lens)"
         )));
     }
+    let steer_flags = SteerFlags::check(&a)?;
+    let patch_flags = PatchFlags::check(&a)?;
     if a.shard_index.is_some() && a.shard_count.is_none() {
         return Err(Error::invalid("--shard-index needs --shard-count"));
     }
@@ -87,7 +82,7 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
             .map_err(|e| Error::invalid(format!("--shard-mb: {}", e.message())))?,
         None => settings::DEFAULT_SHARD_BYTES,
     };
-    let opts = DatasetOptions {
+    let mut opts = DatasetOptions {
         dir: a.out.clone(),
         prompts: src,
         field: a.prompt_field.clone().unwrap_or_else(|| "text".into()),
@@ -106,6 +101,7 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
         shard_count: a.shard_count.unwrap_or(1),
         resume: a.resume,
         settings: json!({"tensors": a.tensors, "layers": a.layers}),
+        edits: None,
     };
     opts.validate()?;
     let mut ctx = ContextOptions {
@@ -156,6 +152,29 @@ pub fn capture_dataset(a: CaptureArgs) -> Result<u8> {
             None => latent_tap::dataset::ring_bytes(graph, request.as_ref(), n_ubatch),
         },
     )?;
+    // Steering and patching: every prompt the same, recorded in the settings a
+    // resume must match.
+    if steer_flags.is_some() || patch_flags.is_some() {
+        let n_ctx_slot = engine.n_ctx_slot() as usize;
+        let steer = steer_flags
+            .as_ref()
+            .map(|f| f.steer(&model, n_ctx_slot))
+            .transpose()?;
+        let patches = patch_flags
+            .as_ref()
+            .map(|f| f.patches(&model, n_ctx_slot))
+            .transpose()?
+            .unwrap_or_default();
+        opts.settings["steer"] = json!(steer_flags
+            .as_ref()
+            .zip(steer.as_ref())
+            .map(|(f, s)| f.manifest(s)));
+        opts.settings["patch"] = json!(patch_flags.as_ref().map(|f| f.manifest(&patches)));
+        opts.edits = Some(std::sync::Arc::new(Edits {
+            steers: steer.into_iter().collect(),
+            patches,
+        }));
+    }
     let filter = match &request {
         None => LatentFilter::none(rows, dtype),
         Some(r) => engine.compile(r)?,
