@@ -231,6 +231,16 @@ def test_bad_values_are_refused_naming_the_argument(m, base):
     same(m.generate(PROMPT, **GREEDY), base)  # the model is still fine
 
 
+def test_a_node_whose_rows_are_not_n_embd_values_is_refused(m, base):
+    # node_24 holds one token's 64 values as 16 x 4: the library's graph check
+    # (check_node: F32, row_width n_embd) lets it through and the tap refuses it
+    # mid-run (LatentTapError); either way nothing is patched and the model stays usable.
+    assert [t.shape for t in m.tensors("node_24")] == [(16, 4, 1, 1)]
+    with pytest.raises((ValueError, lt.LatentTapError), match="node_24"):
+        m.generate(PROMPT, n_predict=2, patch=lt.Patch("node_24", 0, np.ones(64)))
+    same(m.generate(PROMPT, **GREEDY), base)
+
+
 def test_bad_files(m, model6, cv_file, tmp_path, tmp_path_factory):
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_text("not a gguf")
