@@ -3,6 +3,8 @@ exact effects on the captured rows, equality with `latent-tap capture --steer`,
 edits that end with their call, and bad input."""
 
 import os
+import signal
+import threading
 
 import numpy as np
 import pytest
@@ -153,6 +155,18 @@ def test_edits_end_with_their_call(m, base):
     with pytest.raises(ValueError):
         m.generate(PROMPT, **GREEDY, steer=lt.Steer(v, scale=5.0), patch=lt.Patch("l_out-9", 0, v))
     same(m.generate(PROMPT, **GREEDY), base)
+
+
+def test_ctrl_c_in_an_edited_run_leaves_the_next_call_unedited(model6):
+    with lt.Model(model6, threads=1, n_ctx=16384) as big:
+        want = big.generate(PROMPT, **GREEDY)
+        timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            big.generate(PROMPT, n_predict=16000, tensors="l_out-*", steer=lt.Steer(np.ones(64), scale=3.0),
+                         patch=lt.Patch("l_out-2", 1, np.zeros(64)))
+        timer.join()
+        same(big.generate(PROMPT, **GREEDY), want)
 
 
 def test_stream_with_edits_equals_generate(m):
