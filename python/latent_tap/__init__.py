@@ -3,7 +3,8 @@
 Three ways in, one package:
 
 - ``Model``: generate in this process (the library itself, through PyO3), with
-  the latents of every step as numpy arrays.
+  the latents of every step as numpy arrays; ``Steer`` and ``Patch`` edit the
+  residual stream of a run (also through ``Client``).
 - ``Client``: talk to a running ``latent-tap serve`` (JSON, SSE, the binary
   record stream, subscribers).
 - ``Run``: read the run directories that ``latent-tap capture``, dataset capture
@@ -12,7 +13,8 @@ Three ways in, one package:
 
 from importlib import import_module as _import_module
 
-__all__ = ["Model", "Result", "Step", "Token", "Latents", "Rows", "Client", "Run", "LatentTapError", "__version__"]
+__all__ = ["Model", "Result", "Step", "Token", "Latents", "Rows", "Steer", "Patch", "Client", "Run", "LatentTapError",
+           "__version__"]
 
 # Submodules are imported on first use, so ``import latent_tap`` stays cheap and
 # the pure-Python parts (Client, Run) import without loading llama.cpp.
@@ -23,6 +25,8 @@ _LAZY = {
     "Latents": "._latents",
     "Rows": "._latents",
     "Token": "._model",
+    "Steer": "._edits",
+    "Patch": "._edits",
     "LatentTapError": "._model",
     "__version__": "._model",
     "Client": ".client",

@@ -16,6 +16,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _native
+from ._edits import Patch, PatchArg, Steer, SteerArg, edit_list
 from ._latents import Latents, Rows
 from ._native import LatentTapError
 
@@ -69,15 +70,21 @@ class Result:
     - ``prompt_tokens``: the prompt's tokens (``Token``);
     - ``latents``: tensor name -> ``Rows`` ``[rows, width]`` (``.pos``, ``.seq``,
       ``.step`` label each row), in the order the model computed them;
-    - ``stats``: timings and counters of the run (shared by a batch's results).
+    - ``stats``: timings and counters of the run (shared by a batch's results);
+    - ``edits``: what ``steer=``/``patch=`` applied, as ``serve`` reports it:
+      ``{"steer": [{"layers", "positions", "scale", "vector_norm", "tensors",
+      "source"}], "patch": [{"tensor", "pos", "norm"}]}`` (only the keys given;
+      ``{}`` for an unedited run).
     """
 
-    def __init__(self, prompt: str, tokens: List[Token], prompt_tokens: List[Token], latents: Latents, stats: dict):
+    def __init__(self, prompt: str, tokens: List[Token], prompt_tokens: List[Token], latents: Latents, stats: dict,
+                 edits: Optional[dict] = None):
         self.prompt = prompt
         self.tokens = tokens
         self.prompt_tokens = prompt_tokens
         self.latents = latents
         self.stats = stats
+        self.edits = edits if edits is not None else {}
 
     @property
     def text(self) -> str:
@@ -329,8 +336,10 @@ class Model:
 
     # -- generation ------------------------------------------------------------
     def _start(self, prompt, n_predict, tensors, layers, rows, dtype, top_k, temperature, sample_top_k, top_p, min_p,
-               seed, capture_mode, ring_mb, block_timeout):
+               seed, capture_mode, ring_mb, block_timeout, steer, patch):
         prompts, batch = _prompts(prompt)
+        steers = [s._native() for s in edit_list("steer", steer, Steer)]
+        patches = [p._native() for p in edit_list("patch", patch, Patch)]
         settings = types.SimpleNamespace(
             n_predict=_check_int("n_predict", n_predict, 1),
             tensors=_patterns(tensors),
@@ -351,7 +360,7 @@ class Model:
             ring_mb=_check_int("ring_mb", ring_mb, 1, none=True),
             block_timeout=_check_float("block_timeout", block_timeout),
         )
-        return prompts, batch, _native.NativeRun.start(self._native, prompts, settings)
+        return prompts, batch, _native.NativeRun.start(self._native, prompts, settings, steers, patches)
 
     def generate(
         self,
@@ -371,6 +380,8 @@ class Model:
         capture_mode: str = "auto",
         ring_mb: Optional[int] = None,
         block_timeout: float = 10.0,
+        steer: SteerArg = None,
+        patch: PatchArg = None,
     ) -> Union[Result, List[Result]]:
         """Generate from ``prompt`` and return the tokens and latents.
 
@@ -391,7 +402,13 @@ class Model:
           ``top_p``, ``min_p``, ``seed``;
         - ``capture_mode``: ``"auto"``, ``"deferred"`` or ``"callback"`` (see the
           repository's docs/capture-modes.md); ``ring_mb``: transport ring size;
-          ``block_timeout``: seconds the decode may wait on a full ring.
+          ``block_timeout``: seconds the decode may wait on a full ring;
+        - ``steer``: a ``Steer`` or a list of them, vectors added to the
+          ``l_out-N`` rows (``Steer(file=PATH)`` reads a control-vector GGUF);
+          ``patch``: a ``Patch`` or a list of them, rows replaced. They apply to
+          this call only (every sequence of a batch); ``Result.edits`` says what
+          was applied. Bad values raise ``ValueError`` naming the argument
+          (``steer[0].vector: …``), a missing file ``FileNotFoundError``.
 
         Latents: ``result.latents[name]`` is a ``Rows`` array ``[rows, width]``
         with ``.pos``/``.seq``/``.step``. For one prompt the f32/f16 rows are the
@@ -403,9 +420,11 @@ class Model:
         raise ``LatentTapError``.
         """
         prompts, batch, run = self._start(prompt, n_predict, tensors, layers, rows, dtype, top_k, temperature,
-                                          sample_top_k, top_p, min_p, seed, capture_mode, ring_mb, block_timeout)
+                                          sample_top_k, top_p, min_p, seed, capture_mode, ring_mb, block_timeout,
+                                          steer, patch)
         tokens, tensors_raw, _gaps = run.collect()
         stats = json.loads(run.stats() or "{}")
+        edits = json.loads(run.edits or "{}")
         stats["skipped"] = dict(run.skipped)
         arrays = {
             name: (_as_array(data, dt, width), pos, seq, step)
@@ -426,7 +445,7 @@ class Model:
                     m = seq == s
                     lat[name] = Rows(a[m], pos[m], step[m], seq[m])
                 lat.dtype[name] = dtypes[name]
-            results.append(Result(text, gen, prm, lat, stats))
+            results.append(Result(text, gen, prm, lat, stats, edits))
         return results if batch else results[0]
 
     def stream(
@@ -447,6 +466,8 @@ class Model:
         capture_mode: str = "auto",
         ring_mb: Optional[int] = None,
         block_timeout: float = 60.0,
+        steer: SteerArg = None,
+        patch: PatchArg = None,
     ) -> Iterator[Step]:
         """Generate like ``generate`` (same arguments), yielding a ``Step`` per
         sampled token as soon as it is sampled, with the rows its decode step
@@ -457,10 +478,13 @@ class Model:
         is full; it then waits up to ``block_timeout`` seconds for the loop
         (default 60 here) before the run fails with a ring time-out. Breaking
         out of the loop cancels the decode. Concatenating a sequence's steps
-        gives exactly what ``generate`` returns for it.
+        gives exactly what ``generate`` returns for it (``steer``/``patch``
+        included; their values are checked when ``stream`` is called, before
+        the first step).
         """
         _prompts_, _batch, run = self._start(prompt, n_predict, tensors, layers, rows, dtype, top_k, temperature,
-                                             sample_top_k, top_p, min_p, seed, capture_mode, ring_mb, block_timeout)
+                                             sample_top_k, top_p, min_p, seed, capture_mode, ring_mb, block_timeout,
+                                             steer, patch)
         return _steps(run)
 
 

@@ -44,9 +44,22 @@ _EventTuple = Tuple[
     List[Tuple[str, npt.NDArray[np.uint8], npt.NDArray[np.int32]]],
 ]
 
+# Steer: (vector float32 [n_embd] or [n_layer, n_embd], file, layers, scale, positions)
+_SteerTuple = Tuple[Optional[npt.NDArray[np.float32]], Optional[Union[str, PathLike]], Optional[str], float, str]
+# Patch: (tensor, pos, data float32 [n_embd])
+_PatchTuple = Tuple[str, int, npt.NDArray[np.float32]]
+
 class NativeRun:
     @staticmethod
-    def start(model: NativeModel, prompts: List[str], settings: object) -> "NativeRun": ...
+    def start(
+        model: NativeModel,
+        prompts: List[str],
+        settings: object,
+        steer: List[_SteerTuple] = ...,
+        patch: List[_PatchTuple] = ...,
+    ) -> "NativeRun": ...
+    @property
+    def edits(self) -> Optional[str]: ...
     @property
     def selection(self) -> List[Tuple[str, int]]: ...
     @property

@@ -27,6 +27,7 @@ import urllib.parse
 
 import numpy as np
 
+from ._edits import wire_fields
 from ._latents import Latents, Rows
 from ._protocol import FRAMES_MEDIA_TYPE, decode_payload, parse_records
 
@@ -95,11 +96,17 @@ class Completion:
       docs/PROTOCOL.md (the rows of every chunk or record joined); else None.
     - ``response``: the server's final JSON object (the JSON answer, the last SSE
       chunk, or the binary stream's JSON record), without ``latents``.
-    - ``transport``: ``"json"``, ``"sse"`` or ``"binary"``."""
+    - ``transport``: ``"json"``, ``"sse"`` or ``"binary"``.
+    - ``edits``: with ``steer=``/``patch=``: what the server applied, its
+      ``steer``/``patch`` summaries (``{"steer": [{"layers", "positions",
+      "scale", "vector_norm", "tensors", "source"}], "patch": [{"tensor",
+      "pos", "norm"}]}``, only the keys sent); ``{}`` otherwise."""
 
     def __init__(self, text, tokens, latents, probs, response, transport, lens=None):
         self.text, self.tokens, self.latents = text, tokens, latents
         self.probs, self.response, self.transport, self.lens = probs, response, transport, lens
+        response = response if isinstance(response, dict) else {}
+        self.edits = {k: response[k] for k in ("steer", "patch") if k in response}
 
     def __repr__(self):
         return (f"Completion(text={self.text!r}, tokens={self.tokens}, latents={self.latents!r}, "
@@ -283,7 +290,7 @@ class Client:
 
     def complete(self, prompt, *, transport="json", tensors="l_out-*", layers=None, rows=None,
                  dtype=None, n_predict=None, temperature=None, top_k=None, sample_top_k=None,
-                 seed=None, **extra):
+                 seed=None, steer=None, patch=None, **extra):
         """Complete ``prompt`` (``POST /completion``) and return a :class:`Completion`.
 
         ``prompt``: a string, a list of token ids, or one list mixing strings and ids.
@@ -298,8 +305,14 @@ class Client:
         the wire's ``n_probs``), as in ``Model.generate`` and the CLI's ``--top-k``;
         ``sample_top_k``: the sampler's top-k (the wire's ``top_k``).
         ``n_predict``, ``temperature`` (≤ 0: greedy), ``seed``: as llama-server;
-        None leaves the server's default. ``**extra``: any other request field
-        (``stop``, ``top_p``, ``lens``, ...), sent as given."""
+        None leaves the server's default. ``steer``/``patch``: a
+        :class:`~latent_tap.Steer`/:class:`~latent_tap.Patch` or a list of them,
+        sent as the request's ``steer``/``patch`` fields (vectors as base64
+        float32; ``Steer(file=NAME)`` names a file in the server's
+        ``--steer-dir``); they edit this request's sequence only, the server
+        checks the values (``ServerError`` 400 naming the field) and
+        ``Completion.edits`` says what it applied. ``**extra``: any other
+        request field (``stop``, ``top_p``, ``lens``, ...), sent as given."""
         if isinstance(prompt, (list, tuple)):
             if not prompt or not all(isinstance(p, (str, numbers.Integral)) and not isinstance(p, bool)
                                      for p in prompt):
@@ -309,18 +322,19 @@ class Client:
             raise TypeError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
         body = self._body(prompt=prompt, return_tokens=True, n_predict=n_predict,
                           temperature=temperature, top_k=sample_top_k, n_probs=top_k, seed=seed,
-                          latents=_latents_field(tensors, layers, rows, dtype), extra=extra)
+                          latents=_latents_field(tensors, layers, rows, dtype), extra=extra,
+                          **wire_fields(steer, patch))
         return self._run("/completion", body, transport, chat=False, want_probs=bool(top_k))
 
     def chat(self, messages, *, transport="json", tensors="l_out-*", layers=None, rows=None,
              dtype=None, n_predict=None, temperature=None, top_k=None, sample_top_k=None, seed=None,
-             **extra):
+             steer=None, patch=None, **extra):
         """Chat (``POST /v1/chat/completions``, OpenAI-compatible) and return a
         :class:`Completion` whose ``text`` is the assistant's reply.
 
         ``messages``: ``[{"role": "user", "content": "Hi"}, ...]``. The server renders
         them with its chat template (``--chat-template``). Other arguments as in
-        :meth:`complete`; ``n_predict`` is sent as ``max_tokens``, ``top_k`` as
+        :meth:`complete` (``steer``/``patch`` included); ``n_predict`` is sent as ``max_tokens``, ``top_k`` as
         ``top_logprobs``. The token ids come from the answer's logprobs, which are
         always asked for."""
         if not isinstance(messages, (list, tuple)) or not messages:
@@ -330,7 +344,8 @@ class Client:
                 raise TypeError(f"messages[{i}] must be a dict with a string 'role' and a 'content'")
         body = self._body(messages=list(messages), max_tokens=n_predict, temperature=temperature,
                           top_k=sample_top_k, seed=seed, logprobs=True, top_logprobs=top_k or 0,
-                          latents=_latents_field(tensors, layers, rows, dtype), extra=extra)
+                          latents=_latents_field(tensors, layers, rows, dtype), extra=extra,
+                          **wire_fields(steer, patch))
         return self._run("/v1/chat/completions", body, transport, chat=True,
                          want_probs=bool(top_k))
 

@@ -16,6 +16,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
+mod edits;
 mod model;
 mod run;
 

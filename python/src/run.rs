@@ -22,10 +22,11 @@ use latent_tap::engine::{ContextOptions, SamplingOptions};
 use latent_tap::output::Collector;
 use latent_tap::record::{Dtype, Record};
 use latent_tap::select::{LayerFilter, SelectedTensor};
-use latent_tap::session::{CaptureSpec, GenerateOptions, Generator, RunStats};
+use latent_tap::session::{probe_graph, CaptureSpec, GenerateOptions, Generator, RunStats};
 use latent_tap::settings;
 use latent_tap::stream::Stream;
 
+use crate::edits::{self, PatchArg, SteerArg};
 use crate::model::NativeModel;
 use crate::{py_err, LatentTapError};
 
@@ -45,6 +46,8 @@ pub struct NativeRun {
     /// For token bytes: the records carry them whole, but `Collector` keeps
     /// text (lossy where a token holds part of a UTF-8 character).
     model: Arc<latent_tap::engine::Model>,
+    /// What the run's steers and patches apply (JSON), `None` when unedited.
+    edits: Option<String>,
 }
 
 #[derive(Debug)]
@@ -150,13 +153,19 @@ impl Settings {
 
 #[pymethods]
 impl NativeRun {
-    /// Start generating from `prompts` (one sequence each) on `model`.
+    /// Start generating from `prompts` (one sequence each) on `model`,
+    /// steered by `steer` (tuples `(vector, file, layers, scale, positions)`)
+    /// and patched by `patch` (tuples `(tensor, pos, data)`): the generator is
+    /// this run's own, so the edits end with it.
     #[staticmethod]
-    fn start(
-        py: Python<'_>,
+    #[pyo3(signature = (model, prompts, settings, steer = Vec::new(), patch = Vec::new()))]
+    fn start<'py>(
+        py: Python<'py>,
         model: &NativeModel,
         prompts: Vec<String>,
         settings: Settings,
+        steer: Vec<SteerArg<'py>>,
+        patch: Vec<PatchArg<'py>>,
     ) -> PyResult<Self> {
         if prompts.is_empty() {
             return Err(PyValueError::new_err("no prompt given"));
@@ -177,9 +186,34 @@ impl NativeRun {
                 "prompt {i} is empty (it has no tokens)"
             )));
         }
-        let (gen, stream) = py
+        let longest = tokens.iter().map(Vec::len).max().unwrap_or(0);
+        let n_ctx = ctx_opts.n_ctx as usize;
+        let lim = edits::Limits {
+            model: &model,
+            n_ctx,
+            end: longest.saturating_add(gen_opts.n_predict).min(n_ctx),
+        };
+        let run_edits = edits::build(&steer, &patch, &lim)?;
+        let (mut gen, stream) = py
             .detach(|| Generator::new(model.clone(), &ctx_opts, &spec))
             .map_err(py_err)?;
+        if !run_edits.edits.is_empty() {
+            if !run_edits.edits.patches.is_empty() {
+                // A tokens-only generator has not probed the graph yet.
+                let probed;
+                let graph = if gen.graph().is_empty() {
+                    probed = py
+                        .detach(|| probe_graph(&model, &ctx_opts))
+                        .map_err(py_err)?;
+                    &probed[..]
+                } else {
+                    gen.graph()
+                };
+                edits::check_nodes(&run_edits.edits, graph, model.n_embd())?;
+            }
+            py.detach(|| gen.set_edits(&run_edits.edits))
+                .map_err(py_err)?;
+        }
         let selection = gen.selection().to_vec();
         let skipped = gen
             .skipped()
@@ -207,6 +241,7 @@ impl NativeRun {
             skipped,
             dtype: spec.dtype,
             model,
+            edits: run_edits.summary.map(|v| v.to_string()),
         })
     }
 
@@ -229,6 +264,13 @@ impl NativeRun {
     #[getter]
     fn dtype(&self) -> &'static str {
         dtype_name(self.dtype)
+    }
+
+    /// What the run's steers and patches apply (JSON: serve's `steer` and
+    /// `patch` summaries), `None` when unedited.
+    #[getter]
+    fn edits(&self) -> Option<String> {
+        self.edits.clone()
     }
 
     /// Stop after the decode in flight (the stream still ends normally).

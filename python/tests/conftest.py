@@ -1,15 +1,19 @@
 """Fixtures: the latent-tap binary (env LATENT_TAP_BIN, default `latent-tap` on
-PATH), a synthetic model, a running `latent-tap serve`, and capture runs."""
+PATH), synthetic models (3 and 6 layers), a control vector, a running
+`latent-tap serve`, and capture runs."""
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,6 +55,71 @@ def synth_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model6(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m6") / "synth6.gguf"
+    lt("synth-model", "--layers", 6, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cv_file(model6, tmp_path_factory):
+    """A control vector of model6 made by `latent-tap steer-vector` (layers 1..=5)."""
+    d = tmp_path_factory.mktemp("cv")
+    (d / "pos.txt").write_text("I love this, it is wonderful\nwhat a happy bright day\n")
+    (d / "neg.txt").write_text("I hate this, it is terrible\nwhat a sad grey day\n")
+    lt("steer-vector", "-m", model6, "--positive", d / "pos.txt", "--negative", d / "neg.txt",
+       "--out", d / "v.gguf", "-t", 1)
+    return d / "v.gguf"
+
+
+def read_control_vector(path):
+    """{N: direction.N} of a control-vector GGUF (an independent reader: GGUF v3,
+    F32 tensors only)."""
+    b = open(path, "rb").read()
+    at = 0
+
+    def take(fmt):
+        nonlocal at
+        v = struct.unpack_from("<" + fmt, b, at)
+        at += struct.calcsize("<" + fmt)
+        return v[0] if len(v) == 1 else v
+
+    def string():
+        nonlocal at
+        n = take("Q")
+        at += n
+        return b[at - n:at].decode()
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = take("I"), take("Q")
+            return [value(et) for _ in range(n)]
+        return take(scalar[t])
+
+    assert b[:4] == b"GGUF" and take("4sI")[1] == 3
+    n_tensors, n_kv = take("Q"), take("Q")
+    kv = {}
+    for _ in range(n_kv):
+        k = string()
+        kv[k] = value(take("I"))
+    assert kv["general.architecture"] == "controlvector"
+    infos = []
+    for _ in range(n_tensors):
+        name, nd = string(), take("I")
+        dims = [take("Q") for _ in range(nd)]
+        typ, off = take("I"), take("Q")
+        assert typ == 0, "F32"
+        infos.append((name, int(np.prod(dims)), off))
+    align = kv.get("general.alignment", 32)
+    data = (at + align - 1) // align * align
+    return {int(name.split(".")[1]): np.frombuffer(b, "<f4", n, data + off) for name, n, off in infos}
+
+
+@pytest.fixture(scope="session")
 def real_model():
     path = os.environ.get("LATENT_TAP_MODEL") or os.path.join(ROOT, "models", "gemma-3-270m-q4_k_m.gguf")
     if not os.path.isfile(path):
@@ -66,14 +135,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(synth_model, tmp_path_factory):
-    """A `latent-tap serve` of the synthetic model with an API key; yields its URL."""
+@contextlib.contextmanager
+def serving(model, log, *args):
+    """Run `latent-tap serve -m MODEL ARGS...` with the API key until the block
+    ends; yields its URL once /health answers."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen([binary(), "serve", "-m", str(synth_model), "--port", str(port),
-                                 "--api-key", API_KEY, "-t", "2"], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([binary(), "serve", "-m", str(model), "--port", str(port),
+                                 "--api-key", API_KEY, "-t", "2", *map(str, args)],
+                                stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -95,6 +165,13 @@ def server(synth_model, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(synth_model, tmp_path_factory):
+    """A `latent-tap serve` of the synthetic model with an API key; yields its URL."""
+    with serving(synth_model, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
