@@ -360,6 +360,23 @@ fn steer_dir_file_equals_the_inline_vector_and_patches_replace_rows() {
     assert_eq!(by_file.v["steer"][0]["source"], json!({"file": "fr.gguf"}));
     assert_eq!(by_file.v["steer"][0]["layers"], json!([2, 3, 4]));
     let base = complete(&s, req(Value::Null));
+    // Another node family: attn_out-3 is steered, l_out-0..2 are untouched.
+    let attn = complete(
+        &s,
+        req(json!([{"file": "fr.gguf", "scale": 3.0, "layers": "3", "tensor": "attn_out"}])),
+    );
+    assert_eq!(attn.v["steer"][0]["tensors"], json!(["attn_out-3"]));
+    let n_prompt = base.v["tokens_evaluated"].as_u64().unwrap() as i32;
+    for l in 0..3 {
+        let name = format!("l_out-{l}");
+        for p in 0..n_prompt {
+            assert!(
+                attn.rows[&name][&p] == base.rows[&name][&p],
+                "{name} pos {p}"
+            );
+        }
+    }
+    assert!(attn.rows["l_out-3"][&0] != base.rows["l_out-3"][&0]);
     assert_ne!(by_file.rows["l_out-2"], base.rows["l_out-2"]);
 
     for (file, want) in [
@@ -481,6 +498,16 @@ fn bad_steer_and_patch_input_is_a_400_naming_the_field() {
             json!({"steer": [{"vector": v, "positions": "9000..9001"}]}),
             "steer[0].positions: ",
             "start outside the context",
+        ),
+        (
+            json!({"steer": [{"vector": v, "tensor": "nope"}]}),
+            "steer[0].tensor: ",
+            "has no node 'nope-1'",
+        ),
+        (
+            json!({"steer": [{"vector": v, "tensor": "l_out-*"}]}),
+            "steer[0].tensor: ",
+            "is not a node family",
         ),
         (
             json!({"steer": [{"vector": v, "sclae": 2}]}),

@@ -464,25 +464,11 @@ fn cli_steers_records_what_it_applied_and_refuses_bad_flags() {
         (vec!["--steer", g, "--steer-positions", "300..400"], "--steer-positions 300..400: positions 300..400 start outside the context of 256".into()),
         (vec!["--steer-layers", "2"], "--steer-layers needs --steer".into()),
         (vec!["--steer-positions", "all"], "--steer-positions needs --steer".into()),
+        (vec!["--steer-tensor", "attn_out"], "--steer-tensor needs --steer".into()),
+        (vec!["--steer", g, "--steer-tensor", "a b"], "--steer-tensor: tensor 'a b' is not a node family".into()),
+        (vec!["--steer", g, "--steer-tensor", "ffn_up"], "'ffn_up-1' cannot be edited: only F32 nodes with one row of n_embd = 64".into()),
+        (vec!["--steer", g, "--steer-tensor", "nope"], "the model's graph has no node 'nope-1' to edit".into()),
     ];
-    // Dataset capture does not steer yet: refused, not ignored.
-    let list = dir.path().join("prompts.txt");
-    std::fs::write(&list, "one\ntwo\n").unwrap();
-    let o = common::bin()
-        .args(["capture", "-q", "-t", "1", "-m"])
-        .arg(&m)
-        .arg("--prompts")
-        .arg(&list)
-        .args(["--steer", g, "--out"])
-        .arg(dir.path().join("ds"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("--steer applies to capture with -p/-f only"),
-        "{err}"
-    );
-    assert!(!dir.path().join("ds").exists());
     for (args, needle) in cases {
         let bad = dir.path().join("bad");
         let o = capture(&m, &bad, &args);
@@ -501,4 +487,45 @@ fn edits(steer: Option<&Steer>) -> Edits {
         steers: steer.into_iter().cloned().collect(),
         patches: Vec::new(),
     }
+}
+
+#[test]
+fn a_steer_of_another_node_family_adds_to_its_rows() {
+    let (_d, model, prompts) = fixture();
+    let e = model.n_embd();
+    let v = vector(1..6, e, "llama");
+    let two = LayerFilter::parse("2").unwrap();
+    let s = Steer::new(&v, 3.0, Some(&two), Positions::All, 6, e)
+        .unwrap()
+        .on("attn_out")
+        .unwrap();
+    let c = ctx(2);
+    let plain = run(&model, &c, "attn_out-*,l_out-*", &prompts, 3, None, None);
+    let steered = run(
+        &model,
+        &c,
+        "attn_out-*,l_out-*",
+        &prompts,
+        3,
+        Some(&s),
+        None,
+    );
+    for name in ["attn_out-0", "attn_out-1", "l_out-0", "l_out-1"] {
+        assert!(
+            prompt_rows(&plain, name) == prompt_rows(&steered, name),
+            "{name}: before the steered node"
+        );
+    }
+    let add: Vec<f32> = v.directions[&2].iter().map(|x| x * 3.0).collect();
+    let (a, b) = (
+        prompt_rows(&plain, "attn_out-2"),
+        prompt_rows(&steered, "attn_out-2"),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((k, x), (_, y)) in a.iter().zip(&b) {
+        let want: Vec<f32> = x.iter().zip(&add).map(|(p, q)| p + q).collect();
+        assert_eq!(bits(y), bits(&want), "attn_out-2 {k:?} = unsteered + 3v");
+    }
+    assert!(prompt_rows(&plain, "l_out-2") != prompt_rows(&steered, "l_out-2"));
+    assert!(moved(&generated(&plain), &generated(&steered)) > 0.0);
 }

@@ -66,7 +66,7 @@ def _b64(a: np.ndarray) -> str:
 class Steer:
     """Add a steering vector to the residual stream.
 
-    ``Steer(vector=None, *, file=None, layers=None, scale=1.0, positions="all")``
+    ``Steer(vector=None, *, file=None, layers=None, scale=1.0, positions="all", tensor=None)``
 
     - ``vector``: anything numpy makes float32: ``[n_embd]`` (one direction for
       every layer) or ``[n_layer, n_embd]`` (row ``N`` for layer ``N``; row 0 is
@@ -80,16 +80,20 @@ class Steer:
     - ``scale``: multiplies the vector (any finite number; negative steers the
       other way; 0 changes nothing, bit for bit);
     - ``positions``: the rows steered: ``"all"``, ``"prompt"``, ``"generated"``,
-      ``"A..B"`` (half-open) or ``"A..=B"`` (positions from 0).
+      ``"A..B"`` (half-open) or ``"A..=B"`` (positions from 0);
+    - ``tensor``: the node family steered, ``TENSOR-N`` for layer ``N``
+      (``"attn_out"``, …: each ``TENSOR-N`` must have one float32 row of
+      ``n_embd`` values per token); default ``l_out``.
 
     What is added: ``scale × direction.N``, each product rounded to float32
     once, to the chosen rows of ``l_out-N`` (llama.cpp's control-vector
     convention); captured ``l_out-N`` rows hold the steered values.
     """
 
-    __slots__ = ("vector", "file", "layers", "scale", "positions")
+    __slots__ = ("vector", "file", "layers", "scale", "positions", "tensor")
 
-    def __init__(self, vector=None, *, file=None, layers=None, scale: float = 1.0, positions: str = "all"):
+    def __init__(self, vector=None, *, file=None, layers=None, scale: float = 1.0, positions: str = "all",
+                 tensor=None):
         if (vector is None) == (file is None):
             raise ValueError("Steer needs a vector or a file= (one of the two)")
         self.vector = None if vector is None else _floats("vector", vector, (1, 2))
@@ -106,14 +110,18 @@ class Steer:
             raise TypeError(f"positions must be a str ('all', 'prompt', 'generated', 'A..B'), "
                             f"not {type(positions).__name__}")
         self.positions = positions
+        if tensor is not None and not isinstance(tensor, str):
+            raise TypeError(f"tensor must be a str such as 'attn_out', not {type(tensor).__name__}")
+        self.tensor = tensor
 
     def __repr__(self) -> str:
         what = f"file={self.file!r}" if self.file is not None else f"vector=<{self.vector.shape} float32>"
         layers = "" if self.layers is None else f", layers={self.layers!r}"
-        return f"Steer({what}{layers}, scale={self.scale!r}, positions={self.positions!r})"
+        tensor = "" if self.tensor is None else f", tensor={self.tensor!r}"
+        return f"Steer({what}{layers}, scale={self.scale!r}, positions={self.positions!r}{tensor})"
 
     def _native(self):
-        return (self.vector, self.file, self.layers, self.scale, self.positions)
+        return (self.vector, self.file, self.layers, self.scale, self.positions, self.tensor)
 
     def _wire(self) -> dict:
         """The entry of a ``serve`` request's ``steer`` array (docs/PROTOCOL.md)."""
@@ -124,6 +132,8 @@ class Steer:
             v["file"] = self.file
         if self.layers is not None:
             v["layers"] = self.layers
+        if self.tensor is not None:
+            v["tensor"] = self.tensor
         return v
 
 

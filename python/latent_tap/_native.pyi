@@ -44,8 +44,9 @@ _EventTuple = Tuple[
     List[Tuple[str, npt.NDArray[np.uint8], npt.NDArray[np.int32]]],
 ]
 
-# Steer: (vector float32 [n_embd] or [n_layer, n_embd], file, layers, scale, positions)
-_SteerTuple = Tuple[Optional[npt.NDArray[np.float32]], Optional[Union[str, PathLike]], Optional[str], float, str]
+# Steer: (vector float32 [n_embd] or [n_layer, n_embd], file, layers, scale, positions, tensor)
+_SteerTuple = Tuple[Optional[npt.NDArray[np.float32]], Optional[Union[str, PathLike]], Optional[str], float, str,
+                    Optional[str]]
 # Patch: (tensor, pos, data float32 [n_embd])
 _PatchTuple = Tuple[str, int, npt.NDArray[np.float32]]
 

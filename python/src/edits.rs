@@ -1,12 +1,10 @@
 //! The `steer` and `patch` arguments of `Model.generate`/`stream`: the
 //! Python `Steer`/`Patch` objects (handed over as tuples by
-//! `latent_tap/_model.py`) turned into the library's [`Edits`], every value
-//! checked by the library's own checks (`ControlVector::from_values`/`read`,
-//! `check_scale`, `LayerFilter::parse`, `Positions::parse`, `Steer::new`,
-//! `Patch::new`, `check_node`) with errors naming the argument
-//! (`steer[0].vector: …`, `patch[1].pos: …`), as `serve` names its request
-//! fields (src/server/edits.rs). Also the summary of what was applied, in
-//! serve's words.
+//! `latent_tap/_model.py`) turned into the library's [`Edits`] by the checks
+//! `serve` uses too (`latent_tap::steer::request`: each value through the
+//! library's validator), with errors naming the argument (`steer[0].vector:
+//! …`, `patch[1].pos: …`) as `serve` names its request fields, and the
+//! summary of what was applied in serve's words.
 
 use std::path::PathBuf;
 
@@ -16,16 +14,18 @@ use pyo3::prelude::*;
 use serde_json::{json, Value};
 
 use latent_tap::engine::Model;
-use latent_tap::select::{GraphNode, LayerFilter};
-use latent_tap::steer::{check_node, check_scale, ControlVector, Edits, Patch, Positions, Steer};
+use latent_tap::select::GraphNode;
+use latent_tap::steer::request::{self, FieldError, SteerRequest};
+use latent_tap::steer::{ControlVector, Edits};
 
-/// One `latent_tap.Steer`: `(vector, file, layers, scale, positions)`.
+/// One `latent_tap.Steer`: `(vector, file, layers, scale, positions, tensor)`.
 pub type SteerArg<'py> = (
     Option<PyReadonlyArrayDyn<'py, f32>>,
     Option<PathBuf>,
     Option<String>,
     f64,
     String,
+    Option<String>,
 );
 
 /// One `latent_tap.Patch`: `(tensor, pos, data)`.
@@ -48,10 +48,28 @@ pub struct Limits<'a> {
     pub n_ctx: usize,
     /// One past the last position a sequence of the run can reach.
     pub end: usize,
+    /// The model's graph.
+    pub graph: &'a [GraphNode],
+}
+
+impl Limits<'_> {
+    fn core(&self) -> request::Limits<'_> {
+        request::Limits {
+            n_layer: self.model.n_layer(),
+            n_embd: self.model.n_embd(),
+            n_ctx: self.n_ctx,
+            end: self.end,
+            graph: self.graph,
+        }
+    }
 }
 
 fn bad(field: &str, msg: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(format!("{field}: {msg}"))
+}
+
+fn field_error(entry: &str, e: FieldError) -> PyErr {
+    bad(&format!("{entry}.{}", e.field), e.error.message())
 }
 
 /// The values of `a` (C order).
@@ -61,15 +79,18 @@ fn values(a: &PyReadonlyArrayDyn<'_, f32>) -> Vec<f32> {
         .unwrap_or_else(|_| a.as_array().iter().copied().collect())
 }
 
-fn steer_entry(i: usize, arg: &SteerArg<'_>, lim: &Limits<'_>) -> PyResult<(Steer, Value)> {
-    let f = |k: &str| format!("steer[{i}].{k}");
-    let (vector, file, layers, scale, positions) = arg;
+fn steer_entry(
+    i: usize,
+    arg: &SteerArg<'_>,
+    lim: &Limits<'_>,
+) -> PyResult<(latent_tap::steer::Steer, Value)> {
+    let entry = format!("steer[{i}]");
+    let f = |k: &str| format!("{entry}.{k}");
+    let (vector, file, layers, scale, positions, tensor) = arg;
     let (n_layer, n_embd) = (lim.model.n_layer(), lim.model.n_embd());
     let (cv, source) = match (vector, file) {
-        (Some(_), Some(_)) => {
-            return Err(bad(&format!("steer[{i}]"), "give vector or file, not both"))
-        }
-        (None, None) => return Err(bad(&format!("steer[{i}]"), "needs vector or file")),
+        (Some(_), Some(_)) => return Err(bad(&entry, "give vector or file, not both")),
+        (None, None) => return Err(bad(&entry, "needs vector or file")),
         (Some(v), None) => {
             // The library sees a flat list; a 2-D array must be laid out as it reads one.
             let shape = v.shape();
@@ -100,48 +121,19 @@ fn steer_entry(i: usize, arg: &SteerArg<'_>, lim: &Limits<'_>) -> PyResult<(Stee
             (cv, json!({ "file": path }))
         }
     };
-    let scale = *scale as f32;
-    check_scale(scale).map_err(|e| bad(&f("scale"), e.message()))?;
-    let filter = layers
-        .as_deref()
-        .map(LayerFilter::parse)
-        .transpose()
-        .map_err(|e| bad(&f("layers"), e.message()))?;
-    let positions = Positions::parse(positions).map_err(|e| bad(&f("positions"), e.message()))?;
-    positions
-        .check(lim.n_ctx)
-        .map_err(|e| bad(&f("positions"), e.message()))?;
-    let s = Steer::new(&cv, scale, filter.as_ref(), positions, n_layer, n_embd)
-        .map_err(|e| bad(&f("layers"), e.message()))?;
-    let applied = json!({
-        "layers": s.layers(),
-        "positions": s.positions.to_string(),
-        "scale": s.scale,
-        "vector_norm": s.norms().into_values().collect::<Vec<_>>(),
-        "tensors": s.layers().iter().map(|l| format!("l_out-{l}")).collect::<Vec<_>>(),
-        "source": source,
-    });
-    Ok((s, applied))
-}
-
-fn patch_entry(i: usize, arg: &PatchArg<'_>, lim: &Limits<'_>) -> PyResult<Patch> {
-    let f = |k: &str| format!("patch[{i}].{k}");
-    let (tensor, pos, data) = arg;
-    let n_embd = lim.model.n_embd();
-    let data = values(data);
-    // The library names the value at fault in its message; the field is ours.
-    let field = if data.len() != n_embd || data.iter().any(|x| !x.is_finite()) {
-        f("data")
-    } else if *pos < 0 || *pos as u64 >= lim.end as u64 {
-        f("pos")
-    } else {
-        f("tensor")
+    let req = SteerRequest {
+        vector: &cv,
+        layers: layers.as_deref(),
+        scale: *scale as f32,
+        positions: Some(positions),
+        tensor: tensor.as_deref(),
     };
-    Patch::new(tensor, *pos, data, n_embd, lim.end).map_err(|e| bad(&field, e.message()))
+    req.build(source, &lim.core())
+        .map_err(|e| field_error(&entry, e))
 }
 
-/// The run's edits from the Python arguments, every value checked (the graph
-/// nodes patched are [`check_nodes`]'s, once the graph is known).
+/// The run's edits from the Python arguments, every value checked against
+/// the model, the run and the model's graph.
 pub fn build(
     steer: &[SteerArg<'_>],
     patch: &[PatchArg<'_>],
@@ -163,23 +155,14 @@ pub fn build(
     }
     if !patch.is_empty() {
         let mut applied = Vec::new();
-        for (i, a) in patch.iter().enumerate() {
-            let p = patch_entry(i, a, lim)?;
-            applied.push(json!({"tensor": p.tensor, "pos": p.pos, "norm": p.norm()}));
+        for (i, (tensor, pos, data)) in patch.iter().enumerate() {
+            let p = request::patch(tensor, *pos, values(data), &lim.core())
+                .map_err(|e| field_error(&format!("patch[{i}]"), e))?;
+            applied.push(p.summary());
             out.edits.patches.push(p);
         }
         summary.insert("patch".into(), Value::Array(applied));
     }
     out.summary = Some(Value::Object(summary));
     Ok(out)
-}
-
-/// Every patched node is one the model's `graph` lets an edit touch
-/// (`check_node`), the error naming the patch.
-pub fn check_nodes(edits: &Edits, graph: &[GraphNode], n_embd: usize) -> PyResult<()> {
-    for (i, p) in edits.patches.iter().enumerate() {
-        check_node(graph, &p.tensor, n_embd)
-            .map_err(|e| bad(&format!("patch[{i}].tensor"), e.message()))?;
-    }
-    Ok(())
 }

@@ -154,7 +154,7 @@ impl Settings {
 #[pymethods]
 impl NativeRun {
     /// Start generating from `prompts` (one sequence each) on `model`,
-    /// steered by `steer` (tuples `(vector, file, layers, scale, positions)`)
+    /// steered by `steer` (tuples `(vector, file, layers, scale, positions, tensor)`)
     /// and patched by `patch` (tuples `(tensor, pos, data)`): the generator is
     /// this run's own, so the edits end with it.
     #[staticmethod]
@@ -188,29 +188,31 @@ impl NativeRun {
         }
         let longest = tokens.iter().map(Vec::len).max().unwrap_or(0);
         let n_ctx = ctx_opts.n_ctx as usize;
-        let lim = edits::Limits {
-            model: &model,
-            n_ctx,
-            end: longest.saturating_add(gen_opts.n_predict).min(n_ctx),
-        };
-        let run_edits = edits::build(&steer, &patch, &lim)?;
         let (mut gen, stream) = py
             .detach(|| Generator::new(model.clone(), &ctx_opts, &spec))
             .map_err(py_err)?;
+        let run_edits = if steer.is_empty() && patch.is_empty() {
+            edits::RunEdits::default()
+        } else {
+            // A tokens-only generator has not probed the graph yet.
+            let probed;
+            let graph = if gen.graph().is_empty() {
+                probed = py
+                    .detach(|| probe_graph(&model, &ctx_opts))
+                    .map_err(py_err)?;
+                &probed[..]
+            } else {
+                gen.graph()
+            };
+            let lim = edits::Limits {
+                model: &model,
+                n_ctx,
+                end: longest.saturating_add(gen_opts.n_predict).min(n_ctx),
+                graph,
+            };
+            edits::build(&steer, &patch, &lim)?
+        };
         if !run_edits.edits.is_empty() {
-            if !run_edits.edits.patches.is_empty() {
-                // A tokens-only generator has not probed the graph yet.
-                let probed;
-                let graph = if gen.graph().is_empty() {
-                    probed = py
-                        .detach(|| probe_graph(&model, &ctx_opts))
-                        .map_err(py_err)?;
-                    &probed[..]
-                } else {
-                    gen.graph()
-                };
-                edits::check_nodes(&run_edits.edits, graph, model.n_embd())?;
-            }
             py.detach(|| gen.set_edits(&run_edits.edits))
                 .map_err(py_err)?;
         }

@@ -329,3 +329,21 @@ def test_real_model_steer_changes_the_text(real_model):
         assert np.array_equal(step0(r, "l_out-5"), step0(base, "l_out-5"))
         assert np.array_equal(step0(r, "l_out-6"), step0(base, "l_out-6") - v)
         assert r.ids != base.ids and r.edits["steer"][0]["tensors"] == ["l_out-6"]
+
+
+def test_a_steer_of_another_node_family_adds_to_its_rows(m, base):
+    v = np.random.default_rng(7).standard_normal(m.n_embd).astype(np.float32)
+    r = m.generate(PROMPT, **GREEDY, steer=lt.Steer(v, layers="2", scale=2.0, tensor="attn_out"))
+    assert r.edits["steer"][0]["tensors"] == ["attn_out-2"]
+    for name in ("attn_out-1", "l_out-1"):
+        assert np.array_equal(step0(r, name), step0(base, name)), name
+    assert np.array_equal(step0(r, "attn_out-2"), step0(base, "attn_out-2") + np.float32(2.0) * v)
+    assert not np.array_equal(step0(r, "l_out-2"), step0(base, "l_out-2"))
+    with pytest.raises(ValueError, match=r"steer\[0\]\.tensor: .*no node 'nope-1'"):
+        m.generate(PROMPT, **GREEDY, steer=lt.Steer(v, tensor="nope"))
+    with pytest.raises(ValueError, match=r"steer\[0\]\.tensor: .*not a node family"):
+        m.generate(PROMPT, **GREEDY, steer=lt.Steer(v, tensor="l_out-*"))
+    with pytest.raises(TypeError, match="tensor must be a str"):
+        lt.Steer(v, tensor=3)
+    assert lt.Steer(v, tensor="attn_out")._wire()["tensor"] == "attn_out"
+    same(m.generate(PROMPT, **GREEDY), base)

@@ -96,7 +96,7 @@ impl Steering {
                 row
             };
             self.edits.push(Edit {
-                node: format!("l_out-{layer}").into_bytes(),
+                node: s.node(layer).into_bytes(),
                 owner,
                 seqs: seqs.clone(),
                 op: Op::Add {

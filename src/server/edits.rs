@@ -25,10 +25,9 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use crate::engine::Model;
-use crate::select::{GraphNode, LayerFilter};
-use crate::steer::{
-    check_node, check_scale, f32_le, ControlVector, Edits, Patch, Positions, Steer,
-};
+use crate::select::GraphNode;
+use crate::steer::request::{self, SteerRequest};
+use crate::steer::{check_scale, f32_le, ControlVector, Edits, Patch, Steer};
 use crate::Error;
 
 /// What a request changes, and what its final object says of it.
@@ -138,31 +137,41 @@ fn steer_file(dir: Option<&Path>, name: &str, field: &str) -> Result<ControlVect
 }
 
 fn scale(o: &Map<String, Value>, field: &str) -> Result<f32, ApiError> {
-    let s = match o.get("scale") {
-        None | Some(Value::Null) => 1.0,
-        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN) as f32,
-        Some(_) => return Err(bad(field, "must be a number")),
-    };
-    check_scale(s).map_err(|e| bad(field, e.message()))?;
-    Ok(s)
+    match o.get("scale") {
+        None | Some(Value::Null) => Ok(1.0),
+        Some(Value::Number(n)) => Ok(n.as_f64().unwrap_or(f64::NAN) as f32),
+        Some(_) => Err(bad(field, "must be a number")),
+    }
 }
 
 /// `layers`: a layer list string (`"6..10"`, `"3,5"`) or one layer number.
-fn layers(o: &Map<String, Value>, field: &str) -> Result<Option<LayerFilter>, ApiError> {
-    let text = match o.get("layers") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) if n.is_i64() => n.to_string(),
-        Some(_) => {
-            return Err(bad(
-                field,
-                "must be a layer list like \"6..10\" or a number",
-            ))
+fn layers(o: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match o.get("layers") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) if n.is_i64() => Ok(Some(n.to_string())),
+        Some(_) => Err(bad(
+            field,
+            "must be a layer list like \"6..10\" or a number",
+        )),
+    }
+}
+
+impl Limits<'_> {
+    fn core(&self) -> request::Limits<'_> {
+        request::Limits {
+            n_layer: self.n_layer,
+            n_embd: self.n_embd,
+            n_ctx: self.n_ctx_slot,
+            end: self.end,
+            graph: self.graph,
         }
-    };
-    LayerFilter::parse(&text)
-        .map(Some)
-        .map_err(|e| bad(field, e.message()))
+    }
+}
+
+/// A [`request::FieldError`] of entry `entry` (`steer[0]`) as a 400.
+fn field_error(entry: &str, e: request::FieldError) -> ApiError {
+    bad(&format!("{entry}.{}", e.field), e.error.message())
 }
 
 fn steer_entry(v: &Value, i: usize, lim: &Limits<'_>) -> Result<(Steer, Value), ApiError> {
@@ -170,7 +179,7 @@ fn steer_entry(v: &Value, i: usize, lim: &Limits<'_>) -> Result<(Steer, Value), 
     let o = object(
         v,
         &format!("steer[{i}]"),
-        &["layers", "vector", "file", "scale", "positions"],
+        &["layers", "vector", "file", "scale", "positions", "tensor"],
     )?;
     let (vector, source) = match (values(o, &f("vector"))?, string(o, &f("file"))?) {
         (Some(_), Some(_)) => {
@@ -197,33 +206,16 @@ fn steer_entry(v: &Value, i: usize, lim: &Limits<'_>) -> Result<(Steer, Value), 
             (cv, json!({ "file": name }))
         }
     };
-    let scale = scale(o, &f("scale"))?;
     let layers = layers(o, &f("layers"))?;
-    let positions = match string(o, &f("positions"))? {
-        None => Positions::All,
-        Some(p) => Positions::parse(p).map_err(|e| bad(&f("positions"), e.message()))?,
+    let req = SteerRequest {
+        vector: &vector,
+        layers: layers.as_deref(),
+        scale: scale(o, &f("scale"))?,
+        positions: string(o, &f("positions"))?,
+        tensor: string(o, &f("tensor"))?,
     };
-    positions
-        .check(lim.n_ctx_slot)
-        .map_err(|e| bad(&f("positions"), e.message()))?;
-    let s = Steer::new(
-        &vector,
-        scale,
-        layers.as_ref(),
-        positions,
-        lim.n_layer,
-        lim.n_embd,
-    )
-    .map_err(|e: Error| bad(&f("layers"), e.message()))?;
-    let applied = json!({
-        "layers": s.layers(),
-        "positions": s.positions.to_string(),
-        "scale": s.scale,
-        "vector_norm": s.norms().into_values().collect::<Vec<_>>(),
-        "tensors": s.layers().iter().map(|l| format!("l_out-{l}")).collect::<Vec<_>>(),
-        "source": source,
-    });
-    Ok((s, applied))
+    req.build(source, &lim.core())
+        .map_err(|e| field_error(&format!("steer[{i}]"), e))
 }
 
 fn patch_entry(v: &Value, i: usize, lim: &Limits<'_>) -> Result<Patch, ApiError> {
@@ -237,15 +229,8 @@ fn patch_entry(v: &Value, i: usize, lim: &Limits<'_>) -> Result<Patch, ApiError>
         _ => return Err(bad(&f("pos"), "is required: an integer position")),
     };
     let data = values(o, &f("data"))?.ok_or_else(|| bad(&f("data"), "is required"))?;
-    check_node(lim.graph, tensor, lim.n_embd).map_err(|e| bad(&f("tensor"), e.message()))?;
-    let field = if data.len() != lim.n_embd || data.iter().any(|x| !x.is_finite()) {
-        f("data")
-    } else if pos < 0 || pos as u64 >= lim.end as u64 {
-        f("pos")
-    } else {
-        f("tensor")
-    };
-    Patch::new(tensor, pos, data, lim.n_embd, lim.end).map_err(|e| bad(&field, e.message()))
+    request::patch(tensor, pos, data, &lim.core())
+        .map_err(|e| field_error(&format!("patch[{i}]"), e))
 }
 
 /// Read `steer` and `patch` (`None` when neither is given or both are empty).
@@ -267,7 +252,7 @@ pub(crate) fn edits(
     let mut patch = Vec::new();
     for (i, v) in pa.iter().enumerate() {
         let p = patch_entry(v, i, lim)?;
-        patch.push(json!({"tensor": p.tensor, "pos": p.pos, "norm": p.norm()}));
+        patch.push(p.summary());
         edits.patches.push(p);
     }
     Ok(Some(RequestEdits {

@@ -22,9 +22,10 @@
 //! callback adds it to the `l_out-N` rows.
 
 mod edit;
+pub mod request;
 mod spec;
 pub use edit::{check_node, f32_le, layer_range, Edits, Patch};
-pub use spec::{check_scale, layer_list, Positions, Steer};
+pub use spec::{check_scale, layer_list, Positions, Steer, STEER_TENSOR};
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -173,6 +173,11 @@ pub struct CaptureArgs {
     /// (half-open) or A..=B [default: all].
     #[arg(long, value_name = "WHICH")]
     pub steer_positions: Option<String>,
+    /// The node family steered (with --steer): direction.N goes to TENSOR-N,
+    /// e.g. attn_out; every TENSOR-N must have one n_embd-wide row per token
+    /// [default: l_out, where llama.cpp adds control vectors].
+    #[arg(long, value_name = "TENSOR")]
+    pub steer_tensor: Option<String>,
     /// Patch a row (activation patching; repeatable): the row of graph node
     /// TENSOR (l_out-N, attn_out-N, ...) at POS, or at every position of A..B,
     /// becomes the row of --patch-from's run at the same place, or at SRC_POS

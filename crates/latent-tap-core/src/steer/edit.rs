@@ -178,6 +178,12 @@ impl Patch {
         })
     }
 
+    /// What a front end reports of this patch: tensor, position and the
+    /// row's norm.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({"tensor": self.tensor, "pos": self.pos, "norm": self.norm()})
+    }
+
     /// The Euclidean norm of the row written.
     pub fn norm(&self) -> f64 {
         self.data
@@ -223,7 +229,7 @@ pub fn check_node(graph: &[GraphNode], tensor: &str, n_embd: usize) -> Result<()
 /// added ([`Steer`]) and rows replaced ([`Patch`]). Empty: nothing.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Edits {
-    /// Vectors added to `l_out-N` rows.
+    /// Vectors added to `l_out-N` (or `TENSOR-N`) rows.
     pub steers: Vec<Steer>,
     /// Rows replaced.
     pub patches: Vec<Patch>,
@@ -249,7 +255,7 @@ impl Edits {
         for s in &self.steers {
             s.check(n_layer, n_embd, n_ctx)?;
             for l in s.layers() {
-                check_node(graph, &format!("l_out-{l}"), n_embd)?;
+                check_node(graph, &s.node(l), n_embd)?;
             }
         }
         for p in &self.patches {

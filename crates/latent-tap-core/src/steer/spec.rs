@@ -116,6 +116,10 @@ impl ControlVector {
     }
 }
 
+/// The node family steered unless told otherwise: `l_out` (llama.cpp's
+/// control vectors act on the output of each block).
+pub const STEER_TENSOR: &str = "l_out";
+
 /// Refuse a scale that is not a finite number.
 pub fn check_scale(scale: f32) -> Result<()> {
     if scale.is_finite() {
@@ -129,12 +133,16 @@ pub fn check_scale(scale: f32) -> Result<()> {
 
 /// A steering vector ready to apply: `scale × directions[N]` is added to the
 /// rows of `l_out-N` (llama.cpp's control-vector convention: `direction.N`
-/// goes to the output of block `N`) at `positions`, for the sequences `seqs`.
+/// goes to the output of block `N`), or of another node family `TENSOR-N`
+/// ([`Steer::on`]), at `positions`, for the sequences `seqs`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Steer {
     /// Row width.
     pub n_embd: usize,
-    /// Layer `N` → the direction added to `l_out-N` (`n_embd` values, unscaled).
+    /// The node family steered: `TENSOR-N` gets `directions[N]` (default
+    /// `l_out`, where llama.cpp adds its control vectors).
+    pub tensor: String,
+    /// Layer `N` → the direction added to `TENSOR-N` (`n_embd` values, unscaled).
     pub directions: BTreeMap<usize, Vec<f32>>,
     /// Multiplies every direction.
     pub scale: f32,
@@ -192,10 +200,48 @@ impl Steer {
         }
         Ok(Self {
             n_embd,
+            tensor: STEER_TENSOR.to_string(),
             directions,
             scale,
             positions,
             seqs: None,
+        })
+    }
+
+    /// The same steer applied to the node family `tensor` (`attn_out` steers
+    /// `attn_out-N` for each layer `N`) instead of `l_out`. The name is
+    /// checked here; whether the model's graph has each `TENSOR-N` with
+    /// `n_embd`-wide rows is [`super::Edits::check`]'s to say.
+    pub fn on(mut self, tensor: &str) -> Result<Self> {
+        let ok = !tensor.is_empty()
+            && tensor.len() <= 56
+            && !tensor.ends_with('-')
+            && !tensor.contains(|c: char| c == '#' || c == '*' || c.is_whitespace());
+        if !ok {
+            return Err(Error::invalid(format!(
+                "tensor '{tensor}' is not a node family: give a name such as l_out or attn_out (TENSOR-N is steered for each layer N)"
+            )));
+        }
+        self.tensor = tensor.to_string();
+        Ok(self)
+    }
+
+    /// The node steered at layer `layer`: `TENSOR-layer`.
+    pub fn node(&self, layer: usize) -> String {
+        format!("{}-{layer}", self.tensor)
+    }
+
+    /// What a front end reports of this steer (serve's answer, the Python
+    /// result): layers, positions, scale, each direction's norm before
+    /// scaling, the nodes steered, and `source` as given.
+    pub fn summary(&self, source: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "layers": self.layers(),
+            "positions": self.positions.to_string(),
+            "scale": self.scale,
+            "vector_norm": self.norms().into_values().collect::<Vec<_>>(),
+            "tensors": self.layers().iter().map(|&l| self.node(l)).collect::<Vec<_>>(),
+            "source": source,
         })
     }
 
@@ -356,6 +402,22 @@ mod tests {
             ..s.clone()
         };
         assert!(only.applies(1, 3, false) && !only.applies(0, 3, false));
+        assert_eq!(s.node(2), "l_out-2");
+        let a = s.clone().on("attn_out").unwrap();
+        assert_eq!(
+            (
+                a.node(3),
+                a.summary(serde_json::json!("vector"))["tensors"].clone()
+            ),
+            (
+                "attn_out-3".to_string(),
+                serde_json::json!(["attn_out-2", "attn_out-3"])
+            )
+        );
+        for bad in ["", "l_out-", "l_out-*", "a b", "x#2"] {
+            let e = s.clone().on(bad).unwrap_err().message().to_string();
+            assert!(e.contains("is not a node family"), "{bad}: {e}");
+        }
 
         let err = |r: Result<Steer>| r.unwrap_err().message().to_string();
         let e = err(Steer::new(&v, 1.0, None, Positions::All, 4, 3));

@@ -1,4 +1,5 @@
-//! `capture --steer FILE[:SCALE] [--steer-layers LIST] [--steer-positions WHICH]`:
+//! `capture --steer FILE[:SCALE] [--steer-layers LIST] [--steer-positions WHICH]
+//! [--steer-tensor TENSOR]`:
 //! the flags checked (each error names its flag and value), the vector read,
 //! and what the manifest records of it.
 
@@ -22,6 +23,7 @@ pub struct SteerFlags {
     layers: Option<LayerFilter>,
     layers_text: String,
     positions: Positions,
+    tensor: Option<String>,
 }
 
 /// `e` with `prefix: ` before its message, its kind and cause kept.
@@ -53,6 +55,7 @@ impl SteerFlags {
             for (flag, set) in [
                 ("--steer-layers", a.steer_layers.is_some()),
                 ("--steer-positions", a.steer_positions.is_some()),
+                ("--steer-tensor", a.steer_tensor.is_some()),
             ] {
                 if set {
                     return Err(Error::invalid(format!("{flag} needs --steer FILE[:SCALE]")));
@@ -82,6 +85,7 @@ impl SteerFlags {
             layers,
             layers_text: a.steer_layers.clone().unwrap_or_else(|| "all".into()),
             positions,
+            tensor: a.steer_tensor.clone(),
         }))
     }
 
@@ -105,7 +109,10 @@ impl SteerFlags {
         s.positions
             .check(n_ctx)
             .map_err(|e| flagged(&format!("--steer-positions {}", self.positions), e))?;
-        Ok(s)
+        match &self.tensor {
+            None => Ok(s),
+            Some(t) => s.on(t).map_err(|e| flagged("--steer-tensor", e)),
+        }
     }
 
     /// The manifest's `steer`: what was applied.
@@ -123,7 +130,7 @@ impl SteerFlags {
             "layers": s.layers(),
             "positions": s.positions.to_string(),
             "sequences": "all",
-            "tensors": s.layers().iter().map(|l| format!("l_out-{l}")).collect::<Vec<_>>(),
+            "tensors": s.layers().iter().map(|&l| s.node(l)).collect::<Vec<_>>(),
             "vector_norm": norms,
         })
     }
