@@ -98,6 +98,23 @@ fn library(model: &Arc<Model>, cp: &lt_context_params, edits: &Edits) -> Toks {
         .collect()
 }
 
+/// The C model of `m`, default context parameters on one thread, and greedy
+/// sampling of 4 tokens.
+fn c_model(m: &Path) -> (*mut lt_model, lt_context_params, lt_sampling_params) {
+    let mut model = null_mut();
+    assert_eq!(
+        lt_model_new(cpath(m).as_ptr(), null(), &mut model),
+        lt_status::LT_OK
+    );
+    let (mut cp, mut sp) = (sized::<lt_context_params>(), sized::<lt_sampling_params>());
+    assert_eq!(lt_context_params_default(&mut cp), lt_status::LT_OK);
+    assert_eq!(lt_sampling_params_default(&mut sp), lt_status::LT_OK);
+    cp.n_threads = 1;
+    sp.n_predict = 4;
+    sp.temperature = 0.0;
+    (model, cp, sp)
+}
+
 #[test]
 fn c_sessions_steer_like_the_library_and_refuse_bad_arguments() {
     let dir = tempfile::tempdir().unwrap();
@@ -115,17 +132,7 @@ fn c_sessions_steer_like_the_library_and_refuse_bad_arguments() {
     vector(1..6, 65).write(&wide).unwrap();
     let (fc, wc) = (cpath(&file), cpath(&wide));
 
-    let mut model = null_mut();
-    assert_eq!(
-        lt_model_new(cpath(&m).as_ptr(), null(), &mut model),
-        lt_status::LT_OK
-    );
-    let (mut cp, mut sp) = (sized::<lt_context_params>(), sized::<lt_sampling_params>());
-    assert_eq!(lt_context_params_default(&mut cp), lt_status::LT_OK);
-    assert_eq!(lt_sampling_params_default(&mut sp), lt_status::LT_OK);
-    cp.n_threads = 1;
-    sp.n_predict = 4;
-    sp.temperature = 0.0;
+    let (model, cp, sp) = c_model(&m);
     let lib = Model::load(&m, &ModelOptions::default()).unwrap();
     let steer = Steer::new(&v, 3.0, None, Positions::All, 6, 64).unwrap();
     let (want_plain, want_steered) = (
@@ -251,17 +258,7 @@ fn c_sessions_patch_like_the_library_and_refuse_bad_rows() {
     .write_gguf(&m)
     .unwrap();
     let row: Vec<f32> = (0..64).map(|i| (i % 9) as f32 - 4.0).collect();
-    let mut model = null_mut();
-    assert_eq!(
-        lt_model_new(cpath(&m).as_ptr(), null(), &mut model),
-        lt_status::LT_OK
-    );
-    let (mut cp, mut sp) = (sized::<lt_context_params>(), sized::<lt_sampling_params>());
-    assert_eq!(lt_context_params_default(&mut cp), lt_status::LT_OK);
-    assert_eq!(lt_sampling_params_default(&mut sp), lt_status::LT_OK);
-    cp.n_threads = 1;
-    sp.n_predict = 4;
-    sp.temperature = 0.0;
+    let (model, cp, sp) = c_model(&m);
     let lib = Model::load(&m, &ModelOptions::default()).unwrap();
     let n_ctx = cp.n_ctx as usize;
     let patched = Edits {

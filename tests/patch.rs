@@ -436,6 +436,32 @@ fn dataset_rows(dir: &Path, tensor: &str, index: i64) -> Vec<(i32, Vec<f32>)> {
     out
 }
 
+/// `capture -q -t 1 -n 2 --parallel 1 --tensors l_out-* -m MODEL --prompts FILE ARGS… -o OUT`.
+fn dataset(m: &Path, prompts: &Path, args: &[&str], out: &Path) -> std::process::Output {
+    common::bin()
+        .args([
+            "capture",
+            "-q",
+            "-t",
+            "1",
+            "-n",
+            "2",
+            "--parallel",
+            "1",
+            "--tensors",
+            "l_out-*",
+            "-m",
+        ])
+        .arg(m)
+        .arg("--prompts")
+        .arg(prompts)
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn dataset_capture_steers_and_patches_every_prompt_like_capture() {
     let d = tempfile::tempdir().unwrap();
@@ -467,29 +493,7 @@ fn dataset_capture_steers_and_patches_every_prompt_like_capture() {
         src.to_str().unwrap(),
     ];
     let run = d.path().join("run");
-    let o = common::bin()
-        .args([
-            "capture",
-            "-q",
-            "-t",
-            "1",
-            "-n",
-            "2",
-            "--parallel",
-            "1",
-            "--tensors",
-            "l_out-*",
-            "-m",
-        ])
-        .arg(&m)
-        .arg("--prompts")
-        .arg(&pf)
-        .args(edits)
-        .arg("-o")
-        .arg(&run)
-        .output()
-        .unwrap();
-    ok(o);
+    ok(dataset(&m, &pf, &edits, &run));
     let man: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap();
     let text = man.to_string();
@@ -537,29 +541,8 @@ fn dataset_capture_steers_and_patches_every_prompt_like_capture() {
         assert_eq!(got[1].1, at(&rows(&src, "l_out-1"), 1), "prompt {i}");
     }
     // A resume with other edits is refused.
-    let o = common::bin()
-        .args([
-            "capture",
-            "-q",
-            "-t",
-            "1",
-            "-n",
-            "2",
-            "--parallel",
-            "1",
-            "--tensors",
-            "l_out-*",
-            "--resume",
-            "-m",
-        ])
-        .arg(&m)
-        .arg("--prompts")
-        .arg(&pf)
-        .args(["--steer", &format!("{}:4", v.display())])
-        .arg("-o")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let steer4 = format!("{}:4", v.display());
+    let o = dataset(&m, &pf, &["--resume", "--steer", &steer4], &run);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(

@@ -280,7 +280,7 @@ impl Edits {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -331,7 +331,8 @@ mod tests {
         assert!(layer_range(6, 8, 6).is_err());
     }
 
-    fn node(name: &str, width: Option<usize>) -> GraphNode {
+    /// An F32 node of one-token shape `[2, 1, 1, 1]` and row width `width`.
+    pub(crate) fn node(name: &str, width: Option<usize>) -> GraphNode {
         GraphNode {
             name: name.into(),
             ggml_name: name.into(),

@@ -122,15 +122,7 @@ mod tests {
     use super::*;
 
     fn node(name: &str) -> GraphNode {
-        GraphNode {
-            name: name.into(),
-            ggml_name: name.into(),
-            occurrence: 0,
-            layer: None,
-            ggml_type: crate::convert::GGML_F32,
-            ne: [2, 1, 1, 1],
-            row_width: Some(2),
-        }
+        super::super::edit::tests::node(name, Some(2))
     }
 
     #[test]
