@@ -150,6 +150,9 @@ impl Canvas {
         let mut enc = png::Encoder::new(BufWriter::new(file), self.w as u32, self.h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
+        // Flat colours and text: the strongest compression keeps the files small.
+        enc.set_compression(png::Compression::Best);
+        enc.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
         let png_err = |e: png::EncodingError| {
             Error::with_source(ErrorKind::Io, format!("writing {}: {e}", path.display()), e)
         };

@@ -100,7 +100,7 @@ pub fn sweep_png(data: &Value, path: &Path) -> Result<()> {
     let tensor = data.get("tensor").and_then(Value::as_str).unwrap_or("?");
     let target = printable(&target, false);
     Grid {
-        title: format!("patch-sweep: P('{target}') with {tensor}-L of clean at pos"),
+        title: format!("patch-sweep: P('{target}'), clean {tensor}-L row at pos"),
         above: "clean",
         below: "corrupt",
         layers: &layers,
