@@ -169,12 +169,12 @@ impl Runner {
     /// Run `prompt` with `edits`; the run's rows and tokens, and the logits after it.
     fn run(&mut self, prompt: &[i32], edits: &Edits) -> Result<(Collected, Vec<f32>)> {
         self.gen.set_edits(edits)?;
-        let r = self.gen.run(&[prompt.to_vec()], &self.opts, &mut |_| {});
+        // On an error the sweep stops (and its reader with it): no waiting for the run's rows.
+        self.gen.run(&[prompt.to_vec()], &self.opts, &mut |_| {})?;
         let collected = self
             .rx
             .recv()
             .map_err(|_| Error::new(ErrorKind::Internal, "the stream reader stopped early"))??;
-        r?;
         let logits = self.gen.context_mut().logits_ith(-1)?.to_vec();
         Ok((collected, logits))
     }
