@@ -4,141 +4,13 @@
 //! token; layer numbers on the left, the input tokens below, the next tokens
 //! above, a colour scale at the bottom.
 
-use std::io::BufWriter;
 use std::path::Path;
 
 use serde_json::Value;
 
-use super::font::{self, glyph, printable};
-use crate::error::{Error, ErrorKind, Result};
-
-type Rgb = [u8; 3];
-
-/// Cell size in pixels.
-pub(crate) const CELL_W: usize = 60;
-pub(crate) const CELL_H: usize = 18;
-const LEFT: usize = 60;
-const RIGHT: usize = 12;
-/// Title line (scale 2) and the "next" line above the grid.
-const TITLE_H: usize = 26;
-const NEXT_H: usize = 14;
-/// Below the grid: the input tokens, positions, then the colour scale.
-const BELOW_H: usize = 14 + 12 + 16 + 12 + 18;
-const MIN_W: usize = 420;
-/// Largest image written (pixels).
-const MAX_PIXELS: usize = 64 << 20;
-
-pub(crate) const BG: Rgb = [255, 255, 255];
-pub(crate) const NO_ROW: Rgb = [226, 226, 232];
-pub(crate) const NO_TARGET: Rgb = [180, 180, 190];
-const INK: Rgb = [30, 30, 36];
-const MUTED: Rgb = [100, 100, 112];
-const VIRIDIS: [Rgb; 5] = [
-    [68, 1, 84],
-    [59, 82, 139],
-    [33, 145, 140],
-    [94, 201, 98],
-    [253, 231, 37],
-];
-
-/// The colour of probability `p` (0..=1), as the page's.
-pub(crate) fn viridis(p: f64) -> Rgb {
-    let t = if p.is_finite() {
-        p.clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    let x = t * (VIRIDIS.len() - 1) as f64;
-    let i = (x.floor() as usize).min(VIRIDIS.len() - 2);
-    let f = x - i as f64;
-    let mut c = [0u8; 3];
-    for k in 0..3 {
-        let (a, b) = (VIRIDIS[i][k] as f64, VIRIDIS[i + 1][k] as f64);
-        c[k] = (a + (b - a) * f).round() as u8;
-    }
-    c
-}
-
-/// Where things are, for a lens of `n_layers` layers and `n_cols` positions.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Layout {
-    pub(crate) width: usize,
-    pub(crate) height: usize,
-    n_layers: usize,
-}
-
-impl Layout {
-    pub(crate) fn new(n_layers: usize, n_cols: usize) -> Self {
-        Self {
-            width: (LEFT + n_cols * CELL_W + RIGHT).max(MIN_W),
-            height: TITLE_H + NEXT_H + n_layers * CELL_H + BELOW_H,
-            n_layers,
-        }
-    }
-
-    /// Top-left pixel of the cell of layer index `li` (in the lens's layer
-    /// list) and column `col`.
-    pub(crate) fn cell(&self, li: usize, col: usize) -> (usize, usize) {
-        let row = self.n_layers - 1 - li;
-        (LEFT + col * CELL_W, TITLE_H + NEXT_H + row * CELL_H)
-    }
-
-    fn grid_bottom(&self) -> usize {
-        TITLE_H + NEXT_H + self.n_layers * CELL_H
-    }
-}
-
-struct Canvas {
-    w: usize,
-    h: usize,
-    px: Vec<u8>,
-}
-
-impl Canvas {
-    fn new(w: usize, h: usize) -> Self {
-        let mut px = Vec::with_capacity(w * h * 3);
-        for _ in 0..w * h {
-            px.extend_from_slice(&BG);
-        }
-        Self { w, h, px }
-    }
-
-    fn rect(&mut self, x: usize, y: usize, w: usize, h: usize, c: Rgb) {
-        for yy in y..(y + h).min(self.h) {
-            for xx in x..(x + w).min(self.w) {
-                let i = (yy * self.w + xx) * 3;
-                self.px[i..i + 3].copy_from_slice(&c);
-            }
-        }
-    }
-
-    /// `s` (already printable) at `scale`, clipped to `max_w` pixels (an ellipsis
-    /// `..` marks a cut).
-    fn text(&mut self, x: usize, y: usize, s: &str, scale: usize, max_w: usize, c: Rgb) {
-        let adv = (font::W + 1) * scale;
-        let fit = max_w / adv;
-        let chars: Vec<char> = s.chars().collect();
-        let shown: Vec<char> = if chars.len() > fit {
-            let mut v: Vec<char> = chars[..fit.saturating_sub(2)].to_vec();
-            v.extend(['.', '.'].iter().take(fit.min(2)));
-            v
-        } else {
-            chars
-        };
-        for (i, ch) in shown.into_iter().enumerate() {
-            let Some(g) = glyph(ch).or_else(|| glyph('?')) else {
-                continue;
-            };
-            for (r, bits) in g.iter().enumerate() {
-                for b in 0..font::W {
-                    if bits & (1 << (font::W - 1 - b)) != 0 {
-                        self.rect(x + i * adv + b * scale, y + r * scale, scale, scale, c);
-                    }
-                }
-            }
-        }
-    }
-}
+use super::font::printable;
+use super::grid::{viridis, Cell, Column, Grid, NO_TARGET};
+use crate::error::{Error, Result};
 
 fn bad(what: &str) -> Error {
     Error::invalid(format!(
@@ -147,7 +19,7 @@ fn bad(what: &str) -> Error {
 }
 
 /// A token piece as JSON gives it: a string, or bytes (not UTF-8) as numbers.
-fn piece(v: &Value) -> String {
+pub(crate) fn piece(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Array(a) => a
@@ -179,17 +51,6 @@ pub fn heatmap_png(data: &Value, path: &Path) -> Result<()> {
     if layers.is_empty() {
         return Err(bad("\"lens.layers\" is empty"));
     }
-    let lay = Layout::new(layers.len(), rows.len());
-    if lay.width.saturating_mul(lay.height) > MAX_PIXELS {
-        return Err(Error::invalid(format!(
-            "a heatmap of {} positions × {} layers would be {}×{} pixels, more than {MAX_PIXELS}; ask for fewer layers or positions",
-            rows.len(),
-            layers.len(),
-            lay.width,
-            lay.height
-        )));
-    }
-    let mut cv = Canvas::new(lay.width, lay.height);
     let inputs: std::collections::HashMap<i64, String> = data
         .get("tokens")
         .and_then(Value::as_array)
@@ -199,95 +60,54 @@ pub fn heatmap_png(data: &Value, path: &Path) -> Result<()> {
                 .collect()
         })
         .unwrap_or_default();
-
     let prompt = data.get("prompt").and_then(Value::as_str).unwrap_or("");
-    let title = format!("logit lens: p(next token) | {}", printable(prompt, false));
-    cv.text(6, 6, &title, 2, lay.width - 12, INK);
-    cv.text(6, TITLE_H + 3, "next", 1, LEFT - 8, MUTED);
-    for (li, l) in layers.iter().enumerate() {
-        let (_, y) = lay.cell(li, 0);
-        cv.text(6, y + 2, &format!("L{l}"), 2, LEFT - 8, INK);
-    }
-    let below = lay.grid_bottom();
-    cv.text(6, below + 3, "in", 1, LEFT - 8, MUTED);
-    cv.text(6, below + 17, "pos", 1, LEFT - 8, MUTED);
-    for (col, row) in rows.iter().enumerate() {
+    let mut columns = Vec::with_capacity(rows.len());
+    let mut cells = vec![Vec::with_capacity(rows.len()); layers.len()];
+    for row in rows {
         let pos = row.get("pos").and_then(Value::as_i64).unwrap_or(-1);
-        let (x, _) = lay.cell(0, col);
-        let target = row.get("target_piece").map(piece).unwrap_or_default();
-        cv.text(
-            x + 2,
-            TITLE_H + 3,
-            &printable(&target, true),
-            1,
-            CELL_W - 4,
-            INK,
-        );
-        let input = inputs.get(&pos).cloned().unwrap_or_default();
-        cv.text(
-            x + 2,
-            below + 3,
-            &printable(&input, true),
-            1,
-            CELL_W - 4,
-            INK,
-        );
-        cv.text(x + 2, below + 17, &pos.to_string(), 1, CELL_W - 4, MUTED);
-        let cells = row.get("cells").and_then(Value::as_array);
-        for li in 0..layers.len() {
-            let (x, y) = lay.cell(li, col);
-            let cell = cells.and_then(|c| c.get(li)).filter(|c| c.is_object());
-            let Some(cell) = cell else {
-                cv.rect(x, y, CELL_W - 1, CELL_H - 1, NO_ROW);
-                continue;
-            };
-            let color = match cell.get("target_logprob").and_then(Value::as_f64) {
-                Some(lp) => viridis(lp.exp()),
-                None => NO_TARGET,
-            };
-            cv.rect(x, y, CELL_W - 1, CELL_H - 1, color);
-            let lum = 0.299 * color[0] as f64 + 0.587 * color[1] as f64 + 0.114 * color[2] as f64;
-            let ink = if lum > 140.0 { INK } else { BG };
-            let top1 = cell
-                .get("top")
-                .and_then(|t| t.get(0))
-                .and_then(|t| t.get("piece"))
-                .map(piece)
-                .unwrap_or_default();
-            cv.text(x + 3, y + 5, &printable(&top1, true), 1, CELL_W - 6, ink);
+        columns.push(Column {
+            above: row.get("target_piece").map(piece).unwrap_or_default(),
+            below: inputs.get(&pos).cloned().unwrap_or_default(),
+            pos,
+        });
+        let row_cells = row.get("cells").and_then(Value::as_array);
+        for (li, out) in cells.iter_mut().enumerate() {
+            let cell = row_cells.and_then(|c| c.get(li)).filter(|c| c.is_object());
+            out.push(match cell {
+                None => Cell::NoRow,
+                Some(cell) => {
+                    let color = match cell.get("target_logprob").and_then(Value::as_f64) {
+                        Some(lp) => viridis(lp.exp()),
+                        None => NO_TARGET,
+                    };
+                    let top1 = cell
+                        .get("top")
+                        .and_then(|t| t.get(0))
+                        .and_then(|t| t.get("piece"))
+                        .map(piece)
+                        .unwrap_or_default();
+                    Cell::Filled(color, top1)
+                }
+            });
         }
     }
-    // The colour scale.
-    let (sx, sy, sw) = (LEFT, below + 34, 200);
-    for i in 0..sw {
-        cv.rect(sx + i, sy, 1, 12, viridis(i as f64 / (sw - 1) as f64));
+    Grid {
+        title: format!("logit lens: p(next token) | {}", printable(prompt, false)),
+        above: "next",
+        below: "in",
+        layers: &layers,
+        columns,
+        cells,
+        caption: "p(next token); grey: no row".into(),
     }
-    cv.text(sx, sy + 15, "0", 1, 20, MUTED);
-    cv.text(sx + sw / 2 - 9, sy + 15, "0.5", 1, 30, MUTED);
-    cv.text(sx + sw - 6, sy + 15, "1", 1, 20, MUTED);
-    cv.text(
-        sx + sw + 10,
-        sy + 3,
-        "p(next token); grey: no row",
-        1,
-        lay.width.saturating_sub(sx + sw + 12),
-        MUTED,
-    );
-
-    let file = std::fs::File::create(path).map_err(|e| Error::io(path, "creating", e))?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), lay.width as u32, lay.height as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let png_err = |e: png::EncodingError| {
-        Error::with_source(ErrorKind::Io, format!("writing {}: {e}", path.display()), e)
-    };
-    let mut w = enc.write_header().map_err(png_err)?;
-    w.write_image_data(&cv.px).map_err(png_err)?;
-    w.finish().map_err(png_err)
+    .write_png(path)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::grid::{
+        Layout, Rgb, CELL_H, CELL_W, INK, LEFT, MIN_W, NEXT_H, NO_ROW, RIGHT, TITLE_H,
+    };
     use super::*;
     use serde_json::json;
 

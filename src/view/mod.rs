@@ -1,7 +1,8 @@
 //! What people see of the logit lens: the web page that `latent-tap serve`
 //! answers at `GET /` (live, over the public `lens` request field), the same page
 //! with the data inline (`lens.html`, no server needed) and a heatmap image
-//! (`lens.png`).
+//! (`lens.png`); also the picture of an activation-patching sweep
+//! (`sweep.png`, [`sweep_png`]), drawn by the same grid code.
 //!
 //! The page is three embedded assets (`assets/index.html`, `view.css`,
 //! `view.js`: plain HTML, CSS and JavaScript, no build step, nothing fetched
@@ -12,11 +13,15 @@
 //! `lens` object being the one `serve` answers (docs/PROTOCOL.md).
 
 mod font;
+mod grid;
 mod heatmap;
+mod sweep;
 
 use serde_json::Value;
 
+pub use grid::heatmap_size;
 pub use heatmap::heatmap_png;
+pub use sweep::sweep_png;
 
 const TEMPLATE: &str = include_str!("assets/index.html");
 const CSS: &str = include_str!("assets/view.css");

@@ -43,6 +43,10 @@ enum Cmd {
     /// A control vector from positive and negative prompts (mean difference of
     /// their l_out rows, as llama.cpp's cvector-generator), in llama.cpp's GGUF format.
     SteerVector(Box<cmd::steer_vector::SteerVectorArgs>),
+    /// Causal tracing: patch the clean prompt's TENSOR-L row at each position
+    /// into the corrupt prompt's run, one (layer, position) at a time, and
+    /// measure the target token's probability; write sweep.json and sweep.png.
+    PatchSweep(Box<cmd::patch_sweep::PatchSweepArgs>),
     /// List every capturable graph tensor (or those PATTERNS match), grouped by layer.
     Tensors(cmd::tensors::TensorsArgs),
     /// Serve a llama-server-compatible HTTP API that streams latents with the tokens.
@@ -123,6 +127,10 @@ fn main() -> ExitCode {
         }
         Cmd::Tensors(a) => cmd::tensors::tensors(a),
         Cmd::Lens(a) => cmd::lens::lens(*a),
+        Cmd::PatchSweep(a) => match cmd::patch_sweep::patch_sweep(*a) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         Cmd::SteerVector(a) => cmd::steer_vector::steer_vector(*a),
         Cmd::Listen(a) => cmd::listen::listen(*a),
         Cmd::RpcServer(a) => cmd::rpc_server::rpc_server(a),

@@ -61,7 +61,9 @@ impl OutDir {
             else {
                 continue;
             };
-            let ours = OUTPUTS.contains(&base) || base == "latent-tap-probe";
+            let ours = OUTPUTS.contains(&base)
+                || crate::cmd::patch_sweep::SWEEP_OUTPUTS.contains(&base)
+                || base == "latent-tap-probe";
             let alive = pid.parse::<u32>().is_ok_and(|pid| {
                 pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
             });

@@ -68,7 +68,7 @@ pub struct LensArgs {
 }
 
 /// A lens target (`flag`: the option that gave it) against the model's vocabulary.
-fn target_token(model: &Model, s: &str, flag: &str) -> Result<Option<i32>> {
+pub fn target_token(model: &Model, s: &str, flag: &str) -> Result<Option<i32>> {
     if s == "next" {
         return Ok(None);
     }
@@ -91,7 +91,7 @@ fn target_token(model: &Model, s: &str, flag: &str) -> Result<Option<i32>> {
 }
 
 /// A piece for a table cell: control characters shown, at most 10 characters.
-fn cell_text(s: &str) -> String {
+pub fn cell_text(s: &str) -> String {
     let t: String = s.escape_debug().collect();
     if t.chars().count() > 10 {
         format!("{}…", t.chars().take(9).collect::<String>())

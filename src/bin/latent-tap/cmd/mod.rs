@@ -5,6 +5,7 @@ pub mod dataset;
 pub mod lens;
 pub mod listen;
 pub mod patch_flags;
+pub mod patch_sweep;
 pub mod rpc_server;
 #[cfg(feature = "serve")]
 pub mod serve;
