@@ -336,14 +336,18 @@ class Client:
         them with its chat template (``--chat-template``). Other arguments as in
         :meth:`complete` (``steer``/``patch`` included); ``n_predict`` is sent as ``max_tokens``, ``top_k`` as
         ``top_logprobs``. The token ids come from the answer's logprobs, which are
-        always asked for."""
+        always asked for: the OpenAI chat answer has no other field with them, and
+        the server (as llama-server) sends no logprobs at all for
+        ``top_logprobs: 0``, so without ``top_k`` the client asks for
+        ``top_logprobs: 1`` and does not report that alternative (``.probs`` is
+        None)."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
                 raise TypeError(f"messages[{i}] must be a dict with a string 'role' and a 'content'")
         body = self._body(messages=list(messages), max_tokens=n_predict, temperature=temperature,
-                          top_k=sample_top_k, seed=seed, logprobs=True, top_logprobs=top_k or 0,
+                          top_k=sample_top_k, seed=seed, logprobs=True, top_logprobs=top_k or 1,
                           latents=_latents_field(tensors, layers, rows, dtype), extra=extra,
                           **wire_fields(steer, patch))
         return self._run("/v1/chat/completions", body, transport, chat=True,

@@ -95,6 +95,20 @@ def test_chat(client):
     assert plain.tokens == ref.tokens
 
 
+def test_chat_tokens_without_top_k(client):
+    # Without top_k the chat's token ids still come back, the same on every
+    # transport (the JSON and SSE answers carry them only in logprobs, which
+    # the server leaves out for top_logprobs 0), and no probs are reported.
+    msgs = [{"role": "user", "content": "hello there"}]
+    rs = {t: client.chat(msgs, transport=t, tensors=None, **GREEDY) for t in ("json", "sse", "binary")}
+    ref = rs["binary"]
+    assert len(ref.tokens) == 4 == ref.response["usage"]["completion_tokens"]
+    for name, r in rs.items():
+        assert (r.tokens, r.text) == (ref.tokens, ref.text), name
+        assert r.probs is None, name
+    assert ref.tokens == client.chat(msgs, transport="json", tensors=None, top_k=2, **GREEDY).tokens
+
+
 def test_subscribe_records_requests(client, tmp_path):
     with client.subscribe("l_out-*", layers="0..2", max_requests=2, timeout=60) as sub:
         got = [client.complete("hello world", tensors="l_out-*", layers="0..2", **GREEDY),
