@@ -386,6 +386,14 @@ fn c_sessions_patch_like_the_library_and_refuse_bad_rows() {
             lt_session_add_patch(s, c"l_out-1".as_ptr(), 0, null(), 64),
             lt_status::LT_NULL_POINTER
         );
+        // A width no row has is refused before the floats are read.
+        let st = lt_session_add_patch(s, c"l_out-1".as_ptr(), 0, row.as_ptr(), 1 << 25);
+        assert_eq!(st, lt_status::LT_INVALID_ARGUMENT);
+        assert!(
+            last_error().contains("is not a row width"),
+            "{}",
+            last_error()
+        );
         assert_eq!(
             generate(s, &sp),
             want_patched,

@@ -40,18 +40,6 @@ fn ok(o: std::process::Output) -> std::process::Output {
     o
 }
 
-/// A synthetic model of 5 layers (the last, l_out-4, keeps output rows only).
-fn synth5(dir: &Path) -> std::path::PathBuf {
-    let p = dir.join("synth5.gguf");
-    SynthModel::random(SynthConfig {
-        n_layer: N_LAYER,
-        ..SynthConfig::default()
-    })
-    .write_gguf(&p)
-    .unwrap();
-    p
-}
-
 const N_LAYER: usize = 5;
 
 fn rows(dir: &Path, tensor: &str) -> StoredRows {
@@ -74,7 +62,7 @@ fn token_ids(dir: &Path) -> Vec<i64> {
 #[test]
 fn patched_rows_equal_the_source_and_nothing_else_moves() {
     let d = tempfile::tempdir().unwrap();
-    let m = synth5(d.path());
+    let m = common::synth_layers(d.path(), N_LAYER);
     let (src, base) = (d.path().join("src"), d.path().join("base"));
     ok(capture(&m, SOURCE, "l_out-*,attn_out-*", &[], &src));
     ok(capture(&m, TARGET, "l_out-*,attn_out-*", &[], &base));
@@ -465,7 +453,7 @@ fn dataset(m: &Path, prompts: &Path, args: &[&str], out: &Path) -> std::process:
 #[test]
 fn dataset_capture_steers_and_patches_every_prompt_like_capture() {
     let d = tempfile::tempdir().unwrap();
-    let m = synth5(d.path());
+    let m = common::synth_layers(d.path(), N_LAYER);
     let src = d.path().join("src");
     ok(capture(&m, SOURCE, "l_out-*", &[], &src));
     let v = d.path().join("v.gguf");

@@ -14,23 +14,12 @@ use std::process::Output;
 
 use serde_json::Value;
 
-use latent_tap::synth::{SynthConfig, SynthModel, N_VOCAB};
+use latent_tap::synth::N_VOCAB;
 
 const N_LAYER: usize = 5;
 // Same number of tokens (the synthetic tokenizer is per byte): BOS + 9.
 const CLEAN: &str = "brown fox";
 const CORRUPT: &str = "lazy dogs";
-
-fn synth5(dir: &Path) -> std::path::PathBuf {
-    let p = dir.join("synth5.gguf");
-    SynthModel::random(SynthConfig {
-        n_layer: N_LAYER,
-        ..SynthConfig::default()
-    })
-    .write_gguf(&p)
-    .unwrap();
-    p
-}
 
 fn sweep(m: &Path, clean: &str, corrupt: &str, args: &[&str], out: &Path) -> Output {
     common::bin()
@@ -61,7 +50,7 @@ fn cell<'a>(v: &'a Value, key: &str, li: usize, pi: usize) -> &'a Value {
 #[test]
 fn identical_prompts_give_the_baseline_in_every_cell() {
     let d = tempfile::tempdir().unwrap();
-    let m = synth5(d.path());
+    let m = common::synth_layers(d.path(), N_LAYER);
     let out = d.path().join("same");
     let o = ok(sweep(&m, CLEAN, CLEAN, &[], &out));
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -125,7 +114,7 @@ fn capture(m: &Path, prompt: &str, args: &[&str], out: &Path) -> Output {
 #[test]
 fn a_cell_equals_a_capture_patched_there_and_the_last_layer_is_exact() {
     let d = tempfile::tempdir().unwrap();
-    let m = synth5(d.path());
+    let m = common::synth_layers(d.path(), N_LAYER);
     let out = d.path().join("sweep");
     ok(sweep(&m, CLEAN, CORRUPT, &[], &out));
     let v = json(&out);
@@ -194,7 +183,7 @@ fn a_cell_equals_a_capture_patched_there_and_the_last_layer_is_exact() {
 #[test]
 fn the_picture_is_a_png_of_the_grid_size() {
     let d = tempfile::tempdir().unwrap();
-    let m = synth5(d.path());
+    let m = common::synth_layers(d.path(), N_LAYER);
     let out = d.path().join("pic");
     let o = ok(sweep(
         &m,
@@ -234,7 +223,7 @@ fn the_picture_is_a_png_of_the_grid_size() {
 #[test]
 fn bad_input_is_one_error_and_nothing_written() {
     let d = tempfile::tempdir().unwrap();
-    let m = synth5(d.path());
+    let m = common::synth_layers(d.path(), N_LAYER);
     let cases: [(&str, &str, &[&str], &str); 9] = [
         (
             CLEAN,

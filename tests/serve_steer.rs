@@ -10,27 +10,15 @@ use common::bin;
 use common::http::{json_of, post, sse_events, Server};
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
 
 use latent_tap::steer::ControlVector;
-use latent_tap::synth::{SynthConfig, SynthModel};
 
 const N_LAYER: usize = 6;
 const N_EMBD: usize = 64;
-
-fn synth6(dir: &Path) -> PathBuf {
-    let p = dir.join("synth6.gguf");
-    SynthModel::random(SynthConfig {
-        n_layer: N_LAYER,
-        ..SynthConfig::default()
-    })
-    .write_gguf(&p)
-    .unwrap();
-    p
-}
 
 /// A deterministic unit-length row.
 fn direction(seed: u32) -> Vec<f32> {
@@ -110,7 +98,7 @@ fn req(steer: Value) -> Value {
 #[test]
 fn scale_zero_is_identity_and_the_first_steered_layer_gains_scale_v() {
     let dir = tempfile::tempdir().unwrap();
-    let m = synth6(dir.path());
+    let m = common::synth_layers(dir.path(), N_LAYER);
     let s = Server::start(&m, &["-np", "1"]);
     let v = direction(1);
     let base = complete(&s, req(Value::Null));
@@ -282,7 +270,7 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn one_steered_request_leaves_the_other_three_of_its_batch_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let m = synth6(dir.path());
+    let m = common::synth_layers(dir.path(), N_LAYER);
     let s = Server::start(
         &m,
         &[
@@ -330,7 +318,7 @@ fn one_steered_request_leaves_the_other_three_of_its_batch_alone() {
 #[test]
 fn steer_dir_file_equals_the_inline_vector_and_patches_replace_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let m = synth6(dir.path());
+    let m = common::synth_layers(dir.path(), N_LAYER);
     let vecs = dir.path().join("vectors");
     std::fs::create_dir(&vecs).unwrap();
     let cv = ControlVector {
@@ -433,7 +421,7 @@ fn steer_dir_file_equals_the_inline_vector_and_patches_replace_rows() {
 #[test]
 fn bad_steer_and_patch_input_is_a_400_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let m = synth6(dir.path());
+    let m = common::synth_layers(dir.path(), N_LAYER);
     let s = Server::start(&m, &["-np", "1"]);
     let v = b64(&direction(3));
     let row = b64(&[0.5f32; N_EMBD]);
@@ -664,7 +652,7 @@ fn capture_tops(m: &Path, out: &Path, steer: &str) -> Tops {
 #[test]
 fn server_wide_control_vectors_equal_capture_steer() {
     let dir = tempfile::tempdir().unwrap();
-    let m = synth6(dir.path());
+    let m = common::synth_layers(dir.path(), N_LAYER);
     let f = dir.path().join("v.gguf");
     let cv = ControlVector {
         n_embd: N_EMBD,

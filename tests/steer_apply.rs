@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use latent_tap::engine::{ContextOptions, Model, ModelOptions};
@@ -15,20 +15,6 @@ use latent_tap::output::{collect, Collected};
 use latent_tap::select::LayerFilter;
 use latent_tap::session::{CaptureSpec, GenerateOptions, Generator};
 use latent_tap::steer::{ControlVector, Edits, Positions, Steer};
-use latent_tap::synth::{SynthConfig, SynthModel};
-
-/// A synthetic model of 6 layers (steerable: 1..=5; the last is pruned to
-/// its output rows), written into `dir`.
-fn synth6(dir: &Path) -> PathBuf {
-    let p = dir.join("synth6.gguf");
-    SynthModel::random(SynthConfig {
-        n_layer: 6,
-        ..SynthConfig::default()
-    })
-    .write_gguf(&p)
-    .unwrap();
-    p
-}
 
 /// Deterministic directions for `layers`, each of unit length, `n_embd` wide.
 fn vector(layers: impl IntoIterator<Item = usize>, n_embd: usize, hint: &str) -> ControlVector {
@@ -168,7 +154,7 @@ fn moved(a: &Gen, b: &Gen) -> f32 {
 
 fn fixture() -> (tempfile::TempDir, Arc<Model>, Vec<Vec<i32>>) {
     let dir = tempfile::tempdir().unwrap();
-    let m = synth6(dir.path());
+    let m = common::synth_layers(dir.path(), 6);
     let model = Model::load(&m, &ModelOptions::default()).unwrap();
     let prompts = vec![
         model.tokenize("the quick brown fox jumps", true).unwrap(),
@@ -374,7 +360,7 @@ fn capture(m: &Path, out: &Path, args: &[&str]) -> std::process::Output {
 #[test]
 fn cli_steers_records_what_it_applied_and_refuses_bad_flags() {
     let dir = tempfile::tempdir().unwrap();
-    let m = synth6(dir.path());
+    let m = common::synth_layers(dir.path(), 6);
     let e = 64;
     let good = dir.path().join("v.gguf");
     vector(1..6, e, "llama").write(&good).unwrap();

@@ -36,6 +36,19 @@ pub fn synth_model(dir: &Path) -> PathBuf {
     p
 }
 
+/// A synthetic model of `n_layer` layers (otherwise the defaults) written into
+/// `dir` as `synth{n_layer}.gguf`.
+pub fn synth_layers(dir: &Path, n_layer: usize) -> PathBuf {
+    let p = dir.join(format!("synth{n_layer}.gguf"));
+    SynthModel::random(SynthConfig {
+        n_layer,
+        ..SynthConfig::default()
+    })
+    .write_gguf(&p)
+    .unwrap();
+    p
+}
+
 /// The real model when `scripts/fetch-model` has run; in CI (`CI` set) its
 /// absence is a failure, elsewhere the caller skips.
 pub fn real_model() -> Option<PathBuf> {

@@ -25,7 +25,7 @@ mod edit;
 pub mod request;
 mod spec;
 pub use edit::{check_node, f32_le, layer_range, Edits, Patch};
-pub use spec::{check_scale, layer_list, Positions, Steer, STEER_TENSOR};
+pub use spec::{check_family, check_scale, layer_list, Positions, Steer, STEER_TENSOR};
 
 use std::collections::BTreeMap;
 use std::fs::File;

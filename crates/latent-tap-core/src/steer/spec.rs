@@ -120,6 +120,23 @@ impl ControlVector {
 /// control vectors act on the output of each block).
 pub const STEER_TENSOR: &str = "l_out";
 
+/// Refuse a name that cannot be a node family `TENSOR` (whose nodes are
+/// `TENSOR-N`, one per layer): empty, longer than a ggml name leaves room
+/// for, ending in `-`, or holding `#`, `*`, `,` or white space.
+pub fn check_family(tensor: &str) -> Result<()> {
+    let ok = !tensor.is_empty()
+        && tensor.len() <= 56
+        && !tensor.ends_with('-')
+        && !tensor.contains(|c: char| matches!(c, '#' | '*' | ',') || c.is_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "tensor '{tensor}' is not a node family: give a name such as l_out or attn_out (nodes TENSOR-N, one per layer N)"
+        )))
+    }
+}
+
 /// Refuse a scale that is not a finite number.
 pub fn check_scale(scale: f32) -> Result<()> {
     if scale.is_finite() {
@@ -213,15 +230,7 @@ impl Steer {
     /// checked here; whether the model's graph has each `TENSOR-N` with
     /// `n_embd`-wide rows is [`super::Edits::check`]'s to say.
     pub fn on(mut self, tensor: &str) -> Result<Self> {
-        let ok = !tensor.is_empty()
-            && tensor.len() <= 56
-            && !tensor.ends_with('-')
-            && !tensor.contains(|c: char| c == '#' || c == '*' || c.is_whitespace());
-        if !ok {
-            return Err(Error::invalid(format!(
-                "tensor '{tensor}' is not a node family: give a name such as l_out or attn_out (TENSOR-N is steered for each layer N)"
-            )));
-        }
+        check_family(tensor)?;
         self.tensor = tensor.to_string();
         Ok(self)
     }

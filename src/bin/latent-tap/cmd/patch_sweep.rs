@@ -24,7 +24,7 @@ use latent_tap::output::{Collected, Collector};
 use latent_tap::record::{Dtype, Record};
 use latent_tap::select::SelectedTensor;
 use latent_tap::session::{CaptureSpec, GenerateOptions, Generator};
-use latent_tap::steer::{check_node, Edits, Patch, Positions};
+use latent_tap::steer::{check_family, check_node, Edits, Patch, Positions};
 use latent_tap::stream::Stream;
 use latent_tap::tokens::token_stats;
 use latent_tap::{settings, Error, ErrorKind, Result};
@@ -185,13 +185,7 @@ pub fn patch_sweep(a: PatchSweepArgs) -> Result<u8> {
     let layer_spec = LayerSpec::parse(&a.layers)
         .map_err(|e| Error::invalid(format!("--layers: {}", e.message())))?;
     let tensor = a.tensor.trim().to_string();
-    if tensor.is_empty() || tensor.contains(['#', '*', ',']) || tensor.contains(char::is_whitespace)
-    {
-        return Err(Error::invalid(format!(
-            "--tensor '{}' is not a node family: give a name such as l_out or attn_out (nodes TENSOR-L)",
-            a.tensor
-        )));
-    }
+    check_family(&tensor).map_err(|e| Error::invalid(format!("--tensor: {}", e.message())))?;
     if a.clean.is_empty() || a.corrupt.is_empty() {
         return Err(Error::invalid("--clean and --corrupt must not be empty"));
     }
