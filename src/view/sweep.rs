@@ -99,6 +99,12 @@ pub fn sweep_png(data: &Value, path: &Path) -> Result<()> {
     };
     let tensor = data.get("tensor").and_then(Value::as_str).unwrap_or("?");
     let target = printable(&target, false);
+    // An interrupted sweep leaves the cells it did not reach grey too.
+    let grey = if data.get("complete").and_then(Value::as_bool) == Some(false) {
+        "grey: no row or not run"
+    } else {
+        "grey: no row"
+    };
     Grid {
         title: format!("patch-sweep: P('{target}'), clean {tensor}-L row at pos"),
         above: "clean",
@@ -107,7 +113,7 @@ pub fn sweep_png(data: &Value, path: &Path) -> Result<()> {
         columns,
         cells,
         caption: format!(
-            "P('{target}'); clean {}, corrupt {}; grey: no row",
+            "P('{target}'); clean {}, corrupt {}; {grey}",
             base("clean"),
             base("corrupt")
         ),
